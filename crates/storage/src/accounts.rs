@@ -1,0 +1,95 @@
+//! Users and login sessions.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::db::Db;
+use crate::domain::Email;
+use crate::error::{Result, StorageError};
+
+/// A user as shown to clients.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, PartialEq, Eq)]
+pub struct User {
+    pub id: Uuid,
+    pub email: String,
+}
+
+/// A user with the stored password hash, for login only.
+#[derive(sqlx::FromRow)]
+pub struct UserCredentials {
+    pub id: Uuid,
+    pub email: String,
+    pub password_hash: String,
+}
+
+impl Db {
+    /// Creates a user; `Conflict` when the email is taken (case-insensitive).
+    pub async fn create_user(&self, email: &Email, password_hash: &str) -> Result<User> {
+        Ok(sqlx::query_as::<_, User>(
+            "INSERT INTO users (id, email, password_hash) VALUES ($1, $2, $3) RETURNING id, email",
+        )
+        .bind(Uuid::new_v4())
+        .bind(email.as_str())
+        .bind(password_hash)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    pub async fn user_credentials(&self, email: &Email) -> Result<Option<UserCredentials>> {
+        Ok(sqlx::query_as::<_, UserCredentials>(
+            "SELECT id, email, password_hash FROM users WHERE lower(email) = lower($1)",
+        )
+        .bind(email.as_str())
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    pub async fn user_by_email(&self, email: &Email) -> Result<User> {
+        sqlx::query_as::<_, User>("SELECT id, email FROM users WHERE lower(email) = lower($1)")
+            .bind(email.as_str())
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or(StorageError::NotFound)
+    }
+
+    /// Stores a session by the digest of its token.
+    pub async fn create_session(&self, user_id: Uuid, token_digest: &[u8; 32], expires_at: DateTime<Utc>) -> Result<()> {
+        sqlx::query("INSERT INTO sessions (id, token_digest, user_id, expires_at) VALUES ($1, $2, $3, $4)")
+            .bind(Uuid::new_v4())
+            .bind(&token_digest[..])
+            .bind(user_id)
+            .bind(expires_at)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The user of an unexpired session.
+    pub async fn session_user(&self, token_digest: &[u8; 32]) -> Result<Option<User>> {
+        Ok(sqlx::query_as::<_, User>(
+            "SELECT u.id, u.email FROM sessions s JOIN users u ON u.id = s.user_id
+             WHERE s.token_digest = $1 AND s.expires_at > now()",
+        )
+        .bind(&token_digest[..])
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// Ends a session at once; returns whether one existed.
+    pub async fn delete_session(&self, token_digest: &[u8; 32]) -> Result<bool> {
+        let r = sqlx::query("DELETE FROM sessions WHERE token_digest = $1")
+            .bind(&token_digest[..])
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    /// Removes expired sessions; returns how many.
+    pub async fn purge_expired_sessions(&self) -> Result<u64> {
+        let r = sqlx::query("DELETE FROM sessions WHERE expires_at <= now()")
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected())
+    }
+}

@@ -1,0 +1,264 @@
+//! Input parsed once at the edge into types that cannot hold a bad value.
+
+use std::fmt;
+use std::sync::OnceLock;
+
+use regex::Regex;
+use serde::{Deserialize, Serialize};
+
+/// A client's input broke a rule; `field` names the JSON field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct ValidationError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl ValidationError {
+    pub fn new(field: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            field,
+            message: message.into(),
+        }
+    }
+}
+
+/// A custom provider's name: `^[a-z]+$`, at most 64 characters.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct ProviderName(String);
+
+/// The rule, quoted in error messages.
+pub const PROVIDER_NAME_RULE: &str =
+    "name must match ^[a-z]+$ (lowercase letters a-z only, no digits, dashes or underscores) and be at most 64 characters";
+
+impl ProviderName {
+    pub fn parse(raw: &str) -> Result<Self, ValidationError> {
+        static RE: OnceLock<Regex> = OnceLock::new();
+        let re = RE.get_or_init(|| Regex::new("^[a-z]+$").expect("static regex"));
+        if raw.len() > 64 || !re.is_match(raw) {
+            return Err(ValidationError::new("name", PROVIDER_NAME_RULE));
+        }
+        Ok(Self(raw.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Wraps a value read back from the database, where a CHECK enforced the rule.
+    pub fn from_db(raw: String) -> Self {
+        Self(raw)
+    }
+}
+
+impl fmt::Display for ProviderName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A provider's base URL: https, a host, no userinfo/query/fragment, no
+/// trailing `/`, not ending in `/v1`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct BaseUrl(String);
+
+impl BaseUrl {
+    pub fn parse(raw: &str) -> Result<Self, ValidationError> {
+        let err = |m: &str| ValidationError::new("base_url", m);
+        if raw.len() > 2048 {
+            return Err(err("base_url must be at most 2048 characters"));
+        }
+        let url = url::Url::parse(raw.trim())
+            .map_err(|e| ValidationError::new("base_url", format!("base_url is not a valid URL ({e})")))?;
+        if url.scheme() != "https" {
+            return Err(err("base_url must use https://"));
+        }
+        if url.host().is_none() {
+            return Err(err("base_url must have a host"));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(err("base_url must not contain credentials (user:password@); put the token in the token field"));
+        }
+        if url.query().is_some() {
+            return Err(err("base_url must not contain a query string"));
+        }
+        if url.fragment().is_some() {
+            return Err(err("base_url must not contain a fragment"));
+        }
+        let s = url.as_str().trim_end_matches('/').to_owned();
+        if s.to_ascii_lowercase().ends_with("/v1") {
+            return Err(err(
+                "base_url must not end with /v1: the gateway appends /v1/chat/completions itself (use https://host instead of https://host/v1)",
+            ));
+        }
+        Ok(Self(s))
+    }
+
+    /// Wraps a value read back from the database (validated when saved).
+    pub fn from_db(raw: String) -> Self {
+        Self(raw)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL's host as the URL parser normalized it (IPv4 in any spelling
+    /// becomes dotted quad; IPv6 keeps its brackets).
+    pub fn host(&self) -> Option<url::Host<String>> {
+        url::Url::parse(&self.0).ok()?.host().map(|h| h.to_owned())
+    }
+
+    /// `{base_url}/v1/{path}`.
+    pub fn endpoint(&self, path: &str) -> String {
+        format!("{}/v1/{}", self.0, path)
+    }
+}
+
+impl fmt::Display for BaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Whether a provider may be used by the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderStatus {
+    Active,
+    Inactive,
+}
+
+impl ProviderStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Inactive => "inactive",
+        }
+    }
+
+    pub fn from_db(s: &str) -> Self {
+        if s == "active" {
+            Self::Active
+        } else {
+            Self::Inactive
+        }
+    }
+}
+
+/// A member's role; `Owner > Admin > Member`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Member,
+    Admin,
+    Owner,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Owner => "owner",
+            Self::Admin => "admin",
+            Self::Member => "member",
+        }
+    }
+
+    pub fn from_db(s: &str) -> Self {
+        match s {
+            "owner" => Self::Owner,
+            "admin" => Self::Admin,
+            _ => Self::Member,
+        }
+    }
+}
+
+/// A normalized email address (trimmed; compared case-insensitively).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Email(String);
+
+impl Email {
+    pub fn parse(raw: &str) -> Result<Self, ValidationError> {
+        let s = raw.trim();
+        let ok = s.len() <= 320
+            && s.split_once('@').is_some_and(|(local, domain)| {
+                !local.is_empty() && !domain.is_empty() && !domain.contains('@')
+            })
+            && !s.chars().any(|c| c.is_whitespace() || c.is_control());
+        if !ok {
+            return Err(ValidationError::new("email", "email must be an address like name@example.com"));
+        }
+        Ok(Self(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A free-text display name (organization, API key): 1–200 characters, no control characters.
+pub fn parse_label(field: &'static str, raw: &str) -> Result<String, ValidationError> {
+    let s = raw.trim();
+    if s.is_empty() || s.chars().count() > 200 || s.chars().any(char::is_control) {
+        return Err(ValidationError::new(
+            field,
+            format!("{field} must be 1 to 200 characters without control characters"),
+        ));
+    }
+    Ok(s.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn provider_names_follow_the_product_rule() {
+        for ok in ["mycompany", "internal", "testing", "a", &"z".repeat(64)] {
+            assert!(ProviderName::parse(ok).is_ok(), "{ok} refused");
+        }
+        for bad in ["MyCompany", "my-company", "my_company", "123test", "", "my company", "caf\u{e9}", "abc\n", &"z".repeat(65)] {
+            let e = ProviderName::parse(bad).unwrap_err();
+            assert_eq!(e.field, "name");
+            assert!(e.message.contains("^[a-z]+$"));
+        }
+    }
+
+    #[test]
+    fn base_urls_follow_the_product_rule() {
+        assert_eq!(BaseUrl::parse("https://api.example.com").unwrap().as_str(), "https://api.example.com");
+        assert_eq!(BaseUrl::parse("https://api.example.com/").unwrap().as_str(), "https://api.example.com");
+        let with_path = BaseUrl::parse("https://h.example.com/openai/").unwrap();
+        assert_eq!(with_path.as_str(), "https://h.example.com/openai");
+        assert_eq!(
+            BaseUrl::parse("https://api.example.com").unwrap().endpoint("chat/completions"),
+            "https://api.example.com/v1/chat/completions"
+        );
+        for bad in [
+            "http://api.example.com",
+            "ftp://api.example.com",
+            "https://user:pw@api.example.com",
+            "https://api.example.com?x=1",
+            "https://api.example.com#frag",
+            "https://api.example.com/v1",
+            "https://api.example.com/v1/",
+            "not a url",
+            "https://",
+            "",
+        ] {
+            assert!(BaseUrl::parse(bad).is_err(), "{bad} accepted");
+        }
+        assert!(BaseUrl::parse("https://api.example.com/v1").unwrap_err().message.contains("appends /v1/chat/completions"));
+        assert_eq!(
+            BaseUrl::parse("https://2130706433").unwrap().host(),
+            Some(url::Host::Ipv4("127.0.0.1".parse().unwrap()))
+        );
+    }
+
+    #[test]
+    fn roles_are_ordered() {
+        assert!(Role::Owner > Role::Admin && Role::Admin > Role::Member);
+    }
+}

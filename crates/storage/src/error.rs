@@ -1,0 +1,56 @@
+use crate::crypto::CryptoError;
+
+/// What can go wrong in the storage layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("database error")]
+    Database(#[source] sqlx::Error),
+    #[error("database unavailable")]
+    Unavailable(#[source] sqlx::Error),
+    #[error("migration failed")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A unique constraint refused the write; names what is duplicated.
+    #[error("{0} already exists")]
+    Conflict(&'static str),
+    #[error("not found")]
+    NotFound,
+    #[error("the organization must keep at least one owner")]
+    LastOwner,
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+}
+
+impl From<sqlx::Error> for StorageError {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_) => {
+                Self::Unavailable(e)
+            }
+            sqlx::Error::Database(db) if db.code().as_deref() == Some("23505") => {
+                let what = match db.constraint() {
+                    Some("provider_keys_org_name_key") => "a provider with this name",
+                    Some("users_email_lower_key") => "an account with this email",
+                    Some("memberships_pkey") => "this member",
+                    _ => "a record with these values",
+                };
+                Self::Conflict(what)
+            }
+            // 57P01..57P03: admin shutdown / cannot connect now; 08xxx: connection errors.
+            sqlx::Error::Database(db)
+                if db.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57P")) =>
+            {
+                Self::Unavailable(e)
+            }
+            _ => Self::Database(e),
+        }
+    }
+}
+
+impl StorageError {
+    /// True when the database could not be reached (callers answer 503).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Self::Unavailable(_))
+    }
+}
+
+pub type Result<T, E = StorageError> = std::result::Result<T, E>;

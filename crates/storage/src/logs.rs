@@ -1,0 +1,176 @@
+//! Usage rows (`request_logs`): batched writes from the gateway, reads for the API.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::db::Db;
+use crate::error::Result;
+use crate::page::{Cursor, Page};
+
+/// One request as the gateway saw it.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, PartialEq)]
+pub struct RequestLog {
+    pub id: Uuid,
+    pub request_id: String,
+    pub org_id: Uuid,
+    pub api_key_id: Option<Uuid>,
+    pub provider_key_id: Option<Uuid>,
+    pub provider_name: Option<String>,
+    pub requested_model: Option<String>,
+    pub upstream_model: Option<String>,
+    pub status_code: i16,
+    pub streamed: bool,
+    pub canceled: bool,
+    pub prompt_tokens: Option<i64>,
+    pub completion_tokens: Option<i64>,
+    pub total_tokens: Option<i64>,
+    pub latency_ms: i32,
+    pub ttfb_ms: Option<i32>,
+    pub error_class: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Filters for listing usage rows.
+#[derive(Debug, Default, Clone)]
+pub struct LogFilter {
+    pub api_key_id: Option<Uuid>,
+    pub provider_name: Option<String>,
+    pub status_code: Option<i16>,
+    pub from: Option<DateTime<Utc>>,
+    pub to: Option<DateTime<Utc>>,
+}
+
+/// How usage is aggregated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupBy {
+    Day,
+    Model,
+    Provider,
+    ApiKey,
+}
+
+/// One aggregated usage bucket.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct UsageRow {
+    pub key: Option<String>,
+    pub requests: i64,
+    pub errors: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub total_tokens: i64,
+    pub p50_latency_ms: Option<f64>,
+    pub p95_latency_ms: Option<f64>,
+}
+
+impl Db {
+    /// Writes many rows in one statement.
+    pub async fn insert_request_logs(&self, rows: &[RequestLog]) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        macro_rules! col {
+            ($f:ident) => {
+                rows.iter().map(|r| r.$f.clone()).collect::<Vec<_>>()
+            };
+        }
+        sqlx::query(
+            "INSERT INTO request_logs (id, request_id, org_id, api_key_id, provider_key_id, provider_name,
+                requested_model, upstream_model, status_code, streamed, canceled, prompt_tokens,
+                completion_tokens, total_tokens, latency_ms, ttfb_ms, error_class, created_at)
+             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::uuid[], $5::uuid[], $6::text[],
+                $7::text[], $8::text[], $9::int2[], $10::bool[], $11::bool[], $12::int8[], $13::int8[],
+                $14::int8[], $15::int4[], $16::int4[], $17::text[], $18::timestamptz[])
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(col!(id))
+        .bind(col!(request_id))
+        .bind(col!(org_id))
+        .bind(col!(api_key_id))
+        .bind(col!(provider_key_id))
+        .bind(col!(provider_name))
+        .bind(col!(requested_model))
+        .bind(col!(upstream_model))
+        .bind(col!(status_code))
+        .bind(col!(streamed))
+        .bind(col!(canceled))
+        .bind(col!(prompt_tokens))
+        .bind(col!(completion_tokens))
+        .bind(col!(total_tokens))
+        .bind(col!(latency_ms))
+        .bind(col!(ttfb_ms))
+        .bind(col!(error_class))
+        .bind(col!(created_at))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The org's usage rows, newest first, filtered.
+    pub async fn list_request_logs(
+        &self,
+        org_id: Uuid,
+        filter: &LogFilter,
+        after: Option<&Cursor>,
+        limit: u32,
+    ) -> Result<Page<RequestLog>> {
+        let limit = limit.clamp(1, 500);
+        let rows = sqlx::query_as::<_, RequestLog>(
+            "SELECT * FROM request_logs
+             WHERE org_id = $1
+               AND ($2::uuid IS NULL OR api_key_id = $2)
+               AND ($3::text IS NULL OR provider_name = $3)
+               AND ($4::int2 IS NULL OR status_code = $4)
+               AND ($5::timestamptz IS NULL OR created_at >= $5)
+               AND ($6::timestamptz IS NULL OR created_at < $6)
+               AND ($7::timestamptz IS NULL OR (created_at, id) < ($7, $8))
+             ORDER BY created_at DESC, id DESC LIMIT $9",
+        )
+        .bind(org_id)
+        .bind(filter.api_key_id)
+        .bind(filter.provider_name.as_deref())
+        .bind(filter.status_code)
+        .bind(filter.from)
+        .bind(filter.to)
+        .bind(after.map(|c| c.at))
+        .bind(after.map(|c| c.id))
+        .bind(i64::from(limit) + 1)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(Page::from_rows(rows, limit, |r| Cursor { at: r.created_at, id: r.id }))
+    }
+
+    /// Aggregates the org's usage in `[from, to)`.
+    pub async fn usage(
+        &self,
+        org_id: Uuid,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        group_by: GroupBy,
+    ) -> Result<Vec<UsageRow>> {
+        let key = match group_by {
+            GroupBy::Day => "to_char(date_trunc('day', created_at AT TIME ZONE 'UTC'), 'YYYY-MM-DD')",
+            GroupBy::Model => "requested_model",
+            GroupBy::Provider => "provider_name",
+            GroupBy::ApiKey => "api_key_id::text",
+        };
+        Ok(sqlx::query_as::<_, UsageRow>(&format!(
+            "SELECT {key} AS key,
+                count(*) AS requests,
+                count(*) FILTER (WHERE status_code >= 400 OR error_class IS NOT NULL) AS errors,
+                coalesce(sum(prompt_tokens), 0)::int8 AS prompt_tokens,
+                coalesce(sum(completion_tokens), 0)::int8 AS completion_tokens,
+                coalesce(sum(total_tokens), 0)::int8 AS total_tokens,
+                percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms) AS p50_latency_ms,
+                percentile_cont(0.95) WITHIN GROUP (ORDER BY latency_ms) AS p95_latency_ms
+             FROM request_logs
+             WHERE org_id = $1 AND created_at >= $2 AND created_at < $3
+             GROUP BY 1 ORDER BY 1"
+        ))
+        .bind(org_id)
+        .bind(from)
+        .bind(to)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+}

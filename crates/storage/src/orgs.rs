@@ -1,0 +1,259 @@
+//! Organizations and their members.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::json;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::audit::{record, Actor};
+use crate::db::Db;
+use crate::domain::{Email, Role};
+use crate::error::{Result, StorageError};
+
+/// An organization as seen by one of its members.
+#[derive(Debug, Clone, Serialize)]
+pub struct Org {
+    pub id: Uuid,
+    pub name: String,
+    pub role: Role,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(sqlx::FromRow)]
+struct OrgRow {
+    id: Uuid,
+    name: String,
+    role: String,
+    created_at: DateTime<Utc>,
+}
+
+impl From<OrgRow> for Org {
+    fn from(r: OrgRow) -> Self {
+        Self {
+            id: r.id,
+            name: r.name,
+            role: Role::from_db(&r.role),
+            created_at: r.created_at,
+        }
+    }
+}
+
+/// A member of an organization.
+#[derive(Debug, Clone, Serialize)]
+pub struct Member {
+    pub user_id: Uuid,
+    pub email: String,
+    pub role: Role,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(sqlx::FromRow)]
+struct MemberRow {
+    user_id: Uuid,
+    email: String,
+    role: String,
+    created_at: DateTime<Utc>,
+}
+
+impl From<MemberRow> for Member {
+    fn from(r: MemberRow) -> Self {
+        Self {
+            user_id: r.user_id,
+            email: r.email,
+            role: Role::from_db(&r.role),
+            created_at: r.created_at,
+        }
+    }
+}
+
+const ORG_SELECT: &str = "SELECT o.id, o.name, m.role, o.created_at
+     FROM organizations o JOIN memberships m ON m.org_id = o.id";
+
+const MEMBER_SELECT: &str = "SELECT m.user_id, u.email, m.role, m.created_at
+     FROM memberships m JOIN users u ON u.id = m.user_id";
+
+/// Locks the organization row so membership changes in one org serialize
+/// (the last-owner rule cannot be raced).
+async fn lock_org(conn: &mut PgConnection, org_id: Uuid) -> Result<()> {
+    sqlx::query("SELECT id FROM organizations WHERE id = $1 FOR UPDATE")
+        .bind(org_id)
+        .fetch_optional(&mut *conn)
+        .await?
+        .ok_or(StorageError::NotFound)?;
+    Ok(())
+}
+
+async fn owner_count(conn: &mut PgConnection, org_id: Uuid) -> Result<i64> {
+    Ok(sqlx::query_scalar("SELECT count(*) FROM memberships WHERE org_id = $1 AND role = 'owner'")
+        .bind(org_id)
+        .fetch_one(conn)
+        .await?)
+}
+
+async fn member_in(conn: &mut PgConnection, org_id: Uuid, user_id: Uuid) -> Result<Member> {
+    sqlx::query_as::<_, MemberRow>(&format!("{MEMBER_SELECT} WHERE m.org_id = $1 AND m.user_id = $2"))
+        .bind(org_id)
+        .bind(user_id)
+        .fetch_optional(conn)
+        .await?
+        .map(Member::from)
+        .ok_or(StorageError::NotFound)
+}
+
+impl Db {
+    /// Creates an organization with `owner` as its first owner.
+    pub async fn create_org(&self, name: &str, owner: Uuid) -> Result<Org> {
+        let mut tx = self.pool.begin().await?;
+        let id = Uuid::new_v4();
+        sqlx::query("INSERT INTO organizations (id, name) VALUES ($1, $2)")
+            .bind(id)
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("INSERT INTO memberships (org_id, user_id, role) VALUES ($1, $2, 'owner')")
+            .bind(id)
+            .bind(owner)
+            .execute(&mut *tx)
+            .await?;
+        record(&mut tx, id, Actor(Some(owner)), "org.create", "organization", Some(id), json!({"name": name})).await?;
+        let org = sqlx::query_as::<_, OrgRow>(&format!("{ORG_SELECT} WHERE o.id = $1 AND m.user_id = $2"))
+            .bind(id)
+            .bind(owner)
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(org.into())
+    }
+
+    /// The organizations `user_id` belongs to.
+    pub async fn list_orgs(&self, user_id: Uuid) -> Result<Vec<Org>> {
+        let rows = sqlx::query_as::<_, OrgRow>(&format!("{ORG_SELECT} WHERE m.user_id = $1 ORDER BY o.created_at, o.id"))
+            .bind(user_id)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.into_iter().map(Org::from).collect())
+    }
+
+    /// The organization as seen by `user_id`; `NotFound` when not a member.
+    pub async fn org_for_member(&self, org_id: Uuid, user_id: Uuid) -> Result<Org> {
+        sqlx::query_as::<_, OrgRow>(&format!("{ORG_SELECT} WHERE o.id = $1 AND m.user_id = $2"))
+            .bind(org_id)
+            .bind(user_id)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(Org::from)
+            .ok_or(StorageError::NotFound)
+    }
+
+    pub async fn rename_org(&self, org_id: Uuid, actor: Uuid, name: &str) -> Result<Org> {
+        let mut tx = self.pool.begin().await?;
+        let r = sqlx::query("UPDATE organizations SET name = $2, updated_at = now() WHERE id = $1")
+            .bind(org_id)
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        if r.rows_affected() == 0 {
+            return Err(StorageError::NotFound);
+        }
+        record(&mut tx, org_id, Actor(Some(actor)), "org.rename", "organization", Some(org_id), json!({"name": name})).await?;
+        tx.commit().await?;
+        self.org_for_member(org_id, actor).await
+    }
+
+    /// Deletes the organization and everything it owns, usage rows included.
+    pub async fn delete_org(&self, org_id: Uuid) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM request_logs WHERE org_id = $1")
+            .bind(org_id)
+            .execute(&mut *tx)
+            .await?;
+        let r = sqlx::query("DELETE FROM organizations WHERE id = $1")
+            .bind(org_id)
+            .execute(&mut *tx)
+            .await?;
+        if r.rows_affected() == 0 {
+            return Err(StorageError::NotFound);
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn list_members(&self, org_id: Uuid) -> Result<Vec<Member>> {
+        let rows = sqlx::query_as::<_, MemberRow>(&format!("{MEMBER_SELECT} WHERE m.org_id = $1 ORDER BY m.created_at, m.user_id"))
+            .bind(org_id)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.into_iter().map(Member::from).collect())
+    }
+
+    /// Adds the user with this email; `NotFound` when no such account,
+    /// `Conflict` when already a member.
+    pub async fn add_member(&self, org_id: Uuid, actor: Uuid, email: &Email, role: Role) -> Result<Member> {
+        let user = self.user_by_email(email).await?;
+        let mut tx = self.pool.begin().await?;
+        lock_org(&mut tx, org_id).await?;
+        sqlx::query("INSERT INTO memberships (org_id, user_id, role) VALUES ($1, $2, $3)")
+            .bind(org_id)
+            .bind(user.id)
+            .bind(role.as_str())
+            .execute(&mut *tx)
+            .await?;
+        record(&mut tx, org_id, Actor(Some(actor)), "member.add", "user", Some(user.id), json!({"role": role.as_str()})).await?;
+        let m = member_in(&mut tx, org_id, user.id).await?;
+        tx.commit().await?;
+        Ok(m)
+    }
+
+    pub async fn member(&self, org_id: Uuid, user_id: Uuid) -> Result<Member> {
+        let mut conn = self.pool.acquire().await?;
+        member_in(&mut conn, org_id, user_id).await
+    }
+
+    /// Changes a role; refuses to demote the last owner.
+    pub async fn set_member_role(&self, org_id: Uuid, actor: Uuid, user_id: Uuid, role: Role) -> Result<Member> {
+        let mut tx = self.pool.begin().await?;
+        lock_org(&mut tx, org_id).await?;
+        let current = member_in(&mut tx, org_id, user_id).await?;
+        if current.role == Role::Owner && role != Role::Owner && owner_count(&mut tx, org_id).await? <= 1 {
+            return Err(StorageError::LastOwner);
+        }
+        sqlx::query("UPDATE memberships SET role = $3 WHERE org_id = $1 AND user_id = $2")
+            .bind(org_id)
+            .bind(user_id)
+            .bind(role.as_str())
+            .execute(&mut *tx)
+            .await?;
+        record(
+            &mut tx,
+            org_id,
+            Actor(Some(actor)),
+            "member.role",
+            "user",
+            Some(user_id),
+            json!({"from": current.role.as_str(), "to": role.as_str()}),
+        )
+        .await?;
+        let m = member_in(&mut tx, org_id, user_id).await?;
+        tx.commit().await?;
+        Ok(m)
+    }
+
+    /// Removes a member; refuses to remove the last owner.
+    pub async fn remove_member(&self, org_id: Uuid, actor: Uuid, user_id: Uuid) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        lock_org(&mut tx, org_id).await?;
+        let current = member_in(&mut tx, org_id, user_id).await?;
+        if current.role == Role::Owner && owner_count(&mut tx, org_id).await? <= 1 {
+            return Err(StorageError::LastOwner);
+        }
+        sqlx::query("DELETE FROM memberships WHERE org_id = $1 AND user_id = $2")
+            .bind(org_id)
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?;
+        record(&mut tx, org_id, Actor(Some(actor)), "member.remove", "user", Some(user_id), json!({})).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,120 @@
+//! A fresh, migrated database per test, dropped when the test ends.
+//!
+//! On `DATABASE_URL`'s server when set; otherwise on an ephemeral cluster
+//! started once from the machine's PostgreSQL binaries under the temp dir.
+
+use std::os::fd::AsRawFd;
+use std::str::FromStr;
+use std::sync::OnceLock;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection};
+use storage::embedded::EmbeddedPostgres;
+use storage::{Db, Keyring};
+
+/// A database that exists for one test.
+pub struct TestDb {
+    pub db: Db,
+    pub name: String,
+    pub options: PgConnectOptions,
+    /// The keyring spec the database's tokens are sealed with.
+    pub keys: String,
+    admin: PgConnectOptions,
+}
+
+fn admin_options() -> PgConnectOptions {
+    static ADMIN: OnceLock<PgConnectOptions> = OnceLock::new();
+    ADMIN
+        .get_or_init(|| match std::env::var("DATABASE_URL") {
+            Ok(url) if !url.is_empty() => PgConnectOptions::from_str(&url).expect("DATABASE_URL is not a valid postgres URL"),
+            _ => ephemeral_cluster().connect_options("postgres"),
+        })
+        .clone()
+}
+
+/// One cluster for the whole run; a file lock keeps parallel test processes
+/// from initializing it twice. It is left running for the next run.
+fn ephemeral_cluster() -> EmbeddedPostgres {
+    let base = std::env::temp_dir().join("llmgw-testkit-pg");
+    std::fs::create_dir_all(&base).expect("create test cluster dir");
+    let lock = std::fs::File::create(base.with_extension("lock")).expect("create lock file");
+    // SAFETY: flock on an open descriptor we own.
+    unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
+    let pg = EmbeddedPostgres::init(&base).unwrap_or_else(|e| panic!("test cluster: {e}"));
+    pg.start().unwrap_or_else(|e| panic!("test cluster: {e}"));
+    pg
+}
+
+impl TestDb {
+    /// Creates and migrates a new database with a fresh single-key keyring.
+    pub async fn new() -> Self {
+        Self::with_keys(&format!("1:{}", Keyring::generate_key_material())).await
+    }
+
+    pub async fn with_keys(keys: &str) -> Self {
+        let admin = admin_options();
+        let name = format!("llmgw_test_{}", uuid::Uuid::new_v4().simple());
+        let mut conn = admin.connect().await.expect("connect to the test PostgreSQL server");
+        sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+            .execute(&mut conn)
+            .await
+            .expect("create test database");
+        conn.close().await.ok();
+        let options = admin.clone().database(&name);
+        let db = Self::open(&options, keys).await;
+        db.migrate().await.expect("migrations apply");
+        Self {
+            db,
+            name,
+            options,
+            keys: keys.to_owned(),
+            admin,
+        }
+    }
+
+    /// Another handle on the same database with a different keyring.
+    pub async fn reopen(&self, keys: &str) -> Db {
+        Self::open(&self.options, keys).await
+    }
+
+    async fn open(options: &PgConnectOptions, keys: &str) -> Db {
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .connect_with(options.clone())
+            .await
+            .expect("connect to test database");
+        Db::from_pool(pool, Keyring::parse(keys).expect("test keyring"))
+    }
+
+    /// `postgres://` URL of this database, for spawning the binary.
+    pub fn url(&self) -> String {
+        let o = &self.options;
+        let host = o.get_host();
+        let base = format!("postgres://{}@{}:{}/{}", o.get_username(), host, o.get_port(), self.name);
+        if host.starts_with('/') {
+            format!("postgres://{}@/{}?host={}&port={}", o.get_username(), self.name, host, o.get_port())
+        } else {
+            base
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let admin = self.admin.clone();
+        let name = self.name.clone();
+        // Drop runs inside the test's runtime: use a thread with its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            rt.block_on(async move {
+                let mut conn = admin.connect().await.ok()?;
+                sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                    .execute(&mut conn)
+                    .await
+                    .ok()?;
+                conn.close().await.ok()
+            })
+        })
+        .join();
+    }
+}

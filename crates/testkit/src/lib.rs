@@ -1,0 +1,34 @@
+//! Test support shared by every crate's tests: a fresh migrated database per
+//! test, and real HTTPS upstreams on 127.0.0.1 with certificates made here.
+
+pub mod db;
+pub mod tls;
+pub mod upstream;
+
+pub use db::TestDb;
+pub use tls::TestCa;
+pub use upstream::{MockUpstream, SeenRequest};
+
+/// Starts an actix-web server on 127.0.0.1:0 (with `TCP_NODELAY` on accepted
+/// connections, as production does) and returns its base URL and handle.
+pub fn spawn_http<F>(configure: F) -> (String, actix_web::dev::ServerHandle)
+where
+    F: Fn(&mut actix_web::web::ServiceConfig) + Clone + Send + 'static,
+{
+    let server = actix_web::HttpServer::new(move || actix_web::App::new().configure(configure.clone()))
+        .workers(2)
+        .disable_signals()
+        .shutdown_timeout(5)
+        .on_connect(|conn, _| {
+            if let Some(tcp) = conn.downcast_ref::<tokio::net::TcpStream>() {
+                let _ = tcp.set_nodelay(true);
+            }
+        })
+        .bind(("127.0.0.1", 0))
+        .expect("bind test server");
+    let port = server.addrs()[0].port();
+    let server = server.run();
+    let handle = server.handle();
+    tokio::spawn(server);
+    (format!("http://127.0.0.1:{port}"), handle)
+}

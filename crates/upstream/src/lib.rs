@@ -1,0 +1,299 @@
+//! The HTTPS client every call to a provider goes through (the gateway's
+//! proxying and the settings API's connectivity test), with the SSRF policy:
+//! loopback, private, link-local, CGNAT, unspecified, multicast and other
+//! special-purpose addresses are refused unless private upstreams are allowed.
+//! Names are checked when saved and again, unbypassably, when connecting: the
+//! client's resolver drops forbidden addresses, which defeats DNS rebinding.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::dns::{Addrs, Name, Resolve, Resolving};
+use storage::domain::{BaseUrl, ValidationError};
+use url::Host;
+
+/// How the client reaches upstreams.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// `LLMGW_UPSTREAM_ALLOW_PRIVATE`: permit private addresses (self-hosted).
+    pub allow_private: bool,
+    /// `LLMGW_UPSTREAM_CA_FILE`: extra PEM roots (internal CAs).
+    pub ca_file: Option<PathBuf>,
+    pub connect_timeout: Duration,
+    /// Total time for a non-streamed answer; for streams, the time to the
+    /// response head and the longest silence between chunks.
+    pub timeout: Duration,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            allow_private: false,
+            ca_file: None,
+            connect_timeout: Duration::from_secs(5),
+            timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Why the client could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("cannot read upstream CA file {path}: {source}")]
+    CaFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("upstream CA file {0} holds no valid PEM certificate")]
+    CaPem(PathBuf),
+    #[error("cannot build HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
+}
+
+/// True for addresses an upstream must not resolve to by default.
+pub fn is_forbidden(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => forbidden_v4(v4),
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return forbidden_v4(v4);
+            }
+            let s = v6.segments();
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (s[0] & 0xfe00) == 0xfc00 // unique local fc00::/7
+                || (s[0] & 0xffc0) == 0xfe80 // link-local fe80::/10
+                || (s[0] & 0xffc0) == 0xfec0 // site-local (deprecated) fec0::/10
+                || (s[0] == 0x64 && s[1] == 0xff9b) // NAT64 64:ff9b::/96 can embed private v4
+                || (s[0] == 0x2002) // 6to4 can embed private v4
+                || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation
+                || (s[0..6] == [0, 0, 0, 0, 0, 0] && !v6.is_loopback() && !v6.is_unspecified()) // IPv4-compatible ::a.b.c.d
+        }
+    }
+}
+
+fn forbidden_v4(ip: Ipv4Addr) -> bool {
+    let o = ip.octets();
+    ip.is_loopback()
+        || ip.is_private()
+        || ip.is_link_local()
+        || ip.is_unspecified()
+        || ip.is_multicast()
+        || ip.is_broadcast()
+        || ip.is_documentation()
+        || o[0] == 0 // 0.0.0.0/8 "this network"
+        || (o[0] == 100 && (o[1] & 0xc0) == 64) // CGNAT 100.64.0.0/10
+        || (o[0] == 192 && o[1] == 0 && o[2] == 0) // IETF protocol assignments
+        || (o[0] == 198 && (o[1] & 0xfe) == 18) // benchmarking 198.18.0.0/15
+        || o[0] >= 240 // reserved
+}
+
+/// The IP of a URL host that is an address literal, in any spelling the
+/// URL parser normalizes (`2130706433`, `127.1`, `[::ffff:127.0.0.1]`).
+pub fn literal_ip(host: &Host<String>) -> Option<IpAddr> {
+    match host {
+        Host::Ipv4(v4) => Some(IpAddr::V4(*v4)),
+        Host::Ipv6(v6) => Some(IpAddr::V6(*v6)),
+        Host::Domain(_) => None,
+    }
+}
+
+const PRIVATE_HINT: &str =
+    "set LLMGW_UPSTREAM_ALLOW_PRIVATE=true to allow private and loopback upstreams (self-hosted deployments)";
+
+/// Save-time check: refuses literal or resolved forbidden addresses; a name
+/// that does not resolve is accepted (the connect-time check still applies).
+pub async fn check_base_url(url: &BaseUrl, allow_private: bool) -> Result<(), ValidationError> {
+    if allow_private {
+        return Ok(());
+    }
+    let host = url
+        .host()
+        .ok_or_else(|| ValidationError::new("base_url", "base_url must have a host"))?;
+    let refuse = |ip: IpAddr| {
+        ValidationError::new(
+            "base_url",
+            format!("base_url points at a private, loopback or otherwise non-public address ({ip}); {PRIVATE_HINT}"),
+        )
+    };
+    if let Some(ip) = literal_ip(&host) {
+        return if is_forbidden(ip) { Err(refuse(ip)) } else { Ok(()) };
+    }
+    let Host::Domain(name) = host else { return Ok(()) };
+    let lookup = tokio::time::timeout(Duration::from_secs(3), tokio::net::lookup_host((name.as_str(), 443))).await;
+    if let Ok(Ok(addrs)) = lookup {
+        for a in addrs {
+            if is_forbidden(a.ip()) {
+                return Err(refuse(a.ip()));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Error text when a request is refused by the connect-time policy.
+pub const FORBIDDEN_ADDRESS: &str = "upstream address is not allowed";
+
+/// Resolver that drops forbidden addresses at connect time.
+#[derive(Debug, Clone)]
+struct GuardedResolver;
+
+impl Resolve for GuardedResolver {
+    fn resolve(&self, name: Name) -> Resolving {
+        Box::pin(async move {
+            let all: Vec<SocketAddr> = tokio::net::lookup_host((name.as_str(), 0)).await?.collect();
+            let allowed: Vec<SocketAddr> = all.iter().copied().filter(|a| !is_forbidden(a.ip())).collect();
+            if allowed.is_empty() {
+                let err: Box<dyn std::error::Error + Send + Sync> = if all.is_empty() {
+                    format!("{} did not resolve", name.as_str()).into()
+                } else {
+                    format!("{FORBIDDEN_ADDRESS}: {} resolves to a non-public address", name.as_str()).into()
+                };
+                return Err(err);
+            }
+            let addrs: Addrs = Box::new(allowed.into_iter());
+            Ok(addrs)
+        })
+    }
+}
+
+/// The shared client plus the policy for address literals (which never
+/// reach a resolver).
+#[derive(Debug, Clone)]
+pub struct UpstreamClient {
+    client: reqwest::Client,
+    allow_private: bool,
+    timeout: Duration,
+}
+
+/// The request was refused before any connection was made.
+#[derive(Debug, thiserror::Error)]
+#[error("{FORBIDDEN_ADDRESS}: {0} is a non-public address; {PRIVATE_HINT}")]
+pub struct ForbiddenAddress(pub IpAddr);
+
+impl UpstreamClient {
+    pub fn new(cfg: &UpstreamConfig) -> Result<Self, BuildError> {
+        let mut b = reqwest::Client::builder()
+            .use_rustls_tls()
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .tcp_nodelay(true)
+            .connect_timeout(cfg.connect_timeout)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(256)
+            .http2_adaptive_window(true)
+            .user_agent(concat!("llmgw/", env!("CARGO_PKG_VERSION")));
+        if !cfg.allow_private {
+            b = b.dns_resolver(Arc::new(GuardedResolver));
+        }
+        if let Some(path) = &cfg.ca_file {
+            let pem = std::fs::read(path).map_err(|source| BuildError::CaFile {
+                path: path.clone(),
+                source,
+            })?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|_| BuildError::CaPem(path.clone()))?;
+            if certs.is_empty() {
+                return Err(BuildError::CaPem(path.clone()));
+            }
+            for c in certs {
+                b = b.add_root_certificate(c);
+            }
+        }
+        Ok(Self {
+            client: b.build()?,
+            allow_private: cfg.allow_private,
+            timeout: cfg.timeout,
+        })
+    }
+
+    /// The underlying client, for building requests after [`Self::check`].
+    pub fn http(&self) -> &reqwest::Client {
+        &self.client
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    pub fn allows_private(&self) -> bool {
+        self.allow_private
+    }
+
+    /// Connect-time check for address literals; names are checked by the resolver.
+    pub fn check(&self, url: &BaseUrl) -> Result<(), ForbiddenAddress> {
+        if self.allow_private {
+            return Ok(());
+        }
+        match url.host().as_ref().and_then(literal_ip) {
+            Some(ip) if is_forbidden(ip) => Err(ForbiddenAddress(ip)),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// True when a reqwest error came from the SSRF policy.
+pub fn is_forbidden_error(e: &reqwest::Error) -> bool {
+    let mut src: Option<&dyn std::error::Error> = Some(e);
+    while let Some(s) = src {
+        if s.to_string().contains(FORBIDDEN_ADDRESS) {
+            return true;
+        }
+        src = s.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host_of(url: &str) -> Option<IpAddr> {
+        literal_ip(&BaseUrl::parse(url).unwrap().host().unwrap())
+    }
+
+    #[test]
+    fn every_spelling_of_a_private_literal_is_forbidden() {
+        for url in [
+            "https://127.0.0.1",
+            "https://127.1",
+            "https://2130706433",
+            "https://0x7f000001",
+            "https://0177.0.0.1",
+            "https://[::1]",
+            "https://[::ffff:127.0.0.1]",
+            "https://[::ffff:7f00:1]",
+            "https://10.0.0.1",
+            "https://172.16.5.4",
+            "https://192.168.1.1",
+            "https://169.254.169.254",
+            "https://100.64.0.1",
+            "https://0.0.0.0",
+            "https://[::]",
+            "https://224.0.0.1",
+            "https://[fd00::1]",
+            "https://[fe80::1]",
+            "https://[ff02::1]",
+        ] {
+            let ip = host_of(url).unwrap_or_else(|| panic!("{url} not a literal"));
+            assert!(is_forbidden(ip), "{url} ({ip}) allowed");
+        }
+        for url in ["https://8.8.8.8", "https://1.1.1.1", "https://[2606:4700::1111]"] {
+            assert!(!is_forbidden(host_of(url).unwrap()), "{url} refused");
+        }
+    }
+
+    #[tokio::test]
+    async fn save_time_check_refuses_private_and_accepts_unresolvable() {
+        for url in ["https://127.0.0.1", "https://169.254.169.254", "https://[::1]", "https://10.0.0.1", "https://localhost"] {
+            let e = check_base_url(&BaseUrl::parse(url).unwrap(), false).await.unwrap_err();
+            assert!(e.message.contains("LLMGW_UPSTREAM_ALLOW_PRIVATE"), "{url}: {e}");
+        }
+        assert!(check_base_url(&BaseUrl::parse("https://127.0.0.1").unwrap(), true).await.is_ok());
+        let unresolvable = BaseUrl::parse("https://does-not-exist.invalid").unwrap();
+        assert!(check_base_url(&unresolvable, false).await.is_ok());
+        assert!(check_base_url(&BaseUrl::parse("https://8.8.8.8").unwrap(), false).await.is_ok());
+    }
+}
