@@ -54,14 +54,21 @@ impl Db {
     }
 
     /// Stores a session by the digest of its token.
-    pub async fn create_session(&self, user_id: Uuid, token_digest: &[u8; 32], expires_at: DateTime<Utc>) -> Result<()> {
-        sqlx::query("INSERT INTO sessions (id, token_digest, user_id, expires_at) VALUES ($1, $2, $3, $4)")
-            .bind(Uuid::new_v4())
-            .bind(&token_digest[..])
-            .bind(user_id)
-            .bind(expires_at)
-            .execute(&self.pool)
-            .await?;
+    pub async fn create_session(
+        &self,
+        user_id: Uuid,
+        token_digest: &[u8; 32],
+        expires_at: DateTime<Utc>,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO sessions (id, token_digest, user_id, expires_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(Uuid::new_v4())
+        .bind(&token_digest[..])
+        .bind(user_id)
+        .bind(expires_at)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 

@@ -79,13 +79,27 @@ impl Db {
         .bind(expires_at)
         .fetch_one(&mut *tx)
         .await?;
-        record(&mut tx, org_id, actor, "api_key.create", "api_key", Some(id), json!({"name": name, "prefix": key.prefix})).await?;
+        record(
+            &mut tx,
+            org_id,
+            actor,
+            "api_key.create",
+            "api_key",
+            Some(id),
+            json!({"name": name, "prefix": key.prefix}),
+        )
+        .await?;
         tx.commit().await?;
         Ok((key, secret))
     }
 
     /// The organization's keys, newest first.
-    pub async fn list_api_keys(&self, org_id: Uuid, after: Option<&Cursor>, limit: u32) -> Result<Page<ApiKey>> {
+    pub async fn list_api_keys(
+        &self,
+        org_id: Uuid,
+        after: Option<&Cursor>,
+        limit: u32,
+    ) -> Result<Page<ApiKey>> {
         let limit = limit.clamp(1, 200);
         let rows = sqlx::query_as::<_, ApiKey>(&format!(
             "SELECT {API_KEY_COLUMNS} FROM api_keys
@@ -98,16 +112,21 @@ impl Db {
         .bind(i64::from(limit) + 1)
         .fetch_all(&self.pool)
         .await?;
-        Ok(Page::from_rows(rows, limit, |k| Cursor { at: k.created_at, id: k.id }))
+        Ok(Page::from_rows(rows, limit, |k| Cursor {
+            at: k.created_at,
+            id: k.id,
+        }))
     }
 
     pub async fn get_api_key(&self, org_id: Uuid, id: Uuid) -> Result<ApiKey> {
-        sqlx::query_as::<_, ApiKey>(&format!("SELECT {API_KEY_COLUMNS} FROM api_keys WHERE org_id = $1 AND id = $2"))
-            .bind(org_id)
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?
-            .ok_or(StorageError::NotFound)
+        sqlx::query_as::<_, ApiKey>(&format!(
+            "SELECT {API_KEY_COLUMNS} FROM api_keys WHERE org_id = $1 AND id = $2"
+        ))
+        .bind(org_id)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or(StorageError::NotFound)
     }
 
     /// Revokes a key (idempotent: the first revocation time is kept).
@@ -122,7 +141,16 @@ impl Db {
         .fetch_optional(&mut *tx)
         .await?
         .ok_or(StorageError::NotFound)?;
-        record(&mut tx, org_id, actor, "api_key.revoke", "api_key", Some(id), json!({"prefix": key.prefix})).await?;
+        record(
+            &mut tx,
+            org_id,
+            actor,
+            "api_key.revoke",
+            "api_key",
+            Some(id),
+            json!({"prefix": key.prefix}),
+        )
+        .await?;
         tx.commit().await?;
         Ok(key)
     }

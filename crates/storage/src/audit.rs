@@ -54,7 +54,12 @@ pub(crate) async fn record(
 
 impl Db {
     /// The organization's audit entries, newest first.
-    pub async fn list_audit(&self, org_id: Uuid, after: Option<&Cursor>, limit: u32) -> Result<Page<AuditEntry>> {
+    pub async fn list_audit(
+        &self,
+        org_id: Uuid,
+        after: Option<&Cursor>,
+        limit: u32,
+    ) -> Result<Page<AuditEntry>> {
         let limit = limit.clamp(1, 200);
         let rows = sqlx::query_as::<_, AuditEntry>(
             "SELECT id, org_id, actor_user_id, action, target_type, target_id, details, created_at
@@ -68,6 +73,9 @@ impl Db {
         .bind(i64::from(limit) + 1)
         .fetch_all(&self.pool)
         .await?;
-        Ok(Page::from_rows(rows, limit, |e| Cursor { at: e.created_at, id: e.id }))
+        Ok(Page::from_rows(rows, limit, |e| Cursor {
+            at: e.created_at,
+            id: e.id,
+        }))
     }
 }

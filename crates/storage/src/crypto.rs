@@ -32,9 +32,13 @@ pub enum KeyringError {
 /// Why a sealed token could not be opened.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CryptoError {
-    #[error("token was encrypted with key id {0}, which is not configured in LLMGW_ENCRYPTION_KEYS")]
+    #[error(
+        "token was encrypted with key id {0}, which is not configured in LLMGW_ENCRYPTION_KEYS"
+    )]
     UnknownKey(i32),
-    #[error("token ciphertext failed authentication (wrong key, tampered, or copied from another row)")]
+    #[error(
+        "token ciphertext failed authentication (wrong key, tampered, or copied from another row)"
+    )]
     Authentication,
     #[error("stored nonce has the wrong length")]
     BadNonce,
@@ -93,7 +97,8 @@ impl Keyring {
             if bytes.len() != 32 {
                 return Err(KeyringError::BadLength(n, bytes.len()));
             }
-            let cipher = Aes256Gcm::new_from_slice(&bytes).map_err(|_| KeyringError::BadLength(n, bytes.len()))?;
+            let cipher = Aes256Gcm::new_from_slice(&bytes)
+                .map_err(|_| KeyringError::BadLength(n, bytes.len()))?;
             if keys.insert(id, cipher).is_some() {
                 return Err(KeyringError::Duplicate(id));
             }
@@ -129,7 +134,13 @@ impl Keyring {
         let cipher = &self.keys[&self.active];
         let aad = Self::aad(org_id, row_id);
         let ciphertext = cipher
-            .encrypt(Nonce::from_slice(&nonce), Payload { msg: plaintext, aad: &aad })
+            .encrypt(
+                Nonce::from_slice(&nonce),
+                Payload {
+                    msg: plaintext,
+                    aad: &aad,
+                },
+            )
             .expect("AES-GCM encryption of a bounded buffer cannot fail");
         Sealed {
             key_id: self.active as i32,
@@ -139,7 +150,12 @@ impl Keyring {
     }
 
     /// Decrypts a sealed value of row `row_id` in organization `org_id`.
-    pub fn open(&self, org_id: Uuid, row_id: Uuid, sealed: &Sealed) -> Result<Vec<u8>, CryptoError> {
+    pub fn open(
+        &self,
+        org_id: Uuid,
+        row_id: Uuid,
+        sealed: &Sealed,
+    ) -> Result<Vec<u8>, CryptoError> {
         let cipher = u32::try_from(sealed.key_id)
             .ok()
             .and_then(|id| self.keys.get(&id))
@@ -151,7 +167,10 @@ impl Keyring {
         cipher
             .decrypt(
                 Nonce::from_slice(&sealed.nonce),
-                Payload { msg: &sealed.ciphertext, aad: &aad },
+                Payload {
+                    msg: &sealed.ciphertext,
+                    aad: &aad,
+                },
             )
             .map_err(|_| CryptoError::Authentication)
     }
@@ -186,8 +205,14 @@ mod tests {
         let k = ring(&format!("1:{}", key()));
         let (org, row) = (Uuid::new_v4(), Uuid::new_v4());
         let s = k.seal(org, row, b"sk-secret");
-        assert_eq!(k.open(org, Uuid::new_v4(), &s), Err(CryptoError::Authentication));
-        assert_eq!(k.open(Uuid::new_v4(), row, &s), Err(CryptoError::Authentication));
+        assert_eq!(
+            k.open(org, Uuid::new_v4(), &s),
+            Err(CryptoError::Authentication)
+        );
+        assert_eq!(
+            k.open(Uuid::new_v4(), row, &s),
+            Err(CryptoError::Authentication)
+        );
         for i in 0..s.ciphertext.len() {
             let mut t = s.clone();
             t.ciphertext[i] ^= 0x01;
@@ -217,11 +242,26 @@ mod tests {
     #[test]
     fn bad_specs_are_refused_clearly() {
         assert_eq!(Keyring::parse("").unwrap_err(), KeyringError::Empty);
-        assert_eq!(Keyring::parse("abc").unwrap_err(), KeyringError::Malformed(1));
-        assert_eq!(Keyring::parse("x:AAAA").unwrap_err(), KeyringError::BadId(1));
-        assert_eq!(Keyring::parse("0:AAAA").unwrap_err(), KeyringError::BadId(1));
-        assert_eq!(Keyring::parse("1:!!!").unwrap_err(), KeyringError::BadBase64(1));
-        assert_eq!(Keyring::parse("1:AAAA").unwrap_err(), KeyringError::BadLength(1, 3));
+        assert_eq!(
+            Keyring::parse("abc").unwrap_err(),
+            KeyringError::Malformed(1)
+        );
+        assert_eq!(
+            Keyring::parse("x:AAAA").unwrap_err(),
+            KeyringError::BadId(1)
+        );
+        assert_eq!(
+            Keyring::parse("0:AAAA").unwrap_err(),
+            KeyringError::BadId(1)
+        );
+        assert_eq!(
+            Keyring::parse("1:!!!").unwrap_err(),
+            KeyringError::BadBase64(1)
+        );
+        assert_eq!(
+            Keyring::parse("1:AAAA").unwrap_err(),
+            KeyringError::BadLength(1, 3)
+        );
         let k = key();
         assert_eq!(
             Keyring::parse(&format!("1:{k},1:{k}")).unwrap_err(),

@@ -70,8 +70,9 @@ impl BaseUrl {
         if raw.len() > 2048 {
             return Err(err("base_url must be at most 2048 characters"));
         }
-        let url = url::Url::parse(raw.trim())
-            .map_err(|e| ValidationError::new("base_url", format!("base_url is not a valid URL ({e})")))?;
+        let url = url::Url::parse(raw.trim()).map_err(|e| {
+            ValidationError::new("base_url", format!("base_url is not a valid URL ({e})"))
+        })?;
         if url.scheme() != "https" {
             return Err(err("base_url must use https://"));
         }
@@ -188,7 +189,10 @@ impl Email {
             })
             && !s.chars().any(|c| c.is_whitespace() || c.is_control());
         if !ok {
-            return Err(ValidationError::new("email", "email must be an address like name@example.com"));
+            return Err(ValidationError::new(
+                "email",
+                "email must be an address like name@example.com",
+            ));
         }
         Ok(Self(s.to_owned()))
     }
@@ -219,7 +223,17 @@ mod tests {
         for ok in ["mycompany", "internal", "testing", "a", &"z".repeat(64)] {
             assert!(ProviderName::parse(ok).is_ok(), "{ok} refused");
         }
-        for bad in ["MyCompany", "my-company", "my_company", "123test", "", "my company", "caf\u{e9}", "abc\n", &"z".repeat(65)] {
+        for bad in [
+            "MyCompany",
+            "my-company",
+            "my_company",
+            "123test",
+            "",
+            "my company",
+            "caf\u{e9}",
+            "abc\n",
+            &"z".repeat(65),
+        ] {
             let e = ProviderName::parse(bad).unwrap_err();
             assert_eq!(e.field, "name");
             assert!(e.message.contains("^[a-z]+$"));
@@ -228,12 +242,20 @@ mod tests {
 
     #[test]
     fn base_urls_follow_the_product_rule() {
-        assert_eq!(BaseUrl::parse("https://api.example.com").unwrap().as_str(), "https://api.example.com");
-        assert_eq!(BaseUrl::parse("https://api.example.com/").unwrap().as_str(), "https://api.example.com");
+        assert_eq!(
+            BaseUrl::parse("https://api.example.com").unwrap().as_str(),
+            "https://api.example.com"
+        );
+        assert_eq!(
+            BaseUrl::parse("https://api.example.com/").unwrap().as_str(),
+            "https://api.example.com"
+        );
         let with_path = BaseUrl::parse("https://h.example.com/openai/").unwrap();
         assert_eq!(with_path.as_str(), "https://h.example.com/openai");
         assert_eq!(
-            BaseUrl::parse("https://api.example.com").unwrap().endpoint("chat/completions"),
+            BaseUrl::parse("https://api.example.com")
+                .unwrap()
+                .endpoint("chat/completions"),
             "https://api.example.com/v1/chat/completions"
         );
         for bad in [
@@ -250,7 +272,10 @@ mod tests {
         ] {
             assert!(BaseUrl::parse(bad).is_err(), "{bad} accepted");
         }
-        assert!(BaseUrl::parse("https://api.example.com/v1").unwrap_err().message.contains("appends /v1/chat/completions"));
+        assert!(BaseUrl::parse("https://api.example.com/v1")
+            .unwrap_err()
+            .message
+            .contains("appends /v1/chat/completions"));
         assert_eq!(
             BaseUrl::parse("https://2130706433").unwrap().host(),
             Some(url::Host::Ipv4("127.0.0.1".parse().unwrap()))

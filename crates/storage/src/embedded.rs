@@ -97,7 +97,10 @@ impl EmbeddedPostgres {
         // Unix socket paths are limited to ~107 bytes.
         let mut socket_dir = base.join("run");
         if socket_dir.as_os_str().len() > 80 {
-            socket_dir = std::env::temp_dir().join(format!("llmgw-pg-{:x}", fxhash(base.as_os_str().as_encoded_bytes())));
+            socket_dir = std::env::temp_dir().join(format!(
+                "llmgw-pg-{:x}",
+                fxhash(base.as_os_str().as_encoded_bytes())
+            ));
         }
         fs::create_dir_all(&socket_dir).map_err(io_err(&socket_dir))?;
         let me = Self {
@@ -112,7 +115,8 @@ impl EmbeddedPostgres {
                 std::os::unix::fs::chown(p, Some(uid), Some(gid)).map_err(io_err(p))?;
             }
             if me.log_file.exists() {
-                std::os::unix::fs::chown(&me.log_file, Some(uid), Some(gid)).map_err(io_err(&me.log_file))?;
+                std::os::unix::fs::chown(&me.log_file, Some(uid), Some(gid))
+                    .map_err(io_err(&me.log_file))?;
             }
         }
         if !me.pgdata.join("PG_VERSION").exists() {
@@ -136,7 +140,9 @@ impl EmbeddedPostgres {
 
     fn run(&self, tool: &str, args: &[&std::ffi::OsStr]) -> Result<Output, EmbeddedError> {
         let mut cmd = Command::new(self.bin.join(tool));
-        cmd.args(args).env_remove("PGDATA").current_dir(&self.socket_dir);
+        cmd.args(args)
+            .env_remove("PGDATA")
+            .current_dir(&self.socket_dir);
         if let Some((uid, gid)) = self.run_as {
             cmd.uid(uid).gid(gid);
         }
@@ -156,8 +162,11 @@ impl EmbeddedPostgres {
     }
 
     fn running(&self) -> bool {
-        self.run("pg_ctl", &["status".as_ref(), "-D".as_ref(), self.pgdata.as_os_str()])
-            .is_ok()
+        self.run(
+            "pg_ctl",
+            &["status".as_ref(), "-D".as_ref(), self.pgdata.as_os_str()],
+        )
+        .is_ok()
     }
 
     /// Starts the server unless it already runs; waits until it accepts connections.
@@ -222,9 +231,9 @@ impl EmbeddedPostgres {
 }
 
 fn fxhash(bytes: &[u8]) -> u64 {
-    bytes
-        .iter()
-        .fold(0xcbf29ce484222325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100000001b3))
+    bytes.iter().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100000001b3)
+    })
 }
 
 /// Reads `path` as an encryption-key spec, creating it (mode 0600) with a
@@ -232,9 +241,13 @@ fn fxhash(bytes: &[u8]) -> u64 {
 pub fn load_or_create_key_file(path: &Path) -> Result<(String, bool), EmbeddedError> {
     match fs::read_to_string(path) {
         Ok(s) => {
-            let mode = fs::metadata(path).map_err(io_err(path))?.permissions().mode();
+            let mode = fs::metadata(path)
+                .map_err(io_err(path))?
+                .permissions()
+                .mode();
             if mode & 0o077 != 0 {
-                fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(io_err(path))?;
+                fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+                    .map_err(io_err(path))?;
             }
             Ok((s.trim().to_owned(), false))
         }
@@ -249,7 +262,8 @@ pub fn load_or_create_key_file(path: &Path) -> Result<(String, bool), EmbeddedEr
                 .mode(0o600)
                 .open(path)
                 .map_err(io_err(path))?;
-            f.write_all(format!("{spec}\n").as_bytes()).map_err(io_err(path))?;
+            f.write_all(format!("{spec}\n").as_bytes())
+                .map_err(io_err(path))?;
             Ok((spec, true))
         }
         Err(e) => Err(EmbeddedError::Io {

@@ -23,9 +23,10 @@ pub enum StorageError {
 impl From<sqlx::Error> for StorageError {
     fn from(e: sqlx::Error) -> Self {
         match &e {
-            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_) => {
-                Self::Unavailable(e)
-            }
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_) => Self::Unavailable(e),
             sqlx::Error::Database(db) if db.code().as_deref() == Some("23505") => {
                 let what = match db.constraint() {
                     Some("provider_keys_org_name_key") => "a provider with this name",
@@ -37,7 +38,9 @@ impl From<sqlx::Error> for StorageError {
             }
             // 57P01..57P03: admin shutdown / cannot connect now; 08xxx: connection errors.
             sqlx::Error::Database(db)
-                if db.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57P")) =>
+                if db
+                    .code()
+                    .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")) =>
             {
                 Self::Unavailable(e)
             }

@@ -137,7 +137,10 @@ impl Db {
         .bind(i64::from(limit) + 1)
         .fetch_all(&self.pool)
         .await?;
-        Ok(Page::from_rows(rows, limit, |r| Cursor { at: r.created_at, id: r.id }))
+        Ok(Page::from_rows(rows, limit, |r| Cursor {
+            at: r.created_at,
+            id: r.id,
+        }))
     }
 
     /// Aggregates the org's usage in `[from, to)`.
@@ -149,7 +152,9 @@ impl Db {
         group_by: GroupBy,
     ) -> Result<Vec<UsageRow>> {
         let key = match group_by {
-            GroupBy::Day => "to_char(date_trunc('day', created_at AT TIME ZONE 'UTC'), 'YYYY-MM-DD')",
+            GroupBy::Day => {
+                "to_char(date_trunc('day', created_at AT TIME ZONE 'UTC'), 'YYYY-MM-DD')"
+            }
             GroupBy::Model => "requested_model",
             GroupBy::Provider => "provider_name",
             GroupBy::ApiKey => "api_key_id::text",

@@ -85,20 +85,24 @@ async fn lock_org(conn: &mut PgConnection, org_id: Uuid) -> Result<()> {
 }
 
 async fn owner_count(conn: &mut PgConnection, org_id: Uuid) -> Result<i64> {
-    Ok(sqlx::query_scalar("SELECT count(*) FROM memberships WHERE org_id = $1 AND role = 'owner'")
-        .bind(org_id)
-        .fetch_one(conn)
-        .await?)
+    Ok(
+        sqlx::query_scalar("SELECT count(*) FROM memberships WHERE org_id = $1 AND role = 'owner'")
+            .bind(org_id)
+            .fetch_one(conn)
+            .await?,
+    )
 }
 
 async fn member_in(conn: &mut PgConnection, org_id: Uuid, user_id: Uuid) -> Result<Member> {
-    sqlx::query_as::<_, MemberRow>(&format!("{MEMBER_SELECT} WHERE m.org_id = $1 AND m.user_id = $2"))
-        .bind(org_id)
-        .bind(user_id)
-        .fetch_optional(conn)
-        .await?
-        .map(Member::from)
-        .ok_or(StorageError::NotFound)
+    sqlx::query_as::<_, MemberRow>(&format!(
+        "{MEMBER_SELECT} WHERE m.org_id = $1 AND m.user_id = $2"
+    ))
+    .bind(org_id)
+    .bind(user_id)
+    .fetch_optional(conn)
+    .await?
+    .map(Member::from)
+    .ok_or(StorageError::NotFound)
 }
 
 impl Db {
@@ -116,22 +120,35 @@ impl Db {
             .bind(owner)
             .execute(&mut *tx)
             .await?;
-        record(&mut tx, id, Actor(Some(owner)), "org.create", "organization", Some(id), json!({"name": name})).await?;
-        let org = sqlx::query_as::<_, OrgRow>(&format!("{ORG_SELECT} WHERE o.id = $1 AND m.user_id = $2"))
-            .bind(id)
-            .bind(owner)
-            .fetch_one(&mut *tx)
-            .await?;
+        record(
+            &mut tx,
+            id,
+            Actor(Some(owner)),
+            "org.create",
+            "organization",
+            Some(id),
+            json!({"name": name}),
+        )
+        .await?;
+        let org = sqlx::query_as::<_, OrgRow>(&format!(
+            "{ORG_SELECT} WHERE o.id = $1 AND m.user_id = $2"
+        ))
+        .bind(id)
+        .bind(owner)
+        .fetch_one(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(org.into())
     }
 
     /// The organizations `user_id` belongs to.
     pub async fn list_orgs(&self, user_id: Uuid) -> Result<Vec<Org>> {
-        let rows = sqlx::query_as::<_, OrgRow>(&format!("{ORG_SELECT} WHERE m.user_id = $1 ORDER BY o.created_at, o.id"))
-            .bind(user_id)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query_as::<_, OrgRow>(&format!(
+            "{ORG_SELECT} WHERE m.user_id = $1 ORDER BY o.created_at, o.id"
+        ))
+        .bind(user_id)
+        .fetch_all(&self.pool)
+        .await?;
         Ok(rows.into_iter().map(Org::from).collect())
     }
 
@@ -156,7 +173,16 @@ impl Db {
         if r.rows_affected() == 0 {
             return Err(StorageError::NotFound);
         }
-        record(&mut tx, org_id, Actor(Some(actor)), "org.rename", "organization", Some(org_id), json!({"name": name})).await?;
+        record(
+            &mut tx,
+            org_id,
+            Actor(Some(actor)),
+            "org.rename",
+            "organization",
+            Some(org_id),
+            json!({"name": name}),
+        )
+        .await?;
         tx.commit().await?;
         self.org_for_member(org_id, actor).await
     }
@@ -180,16 +206,24 @@ impl Db {
     }
 
     pub async fn list_members(&self, org_id: Uuid) -> Result<Vec<Member>> {
-        let rows = sqlx::query_as::<_, MemberRow>(&format!("{MEMBER_SELECT} WHERE m.org_id = $1 ORDER BY m.created_at, m.user_id"))
-            .bind(org_id)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query_as::<_, MemberRow>(&format!(
+            "{MEMBER_SELECT} WHERE m.org_id = $1 ORDER BY m.created_at, m.user_id"
+        ))
+        .bind(org_id)
+        .fetch_all(&self.pool)
+        .await?;
         Ok(rows.into_iter().map(Member::from).collect())
     }
 
     /// Adds the user with this email; `NotFound` when no such account,
     /// `Conflict` when already a member.
-    pub async fn add_member(&self, org_id: Uuid, actor: Uuid, email: &Email, role: Role) -> Result<Member> {
+    pub async fn add_member(
+        &self,
+        org_id: Uuid,
+        actor: Uuid,
+        email: &Email,
+        role: Role,
+    ) -> Result<Member> {
         let user = self.user_by_email(email).await?;
         let mut tx = self.pool.begin().await?;
         lock_org(&mut tx, org_id).await?;
@@ -199,7 +233,16 @@ impl Db {
             .bind(role.as_str())
             .execute(&mut *tx)
             .await?;
-        record(&mut tx, org_id, Actor(Some(actor)), "member.add", "user", Some(user.id), json!({"role": role.as_str()})).await?;
+        record(
+            &mut tx,
+            org_id,
+            Actor(Some(actor)),
+            "member.add",
+            "user",
+            Some(user.id),
+            json!({"role": role.as_str()}),
+        )
+        .await?;
         let m = member_in(&mut tx, org_id, user.id).await?;
         tx.commit().await?;
         Ok(m)
@@ -211,11 +254,20 @@ impl Db {
     }
 
     /// Changes a role; refuses to demote the last owner.
-    pub async fn set_member_role(&self, org_id: Uuid, actor: Uuid, user_id: Uuid, role: Role) -> Result<Member> {
+    pub async fn set_member_role(
+        &self,
+        org_id: Uuid,
+        actor: Uuid,
+        user_id: Uuid,
+        role: Role,
+    ) -> Result<Member> {
         let mut tx = self.pool.begin().await?;
         lock_org(&mut tx, org_id).await?;
         let current = member_in(&mut tx, org_id, user_id).await?;
-        if current.role == Role::Owner && role != Role::Owner && owner_count(&mut tx, org_id).await? <= 1 {
+        if current.role == Role::Owner
+            && role != Role::Owner
+            && owner_count(&mut tx, org_id).await? <= 1
+        {
             return Err(StorageError::LastOwner);
         }
         sqlx::query("UPDATE memberships SET role = $3 WHERE org_id = $1 AND user_id = $2")
@@ -252,7 +304,16 @@ impl Db {
             .bind(user_id)
             .execute(&mut *tx)
             .await?;
-        record(&mut tx, org_id, Actor(Some(actor)), "member.remove", "user", Some(user_id), json!({})).await?;
+        record(
+            &mut tx,
+            org_id,
+            Actor(Some(actor)),
+            "member.remove",
+            "user",
+            Some(user_id),
+            json!({}),
+        )
+        .await?;
         tx.commit().await?;
         Ok(())
     }

@@ -87,21 +87,29 @@ impl Row {
 impl Db {
     fn unseal(&self, row: Row) -> Result<ProviderWithToken> {
         let plain = self.keyring.open(row.org_id, row.id, &row.sealed())?;
-        let token = ProviderToken::from_decrypted(plain).ok_or(crate::crypto::CryptoError::Authentication)?;
+        let token = ProviderToken::from_decrypted(plain)
+            .ok_or(crate::crypto::CryptoError::Authentication)?;
         Ok(ProviderWithToken {
             provider: row.view(),
             token,
         })
     }
 
-    async fn provider_row(conn: &mut PgConnection, org_id: Uuid, id: Uuid, lock: bool) -> Result<Row> {
+    async fn provider_row(
+        conn: &mut PgConnection,
+        org_id: Uuid,
+        id: Uuid,
+        lock: bool,
+    ) -> Result<Row> {
         let lock = if lock { " FOR UPDATE" } else { "" };
-        sqlx::query_as::<_, Row>(&format!("SELECT {COLUMNS} FROM provider_keys WHERE org_id = $1 AND id = $2{lock}"))
-            .bind(org_id)
-            .bind(id)
-            .fetch_optional(conn)
-            .await?
-            .ok_or(StorageError::NotFound)
+        sqlx::query_as::<_, Row>(&format!(
+            "SELECT {COLUMNS} FROM provider_keys WHERE org_id = $1 AND id = $2{lock}"
+        ))
+        .bind(org_id)
+        .bind(id)
+        .fetch_optional(conn)
+        .await?
+        .ok_or(StorageError::NotFound)
     }
 
     /// Creates a provider; `Conflict` when the name is taken in this org.
@@ -114,7 +122,9 @@ impl Db {
         token: &ProviderToken,
     ) -> Result<ProviderKey> {
         let id = Uuid::new_v4();
-        let sealed = self.keyring.seal(org_id, id, token.expose_secret().as_bytes());
+        let sealed = self
+            .keyring
+            .seal(org_id, id, token.expose_secret().as_bytes());
         let mut tx = self.pool.begin().await?;
         let row = sqlx::query_as::<_, Row>(&format!(
             "INSERT INTO provider_keys (id, org_id, name, base_url, token_ciphertext, token_nonce, key_id, token_hint)
@@ -156,18 +166,28 @@ impl Db {
 
     pub async fn get_provider_key(&self, org_id: Uuid, id: Uuid) -> Result<ProviderKey> {
         let mut conn = self.pool.acquire().await?;
-        Ok(Self::provider_row(&mut conn, org_id, id, false).await?.view())
+        Ok(Self::provider_row(&mut conn, org_id, id, false)
+            .await?
+            .view())
     }
 
     /// A provider with its decrypted token (for the connectivity test).
-    pub async fn provider_key_with_token(&self, org_id: Uuid, id: Uuid) -> Result<ProviderWithToken> {
+    pub async fn provider_key_with_token(
+        &self,
+        org_id: Uuid,
+        id: Uuid,
+    ) -> Result<ProviderWithToken> {
         let mut conn = self.pool.acquire().await?;
         let row = Self::provider_row(&mut conn, org_id, id, false).await?;
         self.unseal(row)
     }
 
     /// The provider named `name` in the org, token decrypted (gateway routing).
-    pub async fn provider_by_name(&self, org_id: Uuid, name: &str) -> Result<Option<ProviderWithToken>> {
+    pub async fn provider_by_name(
+        &self,
+        org_id: Uuid,
+        name: &str,
+    ) -> Result<Option<ProviderWithToken>> {
         let row = sqlx::query_as::<_, Row>(&format!(
             "SELECT {COLUMNS} FROM provider_keys WHERE org_id = $1 AND name = $2"
         ))
@@ -190,14 +210,29 @@ impl Db {
     }
 
     /// Applies a patch; the token, when given, is sealed anew.
-    pub async fn update_provider_key(&self, org_id: Uuid, actor: Actor, id: Uuid, patch: ProviderPatch) -> Result<ProviderKey> {
+    pub async fn update_provider_key(
+        &self,
+        org_id: Uuid,
+        actor: Actor,
+        id: Uuid,
+        patch: ProviderPatch,
+    ) -> Result<ProviderKey> {
         let mut tx = self.pool.begin().await?;
         let cur = Self::provider_row(&mut tx, org_id, id, true).await?;
-        let name = patch.name.as_ref().map_or(cur.name.as_str(), |n| n.as_str());
-        let base_url = patch.base_url.as_ref().map_or(cur.base_url.as_str(), |b| b.as_str());
+        let name = patch
+            .name
+            .as_ref()
+            .map_or(cur.name.as_str(), |n| n.as_str());
+        let base_url = patch
+            .base_url
+            .as_ref()
+            .map_or(cur.base_url.as_str(), |b| b.as_str());
         let status = patch.status.map_or(cur.status.as_str(), |s| s.as_str());
         let (sealed, hint) = match &patch.token {
-            Some(t) => (self.keyring.seal(org_id, id, t.expose_secret().as_bytes()), t.hint()),
+            Some(t) => (
+                self.keyring.seal(org_id, id, t.expose_secret().as_bytes()),
+                t.hint(),
+            ),
             None => (cur.sealed(), cur.token_hint.clone()),
         };
         let row = sqlx::query_as::<_, Row>(&format!(
@@ -221,7 +256,10 @@ impl Db {
             changed.insert("name".into(), json!({"from": cur.name, "to": name}));
         }
         if patch.base_url.is_some() {
-            changed.insert("base_url".into(), json!({"from": cur.base_url, "to": base_url}));
+            changed.insert(
+                "base_url".into(),
+                json!({"from": cur.base_url, "to": base_url}),
+            );
         }
         if patch.status.is_some() {
             changed.insert("status".into(), json!({"from": cur.status, "to": status}));
@@ -229,20 +267,40 @@ impl Db {
         if patch.token.is_some() {
             changed.insert("token".into(), json!("replaced"));
         }
-        record(&mut tx, org_id, actor, "provider_key.update", "provider_key", Some(id), changed.into()).await?;
+        record(
+            &mut tx,
+            org_id,
+            actor,
+            "provider_key.update",
+            "provider_key",
+            Some(id),
+            changed.into(),
+        )
+        .await?;
         tx.commit().await?;
         Ok(row.view())
     }
 
     pub async fn delete_provider_key(&self, org_id: Uuid, actor: Actor, id: Uuid) -> Result<()> {
         let mut tx = self.pool.begin().await?;
-        let name: String = sqlx::query_scalar("DELETE FROM provider_keys WHERE org_id = $1 AND id = $2 RETURNING name")
-            .bind(org_id)
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or(StorageError::NotFound)?;
-        record(&mut tx, org_id, actor, "provider_key.delete", "provider_key", Some(id), json!({"name": name})).await?;
+        let name: String = sqlx::query_scalar(
+            "DELETE FROM provider_keys WHERE org_id = $1 AND id = $2 RETURNING name",
+        )
+        .bind(org_id)
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(StorageError::NotFound)?;
+        record(
+            &mut tx,
+            org_id,
+            actor,
+            "provider_key.delete",
+            "provider_key",
+            Some(id),
+            json!({"name": name}),
+        )
+        .await?;
         tx.commit().await?;
         Ok(())
     }

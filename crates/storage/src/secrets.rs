@@ -47,7 +47,9 @@ impl ProviderToken {
 
     /// Wraps bytes that came out of decryption; they were validated when stored.
     pub fn from_decrypted(bytes: Vec<u8>) -> Option<Self> {
-        String::from_utf8(bytes).ok().map(|s| Self(SecretString::from(s)))
+        String::from_utf8(bytes)
+            .ok()
+            .map(|s| Self(SecretString::from(s)))
     }
 
     pub fn expose_secret(&self) -> &str {
@@ -101,7 +103,11 @@ impl ApiKeySecret {
 
     /// A short, non-secret prefix for display (`llmgw_AbCd1234`).
     pub fn display_prefix(&self) -> String {
-        self.0.expose_secret().chars().take(API_KEY_PREFIX.len() + 8).collect()
+        self.0
+            .expose_secret()
+            .chars()
+            .take(API_KEY_PREFIX.len() + 8)
+            .collect()
     }
 }
 
@@ -184,10 +190,15 @@ mod tests {
         let b = ApiKeySecret::generate();
         assert!(a.expose_secret().starts_with("llmgw_"));
         assert_eq!(a.expose_secret().len(), 6 + 43);
-        assert!(a.expose_secret()[6..].bytes().all(|c| c.is_ascii_alphanumeric()));
+        assert!(a.expose_secret()[6..]
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric()));
         assert_ne!(a.expose_secret(), b.expose_secret());
         assert_ne!(a.digest(), b.digest());
-        assert_eq!(a.digest(), ApiKeySecret::from_presented(a.expose_secret()).digest());
+        assert_eq!(
+            a.digest(),
+            ApiKeySecret::from_presented(a.expose_secret()).digest()
+        );
         assert!(a.expose_secret().starts_with(&a.display_prefix()));
         let dbg = format!("{a:?}");
         assert!(!dbg.contains(a.expose_secret()) && dbg.contains("REDACTED"));
@@ -211,7 +222,10 @@ mod tests {
         let hash = hash_password(&pw);
         assert!(hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"));
         assert!(verify_password(Some(&hash), &pw));
-        assert!(!verify_password(Some(&hash), &SecretString::from("wrong".to_owned())));
+        assert!(!verify_password(
+            Some(&hash),
+            &SecretString::from("wrong".to_owned())
+        ));
         assert!(!verify_password(None, &pw));
         assert!(!verify_password(Some("not a hash"), &pw));
     }

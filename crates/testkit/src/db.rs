@@ -26,7 +26,9 @@ fn admin_options() -> PgConnectOptions {
     static ADMIN: OnceLock<PgConnectOptions> = OnceLock::new();
     ADMIN
         .get_or_init(|| match std::env::var("DATABASE_URL") {
-            Ok(url) if !url.is_empty() => PgConnectOptions::from_str(&url).expect("DATABASE_URL is not a valid postgres URL"),
+            Ok(url) if !url.is_empty() => {
+                PgConnectOptions::from_str(&url).expect("DATABASE_URL is not a valid postgres URL")
+            }
             _ => ephemeral_cluster().connect_options("postgres"),
         })
         .clone()
@@ -54,7 +56,10 @@ impl TestDb {
     pub async fn with_keys(keys: &str) -> Self {
         let admin = admin_options();
         let name = format!("llmgw_test_{}", uuid::Uuid::new_v4().simple());
-        let mut conn = admin.connect().await.expect("connect to the test PostgreSQL server");
+        let mut conn = admin
+            .connect()
+            .await
+            .expect("connect to the test PostgreSQL server");
         sqlx::query(&format!("CREATE DATABASE \"{name}\""))
             .execute(&mut conn)
             .await
@@ -90,9 +95,21 @@ impl TestDb {
     pub fn url(&self) -> String {
         let o = &self.options;
         let host = o.get_host();
-        let base = format!("postgres://{}@{}:{}/{}", o.get_username(), host, o.get_port(), self.name);
+        let base = format!(
+            "postgres://{}@{}:{}/{}",
+            o.get_username(),
+            host,
+            o.get_port(),
+            self.name
+        );
         if host.starts_with('/') {
-            format!("postgres://{}@/{}?host={}&port={}", o.get_username(), self.name, host, o.get_port())
+            format!(
+                "postgres://{}@/{}?host={}&port={}",
+                o.get_username(),
+                self.name,
+                host,
+                o.get_port()
+            )
         } else {
             base
         }
@@ -105,7 +122,10 @@ impl Drop for TestDb {
         let name = self.name.clone();
         // Drop runs inside the test's runtime: use a thread with its own.
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
             rt.block_on(async move {
                 let mut conn = admin.connect().await.ok()?;
                 sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))

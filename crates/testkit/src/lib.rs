@@ -15,17 +15,18 @@ pub fn spawn_http<F>(configure: F) -> (String, actix_web::dev::ServerHandle)
 where
     F: Fn(&mut actix_web::web::ServiceConfig) + Clone + Send + 'static,
 {
-    let server = actix_web::HttpServer::new(move || actix_web::App::new().configure(configure.clone()))
-        .workers(2)
-        .disable_signals()
-        .shutdown_timeout(5)
-        .on_connect(|conn, _| {
-            if let Some(tcp) = conn.downcast_ref::<tokio::net::TcpStream>() {
-                let _ = tcp.set_nodelay(true);
-            }
-        })
-        .bind(("127.0.0.1", 0))
-        .expect("bind test server");
+    let server =
+        actix_web::HttpServer::new(move || actix_web::App::new().configure(configure.clone()))
+            .workers(2)
+            .disable_signals()
+            .shutdown_timeout(5)
+            .on_connect(|conn, _| {
+                if let Some(tcp) = conn.downcast_ref::<tokio::net::TcpStream>() {
+                    let _ = tcp.set_nodelay(true);
+                }
+            })
+            .bind(("127.0.0.1", 0))
+            .expect("bind test server");
     let port = server.addrs()[0].port();
     let server = server.run();
     let handle = server.handle();

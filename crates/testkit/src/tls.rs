@@ -28,15 +28,19 @@ impl TestCa {
         let ca_key = KeyPair::generate().expect("ca key");
         let mut ca = CertificateParams::new(Vec::<String>::new()).expect("ca params");
         ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca.distinguished_name.push(DnType::CommonName, "llmgw test CA");
+        ca.distinguished_name
+            .push(DnType::CommonName, "llmgw test CA");
         let ca_cert = ca.self_signed(&ca_key).expect("self-sign ca");
 
         let leaf_key = KeyPair::generate().expect("leaf key");
         let mut leaf = CertificateParams::new(vec!["localhost".to_owned()]).expect("leaf params");
         leaf.subject_alt_names
             .push(SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])));
-        leaf.distinguished_name.push(DnType::CommonName, "localhost");
-        let leaf_cert = leaf.signed_by(&leaf_key, &ca_cert, &ca_key).expect("sign leaf");
+        leaf.distinguished_name
+            .push(DnType::CommonName, "localhost");
+        let leaf_cert = leaf
+            .signed_by(&leaf_key, &ca_cert, &ca_key)
+            .expect("sign leaf");
 
         let dir = std::env::temp_dir().join(format!("llmgw-ca-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).expect("ca dir");
@@ -59,12 +63,14 @@ impl TestCa {
         let key = rustls_pemfile::private_key(&mut self.key_pem.as_bytes())
             .expect("parse key")
             .expect("a key");
-        rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .expect("protocol versions")
-            .with_no_client_auth()
-            .with_single_cert(certs, key)
-            .expect("server config")
+        rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("server config")
     }
 }
 

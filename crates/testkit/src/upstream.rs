@@ -142,7 +142,12 @@ async fn handle(req: HttpRequest, body: Bytes, state: web::Data<State>) -> HttpR
         headers: req
             .headers()
             .iter()
-            .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
             .collect(),
         body: body.clone(),
     });
@@ -164,8 +169,12 @@ async fn handle(req: HttpRequest, body: Bytes, state: web::Data<State>) -> HttpR
         return HttpResponse::BadRequest().json(json!({"error": {"message": "mock: bad json"}}));
     };
     let model = body["model"].as_str().unwrap_or_default().to_owned();
-    if let Some(code) = model.strip_prefix("status-").and_then(|c| c.parse::<u16>().ok()) {
-        let status = actix_web::http::StatusCode::from_u16(code).unwrap_or(actix_web::http::StatusCode::IM_A_TEAPOT);
+    if let Some(code) = model
+        .strip_prefix("status-")
+        .and_then(|c| c.parse::<u16>().ok())
+    {
+        let status = actix_web::http::StatusCode::from_u16(code)
+            .unwrap_or(actix_web::http::StatusCode::IM_A_TEAPOT);
         return HttpResponse::build(status)
             .json(json!({"error": {"message": format!("upstream says {code}"), "type": "upstream_error", "code": code}}));
     }
@@ -174,12 +183,18 @@ async fn handle(req: HttpRequest, body: Bytes, state: web::Data<State>) -> HttpR
             .insert_header(("location", "https://127.0.0.1:1/elsewhere"))
             .finish();
     }
-    if let Some(ms) = model.strip_prefix("sleep-").and_then(|c| c.parse::<u64>().ok()) {
+    if let Some(ms) = model
+        .strip_prefix("sleep-")
+        .and_then(|c| c.parse::<u64>().ok())
+    {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
     let usage = usage_for(&body);
     if body["stream"] == json!(true) {
-        let (delay, count) = match model.strip_prefix("slowstream-").and_then(|c| c.parse::<u64>().ok()) {
+        let (delay, count) = match model
+            .strip_prefix("slowstream-")
+            .and_then(|c| c.parse::<u64>().ok())
+        {
             Some(ms) => (Duration::from_millis(ms), 10_000usize),
             None => (Duration::ZERO, 3),
         };

@@ -70,7 +70,8 @@ pub fn is_forbidden(ip: IpAddr) -> bool {
                 || (s[0] == 0x64 && s[1] == 0xff9b) // NAT64 64:ff9b::/96 can embed private v4
                 || (s[0] == 0x2002) // 6to4 can embed private v4
                 || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation
-                || (s[0..6] == [0, 0, 0, 0, 0, 0] && !v6.is_loopback() && !v6.is_unspecified()) // IPv4-compatible ::a.b.c.d
+                || (s[0..6] == [0, 0, 0, 0, 0, 0] && !v6.is_loopback() && !v6.is_unspecified())
+            // IPv4-compatible ::a.b.c.d
         }
     }
 }
@@ -120,10 +121,20 @@ pub async fn check_base_url(url: &BaseUrl, allow_private: bool) -> Result<(), Va
         )
     };
     if let Some(ip) = literal_ip(&host) {
-        return if is_forbidden(ip) { Err(refuse(ip)) } else { Ok(()) };
+        return if is_forbidden(ip) {
+            Err(refuse(ip))
+        } else {
+            Ok(())
+        };
     }
-    let Host::Domain(name) = host else { return Ok(()) };
-    let lookup = tokio::time::timeout(Duration::from_secs(3), tokio::net::lookup_host((name.as_str(), 443))).await;
+    let Host::Domain(name) = host else {
+        return Ok(());
+    };
+    let lookup = tokio::time::timeout(
+        Duration::from_secs(3),
+        tokio::net::lookup_host((name.as_str(), 443)),
+    )
+    .await;
     if let Ok(Ok(addrs)) = lookup {
         for a in addrs {
             if is_forbidden(a.ip()) {
@@ -145,12 +156,20 @@ impl Resolve for GuardedResolver {
     fn resolve(&self, name: Name) -> Resolving {
         Box::pin(async move {
             let all: Vec<SocketAddr> = tokio::net::lookup_host((name.as_str(), 0)).await?.collect();
-            let allowed: Vec<SocketAddr> = all.iter().copied().filter(|a| !is_forbidden(a.ip())).collect();
+            let allowed: Vec<SocketAddr> = all
+                .iter()
+                .copied()
+                .filter(|a| !is_forbidden(a.ip()))
+                .collect();
             if allowed.is_empty() {
                 let err: Box<dyn std::error::Error + Send + Sync> = if all.is_empty() {
                     format!("{} did not resolve", name.as_str()).into()
                 } else {
-                    format!("{FORBIDDEN_ADDRESS}: {} resolves to a non-public address", name.as_str()).into()
+                    format!(
+                        "{FORBIDDEN_ADDRESS}: {} resolves to a non-public address",
+                        name.as_str()
+                    )
+                    .into()
                 };
                 return Err(err);
             }
@@ -194,7 +213,8 @@ impl UpstreamClient {
                 path: path.clone(),
                 source,
             })?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|_| BuildError::CaPem(path.clone()))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|_| BuildError::CaPem(path.clone()))?;
             if certs.is_empty() {
                 return Err(BuildError::CaPem(path.clone()));
             }
@@ -280,20 +300,43 @@ mod tests {
             let ip = host_of(url).unwrap_or_else(|| panic!("{url} not a literal"));
             assert!(is_forbidden(ip), "{url} ({ip}) allowed");
         }
-        for url in ["https://8.8.8.8", "https://1.1.1.1", "https://[2606:4700::1111]"] {
+        for url in [
+            "https://8.8.8.8",
+            "https://1.1.1.1",
+            "https://[2606:4700::1111]",
+        ] {
             assert!(!is_forbidden(host_of(url).unwrap()), "{url} refused");
         }
     }
 
     #[tokio::test]
     async fn save_time_check_refuses_private_and_accepts_unresolvable() {
-        for url in ["https://127.0.0.1", "https://169.254.169.254", "https://[::1]", "https://10.0.0.1", "https://localhost"] {
-            let e = check_base_url(&BaseUrl::parse(url).unwrap(), false).await.unwrap_err();
-            assert!(e.message.contains("LLMGW_UPSTREAM_ALLOW_PRIVATE"), "{url}: {e}");
+        for url in [
+            "https://127.0.0.1",
+            "https://169.254.169.254",
+            "https://[::1]",
+            "https://10.0.0.1",
+            "https://localhost",
+        ] {
+            let e = check_base_url(&BaseUrl::parse(url).unwrap(), false)
+                .await
+                .unwrap_err();
+            assert!(
+                e.message.contains("LLMGW_UPSTREAM_ALLOW_PRIVATE"),
+                "{url}: {e}"
+            );
         }
-        assert!(check_base_url(&BaseUrl::parse("https://127.0.0.1").unwrap(), true).await.is_ok());
+        assert!(
+            check_base_url(&BaseUrl::parse("https://127.0.0.1").unwrap(), true)
+                .await
+                .is_ok()
+        );
         let unresolvable = BaseUrl::parse("https://does-not-exist.invalid").unwrap();
         assert!(check_base_url(&unresolvable, false).await.is_ok());
-        assert!(check_base_url(&BaseUrl::parse("https://8.8.8.8").unwrap(), false).await.is_ok());
+        assert!(
+            check_base_url(&BaseUrl::parse("https://8.8.8.8").unwrap(), false)
+                .await
+                .is_ok()
+        );
     }
 }

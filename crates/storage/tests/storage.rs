@@ -1,0 +1,495 @@
+//! Storage against a real PostgreSQL: each test gets its own database.
+
+use chrono::{Duration, Utc};
+use secrecy::SecretString;
+use storage::api_keys::KeyState;
+use storage::domain::{BaseUrl, Email, ProviderName, ProviderStatus, Role};
+use storage::logs::{GroupBy, LogFilter, RequestLog};
+use storage::providers::ProviderPatch;
+use storage::secrets::{hash_password, ApiKeySecret, ProviderToken};
+use storage::{Actor, Keyring, StorageError};
+use testkit::TestDb;
+use uuid::Uuid;
+
+const TOKEN: &str = "sk-live-PLAINTEXT-provider-token-7f3a";
+
+async fn user(t: &TestDb, email: &str) -> Uuid {
+    let hash = hash_password(&SecretString::from("pw-123456".to_owned()));
+    t.db.create_user(&Email::parse(email).unwrap(), &hash)
+        .await
+        .unwrap()
+        .id
+}
+
+async fn org_with_provider(t: &TestDb) -> (Uuid, Uuid) {
+    let u = user(t, &format!("{}@example.com", Uuid::new_v4())).await;
+    let org = t.db.create_org("Acme", u).await.unwrap();
+    let p =
+        t.db.create_provider_key(
+            org.id,
+            Actor(Some(u)),
+            &ProviderName::parse("mycompany").unwrap(),
+            &BaseUrl::parse("https://llm.example.com").unwrap(),
+            &ProviderToken::parse(TOKEN).unwrap(),
+        )
+        .await
+        .unwrap();
+    (org.id, p.id)
+}
+
+async fn dump_all_tables(t: &TestDb) -> String {
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT table_name::text FROM information_schema.tables WHERE table_schema = 'public' ORDER BY 1",
+    )
+    .fetch_all(t.db.pool())
+    .await
+    .unwrap();
+    assert!(tables.len() >= 9, "{tables:?}");
+    let mut dump = String::new();
+    for table in tables {
+        let rows: Vec<String> =
+            sqlx::query_scalar(&format!("SELECT row_to_json(t)::text FROM \"{table}\" t"))
+                .fetch_all(t.db.pool())
+                .await
+                .unwrap();
+        dump.push_str(&rows.join("\n"));
+    }
+    dump
+}
+
+#[tokio::test]
+async fn migrations_are_idempotent() {
+    let t = TestDb::new().await;
+    t.db.migrate().await.unwrap();
+    t.db.migrate().await.unwrap();
+}
+
+#[tokio::test]
+async fn provider_token_round_trips_through_the_database() {
+    let t = TestDb::new().await;
+    let (org, id) = org_with_provider(&t).await;
+    let p = t.db.provider_key_with_token(org, id).await.unwrap();
+    assert_eq!(p.token.expose_secret(), TOKEN);
+    assert_eq!(p.provider.token_hint, "7f3a");
+    let by_name =
+        t.db.provider_by_name(org, "mycompany")
+            .await
+            .unwrap()
+            .unwrap();
+    assert_eq!(by_name.token.expose_secret(), TOKEN);
+    assert!(!format!("{p:?}").contains(TOKEN));
+    // Another org's id looks like a missing one.
+    assert!(matches!(
+        t.db.get_provider_key(Uuid::new_v4(), id).await,
+        Err(StorageError::NotFound)
+    ));
+}
+
+#[tokio::test]
+async fn ciphertext_copied_to_another_row_or_org_fails_to_decrypt() {
+    let t = TestDb::new().await;
+    let (org_a, a) = org_with_provider(&t).await;
+    let (org_b, b) = org_with_provider(&t).await;
+    // Copy A's sealed token over B's row (another org) and over a second row of org A.
+    let other =
+        t.db.create_provider_key(
+            org_a,
+            Actor(None),
+            &ProviderName::parse("other").unwrap(),
+            &BaseUrl::parse("https://other.example.com").unwrap(),
+            &ProviderToken::parse("sk-other").unwrap(),
+        )
+        .await
+        .unwrap();
+    for (target_org, target) in [(org_b, b), (org_a, other.id)] {
+        sqlx::query(
+            "UPDATE provider_keys t SET token_ciphertext = s.token_ciphertext, token_nonce = s.token_nonce, key_id = s.key_id
+             FROM provider_keys s WHERE s.id = $1 AND t.id = $2",
+        )
+        .bind(a)
+        .bind(target)
+        .execute(t.db.pool())
+        .await
+        .unwrap();
+        let err =
+            t.db.provider_key_with_token(target_org, target)
+                .await
+                .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StorageError::Crypto(storage::crypto::CryptoError::Authentication)
+            ),
+            "{err:?}"
+        );
+    }
+    // A flipped bit fails too.
+    sqlx::query("UPDATE provider_keys SET token_ciphertext = set_byte(token_ciphertext, 0, get_byte(token_ciphertext, 0) # 1) WHERE id = $1")
+        .bind(a)
+        .execute(t.db.pool())
+        .await
+        .unwrap();
+    assert!(matches!(
+        t.db.provider_key_with_token(org_a, a).await,
+        Err(StorageError::Crypto(_))
+    ));
+}
+
+#[tokio::test]
+async fn retired_key_gives_a_clear_error() {
+    let t = TestDb::new().await;
+    let (org, id) = org_with_provider(&t).await;
+    let other = t
+        .reopen(&format!("2:{}", Keyring::generate_key_material()))
+        .await;
+    let err = other.provider_key_with_token(org, id).await.unwrap_err();
+    assert!(err.to_string().contains("key id 1"), "{err}");
+}
+
+#[tokio::test]
+async fn rotation_moves_every_row_to_the_active_key_and_is_idempotent() {
+    let t = TestDb::new().await;
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(org_with_provider(&t).await);
+    }
+    let both = format!("{},2:{}", t.keys, Keyring::generate_key_material());
+    let db2 = t.reopen(&both).await;
+    assert_eq!(db2.rotate_tokens().await.unwrap(), 5);
+    let key_ids: Vec<i32> = sqlx::query_scalar("SELECT key_id FROM provider_keys")
+        .fetch_all(t.db.pool())
+        .await
+        .unwrap();
+    assert!(key_ids.iter().all(|k| *k == 2), "{key_ids:?}");
+    let before: Vec<Vec<u8>> =
+        sqlx::query_scalar("SELECT token_ciphertext FROM provider_keys ORDER BY id")
+            .fetch_all(t.db.pool())
+            .await
+            .unwrap();
+    assert_eq!(db2.rotate_tokens().await.unwrap(), 0);
+    let after: Vec<Vec<u8>> =
+        sqlx::query_scalar("SELECT token_ciphertext FROM provider_keys ORDER BY id")
+            .fetch_all(t.db.pool())
+            .await
+            .unwrap();
+    assert_eq!(before, after);
+    for (org, id) in ids {
+        assert_eq!(
+            db2.provider_key_with_token(org, id)
+                .await
+                .unwrap()
+                .token
+                .expose_secret(),
+            TOKEN
+        );
+    }
+}
+
+#[tokio::test]
+async fn no_table_holds_a_token_or_api_key_in_plaintext() {
+    let t = TestDb::new().await;
+    let (org, id) = org_with_provider(&t).await;
+    let (_, secret) =
+        t.db.create_api_key(org, Actor(None), "ci", None)
+            .await
+            .unwrap();
+    t.db.update_provider_key(
+        org,
+        Actor(None),
+        id,
+        ProviderPatch {
+            token: Some(ProviderToken::parse("sk-second-PLAINTEXT-9999").unwrap()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let dump = dump_all_tables(&t).await;
+    assert!(dump.contains("mycompany"), "dump is not empty");
+    for needle in [
+        TOKEN,
+        "PLAINTEXT",
+        secret.expose_secret(),
+        &secret.expose_secret()[6..],
+    ] {
+        assert!(!dump.contains(needle), "{needle} found in a table dump");
+    }
+}
+
+#[tokio::test]
+async fn api_key_lookup_by_digest_and_states() {
+    let t = TestDb::new().await;
+    let (org, _) = org_with_provider(&t).await;
+    let (key, secret) =
+        t.db.create_api_key(org, Actor(None), "ci", None)
+            .await
+            .unwrap();
+    assert!(secret.expose_secret().starts_with(&key.prefix));
+    let found =
+        t.db.api_key_by_digest(&ApiKeySecret::from_presented(secret.expose_secret()).digest())
+            .await
+            .unwrap()
+            .unwrap();
+    assert_eq!((found.id, found.org_id), (key.id, org));
+    assert_eq!(found.state(Utc::now()), KeyState::Active);
+    assert!(t
+        .db
+        .api_key_by_digest(&ApiKeySecret::generate().digest())
+        .await
+        .unwrap()
+        .is_none());
+
+    t.db.revoke_api_key(org, Actor(None), key.id).await.unwrap();
+    let revoked =
+        t.db.api_key_by_digest(&secret.digest())
+            .await
+            .unwrap()
+            .unwrap();
+    assert_eq!(revoked.state(Utc::now()), KeyState::Revoked);
+
+    let (_, expiring) =
+        t.db.create_api_key(
+            org,
+            Actor(None),
+            "old",
+            Some(Utc::now() - Duration::seconds(1)),
+        )
+        .await
+        .unwrap();
+    let expired =
+        t.db.api_key_by_digest(&expiring.digest())
+            .await
+            .unwrap()
+            .unwrap();
+    assert_eq!(expired.state(Utc::now()), KeyState::Expired);
+
+    // Revoking through another org's id finds nothing and changes nothing.
+    let (other_org, _) = org_with_provider(&t).await;
+    let (k2, _) =
+        t.db.create_api_key(org, Actor(None), "k2", None)
+            .await
+            .unwrap();
+    assert!(matches!(
+        t.db.revoke_api_key(other_org, Actor(None), k2.id).await,
+        Err(StorageError::NotFound)
+    ));
+    assert!(t
+        .db
+        .get_api_key(org, k2.id)
+        .await
+        .unwrap()
+        .revoked_at
+        .is_none());
+}
+
+#[tokio::test]
+async fn name_check_holds_even_through_raw_sql() {
+    let t = TestDb::new().await;
+    let (org, id) = org_with_provider(&t).await;
+    for bad in [
+        "MyCompany",
+        "my-company",
+        "my_company",
+        "123test",
+        "",
+        "caf\u{e9}",
+    ] {
+        let r = sqlx::query("UPDATE provider_keys SET name = $1 WHERE id = $2")
+            .bind(bad)
+            .bind(id)
+            .execute(t.db.pool())
+            .await;
+        let err = r.expect_err(bad).to_string();
+        assert!(err.contains("check constraint"), "{bad}: {err}");
+    }
+    let r =
+        sqlx::query("UPDATE provider_keys SET base_url = 'http://plain.example.com' WHERE id = $1")
+            .bind(id)
+            .execute(t.db.pool())
+            .await;
+    assert!(r.is_err());
+    // unique (org, name)
+    let dup =
+        t.db.create_provider_key(
+            org,
+            Actor(None),
+            &ProviderName::parse("mycompany").unwrap(),
+            &BaseUrl::parse("https://x.example.com").unwrap(),
+            &ProviderToken::parse("t").unwrap(),
+        )
+        .await;
+    assert!(matches!(dup, Err(StorageError::Conflict(_))));
+}
+
+#[tokio::test]
+async fn last_owner_cannot_leave_or_be_demoted() {
+    let t = TestDb::new().await;
+    let owner = user(&t, "owner@example.com").await;
+    let other = user(&t, "other@example.com").await;
+    let org = t.db.create_org("Acme", owner).await.unwrap();
+    assert!(matches!(
+        t.db.remove_member(org.id, owner, owner).await,
+        Err(StorageError::LastOwner)
+    ));
+    assert!(matches!(
+        t.db.set_member_role(org.id, owner, owner, Role::Admin)
+            .await,
+        Err(StorageError::LastOwner)
+    ));
+    t.db.add_member(
+        org.id,
+        owner,
+        &Email::parse("OTHER@example.com").unwrap(),
+        Role::Owner,
+    )
+    .await
+    .unwrap();
+    t.db.set_member_role(org.id, owner, owner, Role::Member)
+        .await
+        .unwrap();
+    assert!(matches!(
+        t.db.remove_member(org.id, other, other).await,
+        Err(StorageError::LastOwner)
+    ));
+    assert_eq!(t.db.list_members(org.id).await.unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn request_logs_batch_insert_list_and_usage() {
+    let t = TestDb::new().await;
+    let (org, pk) = org_with_provider(&t).await;
+    let (key, _) =
+        t.db.create_api_key(org, Actor(None), "ci", None)
+            .await
+            .unwrap();
+    let now = Utc::now();
+    let rows: Vec<RequestLog> = (0..250)
+        .map(|i| RequestLog {
+            id: Uuid::new_v4(),
+            request_id: format!("req-{i}"),
+            org_id: org,
+            api_key_id: Some(key.id),
+            provider_key_id: Some(pk),
+            provider_name: Some("mycompany".into()),
+            requested_model: Some(format!("mycompany/m{}", i % 2)),
+            upstream_model: Some(format!("m{}", i % 2)),
+            status_code: if i % 10 == 0 { 500 } else { 200 },
+            streamed: i % 3 == 0,
+            canceled: false,
+            prompt_tokens: Some(10),
+            completion_tokens: Some(5),
+            total_tokens: Some(15),
+            latency_ms: i,
+            ttfb_ms: Some(1),
+            error_class: None,
+            created_at: now - Duration::milliseconds(i64::from(i)),
+        })
+        .collect();
+    t.db.insert_request_logs(&rows).await.unwrap();
+    let mut seen = 0;
+    let mut cursor = None;
+    loop {
+        let page =
+            t.db.list_request_logs(org, &LogFilter::default(), cursor.as_ref(), 100)
+                .await
+                .unwrap();
+        seen += page.data.len();
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    assert_eq!(seen, 250);
+    let errors =
+        t.db.list_request_logs(
+            org,
+            &LogFilter {
+                status_code: Some(500),
+                ..Default::default()
+            },
+            None,
+            500,
+        )
+        .await
+        .unwrap();
+    assert_eq!(errors.data.len(), 25);
+    assert!(t
+        .db
+        .list_request_logs(Uuid::new_v4(), &LogFilter::default(), None, 10)
+        .await
+        .unwrap()
+        .data
+        .is_empty());
+    let by_model =
+        t.db.usage(
+            org,
+            now - Duration::hours(1),
+            now + Duration::hours(1),
+            GroupBy::Model,
+        )
+        .await
+        .unwrap();
+    assert_eq!(by_model.len(), 2);
+    assert_eq!(by_model.iter().map(|r| r.requests).sum::<i64>(), 250);
+    assert_eq!(
+        by_model.iter().map(|r| r.total_tokens).sum::<i64>(),
+        250 * 15
+    );
+    assert_eq!(by_model.iter().map(|r| r.errors).sum::<i64>(), 25);
+    let by_day =
+        t.db.usage(
+            org,
+            now - Duration::hours(1),
+            now + Duration::hours(1),
+            GroupBy::Day,
+        )
+        .await
+        .unwrap();
+    assert!(!by_day.is_empty());
+}
+
+#[tokio::test]
+async fn provider_status_and_patch() {
+    let t = TestDb::new().await;
+    let (org, id) = org_with_provider(&t).await;
+    let p =
+        t.db.update_provider_key(
+            org,
+            Actor(None),
+            id,
+            ProviderPatch {
+                status: Some(ProviderStatus::Inactive),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(p.status, ProviderStatus::Inactive);
+    assert!(t.db.active_providers(org).await.unwrap().is_empty());
+    let audit = t.db.list_audit(org, None, 50).await.unwrap();
+    assert!(audit.data.iter().any(|e| e.action == "provider_key.update"));
+    assert!(
+        !serde_json::to_string(&audit.data.iter().map(|e| &e.details).collect::<Vec<_>>())
+            .unwrap()
+            .contains(TOKEN)
+    );
+}
+
+#[tokio::test]
+async fn changes_are_announced_for_gateway_caches() {
+    let t = TestDb::new().await;
+    let mut listener = sqlx::postgres::PgListener::connect_with(t.db.pool())
+        .await
+        .unwrap();
+    listener.listen(storage::CACHE_CHANNEL).await.unwrap();
+    let (org, id) = org_with_provider(&t).await;
+    let n = tokio::time::timeout(std::time::Duration::from_secs(5), listener.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let ev: storage::CacheEvent = serde_json::from_str(n.payload()).unwrap();
+    assert_eq!(
+        (ev.table.as_str(), ev.op.as_str(), ev.org_id, ev.id),
+        ("provider_keys", "INSERT", org, id)
+    );
+}
