@@ -1,1 +1,167 @@
-fn main() {}
+//! `llmgw`: the gateway and settings API in one binary.
+
+mod config;
+mod database;
+mod serve;
+
+use std::io::BufRead;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use secrecy::SecretString;
+use storage::domain::{parse_label, Email};
+use storage::Keyring;
+
+use crate::config::{Config, LogFormat};
+
+#[derive(Parser)]
+#[command(name = "llmgw", version, about = "Multi-tenant gateway for OpenAI-compatible models")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway and settings API listeners (migrations run first).
+    Serve {
+        /// Run only one listener, to scale the gateway separately.
+        #[arg(long, value_enum)]
+        only: Option<Listener>,
+    },
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Manage the encryption keys of provider tokens.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Manage user accounts.
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+pub enum Listener {
+    Gateway,
+    Api,
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Print a new random 32-byte key (base64).
+    Generate,
+    /// Re-encrypt every stored token with the active (highest-id) key.
+    Rotate,
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// Create an account; the password is read from the first line of stdin.
+    Create {
+        #[arg(long)]
+        email: String,
+        #[arg(long, required = true)]
+        password_stdin: bool,
+        /// Also create an organization owned by the new user.
+        #[arg(long)]
+        org: Option<String>,
+    },
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Pretty => builder.init(),
+    }
+}
+
+fn fail(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("llmgw: {msg}");
+    ExitCode::FAILURE
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Command::Keys {
+        command: KeysCommand::Generate,
+    } = cli.command
+    {
+        println!("{}", Keyring::generate_key_material());
+        eprintln!("add it to LLMGW_ENCRYPTION_KEYS as <id>:<key> with an id above the current ones, then run `llmgw keys rotate`");
+        return ExitCode::SUCCESS;
+    }
+    let cfg = match Config::from_env() {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    init_tracing(cfg.log_format);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return fail(format!("cannot start runtime: {e}")),
+    };
+    let result = rt.block_on(run(cli.command, cfg));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
+}
+
+async fn run(command: Command, cfg: Config) -> Result<(), String> {
+    match command {
+        Command::Serve { only } => serve::serve(cfg, only).await,
+        Command::Migrate => {
+            let opened = database::open(&cfg).await?;
+            println!("migrations applied");
+            opened.close().await;
+            Ok(())
+        }
+        Command::Keys {
+            command: KeysCommand::Rotate,
+        } => {
+            let opened = database::open(&cfg).await?;
+            let n = opened.db.rotate_tokens().await.map_err(|e| format!("rotation failed: {e}"));
+            let active = opened.db.keyring().active_id();
+            opened.close().await;
+            println!("re-encrypted {} token(s) under key id {active}", n?);
+            Ok(())
+        }
+        Command::Keys {
+            command: KeysCommand::Generate,
+        } => unreachable!("handled before configuration is read"),
+        Command::User {
+            command: UserCommand::Create { email, org, .. },
+        } => {
+            let email = Email::parse(&email).map_err(|e| e.message)?;
+            let org = org.map(|o| parse_label("org", &o)).transpose().map_err(|e| e.message)?;
+            let mut line = String::new();
+            std::io::stdin()
+                .lock()
+                .read_line(&mut line)
+                .map_err(|e| format!("cannot read password from stdin: {e}"))?;
+            let password = line.trim_end_matches(['\n', '\r']).to_owned();
+            if password.chars().count() < 8 {
+                return Err("password must be at least 8 characters".into());
+            }
+            let password = SecretString::from(password);
+            let hash = tokio::task::spawn_blocking(move || storage::secrets::hash_password(&password))
+                .await
+                .map_err(|e| e.to_string())?;
+            let opened = database::open(&cfg).await?;
+            let user = opened.db.create_user(&email, &hash).await.map_err(|e| e.to_string())?;
+            let mut out = serde_json::json!({"user": {"id": user.id, "email": user.email}});
+            if let Some(name) = org {
+                let o = opened.db.create_org(&name, user.id).await.map_err(|e| e.to_string())?;
+                out["org"] = serde_json::json!({"id": o.id, "name": o.name, "role": o.role});
+            }
+            opened.close().await;
+            println!("{out}");
+            Ok(())
+        }
+    }
+}

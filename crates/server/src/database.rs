@@ -1,0 +1,110 @@
+//! Opens the database: `DATABASE_URL`, or the embedded default cluster.
+
+use std::time::{Duration, Instant};
+
+use storage::embedded::{load_or_create_key_file, EmbeddedPostgres};
+use storage::{Db, Keyring, PoolConfig};
+
+use crate::config::Config;
+
+/// An open, migrated database and the embedded cluster behind it, if any.
+pub struct Opened {
+    pub db: Db,
+    embedded: Option<EmbeddedPostgres>,
+}
+
+impl Opened {
+    /// Closes the pool, then stops the embedded cluster.
+    pub async fn close(self) {
+        self.db.close().await;
+        if let Some(pg) = self.embedded {
+            match tokio::task::spawn_blocking(move || pg.stop()).await {
+                Ok(Ok(())) => tracing::info!("embedded PostgreSQL stopped"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "embedded PostgreSQL did not stop cleanly"),
+                Err(e) => tracing::warn!(error = %e, "embedded PostgreSQL stop task failed"),
+            }
+        }
+    }
+}
+
+/// Connects (starting the embedded cluster when `DATABASE_URL` is unset) and migrates.
+pub async fn open(cfg: &Config) -> Result<Opened, String> {
+    let pool_cfg = PoolConfig {
+        max_connections: cfg.db_max_connections,
+        ..PoolConfig::default()
+    };
+    let (options, keys, embedded) = match &cfg.database_url {
+        Some(url) => {
+            let options = Db::options_from_url(url).map_err(|e| format!("DATABASE_URL: {e}"))?;
+            let keys = cfg
+                .encryption_keys
+                .clone()
+                .ok_or("LLMGW_ENCRYPTION_KEYS: required when DATABASE_URL is set")?;
+            (options, keys, None)
+        }
+        None => {
+            let dir = cfg.data_dir.clone();
+            let pg = tokio::task::spawn_blocking(move || -> Result<EmbeddedPostgres, String> {
+                let pg = EmbeddedPostgres::init(&dir).map_err(|e| e.to_string())?;
+                pg.start().map_err(|e| e.to_string())?;
+                Ok(pg)
+            })
+            .await
+            .map_err(|e| e.to_string())??;
+            let keys = match &cfg.encryption_keys {
+                Some(k) => k.clone(),
+                None => {
+                    let path = cfg.data_dir.join("encryption.key");
+                    let (spec, created) = load_or_create_key_file(&path).map_err(|e| e.to_string())?;
+                    tracing::warn!(
+                        path = %path.display(),
+                        created,
+                        "using the embedded PostgreSQL and a locally stored encryption key: for local use only; set DATABASE_URL and LLMGW_ENCRYPTION_KEYS in production"
+                    );
+                    spec
+                }
+            };
+            (pg.connect_options("postgres"), keys, Some(pg))
+        }
+    };
+    let keyring = Keyring::parse(&keys).map_err(|e| format!("encryption key: {e}"))?;
+    let db = Db::connect_lazy(options, keyring, &pool_cfg);
+    let opened = Opened { db, embedded };
+    // The database may still be starting (containers): retry for a while.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match opened.db.migrate().await {
+            Ok(()) => return Ok(opened),
+            Err(e) if Instant::now() < deadline && is_transient(&e) => {
+                tracing::warn!(error = %e, "database not ready, retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => {
+                let msg = format!("cannot migrate the database: {}", error_chain(&e));
+                opened.close().await;
+                return Err(msg);
+            }
+        }
+    }
+}
+
+fn is_transient(e: &storage::StorageError) -> bool {
+    match e {
+        storage::StorageError::Migrate(sqlx::migrate::MigrateError::Execute(inner)) => {
+            matches!(inner, sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut)
+        }
+        other => other.is_unavailable(),
+    }
+}
+
+/// `error: cause: cause` on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}

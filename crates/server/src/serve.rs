@@ -1,0 +1,126 @@
+//! `llmgw serve`: both listeners, graceful shutdown on SIGTERM/SIGINT.
+
+use std::time::Duration;
+
+use actix_web::{web, App, HttpServer};
+use upstream::{UpstreamClient, UpstreamConfig};
+
+use crate::config::Config;
+use crate::database::{self, error_chain};
+use crate::Listener;
+
+/// Accepted sockets get `TCP_NODELAY`: responses written in several parts
+/// (streams above all) must not wait for the client's delayed ACK.
+fn nodelay(conn: &dyn std::any::Any, _: &mut actix_web::dev::Extensions) {
+    if let Some(tcp) = conn.downcast_ref::<tokio::net::TcpStream>() {
+        let _ = tcp.set_nodelay(true);
+    }
+}
+
+fn bind<F>(
+    name: &str,
+    addr: std::net::SocketAddr,
+    workers: usize,
+    cfg: &Config,
+    configure: F,
+) -> Result<actix_web::dev::Server, String>
+where
+    F: Fn(&mut web::ServiceConfig) + Clone + Send + 'static,
+{
+    let server = HttpServer::new(move || App::new().configure(configure.clone()))
+        .workers(workers)
+        .disable_signals()
+        .shutdown_timeout(cfg.shutdown_grace.as_secs().max(1))
+        .client_request_timeout(Duration::from_secs(30))
+        .on_connect(nodelay)
+        .bind(addr)
+        .map_err(|e| format!("cannot listen on {addr} ({name}): {e}"))?;
+    tracing::info!(%addr, listener = name, "listening");
+    Ok(server.run())
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops the server");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received, shutting down"),
+    }
+}
+
+pub async fn serve(cfg: Config, only: Option<Listener>) -> Result<(), String> {
+    let opened = database::open(&cfg).await?;
+    let db = opened.db.clone();
+    let upstream = UpstreamClient::new(&UpstreamConfig {
+        allow_private: cfg.allow_private,
+        ca_file: cfg.ca_file.clone(),
+        connect_timeout: cfg.connect_timeout,
+        timeout: cfg.upstream_timeout,
+    })
+    .map_err(|e| format!("LLMGW_UPSTREAM_CA_FILE: {}", error_chain(&e)))?;
+    if cfg.allow_private {
+        tracing::warn!("LLMGW_UPSTREAM_ALLOW_PRIVATE=true: upstreams on private and loopback addresses are allowed");
+    }
+
+    let mut servers = Vec::new();
+    let mut gateway = None;
+    if only != Some(Listener::Api) {
+        let gw = gateway::Gateway::start(
+            db.clone(),
+            gateway::GatewayConfig {
+                max_body_bytes: cfg.max_body_bytes,
+                upstream: upstream.clone(),
+                cache_ttl: cfg.cache_ttl,
+                log_queue_capacity: cfg.log_queue_capacity,
+                log_batch_size: cfg.log_batch_size,
+                log_flush_interval: cfg.log_flush_interval,
+                models_cache_ttl: Duration::from_secs(60),
+            },
+        )
+        .await;
+        let g = gw.clone();
+        servers.push(bind("gateway", cfg.gateway_addr, cfg.gateway_workers, &cfg, move |c| g.configure(c))?);
+        gateway = Some(gw);
+    }
+    if only != Some(Listener::Gateway) {
+        let api = api::Api::new(
+            db.clone(),
+            api::ApiConfig {
+                allow_signup: cfg.allow_signup,
+                session_ttl: cfg.session_ttl,
+                max_body_bytes: cfg.max_body_bytes,
+                allow_private: cfg.allow_private,
+                upstream: upstream.clone(),
+            },
+        );
+        servers.push(bind("api", cfg.api_addr, 2, &cfg, move |c| api.configure(c))?);
+    }
+
+    let handles: Vec<_> = servers.iter().map(|s| s.handle()).collect();
+    let mut running = tokio::spawn(futures_util::future::join_all(servers));
+    tokio::select! {
+        _ = shutdown_signal() => {}
+        r = &mut running => {
+            // A server future ended on its own: report and shut down the rest.
+            tracing::error!(?r, "a listener stopped unexpectedly");
+        }
+    }
+    // Stop accepting; in-flight requests and streams get up to the grace period.
+    let grace = cfg.shutdown_grace;
+    let stopping = futures_util::future::join_all(handles.iter().map(|h| h.stop(true)));
+    if tokio::time::timeout(grace + Duration::from_secs(1), stopping).await.is_err() {
+        tracing::warn!(?grace, "in-flight requests did not finish within the grace period");
+    }
+    if let Some(gw) = gateway {
+        gw.shutdown().await;
+    }
+    opened.close().await;
+    tracing::info!("shutdown complete");
+    Ok(())
+}
