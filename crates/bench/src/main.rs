@@ -1,0 +1,488 @@
+//! `cargo run --release -p bench` — measures what llmgw adds on top of a
+//! direct call to the same upstream, on the same machine, in one run.
+//!
+//! It starts a mock OpenAI-compatible HTTPS upstream, a fresh database, and
+//! the release `llmgw` binary; creates an org, a provider and an API key
+//! through the settings API; then drives the same load directly at the mock
+//! and through llmgw at several concurrencies, non-streamed and streamed,
+//! and prints a table. A soak holds many slow streams open through llmgw
+//! and reports its peak memory.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use testkit::{MockUpstream, TestDb};
+
+#[derive(Parser)]
+#[command(about = "Benchmark llmgw against a direct call to a mock upstream")]
+struct Args {
+    /// A few seconds in all: keeps the benchmark working, measures little.
+    #[arg(long)]
+    quick: bool,
+    /// Seconds per measured scenario.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Concurrencies to run.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+    concurrency: Vec<usize>,
+    /// Slow streams held open at once in the soak (0 skips it).
+    #[arg(long, default_value_t = 10_000)]
+    soak_streams: usize,
+    /// Path of the llmgw binary (default: build target/release/llmgw).
+    #[arg(long)]
+    llmgw: Option<String>,
+}
+
+struct Gateway {
+    child: Child,
+    url: String,
+    api: String,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        // SAFETY: signal to our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain getrlimit/setrlimit on our own process.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+fn fd_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: as above.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+    lim.rlim_cur
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn build_llmgw() -> String {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    eprintln!("building llmgw (release)…");
+    let st = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["build", "--release", "--bin", "llmgw"])
+        .current_dir(&root)
+        .status()
+        .expect("run cargo");
+    assert!(st.success(), "cargo build --release --bin llmgw failed");
+    root.join("target/release/llmgw")
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// `/proc/<pid>` readings: CPU time in ms, current and peak RSS in KiB.
+fn proc_stats(pid: u32) -> (f64, u64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, a)| a);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let ticks = f.get(11).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib = |key: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (ticks * 1000.0 / hz, kib("VmRSS:"), kib("VmHWM:"))
+}
+
+async fn start_llmgw(bin: &str, t: &TestDb, up: &MockUpstream) -> Gateway {
+    let (gw, api) = (free_port(), free_port());
+    let mut child = Command::new(bin)
+        .arg("serve")
+        .env("DATABASE_URL", t.url())
+        .env("LLMGW_ENCRYPTION_KEYS", &t.keys)
+        .env("LLMGW_GATEWAY_ADDR", format!("127.0.0.1:{gw}"))
+        .env("LLMGW_API_ADDR", format!("127.0.0.1:{api}"))
+        .env("LLMGW_UPSTREAM_ALLOW_PRIVATE", "true")
+        .env("LLMGW_UPSTREAM_CA_FILE", &up.ca.ca_file)
+        .env("LLMGW_LOG_FORMAT", "json")
+        .env("RUST_LOG", "warn")
+        .env("LLMGW_SHUTDOWN_GRACE_MS", "2000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start llmgw");
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("ERROR") || line.contains("\"level\":\"ERROR\"") {
+                eprintln!("llmgw: {line}");
+            }
+        }
+    });
+    let g = Gateway {
+        child,
+        url: format!("http://127.0.0.1:{gw}"),
+        api: format!("http://127.0.0.1:{api}/api/v1"),
+    };
+    let c = reqwest::Client::new();
+    for _ in 0..600 {
+        if c.get(format!("{}/readyz", g.url))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+        {
+            return g;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("llmgw did not become ready");
+}
+
+async fn post(c: &reqwest::Client, url: &str, auth: Option<&str>, body: Value) -> Value {
+    let mut r = c.post(url).json(&body);
+    if let Some(a) = auth {
+        r = r.bearer_auth(a);
+    }
+    let resp = r.send().await.expect("settings API");
+    let status = resp.status();
+    let v: Value = resp.json().await.unwrap_or(Value::Null);
+    assert!(status.is_success(), "{url}: {status} {v}");
+    v
+}
+
+/// Sets up org → provider → key via the settings API; returns the key.
+async fn provision(g: &Gateway, up: &MockUpstream) -> String {
+    let c = reqwest::Client::new();
+    let s = post(
+        &c,
+        &format!("{}/auth/signup", g.api),
+        None,
+        json!({"email": "bench@example.com", "password": "bench-password-1"}),
+    )
+    .await;
+    let tok = s["token"].as_str().unwrap().to_owned();
+    let org = post(
+        &c,
+        &format!("{}/orgs", g.api),
+        Some(&tok),
+        json!({"name": "bench"}),
+    )
+    .await;
+    let org = org["id"].as_str().unwrap().to_owned();
+    post(
+        &c,
+        &format!("{}/orgs/{org}/provider-keys", g.api),
+        Some(&tok),
+        json!({"name": "bench", "base_url": up.base_url, "token": "sk-bench-upstream"}),
+    )
+    .await;
+    let k = post(
+        &c,
+        &format!("{}/orgs/{org}/api-keys", g.api),
+        Some(&tok),
+        json!({"name": "bench"}),
+    )
+    .await;
+    k["key"].as_str().unwrap().to_owned()
+}
+
+#[derive(Clone)]
+struct Target {
+    name: &'static str,
+    client: reqwest::Client,
+    url: String,
+    key: Option<String>,
+    model: String,
+}
+
+#[derive(Default)]
+struct Sample {
+    total_us: Vec<u32>,
+    ttfb_us: Vec<u32>,
+    errors: usize,
+    elapsed: Duration,
+}
+
+fn pct(v: &mut [u32], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_unstable();
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    f64::from(v[i]) / 1000.0
+}
+
+async fn one(t: &Target, stream: bool) -> Result<(u32, u32), ()> {
+    let body = json!({"model": t.model, "stream": stream, "messages": [{"role": "user", "content": "Say hello in one word."}]});
+    let start = Instant::now();
+    let mut req = t.client.post(&t.url).json(&body);
+    if let Some(k) = &t.key {
+        req = req.bearer_auth(k);
+    }
+    let resp = req.send().await.map_err(|_| ())?;
+    if !resp.status().is_success() {
+        return Err(());
+    }
+    let mut s = resp.bytes_stream();
+    let mut first = None;
+    while let Some(chunk) = s.next().await {
+        chunk.map_err(|_| ())?;
+        first.get_or_insert_with(|| start.elapsed());
+    }
+    let total = start.elapsed();
+    let first = first.unwrap_or(total);
+    Ok((total.as_micros() as u32, first.as_micros() as u32))
+}
+
+async fn load(t: &Target, concurrency: usize, stream: bool, dur: Duration) -> Sample {
+    // Warm up connections.
+    let warm = futures_util::future::join_all((0..concurrency).map(|_| one(t, stream))).await;
+    let _ = warm;
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let t = t.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut s = Sample::default();
+                while !stop.load(Ordering::Relaxed) {
+                    match one(&t, stream).await {
+                        Ok((total, first)) => {
+                            s.total_us.push(total);
+                            s.ttfb_us.push(first);
+                        }
+                        Err(()) => s.errors += 1,
+                    }
+                }
+                s
+            })
+        })
+        .collect();
+    tokio::time::sleep(dur).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Sample::default();
+    for t in tasks {
+        let s = t.await.unwrap();
+        all.total_us.extend(s.total_us);
+        all.ttfb_us.extend(s.ttfb_us);
+        all.errors += s.errors;
+    }
+    all.elapsed = start.elapsed();
+    all
+}
+
+async fn soak(g: &Gateway, key: &str, streams: usize, pid: u32) {
+    let (_, rss_before, _) = proc_stats(pid);
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap();
+    let opened = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let hold = Duration::from_secs(10);
+    let tasks: Vec<_> = (0..streams)
+        .map(|_| {
+            let (client, url, key, opened) = (client.clone(), format!("{}/v1/chat/completions", g.url), key.to_owned(), opened.clone());
+            tokio::spawn(async move {
+                let body = json!({"model": "bench/slowstream-1000", "stream": true, "messages": [{"role": "user", "content": "x"}]});
+                let Ok(resp) = client.post(url).bearer_auth(key).json(&body).send().await else { return false };
+                if !resp.status().is_success() {
+                    return false;
+                }
+                let mut s = resp.bytes_stream();
+                if !matches!(s.next().await, Some(Ok(_))) {
+                    return false;
+                }
+                opened.fetch_add(1, Ordering::Relaxed);
+                let until = Instant::now() + hold;
+                while Instant::now() < until {
+                    match tokio::time::timeout_at(until.into(), s.next()).await {
+                        Ok(Some(Ok(_))) => {}
+                        Ok(_) => return false,
+                        Err(_) => break,
+                    }
+                }
+                true
+            })
+        })
+        .collect();
+    let mut peak = 0;
+    while tasks.iter().any(|t| !t.is_finished()) {
+        let (_, rss, _) = proc_stats(pid);
+        peak = peak.max(rss);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut ok = 0;
+    for t in tasks {
+        if t.await.unwrap_or(false) {
+            ok += 1;
+        }
+    }
+    println!(
+        "\nSoak: {streams} concurrent slow streams through llmgw (held {}s): {ok} held to the end, {} opened; llmgw RSS {:.1} MiB before, peak {:.1} MiB during ({:.1}s)",
+        hold.as_secs(),
+        opened.load(Ordering::Relaxed),
+        rss_before as f64 / 1024.0,
+        peak as f64 / 1024.0,
+        started.elapsed().as_secs_f64()
+    );
+}
+
+fn main() {
+    let args = Args::parse();
+    raise_fd_limit();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(run(args));
+}
+
+async fn run(args: Args) {
+    let bin = args.llmgw.clone().unwrap_or_else(build_llmgw);
+    let dur = Duration::from_secs(if args.quick { 1 } else { args.seconds });
+    let concurrencies = if args.quick {
+        vec![1, 16]
+    } else {
+        args.concurrency.clone()
+    };
+    let soak_streams = if args.quick {
+        args.soak_streams.min(200)
+    } else {
+        args.soak_streams
+    };
+
+    let up = MockUpstream::start().await;
+    let t = TestDb::new().await;
+    let g = start_llmgw(&bin, &t, &up).await;
+    let key = provision(&g, &up).await;
+    let pid = g.child.id();
+
+    let ca = reqwest::Certificate::from_pem(up.ca.ca_pem.as_bytes()).unwrap();
+    let direct_client = reqwest::Client::builder()
+        .add_root_certificate(ca)
+        .tcp_nodelay(true)
+        .pool_max_idle_per_host(1024)
+        .http1_only()
+        .build()
+        .unwrap();
+    let gw_client = reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .pool_max_idle_per_host(1024)
+        .http1_only()
+        .build()
+        .unwrap();
+    let direct = Target {
+        name: "direct",
+        client: direct_client,
+        url: format!("{}/v1/chat/completions", up.base_url),
+        key: None,
+        model: "m".into(),
+    };
+    let via = Target {
+        name: "llmgw",
+        client: gw_client,
+        url: format!("{}/v1/chat/completions", g.url),
+        key: Some(key.clone()),
+        model: "bench/m".into(),
+    };
+
+    println!(
+        "llmgw benchmark — {} cores, {}s per scenario, mock upstream over HTTPS on 127.0.0.1",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        dur.as_secs()
+    );
+    println!(
+        "\n| mode | conc | path | req/s | p50 ms | p99 ms | added p50 ms | added p99 ms | TTFB p50 ms | added TTFB p50 ms | llmgw CPU ms/req | llmgw RSS MiB | errors |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for stream in [false, true] {
+        for &c in &concurrencies {
+            let mut d = load(&direct, c, stream, dur).await;
+            let (cpu0, _, _) = proc_stats(pid);
+            let mut v = load(&via, c, stream, dur).await;
+            let (cpu1, rss, _) = proc_stats(pid);
+            let mode = if stream { "stream" } else { "json" };
+            let (d50, d99, v50, v99) = (
+                pct(&mut d.total_us, 0.5),
+                pct(&mut d.total_us, 0.99),
+                pct(&mut v.total_us, 0.5),
+                pct(&mut v.total_us, 0.99),
+            );
+            let (dt, vt) = (pct(&mut d.ttfb_us, 0.5), pct(&mut v.ttfb_us, 0.5));
+            for (s, name, p50, p99, ttfb) in [
+                (&d, direct.name, d50, d99, dt),
+                (&v, via.name, v50, v99, vt),
+            ] {
+                let rps = s.total_us.len() as f64 / s.elapsed.as_secs_f64();
+                let is_gw = name == "llmgw";
+                let cpu = if is_gw {
+                    format!("{:.3}", (cpu1 - cpu0) / s.total_us.len().max(1) as f64)
+                } else {
+                    "-".into()
+                };
+                let added = |x: f64, y: f64| {
+                    if is_gw {
+                        format!("{:.3}", x - y)
+                    } else {
+                        "-".into()
+                    }
+                };
+                println!(
+                    "| {mode} | {c} | {name} | {rps:.0} | {p50:.3} | {p99:.3} | {} | {} | {ttfb:.3} | {} | {cpu} | {} | {} |",
+                    added(v50, d50),
+                    added(v99, d99),
+                    added(vt, dt),
+                    if is_gw { format!("{:.1}", rss as f64 / 1024.0) } else { "-".into() },
+                    s.errors
+                );
+            }
+        }
+    }
+    let (_, _, hwm) = proc_stats(pid);
+    println!(
+        "\nllmgw peak RSS over the load runs: {:.1} MiB",
+        hwm as f64 / 1024.0
+    );
+    if soak_streams > 0 {
+        let need = soak_streams as u64 + 100;
+        if fd_limit() < need {
+            println!(
+                "\nSoak skipped: open-file limit {} is below {need}",
+                fd_limit()
+            );
+        } else {
+            soak(&g, &key, soak_streams, pid).await;
+        }
+    }
+    drop(g);
+}
