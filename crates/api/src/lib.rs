@@ -1,1 +1,80 @@
-//! api
+//! The llmgw settings REST API (actix-web): accounts, organizations, members,
+//! custom providers, gateway API keys, usage and the audit log.
+//!
+//! Every route is declared once, in the `routes` table: that table both registers the
+//! handlers and produces the OpenAPI document served at `/api/openapi.json`.
+//! Permissions are part of each handler's signature (`OrgAccess<role::Admin>` and friends).
+//!
+//! Cache invalidation needs nothing here: every write to `provider_keys` and
+//! `api_keys` fires a trigger (migrations/0001_initial.sql) that sends
+//! `NOTIFY llmgw_cache` with `{"table","op","org_id","id"}`
+//! ([`storage::CACHE_CHANNEL`]), inside the same transaction as the change, so
+//! gateways drop their cached entry as soon as the change commits.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::web;
+
+mod error;
+mod extract;
+mod handlers;
+mod input;
+mod middleware;
+mod openapi;
+mod routes;
+
+pub use error::{ApiError, FieldError};
+
+/// Settings of the API listener.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// `LLMGW_ALLOW_SIGNUP`: whether `POST /auth/signup` creates accounts.
+    pub allow_signup: bool,
+    /// How long a login session lasts.
+    pub session_ttl: Duration,
+    /// `LLMGW_MAX_BODY_BYTES`: larger request bodies get 413.
+    pub max_body_bytes: usize,
+    /// `LLMGW_UPSTREAM_ALLOW_PRIVATE`: accept base URLs on private addresses.
+    pub allow_private: bool,
+    /// The SSRF-guarded client used by `POST …/provider-keys/{id}/test`.
+    pub upstream: upstream::UpstreamClient,
+}
+
+/// Shared state of the handlers.
+pub(crate) struct State {
+    pub db: storage::Db,
+    pub cfg: ApiConfig,
+    /// The OpenAPI document, rendered once.
+    pub openapi: String,
+}
+
+/// The settings API, ready to be mounted on an actix-web `App`.
+#[derive(Clone)]
+pub struct Api {
+    state: Arc<State>,
+}
+
+impl Api {
+    pub fn new(db: storage::Db, cfg: ApiConfig) -> Self {
+        let openapi = openapi::document(&routes::routes()).to_string();
+        Self {
+            state: Arc::new(State { db, cfg, openapi }),
+        }
+    }
+
+    /// Registers every route, the extractor error handlers, the `x-request-id`
+    /// header and the JSON 404/405 answers for unknown routes and methods.
+    pub fn configure(&self, cfg: &mut web::ServiceConfig) {
+        let scope = web::scope("")
+            .app_data(web::Data::from(self.state.clone()))
+            .app_data(web::PayloadConfig::new(self.state.cfg.max_body_bytes))
+            .app_data(error::json_config(self.state.cfg.max_body_bytes))
+            .app_data(error::path_config())
+            .app_data(error::query_config());
+        let scope = routes::register(scope, &routes::routes())
+            .default_service(web::to(handlers::ops::route_not_found))
+            .wrap(actix_web::middleware::from_fn(middleware::request_id));
+        cfg.service(scope);
+    }
+}

@@ -48,10 +48,17 @@ pub struct Config {
 type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
 
 fn get(env: Env, var: &'static str) -> Option<String> {
-    env(var).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty())
+    env(var)
+        .map(|v| v.trim().to_owned())
+        .filter(|v| !v.is_empty())
 }
 
-fn parse<T: std::str::FromStr>(env: Env, var: &'static str, default: T, what: &str) -> Result<T, ConfigError> {
+fn parse<T: std::str::FromStr>(
+    env: Env,
+    var: &'static str,
+    default: T,
+    what: &str,
+) -> Result<T, ConfigError> {
     match get(env, var) {
         None => Ok(default),
         Some(v) => v.parse().map_err(|_| ConfigError {
@@ -84,7 +91,11 @@ fn millis(env: Env, var: &'static str, default_ms: u64) -> Result<Duration, Conf
     Ok(Duration::from_millis(ms))
 }
 
-fn positive<T: std::str::FromStr + PartialOrd + Default>(env: Env, var: &'static str, default: T) -> Result<T, ConfigError> {
+fn positive<T: std::str::FromStr + PartialOrd + Default>(
+    env: Env,
+    var: &'static str,
+    default: T,
+) -> Result<T, ConfigError> {
     let v = parse(env, var, default, "a positive whole number")?;
     if v <= T::default() {
         return Err(ConfigError {
@@ -123,7 +134,9 @@ impl Config {
         if let Some(spec) = &encryption_keys {
             storage::Keyring::parse(spec).map_err(|e| ConfigError {
                 var: "LLMGW_ENCRYPTION_KEYS",
-                message: format!("{e} (format: 1:<base64 32 bytes>,2:<...>; `llmgw keys generate` makes one)"),
+                message: format!(
+                    "{e} (format: 1:<base64 32 bytes>,2:<...>; `llmgw keys generate` makes one)"
+                ),
             })?;
         } else if database_url.is_some() {
             return Err(ConfigError {
@@ -143,10 +156,21 @@ impl Config {
         let default_workers = std::thread::available_parallelism().map_or(2, |n| n.get());
         Ok(Self {
             database_url,
-            data_dir: get(env, "LLMGW_DATA_DIR").map_or_else(|| PathBuf::from("./.llmgw"), PathBuf::from),
+            data_dir: get(env, "LLMGW_DATA_DIR")
+                .map_or_else(|| PathBuf::from("./.llmgw"), PathBuf::from),
             encryption_keys,
-            gateway_addr: parse(env, "LLMGW_GATEWAY_ADDR", ([127, 0, 0, 1], 8080).into(), "host:port")?,
-            api_addr: parse(env, "LLMGW_API_ADDR", ([127, 0, 0, 1], 8081).into(), "host:port")?,
+            gateway_addr: parse(
+                env,
+                "LLMGW_GATEWAY_ADDR",
+                ([127, 0, 0, 1], 8080).into(),
+                "host:port",
+            )?,
+            api_addr: parse(
+                env,
+                "LLMGW_API_ADDR",
+                ([127, 0, 0, 1], 8081).into(),
+                "host:port",
+            )?,
             allow_private: flag(env, "LLMGW_UPSTREAM_ALLOW_PRIVATE", false)?,
             ca_file,
             connect_timeout: millis(env, "LLMGW_UPSTREAM_CONNECT_TIMEOUT_MS", 5_000)?,
@@ -155,7 +179,9 @@ impl Config {
             allow_signup: flag(env, "LLMGW_ALLOW_SIGNUP", true)?,
             log_format,
             shutdown_grace: millis(env, "LLMGW_SHUTDOWN_GRACE_MS", 30_000)?,
-            session_ttl: Duration::from_secs(3600 * positive::<u64>(env, "LLMGW_SESSION_TTL_HOURS", 24 * 7)?),
+            session_ttl: Duration::from_secs(
+                3600 * positive::<u64>(env, "LLMGW_SESSION_TTL_HOURS", 24 * 7)?,
+            ),
             db_max_connections: positive(env, "LLMGW_DB_MAX_CONNECTIONS", 16)?,
             gateway_workers: positive(env, "LLMGW_GATEWAY_WORKERS", default_workers)?,
             cache_ttl: millis(env, "LLMGW_CACHE_TTL_MS", 30_000)?,
@@ -172,7 +198,10 @@ mod tests {
     use std::collections::HashMap;
 
     fn cfg(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
-        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         Config::from_lookup(&move |k| map.get(k).cloned())
     }
 

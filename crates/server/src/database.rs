@@ -20,7 +20,9 @@ impl Opened {
         if let Some(pg) = self.embedded {
             match tokio::task::spawn_blocking(move || pg.stop()).await {
                 Ok(Ok(())) => tracing::info!("embedded PostgreSQL stopped"),
-                Ok(Err(e)) => tracing::warn!(error = %e, "embedded PostgreSQL did not stop cleanly"),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "embedded PostgreSQL did not stop cleanly")
+                }
                 Err(e) => tracing::warn!(error = %e, "embedded PostgreSQL stop task failed"),
             }
         }
@@ -55,7 +57,8 @@ pub async fn open(cfg: &Config) -> Result<Opened, String> {
                 Some(k) => k.clone(),
                 None => {
                     let path = cfg.data_dir.join("encryption.key");
-                    let (spec, created) = load_or_create_key_file(&path).map_err(|e| e.to_string())?;
+                    let (spec, created) =
+                        load_or_create_key_file(&path).map_err(|e| e.to_string())?;
                     tracing::warn!(
                         path = %path.display(),
                         created,

@@ -15,7 +15,11 @@ use storage::Keyring;
 use crate::config::{Config, LogFormat};
 
 #[derive(Parser)]
-#[command(name = "llmgw", version, about = "Multi-tenant gateway for OpenAI-compatible models")]
+#[command(
+    name = "llmgw",
+    version,
+    about = "Multi-tenant gateway for OpenAI-compatible models"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -74,7 +78,9 @@ enum UserCommand {
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Pretty => builder.init(),
@@ -101,7 +107,10 @@ fn main() -> ExitCode {
         Err(e) => return fail(e),
     };
     init_tracing(cfg.log_format);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => return fail(format!("cannot start runtime: {e}")),
     };
@@ -125,7 +134,11 @@ async fn run(command: Command, cfg: Config) -> Result<(), String> {
             command: KeysCommand::Rotate,
         } => {
             let opened = database::open(&cfg).await?;
-            let n = opened.db.rotate_tokens().await.map_err(|e| format!("rotation failed: {e}"));
+            let n = opened
+                .db
+                .rotate_tokens()
+                .await
+                .map_err(|e| format!("rotation failed: {e}"));
             let active = opened.db.keyring().active_id();
             opened.close().await;
             println!("re-encrypted {} token(s) under key id {active}", n?);
@@ -138,7 +151,10 @@ async fn run(command: Command, cfg: Config) -> Result<(), String> {
             command: UserCommand::Create { email, org, .. },
         } => {
             let email = Email::parse(&email).map_err(|e| e.message)?;
-            let org = org.map(|o| parse_label("org", &o)).transpose().map_err(|e| e.message)?;
+            let org = org
+                .map(|o| parse_label("org", &o))
+                .transpose()
+                .map_err(|e| e.message)?;
             let mut line = String::new();
             std::io::stdin()
                 .lock()
@@ -149,14 +165,23 @@ async fn run(command: Command, cfg: Config) -> Result<(), String> {
                 return Err("password must be at least 8 characters".into());
             }
             let password = SecretString::from(password);
-            let hash = tokio::task::spawn_blocking(move || storage::secrets::hash_password(&password))
+            let hash =
+                tokio::task::spawn_blocking(move || storage::secrets::hash_password(&password))
+                    .await
+                    .map_err(|e| e.to_string())?;
+            let opened = database::open(&cfg).await?;
+            let user = opened
+                .db
+                .create_user(&email, &hash)
                 .await
                 .map_err(|e| e.to_string())?;
-            let opened = database::open(&cfg).await?;
-            let user = opened.db.create_user(&email, &hash).await.map_err(|e| e.to_string())?;
             let mut out = serde_json::json!({"user": {"id": user.id, "email": user.email}});
             if let Some(name) = org {
-                let o = opened.db.create_org(&name, user.id).await.map_err(|e| e.to_string())?;
+                let o = opened
+                    .db
+                    .create_org(&name, user.id)
+                    .await
+                    .map_err(|e| e.to_string())?;
                 out["org"] = serde_json::json!({"id": o.id, "name": o.name, "role": o.role});
             }
             opened.close().await;

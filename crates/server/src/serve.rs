@@ -85,7 +85,13 @@ pub async fn serve(cfg: Config, only: Option<Listener>) -> Result<(), String> {
         )
         .await;
         let g = gw.clone();
-        servers.push(bind("gateway", cfg.gateway_addr, cfg.gateway_workers, &cfg, move |c| g.configure(c))?);
+        servers.push(bind(
+            "gateway",
+            cfg.gateway_addr,
+            cfg.gateway_workers,
+            &cfg,
+            move |c| g.configure(c),
+        )?);
         gateway = Some(gw);
     }
     if only != Some(Listener::Gateway) {
@@ -99,7 +105,9 @@ pub async fn serve(cfg: Config, only: Option<Listener>) -> Result<(), String> {
                 upstream: upstream.clone(),
             },
         );
-        servers.push(bind("api", cfg.api_addr, 2, &cfg, move |c| api.configure(c))?);
+        servers.push(bind("api", cfg.api_addr, 2, &cfg, move |c| {
+            api.configure(c)
+        })?);
     }
 
     let handles: Vec<_> = servers.iter().map(|s| s.handle()).collect();
@@ -114,8 +122,14 @@ pub async fn serve(cfg: Config, only: Option<Listener>) -> Result<(), String> {
     // Stop accepting; in-flight requests and streams get up to the grace period.
     let grace = cfg.shutdown_grace;
     let stopping = futures_util::future::join_all(handles.iter().map(|h| h.stop(true)));
-    if tokio::time::timeout(grace + Duration::from_secs(1), stopping).await.is_err() {
-        tracing::warn!(?grace, "in-flight requests did not finish within the grace period");
+    if tokio::time::timeout(grace + Duration::from_secs(1), stopping)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            ?grace,
+            "in-flight requests did not finish within the grace period"
+        );
     }
     if let Some(gw) = gateway {
         gw.shutdown().await;

@@ -15,7 +15,11 @@ use testkit::{MockUpstream, TestDb};
 const BIN: &str = env!("CARGO_BIN_EXE_llmgw");
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A `Command` for the binary with a clean `LLMGW_*`/`DATABASE_URL` environment.
@@ -80,7 +84,11 @@ impl Running {
             if ok {
                 return;
             }
-            assert!(Instant::now() < deadline, "llmgw did not come up:\n{}", self.logs());
+            assert!(
+                Instant::now() < deadline,
+                "llmgw did not come up:\n{}",
+                self.logs()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -99,7 +107,10 @@ impl Running {
                 std::thread::sleep(Duration::from_millis(100));
                 return (status, self.logs());
             }
-            assert!(Instant::now() < deadline, "llmgw did not exit after SIGTERM");
+            assert!(
+                Instant::now() < deadline,
+                "llmgw did not exit after SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -120,7 +131,10 @@ fn bad_configuration_exits_with_one_line_naming_the_variable() {
     }
     let out = llmgw()
         .arg("migrate")
-        .env("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
+        .env(
+            "DATABASE_URL",
+            "postgres://postgres@127.0.0.1:5432/postgres",
+        )
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -147,14 +161,31 @@ fn embedded_default_serves_both_listeners_and_stops_cleanly() {
     let running = Running::start(cmd);
     let client = reqwest::blocking::Client::new();
     for base in [&running.gateway, &running.api] {
-        assert_eq!(client.get(format!("{base}/healthz")).send().unwrap().status(), 200);
-        assert_eq!(client.get(format!("{base}/readyz")).send().unwrap().status(), 200);
+        assert_eq!(
+            client
+                .get(format!("{base}/healthz"))
+                .send()
+                .unwrap()
+                .status(),
+            200
+        );
+        assert_eq!(
+            client
+                .get(format!("{base}/readyz"))
+                .send()
+                .unwrap()
+                .status(),
+            200
+        );
     }
     let key_file = dir.join("encryption.key");
     assert!(key_file.exists());
     {
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
     }
     let (status, logs) = running.terminate();
     assert!(status.success(), "exit {status:?}\n{logs}");
@@ -168,24 +199,28 @@ fn embedded_default_serves_both_listeners_and_stops_cleanly() {
 #[tokio::test]
 async fn keys_rotate_reencrypts_a_populated_database() {
     let t = TestDb::new().await;
-    let (key1, key2) = (t.keys.clone(), format!("2:{}", Keyring::generate_key_material()));
-    let owner = t
-        .db
-        .create_user(&storage::domain::Email::parse("o@example.com").unwrap(), &storage::secrets::hash_password(&"pw-12345678".to_owned().into()))
+    let (key1, key2) = (
+        t.keys.clone(),
+        format!("2:{}", Keyring::generate_key_material()),
+    );
+    let owner =
+        t.db.create_user(
+            &storage::domain::Email::parse("o@example.com").unwrap(),
+            &storage::secrets::hash_password(&"pw-12345678".to_owned().into()),
+        )
         .await
         .unwrap();
     let org = t.db.create_org("Acme", owner.id).await.unwrap();
     for name in ["alpha", "beta", "gamma"] {
-        t.db
-            .create_provider_key(
-                org.id,
-                storage::Actor(None),
-                &storage::domain::ProviderName::parse(name).unwrap(),
-                &storage::domain::BaseUrl::parse("https://llm.example.com").unwrap(),
-                &storage::secrets::ProviderToken::parse(&format!("sk-{name}-token")).unwrap(),
-            )
-            .await
-            .unwrap();
+        t.db.create_provider_key(
+            org.id,
+            storage::Actor(None),
+            &storage::domain::ProviderName::parse(name).unwrap(),
+            &storage::domain::BaseUrl::parse("https://llm.example.com").unwrap(),
+            &storage::secrets::ProviderToken::parse(&format!("sk-{name}-token")).unwrap(),
+        )
+        .await
+        .unwrap();
     }
     let both = format!("{key1},{key2}");
     let run = || {
@@ -197,14 +232,21 @@ async fn keys_rotate_reencrypts_a_populated_database() {
             .unwrap()
     };
     let out = run();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("re-encrypted 3 token(s) under key id 2"));
     let out = run();
     assert!(String::from_utf8_lossy(&out.stdout).contains("re-encrypted 0 token(s)"));
     // Only key 2 is needed now.
     let db2 = t.reopen(&key2).await;
     for p in db2.active_providers(org.id).await.unwrap() {
-        assert_eq!(p.token.expose_secret(), format!("sk-{}-token", p.provider.name));
+        assert_eq!(
+            p.token.expose_secret(),
+            format!("sk-{}-token", p.provider.name)
+        );
     }
 }
 
@@ -212,7 +254,15 @@ async fn keys_rotate_reencrypts_a_populated_database() {
 async fn user_create_reads_the_password_from_stdin() {
     let t = TestDb::new().await;
     let mut child = llmgw()
-        .args(["user", "create", "--email", "admin@example.com", "--password-stdin", "--org", "Acme"])
+        .args([
+            "user",
+            "create",
+            "--email",
+            "admin@example.com",
+            "--password-stdin",
+            "--org",
+            "Acme",
+        ])
         .env("DATABASE_URL", t.url())
         .env("LLMGW_ENCRYPTION_KEYS", &t.keys)
         .stdin(Stdio::piped())
@@ -220,13 +270,29 @@ async fn user_create_reads_the_password_from_stdin() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(b"a long password\n").unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"a long password\n")
+        .unwrap();
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["org"]["role"], "owner");
-    let creds = t.db.user_credentials(&storage::domain::Email::parse("admin@example.com").unwrap()).await.unwrap().unwrap();
-    assert!(storage::secrets::verify_password(Some(&creds.password_hash), &"a long password".to_owned().into()));
+    let creds =
+        t.db.user_credentials(&storage::domain::Email::parse("admin@example.com").unwrap())
+            .await
+            .unwrap()
+            .unwrap();
+    assert!(storage::secrets::verify_password(
+        Some(&creds.password_hash),
+        &"a long password".to_owned().into()
+    ));
     assert!(!String::from_utf8_lossy(&out.stdout).contains("a long password"));
 }
 
@@ -243,8 +309,13 @@ async fn openai_sdk_against_a_running_llmgw() {
         .env("LLMGW_UPSTREAM_ALLOW_PRIVATE", "true")
         .env("LLMGW_UPSTREAM_CA_FILE", &upstream.ca.ca_file)
         .env("LLMGW_LOG_FORMAT", "json")
-        .env("RUST_LOG", "debug,sqlx=info,hyper=info,h2=info,rustls=info,reqwest=info");
-    let running = tokio::task::spawn_blocking(move || Running::start(cmd)).await.unwrap();
+        .env(
+            "RUST_LOG",
+            "debug,sqlx=info,hyper=info,h2=info,rustls=info,reqwest=info",
+        );
+    let running = tokio::task::spawn_blocking(move || Running::start(cmd))
+        .await
+        .unwrap();
     let http = reqwest::Client::new();
     let api = format!("{}/api/v1", running.api);
     let session: Value = http
@@ -325,21 +396,33 @@ print(json.dumps(out))
             .spawn()
             .unwrap();
         let mut stdout = String::new();
-        child.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
+        child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut stdout)
+            .unwrap();
         let o = child.wait_with_output().unwrap();
-        (stdout, String::from_utf8_lossy(&o.stderr).into_owned(), api_key)
+        (
+            stdout,
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+            api_key,
+        )
     })
     .await
     .unwrap();
     let (stdout, stderr, api_key) = out;
-    let v: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|_| panic!("sdk script failed: {stderr}"));
+    let v: Value = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|_| panic!("sdk script failed: {stderr}"));
     assert_eq!(v["plain"]["content"], "echo from meta-llama/Llama-3-8B");
     assert!(v["plain"]["total"].as_u64().unwrap() > 0);
     assert_eq!(v["stream"], "tok1 tok2 tok3 ");
     assert_eq!(v["error"], json!({"type": "NotFoundError", "status": 404}));
     assert_eq!(v["auth"], 401);
     let seen = upstream.seen();
-    assert!(seen.iter().any(|s| s.header("authorization") == Some(&format!("Bearer {provider_token}"))));
+    assert!(seen
+        .iter()
+        .any(|s| s.header("authorization") == Some(&format!("Bearer {provider_token}"))));
 
     // Every request shows up in the usage log (rows are written in batches).
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -359,13 +442,26 @@ print(json.dumps(out))
         assert!(Instant::now() < deadline, "usage rows missing: {logs}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let (status, logs) = tokio::task::spawn_blocking(move || running.terminate()).await.unwrap();
+    let (status, logs) = tokio::task::spawn_blocking(move || running.terminate())
+        .await
+        .unwrap();
     assert!(status.success(), "{logs}");
-    assert!(logs.lines().count() > 5, "expected request logs, got: {logs}");
+    assert!(
+        logs.lines().count() > 5,
+        "expected request logs, got: {logs}"
+    );
     for line in logs.lines() {
-        assert!(serde_json::from_str::<Value>(line).is_ok(), "not JSON: {line}");
+        assert!(
+            serde_json::from_str::<Value>(line).is_ok(),
+            "not JSON: {line}"
+        );
     }
-    for secret in [provider_token, api_key.as_str(), "correct horse battery", session["token"].as_str().unwrap()] {
+    for secret in [
+        provider_token,
+        api_key.as_str(),
+        "correct horse battery",
+        session["token"].as_str().unwrap(),
+    ] {
         assert!(!logs.contains(secret), "a secret appears in the logs");
     }
 }

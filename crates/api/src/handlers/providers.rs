@@ -1,0 +1,177 @@
+//! Custom providers ("provider keys"). The token is write-only: answers carry
+//! `token_hint` only. Base URLs pass the SSRF policy when saved; the test call
+//! goes through the SSRF-guarded client, which checks again at connect time.
+
+use std::time::{Duration, Instant};
+
+use actix_web::{web, HttpResponse};
+use serde::Serialize;
+use storage::providers::ProviderWithToken;
+use upstream::UpstreamClient;
+
+use super::List;
+use crate::error::{error_chain, ApiError};
+use crate::extract::{role, Input, ItemId, OrgAccess};
+use crate::input::{CreateProvider, PatchProvider};
+use crate::State;
+
+pub async fn list(
+    state: web::Data<State>,
+    access: OrgAccess<role::Member>,
+) -> Result<HttpResponse, ApiError> {
+    let keys = state.db.list_provider_keys(access.org_id()).await?;
+    Ok(HttpResponse::Ok().json(List::all(keys)))
+}
+
+pub async fn get(
+    state: web::Data<State>,
+    access: OrgAccess<role::Member>,
+    id: ItemId,
+) -> Result<HttpResponse, ApiError> {
+    let key = state
+        .db
+        .get_provider_key(access.org_id(), id.get()?)
+        .await?;
+    Ok(HttpResponse::Ok().json(key))
+}
+
+pub async fn create(
+    state: web::Data<State>,
+    access: OrgAccess<role::Admin>,
+    input: Input<CreateProvider>,
+) -> Result<HttpResponse, ApiError> {
+    let input = input.into_inner()?;
+    upstream::check_base_url(&input.base_url, state.cfg.allow_private).await?;
+    let key = state
+        .db
+        .create_provider_key(
+            access.org_id(),
+            access.actor(),
+            &input.name,
+            &input.base_url,
+            &input.token,
+        )
+        .await?;
+    Ok(HttpResponse::Created().json(key))
+}
+
+pub async fn update(
+    state: web::Data<State>,
+    access: OrgAccess<role::Admin>,
+    id: ItemId,
+    input: Input<PatchProvider>,
+) -> Result<HttpResponse, ApiError> {
+    let id = id.get()?;
+    let PatchProvider(patch) = input.into_inner()?;
+    if let Some(base_url) = &patch.base_url {
+        upstream::check_base_url(base_url, state.cfg.allow_private).await?;
+    }
+    let key = state
+        .db
+        .update_provider_key(access.org_id(), access.actor(), id, patch)
+        .await?;
+    Ok(HttpResponse::Ok().json(key))
+}
+
+pub async fn delete(
+    state: web::Data<State>,
+    access: OrgAccess<role::Admin>,
+    id: ItemId,
+) -> Result<HttpResponse, ApiError> {
+    state
+        .db
+        .delete_provider_key(access.org_id(), access.actor(), id.get()?)
+        .await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+/// Longest wait for the provider's answer in a connectivity test.
+const TEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most bytes of a `/v1/models` answer read to count the models.
+const MAX_MODELS_BODY: usize = 4 * 1024 * 1024;
+
+/// What a connectivity test found.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct TestReport {
+    /// An HTTP answer came back (whatever its status).
+    pub reachable: bool,
+    /// The provider's HTTP status.
+    pub status: Option<u16>,
+    /// Time to the answer's head, or to the failure.
+    pub latency_ms: u64,
+    /// Entries in the `data` array of a successful `/v1/models` answer.
+    pub model_count: Option<usize>,
+    /// Why the test failed; never holds the token.
+    pub error: Option<String>,
+}
+
+pub async fn test(
+    state: web::Data<State>,
+    access: OrgAccess<role::Admin>,
+    id: ItemId,
+) -> Result<HttpResponse, ApiError> {
+    let provider = state
+        .db
+        .provider_key_with_token(access.org_id(), id.get()?)
+        .await?;
+    Ok(HttpResponse::Ok().json(probe(&state.cfg.upstream, &provider).await))
+}
+
+async fn probe(client: &UpstreamClient, p: &ProviderWithToken) -> TestReport {
+    let base_url = &p.provider.base_url;
+    let start = Instant::now();
+    let failed = |error: String| TestReport {
+        reachable: false,
+        status: None,
+        latency_ms: start.elapsed().as_millis() as u64,
+        model_count: None,
+        error: Some(error),
+    };
+    if let Err(e) = client.check(base_url) {
+        return failed(e.to_string());
+    }
+    let request = client
+        .http()
+        .get(base_url.endpoint("models"))
+        .bearer_auth(p.token.expose_secret())
+        .timeout(TEST_TIMEOUT.min(client.timeout()))
+        .send();
+    let mut resp = match request.await {
+        Ok(r) => r,
+        Err(e) if e.is_timeout() => {
+            return failed(format!("no answer within {} ms", TEST_TIMEOUT.as_millis()))
+        }
+        Err(e) if upstream::is_forbidden_error(&e) => {
+            return failed(upstream::FORBIDDEN_ADDRESS.to_owned())
+        }
+        Err(e) => return failed(error_chain(&e)),
+    };
+    let latency_ms = start.elapsed().as_millis() as u64;
+    let status = resp.status();
+    let mut body = Vec::new();
+    while let Ok(Some(chunk)) = resp.chunk().await {
+        if body.len() + chunk.len() > MAX_MODELS_BODY {
+            break;
+        }
+        body.extend_from_slice(&chunk);
+    }
+    let model_count = status
+        .is_success()
+        .then(|| serde_json::from_slice::<serde_json::Value>(&body).ok())
+        .flatten()
+        .and_then(|v| v.get("data").and_then(|d| d.as_array()).map(Vec::len));
+    let error = if !status.is_success() {
+        Some(format!("the provider answered HTTP {}", status.as_u16()))
+    } else if model_count.is_none() {
+        Some("the provider's /v1/models answer has no `data` array".to_owned())
+    } else {
+        None
+    };
+    TestReport {
+        reachable: true,
+        status: Some(status.as_u16()),
+        latency_ms,
+        model_count,
+        error,
+    }
+}

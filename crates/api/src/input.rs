@@ -1,0 +1,548 @@
+//! Request bodies and query strings, parsed field by field into domain types
+//! so every refusal names its field and none echoes the value it refused
+//! (a value may be a token or a password).
+
+use chrono::{DateTime, Utc};
+use secrecy::SecretString;
+use serde_json::{Map, Value};
+use storage::domain::{
+    parse_label, BaseUrl, Email, ProviderName, ProviderStatus, Role, ValidationError,
+};
+use storage::logs::GroupBy;
+use storage::page::Cursor;
+use storage::secrets::ProviderToken;
+use uuid::Uuid;
+
+use crate::error::{ApiError, FieldError};
+
+/// A JSON object (or query string) being taken apart; collects every error.
+pub struct Fields {
+    map: Map<String, Value>,
+    errors: Vec<FieldError>,
+}
+
+/// A type built from named string fields.
+pub trait FromFields: Sized {
+    /// Reads the fields; `None` when one was refused (the error is recorded).
+    fn from_fields(f: &mut Fields) -> Option<Self>;
+}
+
+impl Fields {
+    pub fn new(map: Map<String, Value>) -> Self {
+        Self {
+            map,
+            errors: Vec::new(),
+        }
+    }
+
+    /// Parses a JSON request body (an object).
+    pub fn parse_body<T: FromFields>(bytes: &[u8]) -> Result<T, ApiError> {
+        let value: Value = serde_json::from_slice(bytes).map_err(|e| {
+            // Syntax errors carry only a position, never a piece of the input.
+            ApiError::BadRequest(format!("the request body is not valid JSON ({e})"))
+        })?;
+        let Value::Object(map) = value else {
+            return Err(ApiError::BadRequest(
+                "the request body must be a JSON object".into(),
+            ));
+        };
+        Self::new(map).build()
+    }
+
+    /// Parses `key=value` pairs of a query string.
+    pub fn parse_query<T: FromFields>(pairs: Vec<(String, String)>) -> Result<T, ApiError> {
+        let mut map = Map::new();
+        let mut dup = Vec::new();
+        for (k, v) in pairs {
+            if map.insert(k.clone(), Value::String(v)).is_some() {
+                dup.push(FieldError::new(k, "given more than once"));
+            }
+        }
+        let mut f = Self::new(map);
+        f.errors = dup;
+        f.build()
+    }
+
+    fn build<T: FromFields>(mut self) -> Result<T, ApiError> {
+        let value = T::from_fields(&mut self);
+        let mut unknown: Vec<_> = self.map.keys().cloned().collect();
+        unknown.sort();
+        for k in unknown {
+            self.errors.push(FieldError::new(k, "unknown field"));
+        }
+        if !self.errors.is_empty() {
+            return Err(ApiError::Validation(self.errors));
+        }
+        value.ok_or_else(|| ApiError::internal("a field parser refused without recording an error"))
+    }
+
+    fn reject(&mut self, e: impl Into<FieldError>) -> Option<()> {
+        self.errors.push(e.into());
+        None
+    }
+
+    /// The field's string value: `Ok(None)` when absent or null.
+    fn string(&mut self, name: &'static str) -> Result<Option<String>, ()> {
+        match self.map.remove(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(_) => {
+                self.errors
+                    .push(FieldError::new(name, format!("{name} must be a string")));
+                Err(())
+            }
+        }
+    }
+
+    /// A required field, parsed.
+    pub fn required<T>(
+        &mut self,
+        name: &'static str,
+        parse: impl FnOnce(&str) -> Result<T, ValidationError>,
+    ) -> Option<T> {
+        match self.string(name) {
+            Ok(Some(s)) => parse(&s).map_err(|e| self.errors.push(e.into())).ok(),
+            Ok(None) => {
+                self.errors
+                    .push(FieldError::new(name, format!("{name} is required")));
+                None
+            }
+            Err(()) => None,
+        }
+    }
+
+    /// An optional field, parsed; `Some(None)` when absent or null.
+    pub fn optional<T>(
+        &mut self,
+        name: &'static str,
+        parse: impl FnOnce(&str) -> Result<T, ValidationError>,
+    ) -> Option<Option<T>> {
+        match self.string(name) {
+            Ok(Some(s)) => parse(&s)
+                .map(Some)
+                .map_err(|e| self.errors.push(e.into()))
+                .ok(),
+            Ok(None) => Some(None),
+            Err(()) => None,
+        }
+    }
+}
+
+fn parse_role(field: &'static str) -> impl Fn(&str) -> Result<Role, ValidationError> {
+    move |s| match s {
+        "owner" => Ok(Role::Owner),
+        "admin" => Ok(Role::Admin),
+        "member" => Ok(Role::Member),
+        _ => Err(ValidationError::new(
+            field,
+            format!("{field} must be one of owner, admin, member"),
+        )),
+    }
+}
+
+fn parse_status(s: &str) -> Result<ProviderStatus, ValidationError> {
+    match s {
+        "active" => Ok(ProviderStatus::Active),
+        "inactive" => Ok(ProviderStatus::Inactive),
+        _ => Err(ValidationError::new(
+            "status",
+            "status must be active or inactive",
+        )),
+    }
+}
+
+fn parse_time(field: &'static str) -> impl Fn(&str) -> Result<DateTime<Utc>, ValidationError> {
+    move |s| {
+        DateTime::parse_from_rfc3339(s)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(|_| {
+                ValidationError::new(
+                    field,
+                    format!("{field} must be an RFC 3339 time like 2025-01-31T12:00:00Z"),
+                )
+            })
+    }
+}
+
+fn parse_uuid(field: &'static str) -> impl Fn(&str) -> Result<Uuid, ValidationError> {
+    move |s| {
+        Uuid::parse_str(s)
+            .map_err(|_| ValidationError::new(field, format!("{field} must be a UUID")))
+    }
+}
+
+fn parse_password(s: &str) -> Result<SecretString, ValidationError> {
+    let n = s.chars().count();
+    if !(8..=1024).contains(&n) {
+        return Err(ValidationError::new(
+            "password",
+            "password must be 8 to 1024 characters",
+        ));
+    }
+    Ok(SecretString::from(s.to_owned()))
+}
+
+/// `POST /auth/signup`.
+pub struct Signup {
+    pub email: Email,
+    pub password: SecretString,
+}
+
+impl FromFields for Signup {
+    fn from_fields(f: &mut Fields) -> Option<Self> {
+        let email = f.required("email", Email::parse);
+        let password = f.required("password", parse_password);
+        Some(Self {
+            email: email?,
+            password: password?,
+        })
+    }
+}
+
+/// `POST /auth/login`: the email is not validated, so a malformed one gets
+/// the same answer as an unknown one.
+pub struct Login {
+    pub email: String,
+    pub password: SecretString,
+}
+
+impl FromFields for Login {
+    fn from_fields(f: &mut Fields) -> Option<Self> {
+        let email = f.required("email", |s| Ok(s.to_owned()));
+        let password = f.required("password", |s| {
+            if s.is_empty() || s.len() > 4096 {
+                Err(ValidationError::new(
+                    "password",
+                    "password must be 1 to 4096 bytes",
+                ))
+            } else {
+                Ok(SecretString::from(s.to_owned()))
+            }
+        });
+        Some(Self {
+            email: email?,
+            password: password?,
+        })
+    }
+}
+
+/// `POST /orgs`, `PATCH /orgs/{org_id}`.
+pub struct OrgInput {
+    pub name: String,
+}
+
+impl FromFields for OrgInput {
+    fn from_fields(f: &mut Fields) -> Option<Self> {
+        let name = f.required("name", |s| parse_label("name", s));
+        Some(Self { name: name? })
+    }
+}
+
+/// `POST /orgs/{org_id}/members`.
+pub struct AddMember {
+    pub email: Email,
+    pub role: Role,
+}
+
+impl FromFields for AddMember {
+    fn from_fields(f: &mut Fields) -> Option<Self> {
+        let email = f.required("email", Email::parse);
+        let role = f.optional("role", parse_role("role"));
+        Some(Self {
+            email: email?,
+            role: role?.unwrap_or(Role::Member),
+        })
+    }
+}
+
+/// `PATCH /orgs/{org_id}/members/{user_id}`.
+pub struct MemberPatch {
+    pub role: Role,
+}
+
+impl FromFields for MemberPatch {
+    fn from_fields(f: &mut Fields) -> Option<Self> {
+        let role = f.required("role", parse_role("role"));
+        Some(Self { role: role? })
+    }
+}
+
+/// `POST /orgs/{org_id}/provider-keys`.
+pub struct CreateProvider {
+    pub name: ProviderName,
+    pub base_url: BaseUrl,
+    pub token: ProviderToken,
+}
+
+impl FromFields for CreateProvider {
+    fn from_fields(f: &mut Fields) -> Option<Self> {
+        let name = f.required("name", ProviderName::parse);
+        let base_url = f.required("base_url", BaseUrl::parse);
+        let token = f.required("token", ProviderToken::parse);
+        Some(Self {
+            name: name?,
+            base_url: base_url?,
+            token: token?,
+        })
+    }
+}
+
+/// `PATCH /orgs/{org_id}/provider-keys/{id}`: at least one field.
+pub struct PatchProvider(pub storage::providers::ProviderPatch);
+
+impl FromFields for PatchProvider {
+    fn from_fields(f: &mut Fields) -> Option<Self> {
+        let name = f.optional("name", ProviderName::parse);
+        let base_url = f.optional("base_url", BaseUrl::parse);
+        let token = f.optional("token", ProviderToken::parse);
+        let status = f.optional("status", parse_status);
+        let patch = storage::providers::ProviderPatch {
+            name: name?,
+            base_url: base_url?,
+            token: token?,
+            status: status?,
+        };
+        if patch.name.is_none()
+            && patch.base_url.is_none()
+            && patch.token.is_none()
+            && patch.status.is_none()
+        {
+            f.reject(FieldError::new(
+                "body",
+                "nothing to change: give at least one of name, base_url, token, status",
+            ))?;
+        }
+        Some(Self(patch))
+    }
+}
+
+/// `POST /orgs/{org_id}/api-keys`.
+pub struct CreateApiKey {
+    pub name: String,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+impl FromFields for CreateApiKey {
+    fn from_fields(f: &mut Fields) -> Option<Self> {
+        let name = f.required("name", |s| parse_label("name", s));
+        let expires_at = f.optional("expires_at", |s| {
+            let t = parse_time("expires_at")(s)?;
+            if t <= Utc::now() {
+                return Err(ValidationError::new(
+                    "expires_at",
+                    "expires_at must be in the future",
+                ));
+            }
+            Ok(t)
+        });
+        Some(Self {
+            name: name?,
+            expires_at: expires_at?,
+        })
+    }
+}
+
+fn parse_limit(max: u32) -> impl Fn(&str) -> Result<u32, ValidationError> {
+    move |s| match s.parse::<u32>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(ValidationError::new(
+            "limit",
+            format!("limit must be an integer from 1 to {max}"),
+        )),
+    }
+}
+
+fn parse_cursor(s: &str) -> Result<Cursor, ValidationError> {
+    Cursor::decode(s).ok_or_else(|| {
+        ValidationError::new(
+            "cursor",
+            "cursor must be a next_cursor value this server returned",
+        )
+    })
+}
+
+/// `?cursor&limit` of a paginated list.
+pub struct PageQuery<const MAX: u32> {
+    pub cursor: Option<Cursor>,
+    pub limit: u32,
+}
+
+/// Page size when `limit` is not given.
+pub const DEFAULT_LIMIT: u32 = 50;
+
+impl<const MAX: u32> FromFields for PageQuery<MAX> {
+    fn from_fields(f: &mut Fields) -> Option<Self> {
+        let cursor = f.optional("cursor", parse_cursor);
+        let limit = f.optional("limit", parse_limit(MAX));
+        Some(Self {
+            cursor: cursor?,
+            limit: limit?.unwrap_or(DEFAULT_LIMIT),
+        })
+    }
+}
+
+/// `GET /orgs/{org_id}/logs` filters.
+pub struct LogQuery {
+    pub filter: storage::logs::LogFilter,
+    pub page: PageQuery<500>,
+}
+
+impl FromFields for LogQuery {
+    fn from_fields(f: &mut Fields) -> Option<Self> {
+        let api_key_id = f.optional("api_key_id", parse_uuid("api_key_id"));
+        let provider = f.optional("provider", |s| {
+            if s.is_empty() || s.len() > 200 {
+                Err(ValidationError::new(
+                    "provider",
+                    "provider must be 1 to 200 characters",
+                ))
+            } else {
+                Ok(s.to_owned())
+            }
+        });
+        let status = f.optional("status", |s| match s.parse::<i16>() {
+            Ok(n) if (100..=599).contains(&n) => Ok(n),
+            _ => Err(ValidationError::new(
+                "status",
+                "status must be an HTTP status code (100 to 599)",
+            )),
+        });
+        let from = f.optional("from", parse_time("from"));
+        let to = f.optional("to", parse_time("to"));
+        let page = PageQuery::<500>::from_fields(f);
+        Some(Self {
+            filter: storage::logs::LogFilter {
+                api_key_id: api_key_id?,
+                provider_name: provider?,
+                status_code: status?,
+                from: from?,
+                to: to?,
+            },
+            page: page?,
+        })
+    }
+}
+
+/// `GET /orgs/{org_id}/usage`.
+pub struct UsageQuery {
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    pub group_by: GroupBy,
+}
+
+/// Window when `from` is not given.
+pub const DEFAULT_USAGE_DAYS: i64 = 30;
+
+impl FromFields for UsageQuery {
+    fn from_fields(f: &mut Fields) -> Option<Self> {
+        let from = f.optional("from", parse_time("from"));
+        let to = f.optional("to", parse_time("to"));
+        let group_by = f.optional("group_by", |s| match s {
+            "day" => Ok(GroupBy::Day),
+            "model" => Ok(GroupBy::Model),
+            "provider" => Ok(GroupBy::Provider),
+            "api_key" => Ok(GroupBy::ApiKey),
+            _ => Err(ValidationError::new(
+                "group_by",
+                "group_by must be one of day, model, provider, api_key",
+            )),
+        });
+        let to = to?.unwrap_or_else(Utc::now);
+        let from = from?.unwrap_or(to - chrono::Duration::days(DEFAULT_USAGE_DAYS));
+        if from >= to {
+            f.reject(FieldError::new("from", "from must be before to"))?;
+        }
+        Some(Self {
+            from,
+            to,
+            group_by: group_by?.unwrap_or(GroupBy::Day),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body<T: FromFields>(json: &str) -> Result<T, ApiError> {
+        Fields::parse_body(json.as_bytes())
+    }
+
+    fn fields(e: ApiError) -> Vec<String> {
+        match e {
+            ApiError::Validation(d) => d.into_iter().map(|f| f.field).collect(),
+            other => panic!("not a validation error: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_bad_field_is_named_and_unknown_fields_refused() {
+        let e = body::<CreateProvider>(r#"{"name":"Bad","base_url":5,"extra":1}"#)
+            .err()
+            .unwrap();
+        assert_eq!(fields(e), ["name", "base_url", "token", "extra"]);
+        assert!(matches!(
+            body::<CreateProvider>("[1]"),
+            Err(ApiError::BadRequest(_))
+        ));
+        assert!(matches!(
+            body::<CreateProvider>("{"),
+            Err(ApiError::BadRequest(_))
+        ));
+    }
+
+    #[test]
+    fn refusals_never_echo_the_value() {
+        let e = body::<CreateProvider>(
+            r#"{"name":"x","base_url":"https://a.example.com","token":" sk-SECRETVALUE"}"#,
+        )
+        .err()
+        .unwrap();
+        assert!(!format!("{e:?}").contains("SECRETVALUE"));
+        let e = body::<Signup>(r#"{"email":"a@b.c","password":"short"}"#)
+            .err()
+            .unwrap();
+        assert!(!format!("{e:?}").contains("short\""));
+    }
+
+    #[test]
+    fn empty_patch_is_refused() {
+        assert_eq!(fields(body::<PatchProvider>("{}").err().unwrap()), ["body"]);
+        assert!(body::<PatchProvider>(r#"{"status":"inactive"}"#).is_ok());
+    }
+
+    #[test]
+    fn query_duplicates_and_ranges() {
+        let q = |p: &[(&str, &str)]| {
+            Fields::parse_query::<UsageQuery>(
+                p.iter()
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .collect(),
+            )
+        };
+        assert!(q(&[("group_by", "model")]).is_ok());
+        assert_eq!(
+            fields(q(&[("group_by", "week")]).err().unwrap()),
+            ["group_by"]
+        );
+        assert_eq!(
+            fields(
+                q(&[("group_by", "day"), ("group_by", "day")])
+                    .err()
+                    .unwrap()
+            ),
+            ["group_by"]
+        );
+        assert_eq!(
+            fields(
+                q(&[
+                    ("from", "2025-02-01T00:00:00Z"),
+                    ("to", "2025-01-01T00:00:00Z")
+                ])
+                .err()
+                .unwrap()
+            ),
+            ["from"]
+        );
+    }
+}

@@ -1,0 +1,545 @@
+//! The route table: the single place a route is declared. [`register`] mounts
+//! it on actix-web and [`crate::openapi::document`] describes it, so the
+//! server and its OpenAPI document cannot disagree.
+
+use actix_web::http::Method;
+use actix_web::{web, Scope};
+use storage::domain::Role;
+
+use crate::handlers::{api_keys, auth, members, ops, orgs, providers, usage};
+
+/// Who may call a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Public,
+    /// Any signed-in user.
+    Session,
+    /// A member of `{org_id}` with at least this role.
+    Org(Role),
+}
+
+/// Type of a query parameter, for the document.
+#[derive(Debug, Clone, Copy)]
+pub enum ParamType {
+    Uuid,
+    DateTime,
+    Integer { min: u32, max: u32 },
+    Text,
+    Enum(&'static [&'static str]),
+}
+
+/// A query parameter.
+#[derive(Debug, Clone, Copy)]
+pub struct Param {
+    pub name: &'static str,
+    pub ty: ParamType,
+    pub description: &'static str,
+}
+
+/// One route: what the server mounts and the document describes.
+pub struct Route {
+    pub method: Method,
+    /// The full path; `{name}` segments are UUIDs.
+    pub path: &'static str,
+    pub operation_id: &'static str,
+    pub tag: &'static str,
+    pub summary: &'static str,
+    pub access: Access,
+    pub query: &'static [Param],
+    /// Component schema of the JSON body, if the route takes one.
+    pub body: Option<&'static str>,
+    /// Success status and the component schema of its body.
+    pub ok: (u16, Option<&'static str>),
+    /// Error statuses beyond those implied by `access`, `body` and the path.
+    pub errors: &'static [u16],
+    /// Attaches the handler to a route already guarded by `method`.
+    pub handler: fn(actix_web::Route) -> actix_web::Route,
+}
+
+impl Route {
+    /// Every error status the route can answer, ascending.
+    pub fn error_statuses(&self) -> Vec<u16> {
+        let mut s = vec![500, 503];
+        if self.body.is_some() {
+            s.extend([400, 413, 422]);
+        }
+        if !self.query.is_empty() {
+            s.extend([400, 422]);
+        }
+        match self.access {
+            Access::Public => {}
+            Access::Session => s.push(401),
+            Access::Org(role) => {
+                s.extend([401, 404]);
+                if role > Role::Member {
+                    s.push(403);
+                }
+            }
+        }
+        if self.path.matches('{').count() > 0 {
+            s.push(404);
+        }
+        s.extend(self.errors);
+        s.sort_unstable();
+        s.dedup();
+        s
+    }
+}
+
+const PAGE: [Param; 2] = [
+    Param {
+        name: "cursor",
+        ty: ParamType::Text,
+        description: "`next_cursor` of the previous page",
+    },
+    Param {
+        name: "limit",
+        ty: ParamType::Integer { min: 1, max: 200 },
+        description: "page size (default 50)",
+    },
+];
+
+const LOG_QUERY: [Param; 7] = [
+    Param {
+        name: "api_key_id",
+        ty: ParamType::Uuid,
+        description: "only requests made with this API key",
+    },
+    Param {
+        name: "provider",
+        ty: ParamType::Text,
+        description: "only requests routed to this provider name",
+    },
+    Param {
+        name: "status",
+        ty: ParamType::Integer { min: 100, max: 599 },
+        description: "only requests answered with this HTTP status",
+    },
+    Param {
+        name: "from",
+        ty: ParamType::DateTime,
+        description: "only requests at or after this time",
+    },
+    Param {
+        name: "to",
+        ty: ParamType::DateTime,
+        description: "only requests before this time",
+    },
+    PAGE[0],
+    Param {
+        name: "limit",
+        ty: ParamType::Integer { min: 1, max: 500 },
+        description: "page size (default 50)",
+    },
+];
+
+const USAGE_QUERY: [Param; 3] = [
+    Param {
+        name: "from",
+        ty: ParamType::DateTime,
+        description: "start of the window, inclusive (default: 30 days before `to`)",
+    },
+    Param {
+        name: "to",
+        ty: ParamType::DateTime,
+        description: "end of the window, exclusive (default: now)",
+    },
+    Param {
+        name: "group_by",
+        ty: ParamType::Enum(&["day", "model", "provider", "api_key"]),
+        description: "bucket (default `day`, UTC)",
+    },
+];
+
+const MEMBER: Access = Access::Org(Role::Member);
+const ADMIN: Access = Access::Org(Role::Admin);
+const OWNER: Access = Access::Org(Role::Owner);
+
+/// Every route the server answers.
+pub fn routes() -> Vec<Route> {
+    vec![
+        Route {
+            method: Method::GET,
+            path: "/healthz",
+            operation_id: "healthz",
+            tag: "operations",
+            summary: "Liveness: the process is up",
+            access: Access::Public,
+            query: &[],
+            body: None,
+            ok: (200, Some("Status")),
+            errors: &[],
+            handler: |r| r.to(ops::healthz),
+        },
+        Route {
+            method: Method::GET,
+            path: "/readyz",
+            operation_id: "readyz",
+            tag: "operations",
+            summary: "Readiness: the database answers (503 database_unavailable otherwise)",
+            access: Access::Public,
+            query: &[],
+            body: None,
+            ok: (200, Some("Status")),
+            errors: &[],
+            handler: |r| r.to(ops::readyz),
+        },
+        Route {
+            method: Method::GET,
+            path: "/api/openapi.json",
+            operation_id: "openapi",
+            tag: "operations",
+            summary: "This OpenAPI 3 document",
+            access: Access::Public,
+            query: &[],
+            body: None,
+            ok: (200, None),
+            errors: &[],
+            handler: |r| r.to(ops::openapi),
+        },
+        Route {
+            method: Method::POST,
+            path: "/api/v1/auth/signup",
+            operation_id: "signup",
+            tag: "auth",
+            summary: "Create an account and a session (403 signup_disabled when LLMGW_ALLOW_SIGNUP=false)",
+            access: Access::Public,
+            query: &[],
+            body: Some("Signup"),
+            ok: (201, Some("Session")),
+            errors: &[403, 409],
+            handler: |r| r.to(auth::signup),
+        },
+        Route {
+            method: Method::POST,
+            path: "/api/v1/auth/login",
+            operation_id: "login",
+            tag: "auth",
+            summary: "Exchange email and password for a bearer session token",
+            access: Access::Public,
+            query: &[],
+            body: Some("Login"),
+            ok: (200, Some("Session")),
+            errors: &[401],
+            handler: |r| r.to(auth::login),
+        },
+        Route {
+            method: Method::POST,
+            path: "/api/v1/auth/logout",
+            operation_id: "logout",
+            tag: "auth",
+            summary: "End this session; its token stops working at once",
+            access: Access::Session,
+            query: &[],
+            body: None,
+            ok: (204, None),
+            errors: &[],
+            handler: |r| r.to(auth::logout),
+        },
+        Route {
+            method: Method::GET,
+            path: "/api/v1/me",
+            operation_id: "me",
+            tag: "auth",
+            summary: "The signed-in user",
+            access: Access::Session,
+            query: &[],
+            body: None,
+            ok: (200, Some("User")),
+            errors: &[],
+            handler: |r| r.to(auth::me),
+        },
+        Route {
+            method: Method::POST,
+            path: "/api/v1/orgs",
+            operation_id: "createOrg",
+            tag: "organizations",
+            summary: "Create an organization; the caller becomes its owner",
+            access: Access::Session,
+            query: &[],
+            body: Some("OrgInput"),
+            ok: (201, Some("Org")),
+            errors: &[],
+            handler: |r| r.to(orgs::create),
+        },
+        Route {
+            method: Method::GET,
+            path: "/api/v1/orgs",
+            operation_id: "listOrgs",
+            tag: "organizations",
+            summary: "The organizations the caller belongs to",
+            access: Access::Session,
+            query: &[],
+            body: None,
+            ok: (200, Some("OrgList")),
+            errors: &[],
+            handler: |r| r.to(orgs::list),
+        },
+        Route {
+            method: Method::GET,
+            path: "/api/v1/orgs/{org_id}",
+            operation_id: "getOrg",
+            tag: "organizations",
+            summary: "An organization, with the caller's role",
+            access: MEMBER,
+            query: &[],
+            body: None,
+            ok: (200, Some("Org")),
+            errors: &[],
+            handler: |r| r.to(orgs::get),
+        },
+        Route {
+            method: Method::PATCH,
+            path: "/api/v1/orgs/{org_id}",
+            operation_id: "renameOrg",
+            tag: "organizations",
+            summary: "Rename an organization (admin or owner)",
+            access: ADMIN,
+            query: &[],
+            body: Some("OrgInput"),
+            ok: (200, Some("Org")),
+            errors: &[],
+            handler: |r| r.to(orgs::rename),
+        },
+        Route {
+            method: Method::DELETE,
+            path: "/api/v1/orgs/{org_id}",
+            operation_id: "deleteOrg",
+            tag: "organizations",
+            summary: "Delete an organization and everything it owns (owner)",
+            access: OWNER,
+            query: &[],
+            body: None,
+            ok: (204, None),
+            errors: &[],
+            handler: |r| r.to(orgs::delete),
+        },
+        Route {
+            method: Method::GET,
+            path: "/api/v1/orgs/{org_id}/members",
+            operation_id: "listMembers",
+            tag: "members",
+            summary: "The organization's members",
+            access: MEMBER,
+            query: &[],
+            body: None,
+            ok: (200, Some("MemberList")),
+            errors: &[],
+            handler: |r| r.to(members::list),
+        },
+        Route {
+            method: Method::POST,
+            path: "/api/v1/orgs/{org_id}/members",
+            operation_id: "addMember",
+            tag: "members",
+            summary: "Add an existing account by email with a role (owner)",
+            access: OWNER,
+            query: &[],
+            body: Some("MemberAdd"),
+            ok: (201, Some("Member")),
+            errors: &[409],
+            handler: |r| r.to(members::add),
+        },
+        Route {
+            method: Method::PATCH,
+            path: "/api/v1/orgs/{org_id}/members/{user_id}",
+            operation_id: "setMemberRole",
+            tag: "members",
+            summary: "Change a member's role (owner); the last owner cannot be demoted",
+            access: OWNER,
+            query: &[],
+            body: Some("MemberPatch"),
+            ok: (200, Some("Member")),
+            errors: &[409],
+            handler: |r| r.to(members::set_role),
+        },
+        Route {
+            method: Method::DELETE,
+            path: "/api/v1/orgs/{org_id}/members/{user_id}",
+            operation_id: "removeMember",
+            tag: "members",
+            summary: "Remove a member (owner), or leave (any member removing themselves); the last owner cannot leave",
+            access: MEMBER,
+            query: &[],
+            body: None,
+            ok: (204, None),
+            errors: &[403, 409],
+            handler: |r| r.to(members::remove),
+        },
+        Route {
+            method: Method::GET,
+            path: "/api/v1/orgs/{org_id}/provider-keys",
+            operation_id: "listProviderKeys",
+            tag: "provider keys",
+            summary: "The organization's custom providers (tokens masked)",
+            access: MEMBER,
+            query: &[],
+            body: None,
+            ok: (200, Some("ProviderKeyList")),
+            errors: &[],
+            handler: |r| r.to(providers::list),
+        },
+        Route {
+            method: Method::POST,
+            path: "/api/v1/orgs/{org_id}/provider-keys",
+            operation_id: "createProviderKey",
+            tag: "provider keys",
+            summary: "Register a custom provider (admin)",
+            access: ADMIN,
+            query: &[],
+            body: Some("ProviderKeyCreate"),
+            ok: (201, Some("ProviderKey")),
+            errors: &[409],
+            handler: |r| r.to(providers::create),
+        },
+        Route {
+            method: Method::GET,
+            path: "/api/v1/orgs/{org_id}/provider-keys/{id}",
+            operation_id: "getProviderKey",
+            tag: "provider keys",
+            summary: "One custom provider (token masked)",
+            access: MEMBER,
+            query: &[],
+            body: None,
+            ok: (200, Some("ProviderKey")),
+            errors: &[],
+            handler: |r| r.to(providers::get),
+        },
+        Route {
+            method: Method::PATCH,
+            path: "/api/v1/orgs/{org_id}/provider-keys/{id}",
+            operation_id: "updateProviderKey",
+            tag: "provider keys",
+            summary: "Change a provider's name, base URL, token or status (admin)",
+            access: ADMIN,
+            query: &[],
+            body: Some("ProviderKeyPatch"),
+            ok: (200, Some("ProviderKey")),
+            errors: &[409],
+            handler: |r| r.to(providers::update),
+        },
+        Route {
+            method: Method::DELETE,
+            path: "/api/v1/orgs/{org_id}/provider-keys/{id}",
+            operation_id: "deleteProviderKey",
+            tag: "provider keys",
+            summary: "Delete a provider (admin)",
+            access: ADMIN,
+            query: &[],
+            body: None,
+            ok: (204, None),
+            errors: &[],
+            handler: |r| r.to(providers::delete),
+        },
+        Route {
+            method: Method::POST,
+            path: "/api/v1/orgs/{org_id}/provider-keys/{id}/test",
+            operation_id: "testProviderKey",
+            tag: "provider keys",
+            summary: "Call the provider's /v1/models with its token; report reachability, status, latency, model count (admin)",
+            access: ADMIN,
+            query: &[],
+            body: None,
+            ok: (200, Some("ProviderTest")),
+            errors: &[],
+            handler: |r| r.to(providers::test),
+        },
+        Route {
+            method: Method::GET,
+            path: "/api/v1/orgs/{org_id}/api-keys",
+            operation_id: "listApiKeys",
+            tag: "api keys",
+            summary: "The organization's gateway API keys, newest first (never the keys themselves)",
+            access: MEMBER,
+            query: &PAGE,
+            body: None,
+            ok: (200, Some("ApiKeyList")),
+            errors: &[],
+            handler: |r| r.to(api_keys::list),
+        },
+        Route {
+            method: Method::POST,
+            path: "/api/v1/orgs/{org_id}/api-keys",
+            operation_id: "createApiKey",
+            tag: "api keys",
+            summary: "Create a gateway API key; the answer holds the key, shown this once (admin)",
+            access: ADMIN,
+            query: &[],
+            body: Some("ApiKeyCreate"),
+            ok: (201, Some("ApiKeyCreated")),
+            errors: &[],
+            handler: |r| r.to(api_keys::create),
+        },
+        Route {
+            method: Method::DELETE,
+            path: "/api/v1/orgs/{org_id}/api-keys/{id}",
+            operation_id: "revokeApiKey",
+            tag: "api keys",
+            summary: "Revoke a gateway API key (admin); idempotent",
+            access: ADMIN,
+            query: &[],
+            body: None,
+            ok: (200, Some("ApiKey")),
+            errors: &[],
+            handler: |r| r.to(api_keys::revoke),
+        },
+        Route {
+            method: Method::GET,
+            path: "/api/v1/orgs/{org_id}/logs",
+            operation_id: "listLogs",
+            tag: "usage",
+            summary: "The organization's gateway requests, newest first, filtered",
+            access: MEMBER,
+            query: &LOG_QUERY,
+            body: None,
+            ok: (200, Some("RequestLogList")),
+            errors: &[],
+            handler: |r| r.to(usage::logs),
+        },
+        Route {
+            method: Method::GET,
+            path: "/api/v1/orgs/{org_id}/usage",
+            operation_id: "usage",
+            tag: "usage",
+            summary: "Requests, errors, tokens and p50/p95 latency, grouped",
+            access: MEMBER,
+            query: &USAGE_QUERY,
+            body: None,
+            ok: (200, Some("Usage")),
+            errors: &[],
+            handler: |r| r.to(usage::usage),
+        },
+        Route {
+            method: Method::GET,
+            path: "/api/v1/orgs/{org_id}/audit-log",
+            operation_id: "auditLog",
+            tag: "audit",
+            summary: "Who changed what, when, newest first (admin)",
+            access: ADMIN,
+            query: &PAGE,
+            body: None,
+            ok: (200, Some("AuditList")),
+            errors: &[],
+            handler: |r| r.to(usage::audit_log),
+        },
+    ]
+}
+
+/// Mounts the routes on `scope`, one resource per path, so a known path with
+/// another method answers 405 in the API's error shape.
+pub fn register(mut scope: Scope, routes: &[Route]) -> Scope {
+    let mut paths: Vec<&str> = Vec::new();
+    for r in routes {
+        if !paths.contains(&r.path) {
+            paths.push(r.path);
+        }
+    }
+    for path in paths {
+        let mut resource = web::resource(path).default_service(web::to(ops::method_not_allowed));
+        for r in routes.iter().filter(|r| r.path == path) {
+            resource = resource.route((r.handler)(web::route().method(r.method.clone())));
+        }
+        scope = scope.service(resource);
+    }
+    scope
+}

@@ -1,0 +1,320 @@
+//! Error shapes for client mistakes, operational routes, request ids and the
+//! OpenAPI document.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use api::{Api, ApiConfig};
+use reqwest::Method;
+use serde_json::{json, Value};
+use storage::{Db, Keyring, PoolConfig};
+
+use crate::helpers::{Opts, TestApp, PASSWORD};
+
+/// Every route DESIGN.md lists, plus the operational ones.
+const EXPECTED: &[(&str, &str)] = &[
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/api/openapi.json"),
+    ("POST", "/api/v1/auth/signup"),
+    ("POST", "/api/v1/auth/login"),
+    ("POST", "/api/v1/auth/logout"),
+    ("GET", "/api/v1/me"),
+    ("POST", "/api/v1/orgs"),
+    ("GET", "/api/v1/orgs"),
+    ("GET", "/api/v1/orgs/{org_id}"),
+    ("PATCH", "/api/v1/orgs/{org_id}"),
+    ("DELETE", "/api/v1/orgs/{org_id}"),
+    ("GET", "/api/v1/orgs/{org_id}/members"),
+    ("POST", "/api/v1/orgs/{org_id}/members"),
+    ("PATCH", "/api/v1/orgs/{org_id}/members/{user_id}"),
+    ("DELETE", "/api/v1/orgs/{org_id}/members/{user_id}"),
+    ("GET", "/api/v1/orgs/{org_id}/provider-keys"),
+    ("POST", "/api/v1/orgs/{org_id}/provider-keys"),
+    ("GET", "/api/v1/orgs/{org_id}/provider-keys/{id}"),
+    ("PATCH", "/api/v1/orgs/{org_id}/provider-keys/{id}"),
+    ("DELETE", "/api/v1/orgs/{org_id}/provider-keys/{id}"),
+    ("POST", "/api/v1/orgs/{org_id}/provider-keys/{id}/test"),
+    ("GET", "/api/v1/orgs/{org_id}/api-keys"),
+    ("POST", "/api/v1/orgs/{org_id}/api-keys"),
+    ("DELETE", "/api/v1/orgs/{org_id}/api-keys/{id}"),
+    ("GET", "/api/v1/orgs/{org_id}/logs"),
+    ("GET", "/api/v1/orgs/{org_id}/usage"),
+    ("GET", "/api/v1/orgs/{org_id}/audit-log"),
+];
+
+#[tokio::test]
+async fn openapi_document_lists_every_route_the_server_answers() {
+    let app = TestApp::spawn().await;
+    let r = app.call(Method::GET, "/api/openapi.json", None, None).await;
+    r.expect(200);
+    assert!(r.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("application/json"));
+    let doc: Value = serde_json::from_str(&r.text).expect("the document is JSON");
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    assert!(doc["info"]["title"].is_string());
+
+    let mut documented = BTreeSet::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            documented.insert((method.to_uppercase(), path.clone()));
+            let responses = op["responses"].as_object().unwrap();
+            assert!(
+                responses.keys().any(|s| s.starts_with('2')),
+                "{method} {path} has no success response"
+            );
+            assert!(
+                responses.contains_key("500") && responses.contains_key("503"),
+                "{method} {path}"
+            );
+            for (status, resp) in responses {
+                if !status.starts_with('2') {
+                    assert_eq!(
+                        resp["content"]["application/json"]["schema"]["$ref"],
+                        "#/components/schemas/Error"
+                    );
+                }
+            }
+            let path_params = path.matches('{').count();
+            let declared = op["parameters"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|p| p["in"] == "path")
+                .count();
+            assert_eq!(path_params, declared, "{method} {path}");
+            if path.contains("{org_id}") {
+                assert!(
+                    responses.contains_key("404") && responses.contains_key("401"),
+                    "{method} {path}"
+                );
+            }
+        }
+    }
+    let expected: BTreeSet<(String, String)> = EXPECTED
+        .iter()
+        .map(|(m, p)| (m.to_string(), p.to_string()))
+        .collect();
+    assert_eq!(documented, expected);
+    // Role-gated routes document 403.
+    assert!(
+        doc["paths"]["/api/v1/orgs/{org_id}/provider-keys"]["post"]["responses"]["403"].is_object()
+    );
+    assert!(
+        doc["paths"]["/api/v1/orgs/{org_id}/provider-keys"]["post"]["responses"]["409"].is_object()
+    );
+    assert!(doc["paths"]["/api/v1/orgs/{org_id}/provider-keys"]["post"]["requestBody"].is_object());
+
+    // The server answers each documented route (none is an unknown route or method).
+    let id = uuid::Uuid::new_v4();
+    for (method, path) in &documented {
+        let url = path
+            .replace("{org_id}", &id.to_string())
+            .replace("{id}", &id.to_string())
+            .replace("{user_id}", &id.to_string());
+        let r = app
+            .call(
+                Method::from_bytes(method.as_bytes()).unwrap(),
+                &url,
+                None,
+                None,
+            )
+            .await;
+        assert!(
+            !["route_not_found", "method_not_allowed"].contains(&r.code()),
+            "{method} {path}: {}",
+            r.text
+        );
+        assert!(r.status < 500, "{method} {path}: {}", r.text);
+    }
+}
+
+#[tokio::test]
+async fn client_mistakes_get_4xx_in_the_error_shape() {
+    let app = TestApp::spawn_with(Opts {
+        max_body_bytes: 4096,
+        ..Opts::default()
+    })
+    .await;
+    let (token, _) = app.signup("eve@example.com").await;
+    let signup = |body: &'static str| {
+        app.send(
+            app.request(Method::POST, "/api/v1/auth/signup", None)
+                .header("content-type", "application/json")
+                .body(body),
+        )
+    };
+    let bad_json = signup("{\"email\": ").await;
+    bad_json.expect(400);
+    assert_eq!(bad_json.code(), "bad_request");
+    assert!(bad_json.error_fields().is_empty());
+    signup("[1,2]").await.expect(400);
+    signup("").await.expect(400);
+    let wrong_types = signup(r#"{"email": 1, "password": ["x"]}"#).await;
+    wrong_types.expect(422);
+    assert_eq!(wrong_types.code(), "validation_failed");
+    assert_eq!(wrong_types.error_fields(), ["email", "password"]);
+    let missing = signup(r#"{"email": "x@example.com"}"#).await;
+    missing.expect(422);
+    assert_eq!(missing.error_fields(), ["password"]);
+    let unknown =
+        signup(r#"{"email": "x@example.com", "password": "long enough", "admin": true}"#).await;
+    unknown.expect(422);
+    assert_eq!(unknown.error_fields(), ["admin"]);
+
+    // Oversized bodies, with and without a session, with and without a length.
+    let big = format!(r#"{{"name":"{}"}}"#, "a".repeat(10_000));
+    let r = app
+        .send(
+            app.request(Method::POST, "/api/v1/orgs", Some(&token))
+                .header("content-type", "application/json")
+                .body(big.clone()),
+        )
+        .await;
+    r.expect(413);
+    assert_eq!(r.code(), "payload_too_large");
+    let r = app
+        .send(
+            app.request(Method::POST, "/api/v1/auth/login", None)
+                .body(big.clone()),
+        )
+        .await;
+    r.expect(413);
+    let chunks = futures_util::stream::iter(vec![Ok::<_, std::io::Error>(big.into_bytes())]);
+    let r = app
+        .send(
+            app.request(Method::POST, "/api/v1/orgs", Some(&token))
+                .body(reqwest::Body::wrap_stream(chunks)),
+        )
+        .await;
+    r.expect(413);
+
+    let unknown_route = app.get("/api/v1/nope", &token).await;
+    unknown_route.expect(404);
+    assert_eq!(unknown_route.code(), "route_not_found");
+    assert!(unknown_route.error_fields().is_empty());
+    app.call(Method::GET, "/", None, None).await.expect(404);
+    let wrong_method = app
+        .call(Method::PUT, "/api/v1/orgs", Some(&token), None)
+        .await;
+    wrong_method.expect(405);
+    assert_eq!(wrong_method.code(), "method_not_allowed");
+    // An authenticated caller gets 404 for a malformed org id, not 400.
+    assert_eq!(
+        app.get("/api/v1/orgs/123/provider-keys", &token)
+            .await
+            .expect(404)
+            .code(),
+        "not_found"
+    );
+    let bad_query = app.get("/api/v1/orgs/%zz", &token).await;
+    assert!(bad_query.status == 404, "{}", bad_query.text);
+}
+
+#[tokio::test]
+async fn auth_is_checked_before_the_body() {
+    let app = TestApp::spawn().await;
+    let (token, _) = app.signup("first@example.com").await;
+    let org = app.create_org(&token, "F").await;
+    let (stranger, _) = app.signup("second@example.com").await;
+    let path = format!("/api/v1/orgs/{org}/provider-keys");
+    let body = "{not json";
+    let anon = app
+        .send(app.request(Method::POST, &path, None).body(body))
+        .await;
+    anon.expect(401);
+    let other = app
+        .send(app.request(Method::POST, &path, Some(&stranger)).body(body))
+        .await;
+    other.expect(404);
+    let mine = app
+        .send(app.request(Method::POST, &path, Some(&token)).body(body))
+        .await;
+    mine.expect(400);
+    let _ = PASSWORD;
+}
+
+#[tokio::test]
+async fn every_answer_carries_a_request_id() {
+    let app = TestApp::spawn().await;
+    let ok = app.call(Method::GET, "/healthz", None, None).await;
+    ok.expect(200);
+    assert_eq!(ok.body, json!({"status": "ok"}));
+    let generated = ok.headers["x-request-id"].to_str().unwrap();
+    assert!(uuid::Uuid::parse_str(generated).is_ok());
+    for path in ["/readyz", "/api/v1/me", "/nope"] {
+        let r = app.call(Method::GET, path, None, None).await;
+        assert!(r.headers.contains_key("x-request-id"), "{path}");
+    }
+    app.call(Method::GET, "/readyz", None, None)
+        .await
+        .expect(200);
+    let echoed = app
+        .send(
+            app.request(Method::GET, "/healthz", None)
+                .header("x-request-id", "abc-123"),
+        )
+        .await;
+    assert_eq!(echoed.headers["x-request-id"], "abc-123");
+    let replaced = app
+        .send(
+            app.request(Method::GET, "/healthz", None)
+                .header("x-request-id", "bad id\twith junk"),
+        )
+        .await;
+    assert_ne!(replaced.headers["x-request-id"], "bad id\twith junk");
+}
+
+#[tokio::test]
+async fn database_outage_answers_503() {
+    let keyring = Keyring::parse(&format!("1:{}", Keyring::generate_key_material())).unwrap();
+    let options = Db::options_from_url("postgres://postgres@127.0.0.1:1/none").unwrap();
+    let db = Db::connect_lazy(
+        options,
+        keyring,
+        &PoolConfig {
+            max_connections: 2,
+            acquire_timeout: Duration::from_millis(500),
+        },
+    );
+    let upstream = upstream::UpstreamClient::new(&upstream::UpstreamConfig::default()).unwrap();
+    let api = Api::new(
+        db,
+        ApiConfig {
+            allow_signup: true,
+            session_ttl: Duration::from_secs(60),
+            max_body_bytes: 1024,
+            allow_private: false,
+            upstream,
+        },
+    );
+    let (base, handle) = testkit::spawn_http(move |cfg| api.configure(cfg));
+    let client = reqwest::Client::new();
+    let ready = client.get(format!("{base}/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+    let body: Value = ready.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "database_unavailable");
+    let me = client
+        .get(format!("{base}/api/v1/me"))
+        .bearer_auth("llmgws_x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(me.status(), 503);
+    let body: Value = me.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "database_unavailable");
+    assert!(
+        !body.to_string().contains("127.0.0.1:1"),
+        "internal detail leaked: {body}"
+    );
+    client
+        .get(format!("{base}/healthz"))
+        .send()
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap();
+    handle.stop(true).await;
+}

@@ -1,0 +1,12 @@
+//! Integration tests of the settings API: a real PostgreSQL database per
+//! test (testkit), the server on 127.0.0.1:0, reqwest as the client.
+
+mod accounts;
+mod api_keys;
+mod bola;
+mod helpers;
+mod http;
+mod orgs;
+mod providers;
+mod secrets;
+mod usage;

@@ -1,0 +1,376 @@
+use serde_json::json;
+use testkit::MockUpstream;
+
+use crate::helpers::{Opts, OrgFixture, TestApp};
+
+#[tokio::test]
+async fn provider_key_lifecycle() {
+    let app = TestApp::spawn().await;
+    let (admin, _) = app.signup("pat@example.com").await;
+    let org = app.create_org(&admin, "P").await;
+    let secret = "sk-lifecycle-0123456789-WXYZ";
+    let created = app
+        .create_provider(
+            &admin,
+            &org,
+            "mycompany",
+            "https://api.example.com/",
+            secret,
+        )
+        .await;
+    created.expect(201);
+    let b = &created.body;
+    assert_eq!(b["name"], "mycompany");
+    assert_eq!(
+        b["base_url"], "https://api.example.com",
+        "trailing / dropped"
+    );
+    assert_eq!(b["token_hint"], "WXYZ");
+    assert_eq!(b["status"], "active");
+    let mut keys: Vec<_> = b.as_object().unwrap().keys().cloned().collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "base_url",
+            "created_at",
+            "id",
+            "name",
+            "status",
+            "token_hint",
+            "updated_at"
+        ]
+    );
+    let id = created.id();
+    let path = format!("/api/v1/orgs/{org}/provider-keys/{id}");
+
+    let list = app
+        .get(&format!("/api/v1/orgs/{org}/provider-keys"), &admin)
+        .await;
+    list.expect(200);
+    assert_eq!(list.body["data"][0], *b);
+    assert_eq!(app.get(&path, &admin).await.expect(200).body, *b);
+
+    let patched = app
+        .patch(
+            &path,
+            &admin,
+            json!({"name": "internal", "base_url": "https://llm.internal.example.com/openai", "token": "sk-new-token-ABCD", "status": "inactive"}),
+        )
+        .await;
+    patched.expect(200);
+    assert_eq!(patched.body["name"], "internal");
+    assert_eq!(
+        patched.body["base_url"],
+        "https://llm.internal.example.com/openai"
+    );
+    assert_eq!(patched.body["token_hint"], "ABCD");
+    assert_eq!(patched.body["status"], "inactive");
+    let stored = app
+        .db
+        .db
+        .provider_key_with_token(org.parse().unwrap(), id.parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(stored.token.expose_secret(), "sk-new-token-ABCD");
+
+    let bad = app.patch(&path, &admin, json!({"status": "paused"})).await;
+    bad.expect(422);
+    assert_eq!(bad.error_fields(), ["status"]);
+    let empty = app.patch(&path, &admin, json!({})).await;
+    empty.expect(422);
+    let typo = app
+        .patch(&path, &admin, json!({"baseurl": "https://x.example.com"}))
+        .await;
+    typo.expect(422);
+    assert_eq!(typo.error_fields(), ["body", "baseurl"]);
+
+    app.delete(&path, &admin).await.expect(204);
+    app.get(&path, &admin).await.expect(404);
+    app.delete(&path, &admin).await.expect(404);
+    app.assert_never_disclosed(secret);
+    app.assert_never_disclosed("sk-new-token-ABCD");
+}
+
+#[tokio::test]
+async fn provider_names_follow_the_rule() {
+    let app = TestApp::spawn().await;
+    let (admin, _) = app.signup("nina@example.com").await;
+    let org = app.create_org(&admin, "N").await;
+    for name in ["mycompany", "internal", "testing"] {
+        app.create_provider(&admin, &org, name, "https://llm.example.com", "sk-1")
+            .await
+            .expect(201);
+    }
+    let long = "a".repeat(65);
+    for name in [
+        "MyCompany",
+        "my-company",
+        "my_company",
+        "123test",
+        "",
+        "my company",
+        long.as_str(),
+    ] {
+        let r = app
+            .create_provider(&admin, &org, name, "https://llm.example.com", "sk-1")
+            .await;
+        r.expect(422);
+        assert_eq!(r.error_fields(), ["name"], "{name}");
+        let message = r.body["error"]["details"][0]["message"].as_str().unwrap();
+        assert!(message.contains("^[a-z]+$"), "{name}: {message}");
+    }
+    // PATCH applies the same rule.
+    let id = app
+        .get(&format!("/api/v1/orgs/{org}/provider-keys"), &admin)
+        .await
+        .body["data"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = app
+        .patch(
+            &format!("/api/v1/orgs/{org}/provider-keys/{id}"),
+            &admin,
+            json!({"name": "Bad-Name"}),
+        )
+        .await;
+    r.expect(422);
+    assert!(r.text.contains("^[a-z]+$"));
+    // Missing fields and wrong types are named too.
+    let r = app
+        .post(
+            &format!("/api/v1/orgs/{org}/provider-keys"),
+            &admin,
+            json!({"name": 7}),
+        )
+        .await;
+    r.expect(422);
+    assert_eq!(r.error_fields(), ["name", "base_url", "token"]);
+}
+
+#[tokio::test]
+async fn base_urls_are_checked_on_create_and_patch() {
+    let app = TestApp::spawn().await;
+    let (admin, _) = app.signup("uma@example.com").await;
+    let org = app.create_org(&admin, "U").await;
+    let refused = [
+        ("http://api.example.com", "https"),
+        ("ftp://api.example.com", "https"),
+        ("https://user:pw@api.example.com", "credentials"),
+        ("https://api.example.com?x=1", "query"),
+        ("https://api.example.com#frag", "fragment"),
+        ("https://api.example.com/v1", "/v1/chat/completions"),
+        ("https://api.example.com/v1/", "/v1/chat/completions"),
+        ("https://127.0.0.1", "LLMGW_UPSTREAM_ALLOW_PRIVATE"),
+        ("https://169.254.169.254", "LLMGW_UPSTREAM_ALLOW_PRIVATE"),
+        ("https://[::1]", "LLMGW_UPSTREAM_ALLOW_PRIVATE"),
+        ("https://10.0.0.1", "LLMGW_UPSTREAM_ALLOW_PRIVATE"),
+        ("https://localhost", "LLMGW_UPSTREAM_ALLOW_PRIVATE"),
+        ("https://2130706433", "LLMGW_UPSTREAM_ALLOW_PRIVATE"),
+        ("https://[::ffff:127.0.0.1]", "LLMGW_UPSTREAM_ALLOW_PRIVATE"),
+        ("https://100.64.0.1", "LLMGW_UPSTREAM_ALLOW_PRIVATE"),
+        ("not a url", "valid URL"),
+    ];
+    for (url, hint) in refused {
+        let r = app
+            .create_provider(&admin, &org, "refused", url, "sk-1")
+            .await;
+        r.expect(422);
+        assert_eq!(r.error_fields(), ["base_url"], "{url}");
+        assert!(
+            r.body["error"]["details"][0]["message"]
+                .as_str()
+                .unwrap()
+                .contains(hint),
+            "{url}: {}",
+            r.text
+        );
+    }
+    assert_eq!(
+        app.get(&format!("/api/v1/orgs/{org}/provider-keys"), &admin)
+            .await
+            .body["data"],
+        json!([])
+    );
+
+    // A path is allowed; a name that does not resolve is left to the connect-time check.
+    let ok = app
+        .create_provider(
+            &admin,
+            &org,
+            "pathy",
+            "https://gw.example.com/team/openai/",
+            "sk-1",
+        )
+        .await;
+    ok.expect(201);
+    assert_eq!(ok.body["base_url"], "https://gw.example.com/team/openai");
+    let id = ok.id();
+    let path = format!("/api/v1/orgs/{org}/provider-keys/{id}");
+    for url in [
+        "https://127.0.0.1",
+        "https://localhost",
+        "http://gw.example.com",
+        "https://gw.example.com/v1",
+    ] {
+        app.patch(&path, &admin, json!({"base_url": url}))
+            .await
+            .expect(422);
+    }
+    assert_eq!(
+        app.get(&path, &admin).await.body["base_url"],
+        "https://gw.example.com/team/openai"
+    );
+}
+
+#[tokio::test]
+async fn duplicate_names_conflict_even_when_concurrent() {
+    let app = TestApp::spawn().await;
+    let fx = OrgFixture::create(&app, "dup").await;
+    let org = &fx.id;
+    let r = app
+        .create_provider(
+            &fx.admin,
+            org,
+            "mycompany",
+            "https://other.example.com",
+            "sk-2",
+        )
+        .await;
+    r.expect(409);
+    assert_eq!(r.code(), "conflict");
+
+    let (a, b) = tokio::join!(
+        app.create_provider(&fx.admin, org, "racing", "https://a.example.com", "sk-a"),
+        app.create_provider(&fx.owner, org, "racing", "https://b.example.com", "sk-b"),
+    );
+    let mut statuses = [a.status, b.status];
+    statuses.sort_unstable();
+    assert_eq!(statuses, [201, 409], "{} / {}", a.text, b.text);
+
+    // Renaming onto a taken name conflicts too; other orgs may reuse the name.
+    let other = app
+        .create_provider(&fx.admin, org, "other", "https://c.example.com", "sk-c")
+        .await
+        .id();
+    app.patch(
+        &format!("/api/v1/orgs/{org}/provider-keys/{other}"),
+        &fx.admin,
+        json!({"name": "racing"}),
+    )
+    .await
+    .expect(409);
+    let (stranger, _) = app.signup("x@example.com").await;
+    let org2 = app.create_org(&stranger, "X").await;
+    app.create_provider(&stranger, &org2, "racing", "https://a.example.com", "sk-d")
+        .await
+        .expect(201);
+}
+
+#[tokio::test]
+async fn private_upstreams_are_accepted_when_allowed_and_tested() {
+    let upstream = MockUpstream::start().await;
+    let app = TestApp::spawn_with(Opts {
+        allow_private: true,
+        ca_file: Some(upstream.ca.ca_file.clone()),
+        ..Opts::default()
+    })
+    .await;
+    let (admin, _) = app.signup("ivy@example.com").await;
+    let org = app.create_org(&admin, "I").await;
+    let secret = "sk-upstream-secret-9876";
+    let created = app
+        .create_provider(&admin, &org, "selfhosted", &upstream.base_url, secret)
+        .await;
+    created.expect(201);
+    let id = created.id();
+
+    let report = app
+        .post(
+            &format!("/api/v1/orgs/{org}/provider-keys/{id}/test"),
+            &admin,
+            json!({}),
+        )
+        .await;
+    report.expect(200);
+    assert_eq!(report.body["reachable"], true, "{}", report.text);
+    assert_eq!(report.body["status"], 200);
+    assert_eq!(report.body["model_count"], 2);
+    assert!(report.body["latency_ms"].as_u64().is_some());
+    assert_eq!(report.body["error"], json!(null));
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].method, "GET");
+    assert_eq!(seen[0].path, "/v1/models");
+    assert_eq!(
+        seen[0].header("authorization"),
+        Some(format!("Bearer {secret}").as_str())
+    );
+    app.assert_never_disclosed(secret);
+}
+
+#[tokio::test]
+async fn test_reports_unreachable_and_refuses_private_addresses_at_connect_time() {
+    let upstream = MockUpstream::start().await;
+    let app = TestApp::spawn_with(Opts {
+        ca_file: Some(upstream.ca.ca_file.clone()),
+        ..Opts::default()
+    })
+    .await;
+    let (admin, _) = app.signup("zed@example.com").await;
+    let org = app.create_org(&admin, "Z").await;
+    let created = app
+        .create_provider(
+            &admin,
+            &org,
+            "nowhere",
+            "https://llm.does-not-exist.invalid",
+            "sk-1",
+        )
+        .await;
+    let r = app
+        .post(
+            &format!("/api/v1/orgs/{org}/provider-keys/{}/test", created.id()),
+            &admin,
+            json!({}),
+        )
+        .await;
+    r.expect(200);
+    assert_eq!(r.body["reachable"], false);
+    assert_eq!(r.body["status"], json!(null));
+    assert!(r.body["error"].is_string());
+
+    // A row that points at loopback (saved before the policy changed, say) is
+    // still refused when the test connects.
+    let p = app
+        .db
+        .db
+        .create_provider_key(
+            org.parse().unwrap(),
+            storage::Actor(None),
+            &storage::domain::ProviderName::parse("sneaky").unwrap(),
+            &storage::domain::BaseUrl::parse(&upstream.base_url).unwrap(),
+            &storage::secrets::ProviderToken::parse("sk-sneaky").unwrap(),
+        )
+        .await
+        .unwrap();
+    let r = app
+        .post(
+            &format!("/api/v1/orgs/{org}/provider-keys/{}/test", p.id),
+            &admin,
+            json!({}),
+        )
+        .await;
+    r.expect(200);
+    assert_eq!(r.body["reachable"], false);
+    assert!(
+        r.body["error"].as_str().unwrap().contains("not allowed"),
+        "{}",
+        r.text
+    );
+    assert!(
+        upstream.seen().is_empty(),
+        "the loopback upstream was contacted"
+    );
+}

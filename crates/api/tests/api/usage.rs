@@ -1,0 +1,334 @@
+use chrono::{DateTime, Duration, TimeZone, Utc};
+use serde_json::{json, Value};
+use storage::logs::RequestLog;
+use uuid::Uuid;
+
+use crate::helpers::{OrgFixture, TestApp};
+
+fn row(
+    org: Uuid,
+    key: Uuid,
+    provider: &str,
+    model: &str,
+    status: i16,
+    latency: i32,
+    at: DateTime<Utc>,
+) -> RequestLog {
+    RequestLog {
+        id: Uuid::new_v4(),
+        request_id: Uuid::new_v4().to_string(),
+        org_id: org,
+        api_key_id: Some(key),
+        provider_key_id: None,
+        provider_name: Some(provider.to_owned()),
+        requested_model: Some(format!("{provider}/{model}")),
+        upstream_model: Some(model.to_owned()),
+        status_code: status,
+        streamed: false,
+        canceled: false,
+        prompt_tokens: Some(10),
+        completion_tokens: Some(5),
+        total_tokens: Some(15),
+        latency_ms: latency,
+        ttfb_ms: None,
+        error_class: None,
+        created_at: at,
+    }
+}
+
+struct Seeded {
+    app: TestApp,
+    fx: OrgFixture,
+    key1: Uuid,
+    key2: Uuid,
+}
+
+/// Org A: 6 rows over two days, two keys, two providers; org B: 3 rows.
+async fn seed() -> Seeded {
+    let app = TestApp::spawn().await;
+    let fx = OrgFixture::create(&app, "usage").await;
+    let other = OrgFixture::create(&app, "other").await;
+    let org: Uuid = fx.id.parse().unwrap();
+    let key1: Uuid = fx.api_key_id.parse().unwrap();
+    let key2 = Uuid::new_v4();
+    let d1 = Utc.with_ymd_and_hms(2025, 3, 1, 10, 0, 0).unwrap();
+    let d2 = Utc.with_ymd_and_hms(2025, 3, 2, 10, 0, 0).unwrap();
+    let mut rows = vec![
+        row(org, key1, "mycompany", "llama", 200, 100, d1),
+        row(
+            org,
+            key1,
+            "mycompany",
+            "llama",
+            200,
+            200,
+            d1 + Duration::minutes(1),
+        ),
+        row(
+            org,
+            key1,
+            "mycompany",
+            "mistral",
+            500,
+            300,
+            d1 + Duration::minutes(2),
+        ),
+        row(org, key2, "internal", "qwen", 200, 400, d2),
+        row(
+            org,
+            key2,
+            "internal",
+            "qwen",
+            429,
+            500,
+            d2 + Duration::minutes(1),
+        ),
+        row(
+            org,
+            key2,
+            "internal",
+            "qwen",
+            200,
+            600,
+            d2 + Duration::minutes(2),
+        ),
+    ];
+    let other_org: Uuid = other.id.parse().unwrap();
+    for i in 0..3 {
+        rows.push(row(
+            other_org,
+            Uuid::new_v4(),
+            "mycompany",
+            "llama",
+            200,
+            1,
+            d1 + Duration::seconds(i),
+        ));
+    }
+    app.db.db.insert_request_logs(&rows).await.unwrap();
+    Seeded {
+        app,
+        fx,
+        key1,
+        key2,
+    }
+}
+
+fn ids(v: &Value) -> Vec<String> {
+    v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["request_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn logs_paginate_and_filter_within_the_org() {
+    let Seeded {
+        app,
+        fx,
+        key1,
+        key2,
+    } = seed().await;
+    let base = format!("/api/v1/orgs/{}/logs", fx.id);
+    let all = app.get(&base, &fx.member).await;
+    all.expect(200);
+    let data = all.body["data"].as_array().unwrap();
+    assert_eq!(data.len(), 6, "only this org's rows");
+    assert!(data.iter().all(|r| r["org_id"] == fx.id.as_str()));
+    let times: Vec<&str> = data
+        .iter()
+        .map(|r| r["created_at"].as_str().unwrap())
+        .collect();
+    let mut sorted = times.clone();
+    sorted.sort_by(|a, b| b.cmp(a));
+    assert_eq!(times, sorted, "newest first");
+    assert_eq!(all.body["next_cursor"], Value::Null);
+
+    // Walking pages of 4 yields the same rows once each.
+    let first = app.get(&format!("{base}?limit=4"), &fx.member).await;
+    let cursor = first.body["next_cursor"]
+        .as_str()
+        .expect("a second page")
+        .to_owned();
+    let second = app
+        .get(&format!("{base}?limit=4&cursor={cursor}"), &fx.member)
+        .await;
+    assert_eq!(second.body["next_cursor"], Value::Null);
+    let mut walked = ids(&first.body);
+    walked.extend(ids(&second.body));
+    assert_eq!(walked, ids(&all.body));
+
+    let count = |q: String| {
+        let app = &app;
+        let fx = &fx;
+        let base = base.clone();
+        async move {
+            let r = app.get(&format!("{base}?{q}"), &fx.member).await;
+            r.expect(200);
+            r.body["data"].as_array().unwrap().len()
+        }
+    };
+    assert_eq!(count(format!("api_key_id={key1}")).await, 3);
+    assert_eq!(count(format!("api_key_id={key2}")).await, 3);
+    assert_eq!(count("provider=internal".into()).await, 3);
+    assert_eq!(count("status=500".into()).await, 1);
+    assert_eq!(count("from=2025-03-02T00:00:00Z".into()).await, 3);
+    assert_eq!(
+        count("from=2025-03-01T10:01:00Z&to=2025-03-02T00:00:00Z".into()).await,
+        2
+    );
+    assert_eq!(count("provider=internal&status=200".into()).await, 2);
+
+    for (q, field) in [
+        ("status=abc", "status"),
+        ("api_key_id=nope", "api_key_id"),
+        ("from=yesterday", "from"),
+        ("colour=red", "colour"),
+    ] {
+        let r = app.get(&format!("{base}?{q}"), &fx.member).await;
+        r.expect(422);
+        assert_eq!(r.error_fields(), [field]);
+    }
+}
+
+#[tokio::test]
+async fn usage_groups_by_day_model_provider_and_key() {
+    let Seeded {
+        app,
+        fx,
+        key1,
+        key2,
+    } = seed().await;
+    let base = format!(
+        "/api/v1/orgs/{}/usage?from=2025-03-01T00:00:00Z&to=2025-03-03T00:00:00Z",
+        fx.id
+    );
+    let by = |g: &'static str| {
+        let app = &app;
+        let url = format!("{base}&group_by={g}");
+        let token = fx.member.clone();
+        async move {
+            let r = app.get(&url, &token).await;
+            r.expect(200);
+            assert_eq!(r.body["group_by"], g);
+            r.body["data"].as_array().unwrap().clone()
+        }
+    };
+    let days = by("day").await;
+    assert_eq!(days.len(), 2);
+    assert_eq!(days[0]["key"], "2025-03-01");
+    assert_eq!(days[0]["requests"], 3);
+    assert_eq!(days[0]["errors"], 1);
+    assert_eq!(days[0]["prompt_tokens"], 30);
+    assert_eq!(days[0]["completion_tokens"], 15);
+    assert_eq!(days[0]["total_tokens"], 45);
+    assert_eq!(days[0]["p50_latency_ms"], 200.0);
+    assert_eq!(days[1]["key"], "2025-03-02");
+    assert_eq!(days[1]["errors"], 1);
+    assert!(days[1]["p95_latency_ms"].as_f64().unwrap() > 500.0);
+
+    let models = by("model").await;
+    let keys: Vec<&str> = models.iter().map(|m| m["key"].as_str().unwrap()).collect();
+    assert_eq!(
+        keys,
+        ["internal/qwen", "mycompany/llama", "mycompany/mistral"]
+    );
+    let providers = by("provider").await;
+    assert_eq!(providers.len(), 2);
+    assert_eq!(providers[0]["key"], "internal");
+    assert_eq!(providers[1]["requests"], 3, "org B's rows are not counted");
+    let api_keys = by("api_key").await;
+    let mut found: Vec<String> = api_keys
+        .iter()
+        .map(|k| k["key"].as_str().unwrap().to_owned())
+        .collect();
+    found.sort();
+    let mut expected = vec![key1.to_string(), key2.to_string()];
+    expected.sort();
+    assert_eq!(found, expected);
+
+    // Defaults: the last 30 days by day (the seeded rows are older).
+    let r = app
+        .get(&format!("/api/v1/orgs/{}/usage", fx.id), &fx.member)
+        .await;
+    r.expect(200);
+    assert_eq!(r.body["group_by"], "day");
+    assert_eq!(r.body["data"], json!([]));
+
+    for (q, field) in [
+        ("group_by=week", "group_by"),
+        ("from=2025-03-02T00:00:00Z&to=2025-03-01T00:00:00Z", "from"),
+    ] {
+        let r = app
+            .get(&format!("/api/v1/orgs/{}/usage?{q}", fx.id), &fx.member)
+            .await;
+        r.expect(422);
+        assert_eq!(r.error_fields(), [field]);
+        assert!(r.text.contains(field));
+    }
+}
+
+#[tokio::test]
+async fn audit_log_records_provider_changes_without_secrets() {
+    let app = TestApp::spawn().await;
+    let fx = OrgFixture::create(&app, "audit").await;
+    let org = &fx.id;
+    let path = format!("/api/v1/orgs/{org}/provider-keys/{}", fx.provider_id);
+    app.patch(
+        &path,
+        &fx.admin,
+        json!({"token": "sk-rotated-secret-7777", "base_url": "https://new.example.com"}),
+    )
+    .await
+    .expect(200);
+    app.delete(&path, &fx.admin).await.expect(204);
+
+    let log = app
+        .get(&format!("/api/v1/orgs/{org}/audit-log"), &fx.admin)
+        .await;
+    log.expect(200);
+    let entries = log.body["data"].as_array().unwrap();
+    let provider_entries: Vec<&Value> = entries
+        .iter()
+        .filter(|e| e["target_type"] == "provider_key")
+        .collect();
+    let actions: Vec<&str> = provider_entries
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "provider_key.delete",
+            "provider_key.update",
+            "provider_key.create"
+        ],
+        "newest first"
+    );
+    for e in &provider_entries {
+        assert_eq!(e["actor_user_id"], fx.admin_id.as_str());
+        assert_eq!(e["target_id"], fx.provider_id.as_str());
+        assert!(e["created_at"].is_string());
+    }
+    assert_eq!(provider_entries[1]["details"]["token"], "replaced");
+    assert_eq!(
+        provider_entries[1]["details"]["base_url"]["to"],
+        "https://new.example.com"
+    );
+    assert!(entries.iter().any(|e| e["action"] == "member.add"));
+    assert!(entries.iter().any(|e| e["action"] == "api_key.create"));
+    assert!(!log.text.contains("sk-rotated-secret-7777"));
+    assert!(!log.text.contains(&fx.provider_token));
+    assert!(!log.text.contains(&fx.api_key));
+
+    app.get(&format!("/api/v1/orgs/{org}/audit-log"), &fx.member)
+        .await
+        .expect(403);
+    let page = app
+        .get(&format!("/api/v1/orgs/{org}/audit-log?limit=2"), &fx.admin)
+        .await;
+    assert_eq!(page.body["data"].as_array().unwrap().len(), 2);
+    assert!(page.body["next_cursor"].is_string());
+}
