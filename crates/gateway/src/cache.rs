@@ -1,0 +1,408 @@
+//! In-memory caches of API keys and providers, so a known key costs no
+//! database round trip. Changes reach every gateway through PostgreSQL
+//! `LISTEN/NOTIFY` (triggers announce them on [`storage::CACHE_CHANNEL`]); a
+//! lost listener connection flushes everything on reconnect, and a TTL is the
+//! safety net. Concurrent misses for the same entry share one lookup.
+//!
+//! Invalidation vs. in-flight lookups: an eviction bumps `epoch` and then
+//! removes entries under the shard locks; a lookup result is inserted only if
+//! the epoch it started under is still current, checked under the shard lock.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use reqwest::header::HeaderValue;
+use storage::domain::{BaseUrl, ProviderStatus};
+use storage::providers::ProviderWithToken;
+use storage::{CacheEvent, Db};
+use tokio::sync::{OnceCell, Semaphore};
+use uuid::Uuid;
+
+use crate::error::GatewayError;
+use crate::metrics::Metrics;
+
+const SHARDS: usize = 16;
+/// Unknown key digests remembered at most (each ~64 bytes).
+const NEGATIVE_KEYS_MAX: usize = 16_384;
+/// Unknown provider names remembered per organization at most.
+const NEGATIVE_PROVIDERS_PER_ORG_MAX: usize = 256;
+/// Concurrent database lookups for cache misses (bounds what random keys can cost).
+const MISS_LOOKUPS: usize = 8;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(|p| p.into_inner())
+}
+fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Concurrent loads of the same key share one future's result.
+struct Flights<K, V> {
+    map: Mutex<HashMap<K, Arc<OnceCell<V>>>>,
+}
+
+impl<K: Hash + Eq + Clone, V: Clone> Flights<K, V> {
+    fn new() -> Self {
+        Self {
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+
+    async fn run<F: std::future::Future<Output = V>>(&self, key: K, load: impl FnOnce() -> F) -> V {
+        let cell = lock(&self.map).entry(key.clone()).or_default().clone();
+        // Removes the flight however this ends, cancellation included, so
+        // abandoned lookups cannot pile up.
+        let _leave = Leave {
+            map: &self.map,
+            key,
+            cell: cell.clone(),
+        };
+        cell.get_or_init(load).await.clone()
+    }
+}
+
+struct Leave<'a, K: Hash + Eq, V> {
+    map: &'a Mutex<HashMap<K, Arc<OnceCell<V>>>>,
+    key: K,
+    cell: Arc<OnceCell<V>>,
+}
+
+impl<K: Hash + Eq, V> Drop for Leave<'_, K, V> {
+    fn drop(&mut self) {
+        let mut map = lock(self.map);
+        if map
+            .get(&self.key)
+            .is_some_and(|c| Arc::ptr_eq(c, &self.cell))
+        {
+            map.remove(&self.key);
+        }
+    }
+}
+
+/// A cached API key.
+#[derive(Debug)]
+pub(crate) struct KeyEntry {
+    pub id: Uuid,
+    pub org_id: Uuid,
+    expires_at: Option<DateTime<Utc>>,
+    revoked: bool,
+    loaded: Instant,
+}
+
+impl KeyEntry {
+    fn check(self: Arc<Self>) -> Result<Arc<Self>, GatewayError> {
+        if self.revoked {
+            Err(GatewayError::RevokedKey)
+        } else if self.expires_at.is_some_and(|e| e <= Utc::now()) {
+            Err(GatewayError::ExpiredKey)
+        } else {
+            Ok(self)
+        }
+    }
+}
+
+type Lookup<T> = Result<Option<Arc<T>>, ()>;
+
+pub(crate) struct KeyCache {
+    shards: Vec<RwLock<HashMap<[u8; 32], Arc<KeyEntry>>>>,
+    negative: Mutex<HashMap<[u8; 32], Instant>>,
+    flights: Flights<[u8; 32], Lookup<KeyEntry>>,
+    epoch: AtomicU64,
+    limiter: Semaphore,
+    ttl: Duration,
+}
+
+impl KeyCache {
+    pub fn new(ttl: Duration) -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            negative: Mutex::new(HashMap::new()),
+            flights: Flights::new(),
+            epoch: AtomicU64::new(0),
+            limiter: Semaphore::new(MISS_LOOKUPS),
+            ttl,
+        }
+    }
+
+    fn shard(&self, digest: &[u8; 32]) -> &RwLock<HashMap<[u8; 32], Arc<KeyEntry>>> {
+        &self.shards[usize::from(digest[0]) % SHARDS]
+    }
+
+    /// The key for a presented secret's digest, or why it is refused.
+    pub async fn authenticate(
+        &self,
+        db: &Db,
+        metrics: &Metrics,
+        digest: &[u8; 32],
+    ) -> Result<Arc<KeyEntry>, GatewayError> {
+        let stale = read(self.shard(digest)).get(digest).cloned();
+        if let Some(e) = &stale {
+            if e.loaded.elapsed() < self.ttl {
+                metrics.key_hits.fetch_add(1, Ordering::Relaxed);
+                return e.clone().check();
+            }
+        } else if lock(&self.negative)
+            .get(digest)
+            .is_some_and(|t| t.elapsed() < self.ttl)
+        {
+            metrics.key_hits.fetch_add(1, Ordering::Relaxed);
+            return Err(GatewayError::InvalidKey);
+        }
+        metrics.key_misses.fetch_add(1, Ordering::Relaxed);
+        let found = self.flights.run(*digest, || self.load(db, digest)).await;
+        match (found, stale) {
+            (Ok(Some(e)), _) => e.check(),
+            (Ok(None), _) => Err(GatewayError::InvalidKey),
+            // Database unreachable: a key seen before keeps working; NOTIFY
+            // cannot have told us otherwise while it was down.
+            (Err(()), Some(e)) => e.check(),
+            (Err(()), None) => Err(GatewayError::Unavailable),
+        }
+    }
+
+    async fn load(&self, db: &Db, digest: &[u8; 32]) -> Lookup<KeyEntry> {
+        let _permit = self.limiter.acquire().await.map_err(|_| ())?;
+        let epoch = self.epoch.load(Ordering::Acquire);
+        let row = db.api_key_by_digest(digest).await.map_err(|e| {
+            tracing::warn!(error = %e, "API key lookup failed");
+        })?;
+        let Some(row) = row else {
+            let mut neg = lock(&self.negative);
+            if self.epoch.load(Ordering::Acquire) == epoch {
+                if neg.len() >= NEGATIVE_KEYS_MAX {
+                    let ttl = self.ttl;
+                    neg.retain(|_, t| t.elapsed() < ttl);
+                    if neg.len() >= NEGATIVE_KEYS_MAX {
+                        neg.clear();
+                    }
+                }
+                neg.insert(*digest, Instant::now());
+            }
+            return Ok(None);
+        };
+        let entry = Arc::new(KeyEntry {
+            id: row.id,
+            org_id: row.org_id,
+            expires_at: row.expires_at,
+            revoked: row.revoked_at.is_some(),
+            loaded: Instant::now(),
+        });
+        let mut shard = write(self.shard(digest));
+        if self.epoch.load(Ordering::Acquire) == epoch {
+            shard.insert(*digest, entry.clone());
+        }
+        Ok(Some(entry))
+    }
+
+    /// A key changed: forget it (and every unknown digest, which it may now match).
+    pub fn evict(&self, id: Uuid) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        for s in &self.shards {
+            write(s).retain(|_, e| e.id != id);
+        }
+        lock(&self.negative).clear();
+    }
+
+    pub fn flush(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        for s in &self.shards {
+            write(s).clear();
+        }
+        lock(&self.negative).clear();
+    }
+}
+
+/// A cached provider with what calling it needs, prepared once.
+pub(crate) struct ProviderEntry {
+    pub id: Uuid,
+    pub name: String,
+    pub active: bool,
+    pub base_url: BaseUrl,
+    pub chat_url: reqwest::Url,
+    pub models_url: reqwest::Url,
+    /// `Bearer {token}`, marked sensitive (redacted in `Debug`).
+    pub auth: HeaderValue,
+    /// Set when the connect-time SSRF policy refuses this base URL.
+    pub refused: Option<String>,
+    loaded: Instant,
+}
+
+impl std::fmt::Debug for ProviderEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProviderEntry")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("active", &self.active)
+            .field("base_url", &self.base_url.as_str())
+            .field("auth", &"[REDACTED]")
+            .finish_non_exhaustive()
+    }
+}
+
+impl ProviderEntry {
+    /// Prepares a provider for calls; `None` when its stored URL or token cannot be used.
+    pub fn prepare(p: ProviderWithToken, client: &upstream::UpstreamClient) -> Option<Self> {
+        let base_url = p.provider.base_url;
+        let chat_url = reqwest::Url::parse(&base_url.endpoint("chat/completions")).ok()?;
+        let models_url = reqwest::Url::parse(&base_url.endpoint("models")).ok()?;
+        let mut auth = HeaderValue::try_from(format!("Bearer {}", p.token.expose_secret())).ok()?;
+        auth.set_sensitive(true);
+        let refused = client.check(&base_url).err().map(|e| e.to_string());
+        Some(Self {
+            id: p.provider.id,
+            name: p.provider.name.as_str().to_owned(),
+            active: p.provider.status == ProviderStatus::Active,
+            base_url,
+            chat_url,
+            models_url,
+            auth,
+            refused,
+            loaded: Instant::now(),
+        })
+    }
+}
+
+#[derive(Clone)]
+enum Slot {
+    Found(Arc<ProviderEntry>),
+    /// The org has no provider of this name (or it cannot be used).
+    Missing(Instant, bool),
+}
+
+impl Slot {
+    fn fresh(&self, ttl: Duration) -> bool {
+        match self {
+            Slot::Found(e) => e.loaded.elapsed() < ttl,
+            Slot::Missing(t, _) => t.elapsed() < ttl,
+        }
+    }
+}
+
+pub(crate) struct ProviderCache {
+    shards: Vec<RwLock<HashMap<Uuid, HashMap<String, Slot>>>>,
+    flights: Flights<(Uuid, String), Result<Slot, ()>>,
+    epoch: AtomicU64,
+    limiter: Semaphore,
+    ttl: Duration,
+}
+
+impl ProviderCache {
+    pub fn new(ttl: Duration) -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            flights: Flights::new(),
+            epoch: AtomicU64::new(0),
+            limiter: Semaphore::new(MISS_LOOKUPS),
+            ttl,
+        }
+    }
+
+    fn shard(&self, org: &Uuid) -> &RwLock<HashMap<Uuid, HashMap<String, Slot>>> {
+        &self.shards[usize::from(org.as_bytes()[15]) % SHARDS]
+    }
+
+    /// The org's provider called `name`: `Ok(None)` when there is none.
+    pub async fn get(
+        &self,
+        db: &Db,
+        client: &upstream::UpstreamClient,
+        metrics: &Metrics,
+        org: Uuid,
+        name: &str,
+    ) -> Result<Option<Arc<ProviderEntry>>, GatewayError> {
+        let stale = read(self.shard(&org))
+            .get(&org)
+            .and_then(|m| m.get(name))
+            .cloned();
+        let resolve = |slot: Slot| match slot {
+            Slot::Found(e) => Ok(Some(e)),
+            Slot::Missing(_, false) => Ok(None),
+            Slot::Missing(_, true) => Err(GatewayError::ProviderMisconfigured(name.to_owned())),
+        };
+        if let Some(s) = &stale {
+            if s.fresh(self.ttl) {
+                metrics.provider_hits.fetch_add(1, Ordering::Relaxed);
+                return resolve(s.clone());
+            }
+        }
+        metrics.provider_misses.fetch_add(1, Ordering::Relaxed);
+        let found = self
+            .flights
+            .run((org, name.to_owned()), || self.load(db, client, org, name))
+            .await;
+        match (found, stale) {
+            (Ok(slot), _) | (Err(()), Some(slot)) => resolve(slot),
+            (Err(()), None) => Err(GatewayError::Unavailable),
+        }
+    }
+
+    async fn load(
+        &self,
+        db: &Db,
+        client: &upstream::UpstreamClient,
+        org: Uuid,
+        name: &str,
+    ) -> Result<Slot, ()> {
+        let _permit = self.limiter.acquire().await.map_err(|_| ())?;
+        let epoch = self.epoch.load(Ordering::Acquire);
+        let found = db.provider_by_name(org, name).await.map_err(|e| {
+            tracing::warn!(error = %e, provider = name, "provider lookup failed");
+        })?;
+        let slot = match found {
+            None => Slot::Missing(Instant::now(), false),
+            Some(p) => match ProviderEntry::prepare(p, client) {
+                Some(e) => Slot::Found(Arc::new(e)),
+                None => {
+                    tracing::error!(provider = name, %org, "provider has an unusable base URL or token");
+                    Slot::Missing(Instant::now(), true)
+                }
+            },
+        };
+        let mut shard = write(self.shard(&org));
+        if self.epoch.load(Ordering::Acquire) == epoch {
+            let names = shard.entry(org).or_default();
+            if matches!(slot, Slot::Found(_)) || names.len() < NEGATIVE_PROVIDERS_PER_ORG_MAX {
+                names.insert(name.to_owned(), slot.clone());
+            }
+        }
+        Ok(slot)
+    }
+
+    pub fn evict_org(&self, org: Uuid) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        write(self.shard(&org)).remove(&org);
+    }
+
+    pub fn flush(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        for s in &self.shards {
+            write(s).clear();
+        }
+    }
+}
+
+/// What a `llmgw_cache` notification asks of the caches.
+pub(crate) enum Invalidation {
+    Key(Uuid),
+    Org(Uuid),
+    All,
+}
+
+pub(crate) fn parse_event(payload: &str) -> Invalidation {
+    match serde_json::from_str::<CacheEvent>(payload) {
+        Ok(ev) if ev.table == "api_keys" => Invalidation::Key(ev.id),
+        Ok(ev) if ev.table == "provider_keys" => Invalidation::Org(ev.org_id),
+        // Unknown shape: be safe.
+        _ => {
+            tracing::warn!(payload, "unexpected cache notification; flushing caches");
+            Invalidation::All
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! Prometheus counters and histograms, hand-written on atomics: a handful of
+//! relaxed increments per request, no locks, rendered on scrape.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+/// Upper bounds of the latency buckets, in microseconds.
+const BUCKETS_US: [u64; 18] = [
+    500,
+    1_000,
+    2_500,
+    5_000,
+    10_000,
+    25_000,
+    50_000,
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    30_000_000,
+    60_000_000,
+    120_000_000,
+    300_000_000,
+];
+
+pub(crate) const UPSTREAM_ERROR_KINDS: [&str; 6] = [
+    "connect",
+    "tls",
+    "timeout",
+    "forbidden_address",
+    "redirect",
+    "stream",
+];
+
+#[derive(Default)]
+pub(crate) struct Histogram {
+    buckets: [AtomicU64; BUCKETS_US.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let us = d.as_micros().min(u128::from(u64::MAX)) as u64;
+        let i = BUCKETS_US
+            .iter()
+            .position(|b| us <= *b)
+            .unwrap_or(BUCKETS_US.len());
+        self.buckets[i].fetch_add(1, Relaxed);
+        self.sum_us.fetch_add(us, Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (i, b) in self.buckets.iter().enumerate() {
+            cumulative += b.load(Relaxed);
+            match BUCKETS_US.get(i) {
+                Some(le) => {
+                    let _ = writeln!(
+                        out,
+                        "{name}_bucket{{le=\"{}\"}} {cumulative}",
+                        *le as f64 / 1e6
+                    );
+                }
+                None => {
+                    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+                }
+            }
+        }
+        let _ = writeln!(out, "{name}_sum {}", self.sum_us.load(Relaxed) as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count {cumulative}");
+    }
+}
+
+/// Every metric the gateway exposes.
+pub(crate) struct Metrics {
+    /// Responses by status code (index: status − 100).
+    status: Box<[AtomicU64; 500]>,
+    pub latency: Histogram,
+    pub upstream_ttfb: Histogram,
+    upstream_errors: [AtomicU64; UPSTREAM_ERROR_KINDS.len()],
+    pub key_hits: AtomicU64,
+    pub key_misses: AtomicU64,
+    pub provider_hits: AtomicU64,
+    pub provider_misses: AtomicU64,
+    pub cache_flushes: AtomicU64,
+    pub listener_connected: AtomicU64,
+    pub rows_written: AtomicU64,
+    pub rows_dropped: AtomicU64,
+    pub rows_failed: AtomicU64,
+    pub streams_canceled: AtomicU64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            status: Box::new(std::array::from_fn(|_| AtomicU64::new(0))),
+            latency: Histogram::default(),
+            upstream_ttfb: Histogram::default(),
+            upstream_errors: Default::default(),
+            key_hits: AtomicU64::new(0),
+            key_misses: AtomicU64::new(0),
+            provider_hits: AtomicU64::new(0),
+            provider_misses: AtomicU64::new(0),
+            cache_flushes: AtomicU64::new(0),
+            listener_connected: AtomicU64::new(0),
+            rows_written: AtomicU64::new(0),
+            rows_dropped: AtomicU64::new(0),
+            rows_failed: AtomicU64::new(0),
+            streams_canceled: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Metrics {
+    pub fn request(&self, status: u16, latency: Duration) {
+        if let Some(c) = status
+            .checked_sub(100)
+            .and_then(|i| self.status.get(usize::from(i)))
+        {
+            c.fetch_add(1, Relaxed);
+        }
+        self.latency.observe(latency);
+    }
+
+    pub fn upstream_error(&self, kind: &str) {
+        if let Some(i) = UPSTREAM_ERROR_KINDS.iter().position(|k| *k == kind) {
+            self.upstream_errors[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Prometheus text exposition format (0.0.4).
+    pub fn render(&self, queue_depth: usize, queue_capacity: usize) -> String {
+        let mut out = String::with_capacity(4096);
+        let counter = |out: &mut String, name: &str, help: &str, v: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+            );
+        };
+        let _ = writeln!(
+            out,
+            "# HELP llmgw_gateway_requests_total Gateway responses by HTTP status.\n# TYPE llmgw_gateway_requests_total counter"
+        );
+        for (i, c) in self.status.iter().enumerate() {
+            let v = c.load(Relaxed);
+            if v > 0 {
+                let _ = writeln!(
+                    out,
+                    "llmgw_gateway_requests_total{{status=\"{}\"}} {v}",
+                    i + 100
+                );
+            }
+        }
+        self.latency.render(
+            &mut out,
+            "llmgw_gateway_request_duration_seconds",
+            "Time from request to response head, in seconds.",
+        );
+        self.upstream_ttfb.render(
+            &mut out,
+            "llmgw_gateway_upstream_ttfb_seconds",
+            "Time from request to the upstream's first byte (head, or first chunk of a stream), in seconds.",
+        );
+        let _ = writeln!(
+            out,
+            "# HELP llmgw_gateway_upstream_errors_total Upstream calls that failed, by kind.\n# TYPE llmgw_gateway_upstream_errors_total counter"
+        );
+        for (kind, c) in UPSTREAM_ERROR_KINDS.iter().zip(&self.upstream_errors) {
+            let _ = writeln!(
+                out,
+                "llmgw_gateway_upstream_errors_total{{kind=\"{kind}\"}} {}",
+                c.load(Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP llmgw_gateway_cache_hits_total In-memory cache hits.\n# TYPE llmgw_gateway_cache_hits_total counter\n\
+             llmgw_gateway_cache_hits_total{{cache=\"api_key\"}} {}\nllmgw_gateway_cache_hits_total{{cache=\"provider\"}} {}",
+            self.key_hits.load(Relaxed),
+            self.provider_hits.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP llmgw_gateway_cache_misses_total In-memory cache misses (database lookups).\n# TYPE llmgw_gateway_cache_misses_total counter\n\
+             llmgw_gateway_cache_misses_total{{cache=\"api_key\"}} {}\nllmgw_gateway_cache_misses_total{{cache=\"provider\"}} {}",
+            self.key_misses.load(Relaxed),
+            self.provider_misses.load(Relaxed)
+        );
+        counter(
+            &mut out,
+            "llmgw_gateway_cache_flushes_total",
+            "Whole-cache flushes (after the change listener reconnected).",
+            self.cache_flushes.load(Relaxed),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP llmgw_gateway_cache_listener_connected 1 while the LISTEN connection for cache invalidation is up.\n\
+             # TYPE llmgw_gateway_cache_listener_connected gauge\nllmgw_gateway_cache_listener_connected {}",
+            self.listener_connected.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP llmgw_gateway_usage_queue_depth Usage rows waiting to be written.\n# TYPE llmgw_gateway_usage_queue_depth gauge\n\
+             llmgw_gateway_usage_queue_depth {queue_depth}\n\
+             # HELP llmgw_gateway_usage_queue_capacity Usage rows the queue can hold.\n# TYPE llmgw_gateway_usage_queue_capacity gauge\n\
+             llmgw_gateway_usage_queue_capacity {queue_capacity}"
+        );
+        counter(
+            &mut out,
+            "llmgw_gateway_usage_rows_written_total",
+            "Usage rows written to request_logs.",
+            self.rows_written.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "llmgw_gateway_usage_rows_dropped_total",
+            "Usage rows dropped: queue full, or still unwritten when shutdown's flush gave up.",
+            self.rows_dropped.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "llmgw_gateway_usage_rows_failed_total",
+            "Usage rows the database refused.",
+            self.rows_failed.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "llmgw_gateway_streams_canceled_total",
+            "Requests whose client went away before the answer ended.",
+            self.streams_canceled.load(Relaxed),
+        );
+        out
+    }
+}

@@ -1,0 +1,532 @@
+//! `POST /v1/chat/completions`: authenticate, route, call the upstream, relay.
+//!
+//! No client header is forwarded (so never its key, cookies or hop-by-hop
+//! headers): the upstream gets `content-type`, `accept`, `x-request-id` and
+//! `Authorization: Bearer {provider token}`. Back to the client go the
+//! upstream's status, body, `content-type`, `retry-after` and `x-ratelimit-*`.
+
+use std::convert::Infallible;
+use std::error::Error as StdError;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use actix_web::http::header as ax;
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
+use bytes::{Bytes, BytesMut};
+use futures_util::{Stream, StreamExt};
+use reqwest::header as rq;
+use storage::secrets::{sha256, API_KEY_PREFIX};
+
+use crate::body::ChatRequest;
+use crate::cache::KeyEntry;
+use crate::error::{error_body, ErrorNote, GatewayError};
+use crate::metrics::Metrics;
+use crate::usage::{usage_of, LogGuard, Usage};
+use crate::{request_id, Inner};
+
+static UPSTREAM_REQUEST_ID: rq::HeaderName = rq::HeaderName::from_static("x-request-id");
+
+/// The key a client presented: `Authorization: Bearer` first, then `x-api-key`.
+fn presented_key(req: &HttpRequest) -> Option<&str> {
+    let headers = req.headers();
+    if let Some(v) = headers.get(ax::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+        if let Some((scheme, rest)) = v.trim().split_once(' ') {
+            if scheme.eq_ignore_ascii_case("bearer") && !rest.trim().is_empty() {
+                return Some(rest.trim());
+            }
+        }
+    }
+    headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+}
+
+/// Authenticates the request's key (from the cache when known).
+pub(crate) async fn authenticate(
+    gw: &Inner,
+    req: &HttpRequest,
+) -> Result<Arc<KeyEntry>, GatewayError> {
+    let key = presented_key(req).ok_or(GatewayError::MissingKey)?;
+    // Anything that cannot be a gateway key is refused without a lookup.
+    let plausible = key.starts_with(API_KEY_PREFIX)
+        && key.len() <= 128
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if !plausible {
+        return Err(GatewayError::InvalidKey);
+    }
+    gw.keys
+        .authenticate(&gw.db, &gw.metrics, &sha256(key))
+        .await
+}
+
+/// Reads the body, refusing more than `limit` bytes.
+async fn read_body(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+    limit: usize,
+) -> Result<Bytes, GatewayError> {
+    let declared = req
+        .headers()
+        .get(ax::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(GatewayError::PayloadTooLarge(limit));
+    }
+    let mut first: Option<Bytes> = None;
+    let mut buf: Option<BytesMut> = None;
+    let mut total = 0usize;
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| GatewayError::BadBody(e.to_string()))?;
+        total += chunk.len();
+        if total > limit {
+            return Err(GatewayError::PayloadTooLarge(limit));
+        }
+        match (&mut buf, first.take()) {
+            (Some(b), _) => b.extend_from_slice(&chunk),
+            (None, None) => first = Some(chunk),
+            (None, Some(f)) => {
+                let mut b =
+                    BytesMut::with_capacity(declared.unwrap_or(0).max(f.len() + chunk.len()));
+                b.extend_from_slice(&f);
+                b.extend_from_slice(&chunk);
+                buf = Some(b);
+            }
+        }
+    }
+    Ok(match buf {
+        Some(b) => b.freeze(),
+        None => first.unwrap_or_default(),
+    })
+}
+
+enum Answer {
+    Full(HttpResponse),
+    Stream {
+        status: u16,
+        upstream: reqwest::Response,
+    },
+}
+
+pub(crate) async fn chat_completions(
+    req: HttpRequest,
+    payload: web::Payload,
+    gw: web::Data<Inner>,
+) -> Result<HttpResponse, GatewayError> {
+    let start = Instant::now();
+    let key = authenticate(&gw, &req).await?;
+    let mut log = LogGuard::new(
+        gw.usage.clone(),
+        gw.metrics.clone(),
+        request_id(&req),
+        key.org_id,
+        key.id,
+        start,
+    );
+    match proxy(&gw, &req, payload, key.org_id, &mut log).await {
+        Ok(Answer::Full(res)) => Ok(res),
+        Ok(Answer::Stream { status, upstream }) => {
+            let mut res =
+                HttpResponse::build(StatusCode::from_u16(status).unwrap_or(StatusCode::OK));
+            relay_headers(upstream.headers(), &mut res);
+            res.insert_header((ax::CACHE_CONTROL, ax::HeaderValue::from_static("no-cache")));
+            let stream = RelayStream::new(
+                upstream,
+                log,
+                gw.metrics.clone(),
+                gw.client.timeout(),
+                status,
+            );
+            Ok(res.streaming(stream))
+        }
+        Err(e) => {
+            if let Some(kind) = e.upstream_kind() {
+                gw.metrics.upstream_error(kind);
+            }
+            log.finish(e.status_code_u16(), Some(e.code()));
+            Err(e)
+        }
+    }
+}
+
+impl GatewayError {
+    fn status_code_u16(&self) -> u16 {
+        actix_web::ResponseError::status_code(self).as_u16()
+    }
+}
+
+async fn proxy(
+    gw: &Inner,
+    req: &HttpRequest,
+    payload: web::Payload,
+    org: uuid::Uuid,
+    log: &mut LogGuard,
+) -> Result<Answer, GatewayError> {
+    let raw = read_body(req, payload, gw.max_body).await?;
+    let chat = ChatRequest::parse(&raw)?;
+    let provider_name = chat.provider();
+    log.row.requested_model = Some(chat.model.as_ref().to_owned());
+    log.row.provider_name = Some(provider_name.to_owned());
+    log.row.upstream_model = Some(chat.upstream_model().to_owned());
+    log.row.streamed = chat.stream;
+    let not_found = || GatewayError::ModelNotFound {
+        model: chat.model.as_ref().to_owned(),
+        provider: provider_name.to_owned(),
+    };
+    // Provider names are ^[a-z]+$: anything else cannot exist (and is not worth a lookup).
+    if provider_name.len() > 64 || !provider_name.bytes().all(|b| b.is_ascii_lowercase()) {
+        return Err(not_found());
+    }
+    let provider = gw
+        .providers
+        .get(&gw.db, &gw.client, &gw.metrics, org, provider_name)
+        .await?
+        .ok_or_else(not_found)?;
+    log.row.provider_key_id = Some(provider.id);
+    if !provider.active {
+        return Err(GatewayError::ProviderInactive(provider.name.clone()));
+    }
+    if let Some(why) = &provider.refused {
+        return Err(GatewayError::UpstreamForbidden {
+            provider: provider.name.clone(),
+            detail: why.clone(),
+        });
+    }
+    let stream = chat.stream;
+    let body = chat.rewrite(&raw);
+    drop(chat);
+
+    let mut rb = gw
+        .client
+        .http()
+        .post(provider.chat_url.clone())
+        .header(rq::AUTHORIZATION, provider.auth.clone())
+        .header(
+            rq::CONTENT_TYPE,
+            rq::HeaderValue::from_static("application/json"),
+        )
+        .header(
+            rq::ACCEPT,
+            rq::HeaderValue::from_static(if stream {
+                "text/event-stream"
+            } else {
+                "application/json"
+            }),
+        );
+    if let Ok(id) = rq::HeaderValue::from_str(&log.row.request_id) {
+        rb = rb.header(UPSTREAM_REQUEST_ID.clone(), id);
+    }
+    let rb = rb.body(body);
+    let timeout = gw.client.timeout();
+    let fail = |e: reqwest::Error| classify(&e, &provider.name, timeout);
+    let upstream = if stream {
+        // Streams: the timeout bounds the wait for the head, then each silence.
+        match tokio::time::timeout(timeout, rb.send()).await {
+            Ok(r) => r.map_err(fail)?,
+            Err(_) => return Err(timed_out(&provider.name, timeout)),
+        }
+    } else {
+        rb.timeout(timeout).send().await.map_err(fail)?
+    };
+    let status = upstream.status().as_u16();
+    if (300..400).contains(&status) {
+        return Err(GatewayError::UpstreamRedirect {
+            provider: provider.name.clone(),
+            status,
+        });
+    }
+    let success = (200..300).contains(&status);
+    if stream && success {
+        return Ok(Answer::Stream { status, upstream });
+    }
+    log.set_ttfb();
+    gw.metrics.upstream_ttfb.observe(log.elapsed());
+    let mut res =
+        HttpResponse::build(StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY));
+    relay_headers(upstream.headers(), &mut res);
+    let bytes = if stream {
+        match tokio::time::timeout(timeout, upstream.bytes()).await {
+            Ok(r) => r.map_err(fail)?,
+            Err(_) => return Err(timed_out(&provider.name, timeout)),
+        }
+    } else {
+        upstream.bytes().await.map_err(fail)?
+    };
+    if success {
+        if let Some(u) = usage_of(&bytes) {
+            log.set_usage(u);
+        }
+        log.finish(status, None);
+    } else {
+        log.finish(status, Some("upstream_status"));
+    }
+    let mut res = res.body(bytes);
+    if !success {
+        res.extensions_mut().insert(ErrorNote {
+            code: "upstream_status",
+            detail: None,
+        });
+    }
+    Ok(Answer::Full(res))
+}
+
+fn timed_out(provider: &str, after: Duration) -> GatewayError {
+    GatewayError::UpstreamTimeout {
+        provider: provider.to_owned(),
+        after,
+    }
+}
+
+/// Upstream headers a client needs: the content type and rate-limit advice.
+fn relay_headers(from: &rq::HeaderMap, to: &mut actix_web::HttpResponseBuilder) {
+    for (k, v) in from {
+        let name = k.as_str();
+        if name == "content-type" || name == "retry-after" || name.starts_with("x-ratelimit-") {
+            if let (Ok(k), Ok(v)) = (
+                ax::HeaderName::from_bytes(name.as_bytes()),
+                ax::HeaderValue::from_bytes(v.as_bytes()),
+            ) {
+                to.append_header((k, v));
+            }
+        }
+    }
+}
+
+/// Each error in a chain, looking inside `io::Error`s (whose `source` skips the wrapped error).
+fn causes<'a>(
+    e: &'a (dyn StdError + 'static),
+) -> impl Iterator<Item = &'a (dyn StdError + 'static)> + 'a {
+    std::iter::successors(Some(e), |c: &&'a (dyn StdError + 'static)| {
+        let c: &'a (dyn StdError + 'static) = *c;
+        match c
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner as &(dyn StdError + 'static)),
+            None => c.source(),
+        }
+    })
+}
+
+/// Maps a failed upstream call to the gateway's answer (never carries a header, so never the token).
+fn classify(e: &reqwest::Error, provider: &str, timeout: Duration) -> GatewayError {
+    let provider = provider.to_owned();
+    if upstream::is_forbidden_error(e) {
+        let text = causes(e)
+            .map(|c| c.to_string())
+            .find(|s| s.starts_with(upstream::FORBIDDEN_ADDRESS))
+            .unwrap_or_else(|| upstream::FORBIDDEN_ADDRESS.to_owned());
+        return GatewayError::UpstreamForbidden {
+            provider,
+            detail: format!(
+                "{text}; set LLMGW_UPSTREAM_ALLOW_PRIVATE=true to allow private and loopback upstreams (self-hosted deployments)"
+            ),
+        };
+    }
+    if let Some(tls) = causes(e).find(|c| c.is::<rustls::Error>()) {
+        return GatewayError::UpstreamTls {
+            provider,
+            detail: tls.to_string(),
+        };
+    }
+    if e.is_timeout() && !e.is_connect() {
+        return timed_out(&provider, timeout);
+    }
+    let root = causes(e).last().map(|c| c.to_string()).unwrap_or_default();
+    let detail = if e.is_connect() && e.is_timeout() {
+        "connection timed out".to_owned()
+    } else if e.is_connect() {
+        format!("connection failed ({root})")
+    } else {
+        format!("the connection broke ({root})")
+    };
+    GatewayError::UpstreamUnreachable { provider, detail }
+}
+
+/// Finds the last `usage` in an SSE stream, reading a copy of each chunk.
+#[derive(Default)]
+struct SseUsage {
+    partial: Vec<u8>,
+    /// The current line outgrew the buffer: skip to its end.
+    overflow: bool,
+    usage: Option<Usage>,
+}
+
+const MAX_SSE_LINE: usize = 1 << 20;
+
+impl SseUsage {
+    fn feed(&mut self, mut chunk: &[u8]) {
+        while let Some(i) = chunk.iter().position(|b| *b == b'\n') {
+            let (line, rest) = (&chunk[..i], &chunk[i + 1..]);
+            chunk = rest;
+            if self.overflow {
+                self.overflow = false;
+                self.partial.clear();
+            } else if self.partial.is_empty() {
+                self.line(line);
+            } else {
+                let mut full = std::mem::take(&mut self.partial);
+                full.extend_from_slice(line);
+                self.line(&full);
+                full.clear();
+                self.partial = full;
+            }
+        }
+        if !chunk.is_empty() && !self.overflow {
+            if self.partial.len() + chunk.len() > MAX_SSE_LINE {
+                self.overflow = true;
+                self.partial.clear();
+            } else {
+                self.partial.extend_from_slice(chunk);
+            }
+        }
+    }
+
+    fn line(&mut self, line: &[u8]) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(data) = line.strip_prefix(b"data:") else {
+            return;
+        };
+        if data.windows(7).any(|w| w == b"\"usage\"") {
+            if let Some(u) = usage_of(data) {
+                self.usage = Some(u);
+            }
+        }
+    }
+}
+
+/// Relays upstream SSE bytes as they arrive. Dropped early (the client went
+/// away), it drops the upstream response, which closes that request, and its
+/// usage row says canceled.
+struct RelayStream {
+    upstream: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
+    idle: Pin<Box<tokio::time::Sleep>>,
+    idle_timeout: Duration,
+    last_chunk: tokio::time::Instant,
+    scanner: SseUsage,
+    log: LogGuard,
+    metrics: Arc<Metrics>,
+    status: u16,
+    first: bool,
+    done: bool,
+}
+
+impl RelayStream {
+    fn new(
+        upstream: reqwest::Response,
+        log: LogGuard,
+        metrics: Arc<Metrics>,
+        idle_timeout: Duration,
+        status: u16,
+    ) -> Self {
+        let now = tokio::time::Instant::now();
+        Self {
+            upstream: Box::pin(upstream.bytes_stream()),
+            idle: Box::pin(tokio::time::sleep_until(now + idle_timeout)),
+            idle_timeout,
+            last_chunk: now,
+            scanner: SseUsage::default(),
+            log,
+            metrics,
+            status,
+            first: true,
+            done: false,
+        }
+    }
+
+    fn end(&mut self, error: Option<GatewayError>) -> Option<Result<Bytes, Infallible>> {
+        self.done = true;
+        if let Some(u) = self.scanner.usage {
+            self.log.set_usage(u);
+        }
+        match error {
+            None => {
+                self.log.finish(self.status, None);
+                None
+            }
+            Some(e) => {
+                // Headers are gone already: tell the client in the stream, as OpenAI does.
+                self.metrics
+                    .upstream_error(e.upstream_kind().unwrap_or("stream"));
+                let code = match e {
+                    GatewayError::UpstreamTimeout { .. } => "upstream_timeout",
+                    _ => "upstream_stream_error",
+                };
+                self.log.finish(self.status, Some(code));
+                tracing::warn!(request_id = %self.log.row.request_id, error = %e, "upstream stream failed");
+                let mut event = b"data: ".to_vec();
+                event.extend_from_slice(&error_body(&e.to_string(), "upstream_error", None, code));
+                event.extend_from_slice(b"\n\n");
+                Some(Ok(Bytes::from(event)))
+            }
+        }
+    }
+}
+
+impl Stream for RelayStream {
+    type Item = Result<Bytes, Infallible>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(None);
+        }
+        match this.upstream.as_mut().poll_next(cx) {
+            Poll::Ready(Some(Ok(chunk))) => {
+                this.last_chunk = tokio::time::Instant::now();
+                if this.first {
+                    this.first = false;
+                    this.log.set_ttfb();
+                    this.metrics.upstream_ttfb.observe(this.log.elapsed());
+                }
+                this.scanner.feed(&chunk);
+                Poll::Ready(Some(Ok(chunk)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                let provider = this.log.row.provider_name.clone().unwrap_or_default();
+                Poll::Ready(this.end(Some(classify(&e, &provider, this.idle_timeout))))
+            }
+            Poll::Ready(None) => Poll::Ready(this.end(None)),
+            Poll::Pending => loop {
+                // The timer is re-armed lazily, only when it fires, not per chunk.
+                if this.idle.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                let deadline = this.last_chunk + this.idle_timeout;
+                if deadline <= tokio::time::Instant::now() {
+                    let provider = this.log.row.provider_name.clone().unwrap_or_default();
+                    return Poll::Ready(this.end(Some(timed_out(&provider, this.idle_timeout))));
+                }
+                this.idle.as_mut().reset(deadline);
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sse_usage_is_found_across_chunk_boundaries() {
+        let stream = b"data: {\"choices\":[],\"usage\":null}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":5,\"total_tokens\":12}}\r\n\r\ndata: [DONE]\n\n";
+        for split in 0..stream.len() {
+            let mut s = SseUsage::default();
+            s.feed(&stream[..split]);
+            s.feed(&stream[split..]);
+            let u = s.usage.expect("usage found");
+            assert_eq!(
+                (u.prompt_tokens, u.completion_tokens, u.total_tokens),
+                (Some(7), Some(5), Some(12))
+            );
+        }
+    }
+}
