@@ -125,6 +125,12 @@ impl Config {
         };
         let database_url = get(env, "DATABASE_URL");
         if let Some(url) = &database_url {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return Err(ConfigError {
+                    var: "DATABASE_URL",
+                    message: "must start with postgres:// or postgresql://".into(),
+                });
+            }
             storage::Db::options_from_url(url).map_err(|e| ConfigError {
                 var: "DATABASE_URL",
                 message: format!("not a valid PostgreSQL URL ({e})"),

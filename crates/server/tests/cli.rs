@@ -416,7 +416,7 @@ print(json.dumps(out))
         .unwrap_or_else(|_| panic!("sdk script failed: {stderr}"));
     assert_eq!(v["plain"]["content"], "echo from meta-llama/Llama-3-8B");
     assert!(v["plain"]["total"].as_u64().unwrap() > 0);
-    assert_eq!(v["stream"], "tok1 tok2 tok3 ");
+    assert_eq!(v["stream"], "tok0 tok1 tok2 tok3 ");
     assert_eq!(v["error"], json!({"type": "NotFoundError", "status": 404}));
     assert_eq!(v["auth"], 401);
     let seen = upstream.seen();
