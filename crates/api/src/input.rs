@@ -391,14 +391,9 @@ impl FromFields for LogQuery {
     fn from_fields(f: &mut Fields) -> Option<Self> {
         let api_key_id = f.optional("api_key_id", parse_uuid("api_key_id"));
         let provider = f.optional("provider", |s| {
-            if s.is_empty() || s.len() > 200 {
-                Err(ValidationError::new(
-                    "provider",
-                    "provider must be 1 to 200 characters",
-                ))
-            } else {
-                Ok(s.to_owned())
-            }
+            storage::domain::ProviderName::parse(s)
+                .map(|n| n.as_str().to_owned())
+                .map_err(|e| ValidationError::new("provider", e.message))
         });
         let status = f.optional("status", |s| match s.parse::<i16>() {
             Ok(n) if (100..=599).contains(&n) => Ok(n),

@@ -352,9 +352,19 @@ impl ProviderCache {
     ) -> Result<Slot, ()> {
         let _permit = self.limiter.acquire().await.map_err(|_| ())?;
         let epoch = self.epoch.load(Ordering::Acquire);
-        let found = db.provider_by_name(org, name).await.map_err(|e| {
-            tracing::warn!(error = %e, provider = name, "provider lookup failed");
-        })?;
+        let found = match db.provider_by_name(org, name).await {
+            Ok(found) => found,
+            // A token this replica cannot decrypt is a configuration problem,
+            // not an outage: answer it like an unusable provider, and cache that.
+            Err(storage::StorageError::Crypto(e)) => {
+                tracing::error!(error = %e, provider = name, %org, "cannot decrypt provider token");
+                return Ok(Slot::Missing(Instant::now(), true));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, provider = name, "provider lookup failed");
+                return Err(());
+            }
+        };
         let slot = match found {
             None => Slot::Missing(Instant::now(), false),
             Some(p) => match ProviderEntry::prepare(p, client) {

@@ -173,9 +173,9 @@ async fn proxy(
     let raw = read_body(req, payload, gw.max_body).await?;
     let chat = ChatRequest::parse(&raw)?;
     let provider_name = chat.provider();
-    log.row.requested_model = Some(chat.model.as_ref().to_owned());
-    log.row.provider_name = Some(provider_name.to_owned());
-    log.row.upstream_model = Some(chat.upstream_model().to_owned());
+    log.row.requested_model = Some(storable(chat.model.as_ref()));
+    log.row.provider_name = Some(storable(provider_name));
+    log.row.upstream_model = Some(storable(chat.upstream_model()));
     log.row.streamed = chat.stream;
     let not_found = || GatewayError::ModelNotFound {
         model: chat.model.as_ref().to_owned(),
@@ -529,4 +529,15 @@ mod tests {
             );
         }
     }
+}
+
+/// A client-chosen string as a usage row may hold it: PostgreSQL text refuses
+/// NUL, and one refused row would send a whole batch down the slow path.
+fn storable(s: &str) -> String {
+    const MAX: usize = 512;
+    let mut end = s.len().min(MAX);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].replace('\0', "\u{fffd}")
 }

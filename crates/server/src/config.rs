@@ -20,8 +20,9 @@ pub enum LogFormat {
     Pretty,
 }
 
-/// The whole configuration.
-#[derive(Debug, Clone)]
+/// The whole configuration. `Debug` is written by hand: the URL may carry a
+/// password and the keys are the master secrets.
+#[derive(Clone)]
 pub struct Config {
     pub database_url: Option<String>,
     pub data_dir: PathBuf,
@@ -43,6 +44,25 @@ pub struct Config {
     pub log_queue_capacity: usize,
     pub log_batch_size: usize,
     pub log_flush_interval: Duration,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field(
+                "database_url",
+                &self.database_url.as_ref().map(|_| "[REDACTED]"),
+            )
+            .field(
+                "encryption_keys",
+                &self.encryption_keys.as_ref().map(|_| "[REDACTED]"),
+            )
+            .field("data_dir", &self.data_dir)
+            .field("gateway_addr", &self.gateway_addr)
+            .field("api_addr", &self.api_addr)
+            .field("allow_private", &self.allow_private)
+            .finish_non_exhaustive()
+    }
 }
 
 type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
@@ -104,6 +124,17 @@ fn positive<T: std::str::FromStr + PartialOrd + Default>(
         });
     }
     Ok(v)
+}
+
+fn session_ttl(env: Env) -> Result<Duration, ConfigError> {
+    let hours: u64 = positive(env, "LLMGW_SESSION_TTL_HOURS", 24 * 7)?;
+    if hours > 24 * 366 {
+        return Err(ConfigError {
+            var: "LLMGW_SESSION_TTL_HOURS",
+            message: "must be at most 8784 (one year)".into(),
+        });
+    }
+    Ok(Duration::from_secs(3600 * hours))
 }
 
 impl Config {
@@ -185,9 +216,7 @@ impl Config {
             allow_signup: flag(env, "LLMGW_ALLOW_SIGNUP", true)?,
             log_format,
             shutdown_grace: millis(env, "LLMGW_SHUTDOWN_GRACE_MS", 30_000)?,
-            session_ttl: Duration::from_secs(
-                3600 * positive::<u64>(env, "LLMGW_SESSION_TTL_HOURS", 24 * 7)?,
-            ),
+            session_ttl: session_ttl(env)?,
             db_max_connections: positive(env, "LLMGW_DB_MAX_CONNECTIONS", 16)?,
             gateway_workers: positive(env, "LLMGW_GATEWAY_WORKERS", default_workers)?,
             cache_ttl: millis(env, "LLMGW_CACHE_TTL_MS", 30_000)?,
@@ -229,6 +258,7 @@ mod tests {
             ("LLMGW_UPSTREAM_ALLOW_PRIVATE", "maybe"),
             ("LLMGW_MAX_BODY_BYTES", "-1"),
             ("LLMGW_MAX_BODY_BYTES", "0"),
+            ("LLMGW_SESSION_TTL_HOURS", "3000000000"),
             ("LLMGW_UPSTREAM_TIMEOUT_MS", "abc"),
             ("LLMGW_LOG_FORMAT", "xml"),
             ("LLMGW_ENCRYPTION_KEYS", "1:short"),
@@ -239,6 +269,20 @@ mod tests {
             assert_eq!(e.var, var, "{e}");
             assert!(!e.to_string().contains('\n'));
         }
+    }
+
+    #[test]
+    fn debug_output_hides_secrets() {
+        let c = cfg(&[
+            ("DATABASE_URL", "postgres://u:hunter2@db/x"),
+            (
+                "LLMGW_ENCRYPTION_KEYS",
+                "1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+            ),
+        ])
+        .unwrap();
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("hunter2") && !dbg.contains("AAAA"), "{dbg}");
     }
 
     #[test]

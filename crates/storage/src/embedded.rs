@@ -103,6 +103,10 @@ impl EmbeddedPostgres {
             ));
         }
         fs::create_dir_all(&socket_dir).map_err(io_err(&socket_dir))?;
+        // Trust auth is safe only because nobody else can reach the socket.
+        for p in [&base, &socket_dir] {
+            fs::set_permissions(p, fs::Permissions::from_mode(0o700)).map_err(io_err(p))?;
+        }
         let me = Self {
             bin,
             log_file: base.join("postgres.log"),
@@ -175,7 +179,7 @@ impl EmbeddedPostgres {
             return Ok(());
         }
         let opts = format!(
-            "-c listen_addresses='' -k {} -p {PORT} -c fsync=on",
+            "-c listen_addresses='' -k {} -p {PORT} -c unix_socket_permissions=0700",
             self.socket_dir.display()
         );
         self.run(

@@ -21,8 +21,13 @@ impl Cursor {
     pub fn decode(s: &str) -> Option<Self> {
         let raw = String::from_utf8(B64.decode(s).ok()?).ok()?;
         let (micros, id) = raw.split_once('|')?;
+        let micros: i64 = micros.parse().ok()?;
+        // Years 1..9999 only: PostgreSQL refuses some times chrono accepts.
+        if !(-62_135_596_800_000_000..=253_402_300_799_000_000).contains(&micros) {
+            return None;
+        }
         Some(Self {
-            at: DateTime::from_timestamp_micros(micros.parse().ok()?)?,
+            at: DateTime::from_timestamp_micros(micros)?,
             id: id.parse().ok()?,
         })
     }
@@ -67,7 +72,8 @@ mod tests {
             id: Uuid::new_v4(),
         };
         assert_eq!(Cursor::decode(&c.encode()), Some(c));
-        for bad in ["", "!!", "bm90IGEgY3Vyc29y", &B64.encode("1|notuuid")] {
+        let far = B64.encode(format!("{}|{}", i64::MAX / 2, Uuid::new_v4()));
+        for bad in ["", "!!", "bm90IGEgY3Vyc29y", &B64.encode("1|notuuid"), &far] {
             assert_eq!(Cursor::decode(bad), None);
         }
     }

@@ -206,7 +206,17 @@ impl Db {
         .bind(org_id)
         .fetch_all(&self.pool)
         .await?;
-        rows.into_iter().map(|r| self.unseal(r)).collect()
+        // One undecryptable row (say, a key not yet given to this replica)
+        // must not hide the others.
+        Ok(rows
+            .into_iter()
+            .filter_map(|r| {
+                let (org, id) = (r.org_id, r.id);
+                self.unseal(r)
+                    .map_err(|e| tracing::error!(error = %e, %org, provider_key_id = %id, "cannot decrypt provider token"))
+                    .ok()
+            })
+            .collect())
     }
 
     /// Applies a patch; the token, when given, is sealed anew.

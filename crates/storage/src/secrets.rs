@@ -56,11 +56,14 @@ impl ProviderToken {
         self.0.expose_secret()
     }
 
-    /// The last four characters, shown to admins so they can tell tokens apart.
+    /// The last four characters, shown so admins can tell tokens apart; empty
+    /// for tokens shorter than 12 characters, where four would give too much away.
     pub fn hint(&self) -> String {
         let s = self.0.expose_secret();
-        let start = s.len().saturating_sub(4);
-        s[start..].to_owned()
+        if s.len() < 12 {
+            return String::new();
+        }
+        s[s.len() - 4..].to_owned()
     }
 }
 
@@ -209,7 +212,8 @@ mod tests {
         let t = ProviderToken::parse("sk-abcdefgh1234").unwrap();
         assert_eq!(t.hint(), "1234");
         assert!(!format!("{t:?}").contains("abcdefgh"));
-        assert_eq!(ProviderToken::parse("abc").unwrap().hint(), "abc");
+        assert_eq!(ProviderToken::parse("test").unwrap().hint(), "");
+        assert_eq!(ProviderToken::parse("sk-12345678").unwrap().hint(), "");
         for bad in ["", " sk", "sk ", "sk\nx", "sk\r\nX-Evil: 1", "tok\u{e9}n"] {
             assert!(ProviderToken::parse(bad).is_err(), "{bad:?} accepted");
         }
