@@ -511,6 +511,17 @@ impl Stream for RelayStream {
     }
 }
 
+/// A client-chosen string as a usage row may hold it: PostgreSQL text refuses
+/// NUL, and one refused row would send a whole batch down the slow path.
+fn storable(s: &str) -> String {
+    const MAX: usize = 512;
+    let mut end = s.len().min(MAX);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].replace('\0', "\u{fffd}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -529,15 +540,4 @@ mod tests {
             );
         }
     }
-}
-
-/// A client-chosen string as a usage row may hold it: PostgreSQL text refuses
-/// NUL, and one refused row would send a whole batch down the slow path.
-fn storable(s: &str) -> String {
-    const MAX: usize = 512;
-    let mut end = s.len().min(MAX);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    s[..end].replace('\0', "\u{fffd}")
 }
