@@ -3,7 +3,7 @@
 //! queued or written is counted in a metric and logged, never lost silently.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,6 +19,10 @@ use crate::metrics::Metrics;
 pub(crate) struct UsageQueue {
     tx: mpsc::Sender<RequestLog>,
     closed: AtomicBool,
+    /// Set when shutdown begins: requests dropped from now on were cut by it.
+    stopping: AtomicBool,
+    /// Rows not queued yet: one per live `LogGuard`.
+    pending: AtomicUsize,
     /// Rows taken off the channel by the writer and not yet written.
     in_hand: AtomicU64,
     metrics: Arc<Metrics>,
@@ -32,6 +36,8 @@ impl UsageQueue {
         let q = Arc::new(Self {
             tx,
             closed: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            pending: AtomicUsize::new(0),
             in_hand: AtomicU64::new(0),
             metrics,
             last_drop_warning: AtomicU64::new(0),
@@ -70,6 +76,16 @@ impl UsageQueue {
 
     pub fn capacity(&self) -> usize {
         self.tx.max_capacity()
+    }
+
+    /// Marks the start of shutdown; rows keep being taken until `close`.
+    pub fn begin_stopping(&self) {
+        self.stopping.store(true, Relaxed);
+    }
+
+    /// Requests still holding their row (in flight, or being dropped by a stopping worker).
+    pub fn pending(&self) -> usize {
+        self.pending.load(Relaxed)
     }
 
     pub fn close(&self) {
@@ -132,26 +148,31 @@ impl Writer {
     pub async fn run(mut self) {
         let batch = self.cfg.batch_size.max(1);
         let mut buf: Vec<RequestLog> = Vec::with_capacity(batch);
+        // The writer drains on a timer and never waits on the channel: a
+        // waiting receiver would be woken by every row, and that wake-up (a
+        // cross-thread context switch) would be paid on the request path.
+        let mut tick = tokio::time::interval(self.cfg.flush_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while self.deadline.is_none() {
             tokio::select! {
                 biased;
                 _ = Self::stopped(&mut self.shutdown, false) => { self.begin_shutdown(); break; }
-                n = self.rx.recv_many(&mut buf, batch) => if n == 0 { break },
+                _ = tick.tick() => {}
             }
-            // Gather more for a while: one insert per interval, not per request.
-            let until = tokio::time::Instant::now() + self.cfg.flush_interval;
-            while buf.len() < batch && self.deadline.is_none() {
-                let want = batch - buf.len();
-                tokio::select! {
-                    biased;
-                    _ = Self::stopped(&mut self.shutdown, false) => self.begin_shutdown(),
-                    r = tokio::time::timeout_at(until, self.rx.recv_many(&mut buf, want)) => match r {
-                        Ok(n) if n > 0 => {}
-                        _ => break,
-                    },
+            // Everything queued so far, in batches of at most `batch` rows.
+            loop {
+                while buf.len() < batch {
+                    match self.rx.try_recv() {
+                        Ok(row) => buf.push(row),
+                        Err(_) => break,
+                    }
+                }
+                let full = buf.len() == batch;
+                self.write(&mut buf).await;
+                if !full || self.deadline.is_some() {
+                    break;
                 }
             }
-            self.write(&mut buf).await;
         }
         // Shutdown: take what is queued and write it within the budget.
         self.begin_shutdown();
@@ -275,6 +296,7 @@ impl LogGuard {
         api_key_id: Uuid,
         start: Instant,
     ) -> Self {
+        queue.pending.fetch_add(1, Relaxed);
         Self {
             queue,
             metrics,
@@ -340,13 +362,18 @@ impl Drop for LogGuard {
         if !self.finished {
             self.row.canceled = true;
             self.row.latency_ms = self.elapsed_ms();
-            self.row
-                .error_class
-                .get_or_insert_with(|| "client_canceled".to_owned());
+            // Unfinished during the drain: most likely cut by the end of the grace period.
+            let why = if self.queue.stopping.load(Relaxed) {
+                "shutdown"
+            } else {
+                "client_canceled"
+            };
+            self.row.error_class.get_or_insert_with(|| why.to_owned());
             self.metrics.streams_canceled.fetch_add(1, Relaxed);
         }
         let row = std::mem::replace(&mut self.row, empty_row());
         self.queue.push(row);
+        self.queue.pending.fetch_sub(1, Relaxed);
     }
 }
 
