@@ -34,6 +34,9 @@ struct Args {
     /// Slow streams held open at once in the soak (0 skips it).
     #[arg(long, default_value_t = 10_000)]
     soak_streams: usize,
+    /// `RUST_LOG` for llmgw; the default `info` writes one JSON line per request, as in production.
+    #[arg(long, default_value = "info")]
+    log_level: String,
     /// Path of the llmgw binary (default: build target/release/llmgw).
     #[arg(long)]
     llmgw: Option<String>,
@@ -120,7 +123,7 @@ fn proc_stats(pid: u32) -> (f64, u64, u64) {
     (ticks * 1000.0 / hz, kib("VmRSS:"), kib("VmHWM:"))
 }
 
-async fn start_llmgw(bin: &str, t: &TestDb, up: &MockUpstream) -> Gateway {
+async fn start_llmgw(bin: &str, log_level: &str, t: &TestDb, up: &MockUpstream) -> Gateway {
     let (gw, api) = (free_port(), free_port());
     let mut child = Command::new(bin)
         .arg("serve")
@@ -131,7 +134,7 @@ async fn start_llmgw(bin: &str, t: &TestDb, up: &MockUpstream) -> Gateway {
         .env("LLMGW_UPSTREAM_ALLOW_PRIVATE", "true")
         .env("LLMGW_UPSTREAM_CA_FILE", &up.ca.ca_file)
         .env("LLMGW_LOG_FORMAT", "json")
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", log_level)
         .env("LLMGW_SHUTDOWN_GRACE_MS", "2000")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -140,7 +143,7 @@ async fn start_llmgw(bin: &str, t: &TestDb, up: &MockUpstream) -> Gateway {
     let stderr = child.stderr.take().unwrap();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("ERROR") || line.contains("\"level\":\"ERROR\"") {
+            if line.contains("\"level\":\"ERROR\"") {
                 eprintln!("llmgw: {line}");
             }
         }
@@ -383,7 +386,7 @@ async fn run(args: Args) {
 
     let up = MockUpstream::start().await;
     let t = TestDb::new().await;
-    let g = start_llmgw(&bin, &t, &up).await;
+    let g = start_llmgw(&bin, &args.log_level, &t, &up).await;
     let key = provision(&g, &up).await;
     let pid = g.child.id();
 

@@ -23,7 +23,7 @@ struct Peek<'a> {
 
 /// A parsed chat request: where `model` sits in the body and how it splits.
 #[derive(Debug)]
-pub(crate) struct ChatRequest<'a> {
+pub struct ChatRequest<'a> {
     /// The model as the client wrote it (`{customName}/{modelName}`).
     pub model: Cow<'a, str>,
     /// Byte length of `{customName}/` inside `model`.

@@ -7,6 +7,9 @@
 //! Invalidation vs. in-flight lookups: an eviction bumps `epoch` and then
 //! removes entries under the shard locks; a lookup result is inserted only if
 //! the epoch it started under is still current, checked under the shard lock.
+//! The epoch is also part of the single-flight key, so a request that arrives
+//! after an eviction never joins a lookup started before it (which could
+//! answer with the pre-revocation row).
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -113,7 +116,7 @@ type Lookup<T> = Result<Option<Arc<T>>, ()>;
 pub(crate) struct KeyCache {
     shards: Vec<RwLock<HashMap<[u8; 32], Arc<KeyEntry>>>>,
     negative: Mutex<HashMap<[u8; 32], Instant>>,
-    flights: Flights<[u8; 32], Lookup<KeyEntry>>,
+    flights: Flights<(u64, [u8; 32]), Lookup<KeyEntry>>,
     epoch: AtomicU64,
     limiter: Semaphore,
     ttl: Duration,
@@ -142,6 +145,7 @@ impl KeyCache {
         metrics: &Metrics,
         digest: &[u8; 32],
     ) -> Result<Arc<KeyEntry>, GatewayError> {
+        let epoch = self.epoch.load(Ordering::Acquire);
         let stale = read(self.shard(digest)).get(digest).cloned();
         if let Some(e) = &stale {
             if e.loaded.elapsed() < self.ttl {
@@ -156,7 +160,10 @@ impl KeyCache {
             return Err(GatewayError::InvalidKey);
         }
         metrics.key_misses.fetch_add(1, Ordering::Relaxed);
-        let found = self.flights.run(*digest, || self.load(db, digest)).await;
+        let found = self
+            .flights
+            .run((epoch, *digest), || self.load(db, digest, epoch))
+            .await;
         match (found, stale) {
             (Ok(Some(e)), _) => e.check(),
             (Ok(None), _) => Err(GatewayError::InvalidKey),
@@ -167,9 +174,9 @@ impl KeyCache {
         }
     }
 
-    async fn load(&self, db: &Db, digest: &[u8; 32]) -> Lookup<KeyEntry> {
+    /// Looks a key up; the result is cached only if no eviction happened since `epoch`.
+    async fn load(&self, db: &Db, digest: &[u8; 32], epoch: u64) -> Lookup<KeyEntry> {
         let _permit = self.limiter.acquire().await.map_err(|_| ())?;
-        let epoch = self.epoch.load(Ordering::Acquire);
         let row = db.api_key_by_digest(digest).await.map_err(|e| {
             tracing::warn!(error = %e, "API key lookup failed");
         })?;
@@ -287,7 +294,7 @@ impl Slot {
 
 pub(crate) struct ProviderCache {
     shards: Vec<RwLock<HashMap<Uuid, HashMap<String, Slot>>>>,
-    flights: Flights<(Uuid, String), Result<Slot, ()>>,
+    flights: Flights<(u64, Uuid, String), Result<Slot, ()>>,
     epoch: AtomicU64,
     limiter: Semaphore,
     ttl: Duration,
@@ -317,6 +324,7 @@ impl ProviderCache {
         org: Uuid,
         name: &str,
     ) -> Result<Option<Arc<ProviderEntry>>, GatewayError> {
+        let epoch = self.epoch.load(Ordering::Acquire);
         let stale = read(self.shard(&org))
             .get(&org)
             .and_then(|m| m.get(name))
@@ -335,7 +343,9 @@ impl ProviderCache {
         metrics.provider_misses.fetch_add(1, Ordering::Relaxed);
         let found = self
             .flights
-            .run((org, name.to_owned()), || self.load(db, client, org, name))
+            .run((epoch, org, name.to_owned()), || {
+                self.load(db, client, org, name, epoch)
+            })
             .await;
         match (found, stale) {
             (Ok(slot), _) | (Err(()), Some(slot)) => resolve(slot),
@@ -349,9 +359,9 @@ impl ProviderCache {
         client: &upstream::UpstreamClient,
         org: Uuid,
         name: &str,
+        epoch: u64,
     ) -> Result<Slot, ()> {
         let _permit = self.limiter.acquire().await.map_err(|_| ())?;
-        let epoch = self.epoch.load(Ordering::Acquire);
         let found = match db.provider_by_name(org, name).await {
             Ok(found) => found,
             // A token this replica cannot decrypt is a configuration problem,
@@ -414,5 +424,42 @@ pub(crate) fn parse_event(payload: &str) -> Invalidation {
             tracing::warn!(payload, "unexpected cache notification; flushing caches");
             Invalidation::All
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::FutureExt;
+
+    /// A lookup that started before an eviction must not answer requests
+    /// made after it: they are keyed by the newer epoch and load afresh.
+    #[tokio::test]
+    async fn a_flight_from_an_older_epoch_is_not_joined() {
+        let flights: Flights<(u64, u8), &'static str> = Flights::new();
+        let (release, wait) = tokio::sync::oneshot::channel::<()>();
+        let before = flights.run((0, 7), || async {
+            let _ = wait.await;
+            "pre-revocation row"
+        });
+        tokio::pin!(before);
+        // Start the old flight and leave it waiting.
+        assert!(before.as_mut().now_or_never().is_none());
+        // Same epoch: joins the waiting flight.
+        let joined = flights.run((0, 7), || async { "a second lookup" });
+        tokio::pin!(joined);
+        assert!(joined.as_mut().now_or_never().is_none());
+        // Newer epoch: its own lookup, answered without waiting for the old one.
+        let after = flights
+            .run((1, 7), || async { "post-revocation row" })
+            .await;
+        assert_eq!(after, "post-revocation row");
+        let _ = release.send(());
+        assert_eq!(before.await, "pre-revocation row");
+        assert_eq!(joined.await, "pre-revocation row");
+        assert!(
+            lock(&flights.map).is_empty(),
+            "finished flights are removed"
+        );
     }
 }

@@ -42,6 +42,8 @@ pub enum GatewayError {
     PayloadTooLarge(usize),
     #[error("the request body could not be read: {0}")]
     BadBody(String),
+    #[error("the request body did not arrive within {} ms", .0.as_millis())]
+    BodyTimeout(Duration),
     #[error("the provider `{provider}` was refused: {detail}")]
     UpstreamForbidden { provider: String, detail: String },
     #[error("could not reach the provider `{provider}`: {detail}")]
@@ -50,6 +52,10 @@ pub enum GatewayError {
     UpstreamTls { provider: String, detail: String },
     #[error("the provider `{provider}` did not answer within {} ms", .after.as_millis())]
     UpstreamTimeout { provider: String, after: Duration },
+    #[error(
+        "the provider `{provider}` answered with more than the gateway's limit of {limit} bytes"
+    )]
+    UpstreamTooLarge { provider: String, limit: usize },
     #[error("the provider `{provider}` answered with a redirect ({status}); redirects are not followed, check its base URL")]
     UpstreamRedirect { provider: String, status: u16 },
     #[error("the provider `{0}` has an unusable configuration; an admin should check its base URL and token")]
@@ -123,6 +129,18 @@ impl GatewayError {
                 "invalid_request_error",
                 None,
                 "invalid_body",
+            ),
+            BodyTimeout(_) => (
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                None,
+                "request_timeout",
+            ),
+            UpstreamTooLarge { .. } => (
+                StatusCode::BAD_GATEWAY,
+                "upstream_error",
+                None,
+                "upstream_response_too_large",
             ),
             UpstreamForbidden { .. } => (
                 StatusCode::BAD_GATEWAY,

@@ -2,7 +2,8 @@
 //! routes `{customName}/{modelName}` to that org's custom provider, relays
 //! the answer (streams as they arrive) and logs usage off the request path.
 
-mod body;
+/// Chat request parsing, model split and body rewrite (public for the fuzz targets).
+pub mod body;
 mod cache;
 mod error;
 mod metrics;
@@ -46,6 +47,10 @@ pub struct GatewayConfig {
     pub log_flush_interval: Duration,
     /// How long an org's `/v1/models` answer is reused.
     pub models_cache_ttl: Duration,
+    /// Longest a non-streamed upstream answer (or error body) read into memory; beyond, 502.
+    pub max_response_bytes: usize,
+    /// Longest a client may take to send its request body; beyond, 408.
+    pub client_body_timeout: Duration,
 }
 
 impl GatewayConfig {
@@ -58,9 +63,14 @@ impl GatewayConfig {
             log_batch_size: 1_000,
             log_flush_interval: Duration::from_millis(200),
             models_cache_ttl: Duration::from_secs(60),
+            max_response_bytes: 32 * 1024 * 1024,
+            client_body_timeout: Duration::from_secs(30),
         }
     }
 }
+
+/// How long `shutdown` waits for requests cut by the grace period to hand over their usage rows.
+const PENDING_ROWS_WAIT: Duration = Duration::from_secs(2);
 
 /// How long `shutdown` keeps trying to write queued usage rows to an unreachable database.
 const SHUTDOWN_FLUSH_BUDGET: Duration = Duration::from_secs(10);
@@ -81,6 +91,8 @@ pub(crate) struct Inner {
     pub db: Db,
     pub client: upstream::UpstreamClient,
     pub max_body: usize,
+    pub max_response: usize,
+    pub body_timeout: Duration,
     pub keys: KeyCache,
     pub providers: ProviderCache,
     pub models: models::ModelsCache,
@@ -102,6 +114,8 @@ impl Gateway {
             db: db.clone(),
             client: cfg.upstream.clone(),
             max_body: cfg.max_body_bytes,
+            max_response: cfg.max_response_bytes,
+            body_timeout: cfg.client_body_timeout,
             keys: KeyCache::new(cfg.cache_ttl),
             providers: ProviderCache::new(cfg.cache_ttl),
             models: models::ModelsCache::new(cfg.models_cache_ttl),
@@ -163,10 +177,31 @@ impl Gateway {
         );
     }
 
+    /// Marks the start of the drain (call when the listeners stop accepting):
+    /// requests left unfinished from now on are logged with `error_class = "shutdown"`.
+    pub fn begin_shutdown(&self) {
+        self.inner.usage.begin_stopping();
+    }
+
     /// Stops taking usage rows, writes the queued ones (bounded in time) and
     /// stops the background tasks. Call after the HTTP server has stopped.
     pub async fn shutdown(&self) {
-        self.inner.usage.close();
+        // Requests cut at the end of the grace period are dropped by their
+        // worker threads, possibly after the server reported itself stopped:
+        // wait (briefly) for their rows before the queue closes.
+        let usage = &self.inner.usage;
+        usage.begin_stopping();
+        let deadline = Instant::now() + PENDING_ROWS_WAIT;
+        while usage.pending() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if usage.pending() > 0 {
+            tracing::warn!(
+                requests = usage.pending(),
+                "requests still running at shutdown; their usage rows will be counted as dropped"
+            );
+        }
+        usage.close();
         let _ = self.inner.shutdown.send(true);
         let writer = self
             .inner

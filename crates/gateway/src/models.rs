@@ -1,6 +1,10 @@
 //! `GET /v1/models`: the org's active providers' models as `{name}/{id}`.
+//!
+//! A provider that fails (unreachable, error status, not a model list, a list
+//! over [`MAX_LIST_BYTES`]) is left out and logged; the rest are listed.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -12,16 +16,30 @@ use uuid::Uuid;
 
 use crate::cache::ProviderEntry;
 use crate::error::GatewayError;
-use crate::proxy::authenticate;
+use crate::proxy::{authenticate, read_capped, UpstreamBody};
 use crate::Inner;
 
 /// Longest wait for one provider's model list.
 const PER_PROVIDER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest model list read from one provider; a larger one counts as a failure.
+const MAX_LIST_BYTES: usize = 4 * 1024 * 1024;
+/// How long a list missing a failed provider is reused: long enough that a
+/// dead provider does not make every call fan out, short enough to notice it is back.
+const INCOMPLETE_TTL: Duration = Duration::from_secs(5);
 
-/// Each org's last complete answer, reused for a short while.
+/// One org's answer and until when it may be reused.
+struct Cached {
+    expires: Instant,
+    body: Bytes,
+}
+
+/// Each org's last answer, reused for a short while. Invalidation vs.
+/// in-flight fetches: `evict`/`flush` bump `epoch` under the map lock, and a
+/// fetched answer is stored only if the epoch it started under is still current.
 pub(crate) struct ModelsCache {
     ttl: Duration,
-    map: Mutex<HashMap<Uuid, (Instant, Bytes)>>,
+    map: Mutex<HashMap<Uuid, Cached>>,
+    epoch: AtomicU64,
 }
 
 impl ModelsCache {
@@ -29,26 +47,55 @@ impl ModelsCache {
         Self {
             ttl,
             map: Mutex::new(HashMap::new()),
+            epoch: AtomicU64::new(0),
         }
     }
 
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, (Instant, Bytes)>> {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Cached>> {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn get(&self, org: Uuid) -> Option<Bytes> {
         self.map()
             .get(&org)
-            .filter(|(t, _)| t.elapsed() < self.ttl)
-            .map(|(_, b)| b.clone())
+            .filter(|c| Instant::now() < c.expires)
+            .map(|c| c.body.clone())
+    }
+
+    /// The epoch a fetch starts under, to hand back to `insert`.
+    fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Stores an answer unless an invalidation arrived since `epoch` was read.
+    fn insert(&self, org: Uuid, epoch: u64, body: Bytes, complete: bool) {
+        let ttl = if complete {
+            self.ttl
+        } else {
+            self.ttl.min(INCOMPLETE_TTL)
+        };
+        let mut map = self.map();
+        if self.epoch.load(Ordering::Acquire) == epoch {
+            map.insert(
+                org,
+                Cached {
+                    expires: Instant::now() + ttl,
+                    body,
+                },
+            );
+        }
     }
 
     pub fn evict(&self, org: Uuid) {
-        self.map().remove(&org);
+        let mut map = self.map();
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        map.remove(&org);
     }
 
     pub fn flush(&self) {
-        self.map().clear();
+        let mut map = self.map();
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        map.clear();
     }
 }
 
@@ -66,6 +113,8 @@ pub(crate) async fn list_models(
     if let Some(body) = gw.models.get(key.org_id) {
         return Ok(json(body));
     }
+    // Read before the providers are: a change after this point is not cached over.
+    let epoch = gw.models.epoch();
     let providers = gw.db.active_providers(key.org_id).await.map_err(|e| {
         tracing::warn!(error = %e, "cannot list providers");
         GatewayError::Unavailable
@@ -81,12 +130,8 @@ pub(crate) async fn list_models(
         serde_json::to_vec(&serde_json::json!({"object": "list", "data": data}))
             .unwrap_or_default(),
     );
-    // A list missing a failed provider is not reused: the next call tries it again.
-    if complete {
-        gw.models
-            .map()
-            .insert(key.org_id, (Instant::now(), body.clone()));
-    }
+    // A list missing a failed provider is reused only briefly, then retried.
+    gw.models.insert(key.org_id, epoch, body.clone(), complete);
     Ok(json(body))
 }
 
@@ -123,12 +168,21 @@ async fn fetch(client: &upstream::UpstreamClient, p: ProviderEntry) -> Option<Ve
             return None;
         }
     };
-    let list: ModelList = match resp.bytes().await.map(|b| serde_json::from_slice(&b)) {
-        Ok(Ok(l)) => l,
-        _ => {
-            tracing::warn!(provider = %p.name, "skipping provider in /v1/models: not an OpenAI model list");
+    // The request's timeout (set above) also bounds reading the body.
+    let bytes = match read_capped(resp, MAX_LIST_BYTES).await {
+        Ok(b) => b,
+        Err(UpstreamBody::TooLarge) => {
+            tracing::warn!(provider = %p.name, limit = MAX_LIST_BYTES, "skipping provider in /v1/models: its list is too large");
             return None;
         }
+        Err(UpstreamBody::Failed(e)) => {
+            tracing::warn!(provider = %p.name, error = %e, "skipping provider in /v1/models");
+            return None;
+        }
+    };
+    let Ok(list) = serde_json::from_slice::<ModelList>(&bytes) else {
+        tracing::warn!(provider = %p.name, "skipping provider in /v1/models: not an OpenAI model list");
+        return None;
     };
     Some(
         list.data

@@ -4,6 +4,24 @@
 //! headers): the upstream gets `content-type`, `accept`, `x-request-id` and
 //! `Authorization: Bearer {provider token}`. Back to the client go the
 //! upstream's status, body, `content-type`, `retry-after` and `x-ratelimit-*`.
+//!
+//! Client input: any `content-type` is accepted when the body is a JSON
+//! object (SDKs send `application/json`, `curl -d` a form type); the body
+//! must be UTF-8 and at most `max_body_bytes` (413, with or without a
+//! `content-length`), and must arrive within `client_body_timeout` (408).
+//! Valid JSON is not depth-limited here: the parts the gateway does not route
+//! on are skipped without recursion and judged by the upstream.
+//!
+//! Upstream faults, each bounded: no head within the upstream timeout ⇒ 504;
+//! a non-streamed body not complete within it ⇒ 504; broken mid-body ⇒ 502;
+//! a non-streamed body over `max_response_bytes` ⇒ 502
+//! `upstream_response_too_large` (never held whole). A 200 whose body is not
+//! JSON is relayed as sent, logged with no tokens and `error_class =
+//! upstream_invalid_json`. Streams are relayed chunk by chunk (the usage
+//! scanner keeps one line, capped); a stream that breaks or falls silent
+//! for the upstream timeout ends with an OpenAI-shaped `data: {"error":…}`
+//! event, and its row keeps status 200 with `error_class`
+//! `upstream_stream_error` or `upstream_timeout`.
 
 use std::convert::Infallible;
 use std::error::Error as StdError;
@@ -67,7 +85,59 @@ pub(crate) async fn authenticate(
         .await
 }
 
-/// Reads the body, refusing more than `limit` bytes.
+/// Gathers a body's chunks, refusing more than `limit` bytes; a body of
+/// one chunk is kept without a copy.
+struct Collect {
+    limit: usize,
+    total: usize,
+    first: Option<Bytes>,
+    buf: Option<BytesMut>,
+    /// Expected length, to allocate once.
+    hint: usize,
+}
+
+/// The body outgrew its limit.
+struct TooLarge;
+
+impl Collect {
+    fn new(limit: usize, hint: Option<usize>) -> Self {
+        Self {
+            limit,
+            total: 0,
+            first: None,
+            buf: None,
+            hint: hint.unwrap_or(0).min(limit),
+        }
+    }
+
+    fn push(&mut self, chunk: Bytes) -> Result<(), TooLarge> {
+        self.total += chunk.len();
+        if self.total > self.limit {
+            return Err(TooLarge);
+        }
+        match (&mut self.buf, self.first.take()) {
+            (Some(b), _) => b.extend_from_slice(&chunk),
+            (None, None) => self.first = Some(chunk),
+            (None, Some(f)) => {
+                let mut b = BytesMut::with_capacity(self.hint.max(f.len() + chunk.len()));
+                b.extend_from_slice(&f);
+                b.extend_from_slice(&chunk);
+                self.buf = Some(b);
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> Bytes {
+        match self.buf {
+            Some(b) => b.freeze(),
+            None => self.first.unwrap_or_default(),
+        }
+    }
+}
+
+/// Reads the client's body, refusing more than `limit` bytes. Callers bound
+/// it in time: a client that stalls mid-body must not hold the request forever.
 async fn read_body(
     req: &HttpRequest,
     mut payload: web::Payload,
@@ -81,31 +151,38 @@ async fn read_body(
     if declared.is_some_and(|n| n > limit) {
         return Err(GatewayError::PayloadTooLarge(limit));
     }
-    let mut first: Option<Bytes> = None;
-    let mut buf: Option<BytesMut> = None;
-    let mut total = 0usize;
+    let mut body = Collect::new(limit, declared);
     while let Some(chunk) = payload.next().await {
         let chunk = chunk.map_err(|e| GatewayError::BadBody(e.to_string()))?;
-        total += chunk.len();
-        if total > limit {
-            return Err(GatewayError::PayloadTooLarge(limit));
-        }
-        match (&mut buf, first.take()) {
-            (Some(b), _) => b.extend_from_slice(&chunk),
-            (None, None) => first = Some(chunk),
-            (None, Some(f)) => {
-                let mut b =
-                    BytesMut::with_capacity(declared.unwrap_or(0).max(f.len() + chunk.len()));
-                b.extend_from_slice(&f);
-                b.extend_from_slice(&chunk);
-                buf = Some(b);
-            }
-        }
+        body.push(chunk)
+            .map_err(|TooLarge| GatewayError::PayloadTooLarge(limit))?;
     }
-    Ok(match buf {
-        Some(b) => b.freeze(),
-        None => first.unwrap_or_default(),
-    })
+    Ok(body.finish())
+}
+
+/// Why a whole upstream body could not be read.
+pub(crate) enum UpstreamBody {
+    /// More than the cap: the response was dropped, which closes its connection.
+    TooLarge,
+    Failed(reqwest::Error),
+}
+
+/// Reads a whole upstream body into memory, holding at most `cap` bytes
+/// (a declared larger `content-length` is refused before reading).
+pub(crate) async fn read_capped(
+    mut resp: reqwest::Response,
+    cap: usize,
+) -> Result<Bytes, UpstreamBody> {
+    let declared = resp.content_length();
+    if declared.is_some_and(|n| n > cap as u64) {
+        return Err(UpstreamBody::TooLarge);
+    }
+    let mut body = Collect::new(cap, declared.map(|n| n as usize));
+    while let Some(chunk) = resp.chunk().await.map_err(UpstreamBody::Failed)? {
+        body.push(chunk)
+            .map_err(|TooLarge| UpstreamBody::TooLarge)?;
+    }
+    Ok(body.finish())
 }
 
 enum Answer {
@@ -170,7 +247,15 @@ async fn proxy(
     org: uuid::Uuid,
     log: &mut LogGuard,
 ) -> Result<Answer, GatewayError> {
-    let raw = read_body(req, payload, gw.max_body).await?;
+    let raw = tokio::time::timeout(gw.body_timeout, read_body(req, payload, gw.max_body))
+        .await
+        .map_err(|_| GatewayError::BodyTimeout(gw.body_timeout))??;
+    // JSON is UTF-8; the parser does not check the strings it only skips.
+    if std::str::from_utf8(&raw).is_err() {
+        return Err(GatewayError::InvalidJson(
+            "the request body is not valid UTF-8".to_owned(),
+        ));
+    }
     let chat = ChatRequest::parse(&raw)?;
     let provider_name = chat.provider();
     log.row.requested_model = Some(storable(chat.model.as_ref()));
@@ -227,6 +312,8 @@ async fn proxy(
     let rb = rb.body(body);
     let timeout = gw.client.timeout();
     let fail = |e: reqwest::Error| classify(&e, &provider.name, timeout);
+    // Non-streamed answers: the timeout bounds the whole exchange, body included.
+    let deadline = tokio::time::Instant::now() + timeout;
     let upstream = if stream {
         // Streams: the timeout bounds the wait for the head, then each silence.
         match tokio::time::timeout(timeout, rb.send()).await {
@@ -252,28 +339,42 @@ async fn proxy(
     let mut res =
         HttpResponse::build(StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY));
     relay_headers(upstream.headers(), &mut res);
-    let bytes = if stream {
-        match tokio::time::timeout(timeout, upstream.bytes()).await {
-            Ok(r) => r.map_err(fail)?,
-            Err(_) => return Err(timed_out(&provider.name, timeout)),
-        }
+    // An error answer to a stream request gets a fresh timeout for its body.
+    let deadline = if stream {
+        tokio::time::Instant::now() + timeout
     } else {
-        upstream.bytes().await.map_err(fail)?
+        deadline
     };
-    if success {
-        if let Some(u) = usage_of(&bytes) {
-            log.set_usage(u);
-        }
-        log.finish(status, None);
+    let bytes =
+        match tokio::time::timeout_at(deadline, read_capped(upstream, gw.max_response)).await {
+            Ok(Ok(b)) => b,
+            Ok(Err(UpstreamBody::Failed(e))) => return Err(fail(e)),
+            Ok(Err(UpstreamBody::TooLarge)) => {
+                return Err(GatewayError::UpstreamTooLarge {
+                    provider: provider.name.clone(),
+                    limit: gw.max_response,
+                })
+            }
+            Err(_) => return Err(timed_out(&provider.name, timeout)),
+        };
+    let error_class = if !success {
+        Some("upstream_status")
+    } else if let Some(u) = usage_of(&bytes) {
+        log.set_usage(u);
+        None
+    } else if serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_err() {
+        // Relayed as sent (the client may know what to do with it), but
+        // flagged: no tokens could be counted for this answer.
+        Some("upstream_invalid_json")
     } else {
-        log.finish(status, Some("upstream_status"));
-    }
+        // Valid JSON without `usage`: some servers omit it; nothing is wrong.
+        None
+    };
+    log.finish(status, error_class);
     let mut res = res.body(bytes);
-    if !success {
-        res.extensions_mut().insert(ErrorNote {
-            code: "upstream_status",
-            detail: None,
-        });
+    if let Some(code) = error_class {
+        res.extensions_mut()
+            .insert(ErrorNote { code, detail: None });
     }
     Ok(Answer::Full(res))
 }
@@ -454,16 +555,27 @@ impl RelayStream {
             }
             Some(e) => {
                 // Headers are gone already: tell the client in the stream, as OpenAI does.
-                self.metrics
-                    .upstream_error(e.upstream_kind().unwrap_or("stream"));
-                let code = match e {
-                    GatewayError::UpstreamTimeout { .. } => "upstream_timeout",
-                    _ => "upstream_stream_error",
+                let (code, kind, message) = match &e {
+                    GatewayError::UpstreamTimeout { provider, after } => (
+                        "upstream_timeout",
+                        "timeout",
+                        format!(
+                            "the provider `{provider}` sent nothing for {} ms; the stream was cut",
+                            after.as_millis()
+                        ),
+                    ),
+                    GatewayError::UpstreamUnreachable { provider, detail } => (
+                        "upstream_stream_error",
+                        "stream",
+                        format!("the provider `{provider}` broke off the stream: {detail}"),
+                    ),
+                    _ => ("upstream_stream_error", "stream", e.to_string()),
                 };
+                self.metrics.upstream_error(kind);
                 self.log.finish(self.status, Some(code));
-                tracing::warn!(request_id = %self.log.row.request_id, error = %e, "upstream stream failed");
+                tracing::warn!(request_id = %self.log.row.request_id, error = %message, "upstream stream failed");
                 let mut event = b"data: ".to_vec();
-                event.extend_from_slice(&error_body(&e.to_string(), "upstream_error", None, code));
+                event.extend_from_slice(&error_body(&message, "upstream_error", None, code));
                 event.extend_from_slice(b"\n\n");
                 Some(Ok(Bytes::from(event)))
             }
@@ -539,5 +651,21 @@ mod tests {
                 (Some(7), Some(5), Some(12))
             );
         }
+    }
+
+    #[test]
+    fn sse_usage_scanner_memory_is_bounded_by_one_line_cap() {
+        let mut s = SseUsage::default();
+        s.feed(b"data: ");
+        let piece = vec![b'a'; 64 * 1024];
+        for _ in 0..(4 * MAX_SSE_LINE / piece.len()) {
+            s.feed(&piece);
+            assert!(
+                s.partial.capacity() <= 2 * MAX_SSE_LINE,
+                "the copy grows with the line"
+            );
+        }
+        s.feed(b"\n\ndata: {\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2,\"total_tokens\":3}}\n\n");
+        assert_eq!(s.usage.and_then(|u| u.total_tokens), Some(3));
     }
 }

@@ -81,6 +81,7 @@ pub async fn serve(cfg: Config, only: Option<Listener>) -> Result<(), String> {
                 log_batch_size: cfg.log_batch_size,
                 log_flush_interval: cfg.log_flush_interval,
                 models_cache_ttl: Duration::from_secs(60),
+                ..gateway::GatewayConfig::new(upstream.clone())
             },
         )
         .await;
@@ -120,6 +121,9 @@ pub async fn serve(cfg: Config, only: Option<Listener>) -> Result<(), String> {
         }
     }
     // Stop accepting; in-flight requests and streams get up to the grace period.
+    if let Some(gw) = &gateway {
+        gw.begin_shutdown();
+    }
     let grace = cfg.shutdown_grace;
     let stopping = futures_util::future::join_all(handles.iter().map(|h| h.stop(true)));
     if tokio::time::timeout(grace + Duration::from_secs(1), stopping)

@@ -4,12 +4,25 @@
 //! - anything else: a chat completion echoing the model, with `usage`;
 //!   with `"stream": true`, SSE chunks, a usage chunk and `[DONE]`;
 //! - `status-NNN`: answers status NNN with an OpenAI-shaped error body;
-//! - `sleep-MS`: waits MS milliseconds before answering;
+//! - `sleep-MS` or `slowhead-MS`: waits MS milliseconds before answering;
 //! - `slowstream-MS`: streams a chunk every MS milliseconds, 10,000 times;
-//! - `redirect`: answers 307 to another URL.
+//! - `redirect`: answers 307 to another URL;
+//! - `slowbody-MS`: sends the head and half of a JSON completion at once,
+//!   the rest after MS milliseconds (whatever `stream` says);
+//! - `reset-after-N`: sends N chunks (SSE events, or bytes of a JSON
+//!   completion without `stream`), then breaks the connection mid-body;
+//! - `garbage`: 200 `application/json` whose body is not JSON;
+//! - `huge-MB`: a body of MB MiB, chunked without a `content-length`: a
+//!   JSON completion, or with `stream` one MB-MiB SSE line, usage and `[DONE]`;
+//! - `hang`: sends the head (and, with `stream`, one event) and then nothing, forever.
 //!
 //! Any path ending in `/v1/chat/completions` or `/v1/models` is served, so
-//! base URLs with a path prefix work.
+//! base URLs with a path prefix work. A path segment before `/v1/models`
+//! picks a behaviour for the model list: `fail` (500), `slow` (1 s late),
+//! `huge` (a 5 MiB list), `garbage` (not JSON).
+//!
+//! The mock counts its open connections and unfinished response bodies, so
+//! tests can check that the gateway let go of everything a fault left open.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -49,6 +62,26 @@ struct State {
     /// Streams whose client went away before the stream ended.
     disconnects: AtomicUsize,
     models: Mutex<Vec<String>>,
+    /// TLS connections currently open.
+    connections: Arc<AtomicUsize>,
+    /// Streamed response bodies not yet finished or dropped.
+    bodies: Arc<AtomicUsize>,
+}
+
+/// Counts one live thing for as long as it exists.
+struct Live(Arc<AtomicUsize>);
+
+impl Live {
+    fn new(counter: &Arc<AtomicUsize>) -> Self {
+        counter.fetch_add(1, Ordering::SeqCst);
+        Self(counter.clone())
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// A running mock upstream; stops when dropped.
@@ -70,6 +103,7 @@ impl MockUpstream {
         let state = Arc::new(State::default());
         *state.models.lock().unwrap() = vec!["model-a".into(), "model-b".into()];
         let st = state.clone();
+        let connections = state.connections.clone();
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(web::Data::from(st.clone()))
@@ -79,6 +113,10 @@ impl MockUpstream {
         .workers(1)
         .disable_signals()
         .shutdown_timeout(1)
+        // Kept in the connection's extensions, dropped when the connection closes.
+        .on_connect(move |_, ext| {
+            ext.insert(Arc::new(Live::new(&connections)));
+        })
         .bind_rustls_0_23(("127.0.0.1", 0), ca.server_config())
         .expect("bind mock upstream");
         let port = server.addrs()[0].port();
@@ -102,6 +140,42 @@ impl MockUpstream {
     /// How many streams were cut by their client.
     pub fn disconnects(&self) -> usize {
         self.state.disconnects.load(Ordering::SeqCst)
+    }
+
+    /// TLS connections open right now (the gateway's pooled ones included).
+    pub fn open_connections(&self) -> usize {
+        self.state.connections.load(Ordering::SeqCst)
+    }
+
+    /// Streamed response bodies still being sent. actix only notices a
+    /// vanished client when it writes, so a `hang` body stays counted until
+    /// the mock stops: use [`Self::client_connections`] to see the client's side.
+    pub fn open_bodies(&self) -> usize {
+        self.state.bodies.load(Ordering::SeqCst)
+    }
+
+    /// Established TCP connections towards this upstream as its clients see
+    /// them (from `/proc/net/tcp*`): a client that closed its side no longer
+    /// counts, even while the mock has not noticed yet.
+    pub fn client_connections(&self) -> usize {
+        ["/proc/net/tcp", "/proc/net/tcp6"]
+            .iter()
+            .filter_map(|f| std::fs::read_to_string(f).ok())
+            .map(|t| {
+                t.lines()
+                    .skip(1)
+                    .filter(|l| {
+                        let cols: Vec<&str> = l.split_whitespace().collect();
+                        let remote_port = cols
+                            .get(2)
+                            .and_then(|a| a.rsplit(':').next())
+                            .and_then(|p| u16::from_str_radix(p, 16).ok());
+                        // 01: ESTABLISHED.
+                        remote_port == Some(self.port) && cols.get(3) == Some(&"01")
+                    })
+                    .count()
+            })
+            .sum()
     }
 
     /// Sets the ids `GET /v1/models` lists.
@@ -153,6 +227,25 @@ async fn handle(req: HttpRequest, body: Bytes, state: web::Data<State>) -> HttpR
     });
     let path = req.path();
     if path.ends_with("/v1/models") {
+        let segment = |s: &str| path.split('/').any(|p| p == s);
+        if segment("fail") {
+            return HttpResponse::InternalServerError()
+                .json(json!({"error": {"message": "mock: models failed"}}));
+        }
+        if segment("garbage") {
+            return HttpResponse::Ok()
+                .content_type("application/json")
+                .body("<html>not a model list</html>");
+        }
+        if segment("huge") {
+            let data: Vec<Value> = (0..80_000)
+                .map(|i| json!({"id": format!("model-{i:0>40}"), "object": "model"}))
+                .collect();
+            return HttpResponse::Ok().json(json!({"object": "list", "data": data}));
+        }
+        if segment("slow") {
+            tokio::time::sleep(Duration::from_millis(1000)).await;
+        }
         let data: Vec<Value> = state
             .models
             .lock()
@@ -183,14 +276,20 @@ async fn handle(req: HttpRequest, body: Bytes, state: web::Data<State>) -> HttpR
             .insert_header(("location", "https://127.0.0.1:1/elsewhere"))
             .finish();
     }
-    if let Some(ms) = model
-        .strip_prefix("sleep-")
-        .and_then(|c| c.parse::<u64>().ok())
-    {
+    let arg = |prefix: &str| {
+        model
+            .strip_prefix(prefix)
+            .and_then(|c| c.parse::<u64>().ok())
+    };
+    if let Some(ms) = arg("sleep-").or_else(|| arg("slowhead-")) {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
     let usage = usage_for(&body);
-    if body["stream"] == json!(true) {
+    let streamed = body["stream"] == json!(true);
+    if let Some(res) = fault(&model, streamed, &usage, &state) {
+        return res;
+    }
+    if streamed {
         let (delay, count) = match model
             .strip_prefix("slowstream-")
             .and_then(|c| c.parse::<u64>().ok())
@@ -212,14 +311,133 @@ async fn handle(req: HttpRequest, body: Bytes, state: web::Data<State>) -> HttpR
             .insert_header(("cache-control", "no-cache"))
             .streaming(stream);
     }
-    HttpResponse::Ok().json(json!({
+    HttpResponse::Ok().json(completion(&model, &usage))
+}
+
+fn completion(model: &str, usage: &Value) -> Value {
+    json!({
         "id": "chatcmpl-mock",
         "object": "chat.completion",
         "created": 1_700_000_000,
         "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": format!("echo from {model}")}, "finish_reason": "stop"}],
         "usage": usage,
-    }))
+    })
+}
+
+type Chunks = futures_util::stream::LocalBoxStream<'static, Result<Bytes, actix_web::Error>>;
+
+/// Answers for the fault-injecting model names, `None` for the others.
+fn fault(model: &str, streamed: bool, usage: &Value, state: &Arc<State>) -> Option<HttpResponse> {
+    use futures_util::stream::{self, StreamExt};
+    let arg = |prefix: &str| {
+        model
+            .strip_prefix(prefix)
+            .and_then(|c| c.parse::<u64>().ok())
+    };
+    let full = Bytes::from(serde_json::to_vec(&completion(model, usage)).unwrap());
+    let sse = |i: u64| {
+        Bytes::from(format!(
+            "data: {}\n\n",
+            json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "model": model,
+                "choices": [{"index": 0, "delta": {"content": format!("tok{i} ")}, "finish_reason": null}]})
+        ))
+    };
+    let (content_type, body): (&str, Chunks) = if let Some(ms) = arg("slowbody-") {
+        let (a, b) = (full.slice(..full.len() / 2), full.slice(full.len() / 2..));
+        let rest = async move {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Ok(b)
+        };
+        (
+            "application/json",
+            stream::once(async { Ok(a) })
+                .chain(stream::once(rest))
+                .boxed_local(),
+        )
+    } else if let Some(n) = arg("reset-after-") {
+        let chunks: Vec<Bytes> = if streamed {
+            (0..n).map(sse).collect()
+        } else {
+            (0..(n as usize).min(full.len()))
+                .map(|i| full.slice(i..i + 1))
+                .collect()
+        };
+        let broken = stream::once(async {
+            // Lets the chunks reach the wire before the connection breaks.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Err(actix_web::error::ErrorInternalServerError(
+                "mock: connection reset",
+            ))
+        });
+        let ct = if streamed {
+            "text/event-stream"
+        } else {
+            "application/json"
+        };
+        (
+            ct,
+            stream::iter(chunks.into_iter().map(Ok))
+                .chain(broken)
+                .boxed_local(),
+        )
+    } else if model == "garbage" {
+        return Some(
+            HttpResponse::Ok()
+                .content_type("application/json")
+                .body("<html><body>502 Bad Gateway (not JSON)</body></html>"),
+        );
+    } else if let Some(mb) = arg("huge-") {
+        let piece = Bytes::from(vec![b'a'; 64 * 1024]);
+        let pieces = (mb as usize * 1024 * 1024).div_ceil(piece.len());
+        let pad = stream::iter((0..pieces).map(move |_| Ok(piece.clone())));
+        if streamed {
+            let tail = format!(
+                "\n\ndata: {}\n\ndata: [DONE]\n\n",
+                json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "choices": [], "usage": usage})
+            );
+            (
+                "text/event-stream",
+                stream::once(async { Ok(Bytes::from_static(b"data: ")) })
+                    .chain(pad)
+                    .chain(stream::once(async move { Ok(Bytes::from(tail)) }))
+                    .boxed_local(),
+            )
+        } else {
+            (
+                "application/json",
+                stream::once(async { Ok(Bytes::from_static(b"{\"pad\":\"")) })
+                    .chain(pad)
+                    .chain(stream::once(async { Ok(Bytes::from_static(b"\"}")) }))
+                    .boxed_local(),
+            )
+        }
+    } else if model == "hang" {
+        let first: Vec<Bytes> = if streamed { vec![sse(0)] } else { vec![] };
+        let ct = if streamed {
+            "text/event-stream"
+        } else {
+            "application/json"
+        };
+        (
+            ct,
+            stream::iter(first.into_iter().map(Ok))
+                .chain(stream::pending())
+                .boxed_local(),
+        )
+    } else {
+        return None;
+    };
+    let live = Live::new(&state.bodies);
+    let body = body.map(move |c| {
+        let _live = &live;
+        c
+    });
+    Some(
+        HttpResponse::Ok()
+            .content_type(content_type)
+            .streaming(body),
+    )
 }
 
 fn async_stream(
