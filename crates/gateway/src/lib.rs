@@ -183,6 +183,11 @@ impl Gateway {
         self.inner.usage.begin_stopping();
     }
 
+    /// Proxied requests still running (each holds its usage row until it ends).
+    pub fn in_flight(&self) -> usize {
+        self.inner.usage.pending()
+    }
+
     /// Stops taking usage rows, writes the queued ones (bounded in time) and
     /// stops the background tasks. Call after the HTTP server has stopped.
     pub async fn shutdown(&self) {

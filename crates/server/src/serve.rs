@@ -120,12 +120,25 @@ pub async fn serve(cfg: Config, only: Option<Listener>) -> Result<(), String> {
             tracing::error!(?r, "a listener stopped unexpectedly");
         }
     }
-    // Stop accepting; in-flight requests and streams get up to the grace period.
-    if let Some(gw) = &gateway {
-        gw.begin_shutdown();
-    }
     let grace = cfg.shutdown_grace;
-    let stopping = futures_util::future::join_all(handles.iter().map(|h| h.stop(true)));
+    let deadline = tokio::time::Instant::now() + grace;
+    let mut graceful = true;
+    if let Some(gw) = &gateway {
+        // Stop accepting, but keep every worker running while proxied
+        // requests drain: an upstream or database connection opened on one
+        // worker's runtime is shared by all of them and dies with that
+        // runtime, so a worker that finished early would break the streams
+        // of the others.
+        futures_util::future::join_all(handles.iter().map(|h| h.pause())).await;
+        gw.begin_shutdown();
+        while gw.in_flight() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Whatever still runs when the grace period is over is cut now.
+        graceful = gw.in_flight() == 0;
+    }
+    // Stop; requests still in flight (API calls) get up to the grace period.
+    let stopping = futures_util::future::join_all(handles.iter().map(|h| h.stop(graceful)));
     if tokio::time::timeout(grace + Duration::from_secs(1), stopping)
         .await
         .is_err()

@@ -2,119 +2,17 @@
 //! default, migrations, key rotation, user creation, graceful shutdown, and
 //! the official OpenAI Python SDK against a running gateway.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+mod common;
+
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use storage::Keyring;
 use testkit::{MockUpstream, TestDb};
 
-const BIN: &str = env!("CARGO_BIN_EXE_llmgw");
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A `Command` for the binary with a clean `LLMGW_*`/`DATABASE_URL` environment.
-fn llmgw() -> Command {
-    let mut c = Command::new(BIN);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("LLMGW_") || k == "DATABASE_URL" {
-            c.env_remove(k);
-        }
-    }
-    c.env("RUST_LOG", "info");
-    c
-}
-
-/// A running `llmgw serve` whose stderr is captured.
-struct Running {
-    child: Child,
-    logs: Arc<Mutex<String>>,
-    gateway: String,
-    api: String,
-}
-
-impl Running {
-    fn start(mut cmd: Command) -> Self {
-        let (gw, api) = (free_port(), free_port());
-        cmd.arg("serve")
-            .env("LLMGW_GATEWAY_ADDR", format!("127.0.0.1:{gw}"))
-            .env("LLMGW_API_ADDR", format!("127.0.0.1:{api}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().unwrap();
-        let logs = Arc::new(Mutex::new(String::new()));
-        let sink = logs.clone();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let mut l = sink.lock().unwrap();
-                l.push_str(&line);
-                l.push('\n');
-            }
-        });
-        let me = Self {
-            child,
-            logs,
-            gateway: format!("http://127.0.0.1:{gw}"),
-            api: format!("http://127.0.0.1:{api}"),
-        };
-        me.wait_healthy();
-        me
-    }
-
-    fn wait_healthy(&self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let client = reqwest::blocking::Client::new();
-        loop {
-            let ok = [&self.gateway, &self.api].iter().all(|base| {
-                client
-                    .get(format!("{base}/healthz"))
-                    .send()
-                    .is_ok_and(|r| r.status() == 200)
-            });
-            if ok {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "llmgw did not come up:\n{}",
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn logs(&self) -> String {
-        self.logs.lock().unwrap().clone()
-    }
-
-    /// Sends SIGTERM and returns the exit status.
-    fn terminate(mut self) -> (std::process::ExitStatus, String) {
-        // SAFETY: kill on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                std::thread::sleep(Duration::from_millis(100));
-                return (status, self.logs());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "llmgw did not exit after SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
+use common::{llmgw, Running};
 
 #[test]
 fn bad_configuration_exits_with_one_line_naming_the_variable() {
@@ -318,47 +216,9 @@ async fn openai_sdk_against_a_running_llmgw() {
         .unwrap();
     let http = reqwest::Client::new();
     let api = format!("{}/api/v1", running.api);
-    let session: Value = http
-        .post(format!("{api}/auth/signup"))
-        .json(&json!({"email": "dev@example.com", "password": "correct horse battery"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let bearer = format!("Bearer {}", session["token"].as_str().unwrap());
-    let org: Value = http
-        .post(format!("{api}/orgs"))
-        .header("authorization", &bearer)
-        .json(&json!({"name": "Acme"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let org_id = org["id"].as_str().unwrap().to_owned();
     let provider_token = "sk-upstream-SECRET-token-42";
-    let r = http
-        .post(format!("{api}/orgs/{org_id}/provider-keys"))
-        .header("authorization", &bearer)
-        .json(&json!({"name": "mycompany", "base_url": upstream.base_url, "token": provider_token}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
-    let key: Value = http
-        .post(format!("{api}/orgs/{org_id}/api-keys"))
-        .header("authorization", &bearer)
-        .json(&json!({"name": "sdk"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let api_key = key["key"].as_str().unwrap().to_owned();
+    let tenant = common::provision(&running.api, &upstream.base_url, provider_token).await;
+    let (bearer, org_id, api_key) = (tenant.bearer, tenant.org_id, tenant.api_key);
 
     let python = match std::env::var("LLMGW_TEST_PYTHON") {
         Ok(p) if !p.is_empty() => p,
@@ -460,7 +320,7 @@ print(json.dumps(out))
         provider_token,
         api_key.as_str(),
         "correct horse battery",
-        session["token"].as_str().unwrap(),
+        bearer.trim_start_matches("Bearer "),
     ] {
         assert!(!logs.contains(secret), "a secret appears in the logs");
     }

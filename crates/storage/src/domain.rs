@@ -88,13 +88,20 @@ impl BaseUrl {
         if url.fragment().is_some() {
             return Err(err("base_url must not contain a fragment"));
         }
-        let s = url.as_str().trim_end_matches('/').to_owned();
-        if s.to_ascii_lowercase().ends_with("/v1") {
+        // The path, not the whole string: `https://v1` is a host named v1.
+        let path = url.path().trim_end_matches('/');
+        if path.to_ascii_lowercase().ends_with("/v1") {
             return Err(err(
                 "base_url must not end with /v1: the gateway appends /v1/chat/completions itself (use https://host instead of https://host/v1)",
             ));
         }
-        Ok(Self(s))
+        // Percent-encoding can lengthen it: the limit holds for the stored
+        // form too, so a saved value can always be submitted again.
+        let stored = url.as_str().trim_end_matches('/');
+        if stored.len() > 2048 {
+            return Err(err("base_url must be at most 2048 characters"));
+        }
+        Ok(Self(stored.to_owned()))
     }
 
     /// Wraps a value read back from the database (validated when saved).
@@ -272,6 +279,15 @@ mod tests {
         ] {
             assert!(BaseUrl::parse(bad).is_err(), "{bad} accepted");
         }
+        // Found by fuzzing: a host named `v1` is not a `/v1` path.
+        assert_eq!(
+            BaseUrl::parse("https://v1/").unwrap().as_str(),
+            "https://v1"
+        );
+        assert!(BaseUrl::parse("https://v1/V1").is_err());
+        // Also found by fuzzing: 723 bytes that percent-encode to over 2048.
+        let long = format!("https://h.example.com/{}x", " ".repeat(700));
+        assert!(long.len() < 2048 && BaseUrl::parse(&long).is_err());
         assert!(BaseUrl::parse("https://api.example.com/v1")
             .unwrap_err()
             .message

@@ -94,24 +94,23 @@ impl TestDb {
     /// `postgres://` URL of this database, for spawning the binary.
     pub fn url(&self) -> String {
         let o = &self.options;
-        let host = o.get_host();
-        let base = format!(
-            "postgres://{}@{}:{}/{}",
-            o.get_username(),
-            host,
-            o.get_port(),
-            self.name
-        );
-        if host.starts_with('/') {
-            format!(
-                "postgres://{}@/{}?host={}&port={}",
+        match o.get_socket() {
+            // The URL parser refuses an empty host (`postgres://u@/db`): name
+            // one, and let `?host=` (which wins) point at the socket directory.
+            Some(dir) => format!(
+                "postgres://{}@localhost:{}/{}?host={}",
                 o.get_username(),
+                o.get_port(),
                 self.name,
-                host,
-                o.get_port()
-            )
-        } else {
-            base
+                dir.display()
+            ),
+            None => format!(
+                "postgres://{}@{}:{}/{}",
+                o.get_username(),
+                o.get_host(),
+                o.get_port(),
+                self.name
+            ),
         }
     }
 }

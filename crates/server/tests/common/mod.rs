@@ -1,0 +1,193 @@
+//! Helpers shared by the binary's end-to-end tests: spawning `llmgw`,
+//! waiting for it, signalling it, and provisioning a tenant through the
+//! settings API.
+
+// Each test binary uses a different subset.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_llmgw");
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `Command` for the binary with a clean `LLMGW_*`/`DATABASE_URL` environment.
+pub fn llmgw() -> Command {
+    let mut c = Command::new(BIN);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("LLMGW_") || k == "DATABASE_URL" {
+            c.env_remove(k);
+        }
+    }
+    c.env("RUST_LOG", "info");
+    c
+}
+
+/// A running `llmgw serve` whose stderr is captured.
+pub struct Running {
+    child: Child,
+    logs: Arc<Mutex<String>>,
+    pub gateway: String,
+    pub api: String,
+}
+
+impl Running {
+    pub fn start(mut cmd: Command) -> Self {
+        let (gw, api) = (free_port(), free_port());
+        cmd.arg("serve")
+            .env("LLMGW_GATEWAY_ADDR", format!("127.0.0.1:{gw}"))
+            .env("LLMGW_API_ADDR", format!("127.0.0.1:{api}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        let logs = Arc::new(Mutex::new(String::new()));
+        let sink = logs.clone();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut l = sink.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let me = Self {
+            child,
+            logs,
+            gateway: format!("http://127.0.0.1:{gw}"),
+            api: format!("http://127.0.0.1:{api}"),
+        };
+        me.wait_healthy();
+        me
+    }
+
+    fn wait_healthy(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let client = reqwest::blocking::Client::new();
+        loop {
+            let ok = [&self.gateway, &self.api].iter().all(|base| {
+                client
+                    .get(format!("{base}/healthz"))
+                    .send()
+                    .is_ok_and(|r| r.status() == 200)
+            });
+            if ok {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "llmgw did not come up:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().clone()
+    }
+
+    /// Sends SIGTERM without waiting.
+    pub fn signal_term(&self) {
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+    }
+
+    /// Waits up to `limit` for the process to exit; `None` if it is still running.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                // Let the log reader drain the last lines.
+                std::thread::sleep(Duration::from_millis(100));
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends SIGTERM and returns the exit status.
+    pub fn terminate(mut self) -> (ExitStatus, String) {
+        self.signal_term();
+        match self.wait_exit(Duration::from_secs(30)) {
+            Some(status) => (status, self.logs()),
+            None => panic!("llmgw did not exit after SIGTERM\n{}", self.logs()),
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        // A failed test must not leave the server behind.
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A tenant made through the settings API: an owner's session, an org, a
+/// provider named `mycompany` and one gateway API key.
+pub struct Tenant {
+    pub bearer: String,
+    pub org_id: String,
+    pub api_key: String,
+}
+
+/// Signup → org → provider (`mycompany` at `base_url`) → API key.
+pub async fn provision(api_base: &str, base_url: &str, provider_token: &str) -> Tenant {
+    let http = reqwest::Client::new();
+    let api = format!("{api_base}/api/v1");
+    let send = |r: reqwest::RequestBuilder| async move {
+        let r = r.send().await.unwrap();
+        let status = r.status();
+        let body: Value = r.json().await.unwrap();
+        assert!(status.is_success(), "{status}: {body}");
+        body
+    };
+    let email = format!("owner-{}@example.com", uuid::Uuid::new_v4().simple());
+    let session = send(
+        http.post(format!("{api}/auth/signup"))
+            .json(&json!({"email": email, "password": "correct horse battery"})),
+    )
+    .await;
+    let bearer = format!("Bearer {}", session["token"].as_str().unwrap());
+    let org = send(
+        http.post(format!("{api}/orgs"))
+            .header("authorization", &bearer)
+            .json(&json!({"name": "Acme"})),
+    )
+    .await;
+    let org_id = org["id"].as_str().unwrap().to_owned();
+    send(
+        http.post(format!("{api}/orgs/{org_id}/provider-keys"))
+            .header("authorization", &bearer)
+            .json(&json!({"name": "mycompany", "base_url": base_url, "token": provider_token})),
+    )
+    .await;
+    let key = send(
+        http.post(format!("{api}/orgs/{org_id}/api-keys"))
+            .header("authorization", &bearer)
+            .json(&json!({"name": "load"})),
+    )
+    .await;
+    Tenant {
+        bearer,
+        org_id,
+        api_key: key["key"].as_str().unwrap().to_owned(),
+    }
+}
