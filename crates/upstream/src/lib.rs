@@ -179,13 +179,32 @@ impl Resolve for GuardedResolver {
     }
 }
 
-/// The shared client plus the policy for address literals (which never
-/// reach a resolver).
+/// The client for every upstream call, plus the policy for address literals
+/// (which never reach a resolver).
+///
+/// Each thread gets its own `reqwest::Client` built from the same settings:
+/// a pooled connection is driven by a task on the runtime that opened it, so
+/// one client shared by the server's per-thread runtimes would pay a
+/// cross-thread wake-up per read and write, and would lose its connections
+/// when the thread that opened them stops first (graceful shutdown).
 #[derive(Debug, Clone)]
 pub struct UpstreamClient {
-    client: reqwest::Client,
+    settings: Arc<Settings>,
     allow_private: bool,
     timeout: Duration,
+}
+
+#[derive(Debug)]
+struct Settings {
+    cfg: UpstreamConfig,
+    roots: Vec<reqwest::Certificate>,
+}
+
+thread_local! {
+    /// This thread's clients, by the settings they were built from; entries
+    /// of dropped `UpstreamClient`s are pruned when a new one is added.
+    static CLIENTS: std::cell::RefCell<Vec<(std::sync::Weak<Settings>, reqwest::Client)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// The request was refused before any connection was made.
@@ -195,6 +214,33 @@ pub struct ForbiddenAddress(pub IpAddr);
 
 impl UpstreamClient {
     pub fn new(cfg: &UpstreamConfig) -> Result<Self, BuildError> {
+        let mut roots = Vec::new();
+        if let Some(path) = &cfg.ca_file {
+            let pem = std::fs::read(path).map_err(|source| BuildError::CaFile {
+                path: path.clone(),
+                source,
+            })?;
+            roots = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|_| BuildError::CaPem(path.clone()))?;
+            if roots.is_empty() {
+                return Err(BuildError::CaPem(path.clone()));
+            }
+        }
+        let settings = Settings {
+            cfg: cfg.clone(),
+            roots,
+        };
+        // Build once now so a bad setting fails at startup, not on a request.
+        Self::build(&settings)?;
+        Ok(Self {
+            settings: Arc::new(settings),
+            allow_private: cfg.allow_private,
+            timeout: cfg.timeout,
+        })
+    }
+
+    fn build(s: &Settings) -> Result<reqwest::Client, BuildError> {
+        let cfg = &s.cfg;
         let mut b = reqwest::Client::builder()
             .use_rustls_tls()
             .redirect(reqwest::redirect::Policy::none())
@@ -203,35 +249,36 @@ impl UpstreamClient {
             .connect_timeout(cfg.connect_timeout)
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(256)
-            .http2_adaptive_window(true)
+            // One request per connection at a time: a misbehaving stream cannot
+            // stall others, and self-hosted servers mostly speak HTTP/1.1 anyway.
+            .http1_only()
             .user_agent(concat!("llmgw/", env!("CARGO_PKG_VERSION")));
         if !cfg.allow_private {
             b = b.dns_resolver(Arc::new(GuardedResolver));
         }
-        if let Some(path) = &cfg.ca_file {
-            let pem = std::fs::read(path).map_err(|source| BuildError::CaFile {
-                path: path.clone(),
-                source,
-            })?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|_| BuildError::CaPem(path.clone()))?;
-            if certs.is_empty() {
-                return Err(BuildError::CaPem(path.clone()));
-            }
-            for c in certs {
-                b = b.add_root_certificate(c);
-            }
+        for c in &s.roots {
+            b = b.add_root_certificate(c.clone());
         }
-        Ok(Self {
-            client: b.build()?,
-            allow_private: cfg.allow_private,
-            timeout: cfg.timeout,
-        })
+        Ok(b.build()?)
     }
 
-    /// The underlying client, for building requests after [`Self::check`].
-    pub fn http(&self) -> &reqwest::Client {
-        &self.client
+    /// This thread's client, for building requests after [`Self::check`].
+    pub fn http(&self) -> reqwest::Client {
+        CLIENTS.with(|c| {
+            if let Some((_, client)) = c
+                .borrow()
+                .iter()
+                .find(|(s, _)| std::ptr::eq(s.as_ptr(), Arc::as_ptr(&self.settings)))
+            {
+                return client.clone();
+            }
+            // The same settings built fine in `new`, so this cannot fail in practice.
+            let client = Self::build(&self.settings).unwrap_or_default();
+            let mut c = c.borrow_mut();
+            c.retain(|(s, _)| s.strong_count() > 0);
+            c.push((Arc::downgrade(&self.settings), client.clone()));
+            client
+        })
     }
 
     pub fn timeout(&self) -> Duration {
