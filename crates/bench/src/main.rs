@@ -28,6 +28,12 @@ struct Args {
     /// Seconds per measured scenario.
     #[arg(long, default_value_t = 5)]
     seconds: u64,
+    /// Each scenario alternates direct and llmgw runs this many times (less drift).
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
+    /// Requests at concurrency 64 for the memory-flatness run (0 skips it).
+    #[arg(long, default_value_t = 1_000_000)]
+    flat_requests: u64,
     /// Concurrencies to run.
     #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
     concurrency: Vec<usize>,
@@ -232,6 +238,15 @@ struct Sample {
     elapsed: Duration,
 }
 
+impl Sample {
+    fn merge(&mut self, other: Sample) {
+        self.total_us.extend(other.total_us);
+        self.ttfb_us.extend(other.ttfb_us);
+        self.errors += other.errors;
+        self.elapsed += other.elapsed;
+    }
+}
+
 fn pct(v: &mut [u32], p: f64) -> f64 {
     if v.is_empty() {
         return f64::NAN;
@@ -301,19 +316,73 @@ async fn load(t: &Target, concurrency: usize, stream: bool, dur: Duration) -> Sa
     all
 }
 
+/// `n` non-streamed requests at concurrency 64, sampling llmgw's RSS as it goes:
+/// memory must stay flat, not grow with the number of requests served.
+async fn flat(t: &Target, n: u64, pid: u32) {
+    let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..64)
+        .map(|_| {
+            let (t, done, errors) = (t.clone(), done.clone(), errors.clone());
+            tokio::spawn(async move {
+                while done.fetch_add(1, Ordering::Relaxed) < n {
+                    if one(&t, false).await.is_err() {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    let step = (n / 10).max(1);
+    let mut next = step;
+    let mut samples = Vec::new();
+    while tasks.iter().any(|t| !t.is_finished()) {
+        let d = done.load(Ordering::Relaxed).min(n);
+        if d >= next {
+            samples.push(format!(
+                "{}k:{:.1}",
+                d / 1000,
+                proc_stats(pid).1 as f64 / 1024.0
+            ));
+            next += step;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let (_, rss, hwm) = proc_stats(pid);
+    println!(
+        "\nFlatness: {n} requests at concurrency 64 in {:.1}s, {} errors; llmgw RSS (MiB) after k requests: {} end:{:.1}; peak {:.1} MiB",
+        start.elapsed().as_secs_f64(),
+        errors.load(Ordering::Relaxed),
+        samples.join(" "),
+        rss as f64 / 1024.0,
+        hwm as f64 / 1024.0
+    );
+}
+
 async fn soak(g: &Gateway, key: &str, streams: usize, pid: u32) {
     let (_, rss_before, _) = proc_stats(pid);
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(0)
-        .timeout(Duration::from_secs(120))
-        .build()
-        .unwrap();
+    // HTTP/2 (h2c) from the load generator to llmgw: 100 connections carry
+    // the streams, so the load generator stays within the open-file limit;
+    // llmgw still holds one upstream connection per stream.
+    let clients: Vec<reqwest::Client> = (0..100)
+        .map(|_| {
+            reqwest::Client::builder()
+                .http2_prior_knowledge()
+                .timeout(Duration::from_secs(120))
+                .build()
+                .unwrap()
+        })
+        .collect();
     let opened = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let started = Instant::now();
     let hold = Duration::from_secs(10);
     let tasks: Vec<_> = (0..streams)
-        .map(|_| {
-            let (client, url, key, opened) = (client.clone(), format!("{}/v1/chat/completions", g.url), key.to_owned(), opened.clone());
+        .map(|i| {
+            let (client, url, key, opened) = (clients[i % clients.len()].clone(), format!("{}/v1/chat/completions", g.url), key.to_owned(), opened.clone());
             tokio::spawn(async move {
                 let body = json!({"model": "bench/slowstream-1000", "stream": true, "messages": [{"role": "user", "content": "x"}]});
                 let Ok(resp) = client.post(url).bearer_auth(key).json(&body).send().await else { return false };
@@ -378,6 +447,12 @@ async fn run(args: Args) {
     } else {
         args.concurrency.clone()
     };
+    let rounds = if args.quick { 1 } else { args.rounds.max(1) };
+    let flat_requests = if args.quick {
+        args.flat_requests.min(20_000)
+    } else {
+        args.flat_requests
+    };
     let soak_streams = if args.quick {
         args.soak_streams.min(200)
     } else {
@@ -430,10 +505,16 @@ async fn run(args: Args) {
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for stream in [false, true] {
         for &c in &concurrencies {
-            let mut d = load(&direct, c, stream, dur).await;
-            let (cpu0, _, _) = proc_stats(pid);
-            let mut v = load(&via, c, stream, dur).await;
-            let (cpu1, rss, _) = proc_stats(pid);
+            let (mut d, mut v) = (Sample::default(), Sample::default());
+            let mut cpu = 0.0;
+            let slice = dur / rounds;
+            for _ in 0..rounds {
+                d.merge(load(&direct, c, stream, slice).await);
+                let (cpu0, _, _) = proc_stats(pid);
+                v.merge(load(&via, c, stream, slice).await);
+                cpu += proc_stats(pid).0 - cpu0;
+            }
+            let (_, rss, _) = proc_stats(pid);
             let mode = if stream { "stream" } else { "json" };
             let (d50, d99, v50, v99) = (
                 pct(&mut d.total_us, 0.5),
@@ -449,7 +530,7 @@ async fn run(args: Args) {
                 let rps = s.total_us.len() as f64 / s.elapsed.as_secs_f64();
                 let is_gw = name == "llmgw";
                 let cpu = if is_gw {
-                    format!("{:.3}", (cpu1 - cpu0) / s.total_us.len().max(1) as f64)
+                    format!("{:.3}", cpu / s.total_us.len().max(1) as f64)
                 } else {
                     "-".into()
                 };
@@ -476,6 +557,9 @@ async fn run(args: Args) {
         "\nllmgw peak RSS over the load runs: {:.1} MiB",
         hwm as f64 / 1024.0
     );
+    if flat_requests > 0 {
+        flat(&via, flat_requests, pid).await;
+    }
     if soak_streams > 0 {
         let need = soak_streams as u64 + 100;
         if fd_limit() < need {

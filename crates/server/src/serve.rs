@@ -33,7 +33,7 @@ where
         .shutdown_timeout(cfg.shutdown_grace.as_secs().max(1))
         .client_request_timeout(Duration::from_secs(30))
         .on_connect(nodelay)
-        .bind(addr)
+        .bind_auto_h2c(addr)
         .map_err(|e| format!("cannot listen on {addr} ({name}): {e}"))?;
     tracing::info!(%addr, listener = name, "listening");
     Ok(server.run())
