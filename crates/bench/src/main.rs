@@ -43,6 +43,9 @@ struct Args {
     /// `RUST_LOG` for llmgw; the default `info` writes one JSON line per request, as in production.
     #[arg(long, default_value = "info")]
     log_level: String,
+    /// Start llmgw with LLMGW_UPSTREAM_HTTP2=true (the mock offers HTTP/2).
+    #[arg(long)]
+    upstream_http2: bool,
     /// Path of the llmgw binary (default: build target/release/llmgw).
     #[arg(long)]
     llmgw: Option<String>,
@@ -129,7 +132,13 @@ fn proc_stats(pid: u32) -> (f64, u64, u64) {
     (ticks * 1000.0 / hz, kib("VmRSS:"), kib("VmHWM:"))
 }
 
-async fn start_llmgw(bin: &str, log_level: &str, t: &TestDb, up: &MockUpstream) -> Gateway {
+async fn start_llmgw(
+    bin: &str,
+    log_level: &str,
+    http2: bool,
+    t: &TestDb,
+    up: &MockUpstream,
+) -> Gateway {
     let (gw, api) = (free_port(), free_port());
     let mut child = Command::new(bin)
         .arg("serve")
@@ -141,6 +150,7 @@ async fn start_llmgw(bin: &str, log_level: &str, t: &TestDb, up: &MockUpstream) 
         .env("LLMGW_UPSTREAM_CA_FILE", &up.ca.ca_file)
         .env("LLMGW_LOG_FORMAT", "json")
         .env("RUST_LOG", log_level)
+        .env("LLMGW_UPSTREAM_HTTP2", if http2 { "true" } else { "false" })
         .env("LLMGW_SHUTDOWN_GRACE_MS", "2000")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -461,7 +471,7 @@ async fn run(args: Args) {
 
     let up = MockUpstream::start().await;
     let t = TestDb::new().await;
-    let g = start_llmgw(&bin, &args.log_level, &t, &up).await;
+    let g = start_llmgw(&bin, &args.log_level, args.upstream_http2, &t, &up).await;
     let key = provision(&g, &up).await;
     let pid = g.child.id();
 

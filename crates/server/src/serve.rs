@@ -61,6 +61,7 @@ pub async fn serve(cfg: Config, only: Option<Listener>) -> Result<(), String> {
         allow_private: cfg.allow_private,
         ca_file: cfg.ca_file.clone(),
         connect_timeout: cfg.connect_timeout,
+        http2: cfg.upstream_http2,
         timeout: cfg.upstream_timeout,
     })
     .map_err(|e| format!("LLMGW_UPSTREAM_CA_FILE: {}", error_chain(&e)))?;

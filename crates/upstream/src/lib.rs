@@ -22,6 +22,10 @@ pub struct UpstreamConfig {
     /// `LLMGW_UPSTREAM_CA_FILE`: extra PEM roots (internal CAs).
     pub ca_file: Option<PathBuf>,
     pub connect_timeout: Duration,
+    /// `LLMGW_UPSTREAM_HTTP2`: use HTTP/2 when an upstream offers it (ALPN).
+    /// Many streams then share one connection (far less memory per open
+    /// stream); off, every request gets its own HTTP/1.1 connection.
+    pub http2: bool,
     /// Total time for a non-streamed answer; for streams, the time to the
     /// response head and the longest silence between chunks.
     pub timeout: Duration,
@@ -33,6 +37,7 @@ impl Default for UpstreamConfig {
             allow_private: false,
             ca_file: None,
             connect_timeout: Duration::from_secs(5),
+            http2: false,
             timeout: Duration::from_secs(300),
         }
     }
@@ -249,10 +254,12 @@ impl UpstreamClient {
             .connect_timeout(cfg.connect_timeout)
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(256)
+            .user_agent(concat!("llmgw/", env!("CARGO_PKG_VERSION")));
+        if !cfg.http2 {
             // One request per connection at a time: a misbehaving stream cannot
             // stall others, and self-hosted servers mostly speak HTTP/1.1 anyway.
-            .http1_only()
-            .user_agent(concat!("llmgw/", env!("CARGO_PKG_VERSION")));
+            b = b.http1_only();
+        }
         if !cfg.allow_private {
             b = b.dns_resolver(Arc::new(GuardedResolver));
         }

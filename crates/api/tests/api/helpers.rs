@@ -134,6 +134,7 @@ impl TestApp {
             allow_private: opts.allow_private,
             ca_file: opts.ca_file.clone(),
             connect_timeout: Duration::from_secs(2),
+            http2: false,
             timeout: Duration::from_secs(5),
         })
         .expect("upstream client");

@@ -108,6 +108,7 @@ pub fn config(ca: &Path, allow_private: bool, timeout: Duration) -> GatewayConfi
         allow_private,
         ca_file: Some(ca.to_path_buf()),
         connect_timeout: Duration::from_secs(2),
+        http2: false,
         timeout,
     })
     .unwrap();
