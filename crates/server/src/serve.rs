@@ -126,10 +126,9 @@ pub async fn serve(cfg: Config, only: Option<Listener>) -> Result<(), String> {
     let mut graceful = true;
     if let Some(gw) = &gateway {
         // Stop accepting, but keep every worker running while proxied
-        // requests drain: an upstream or database connection opened on one
-        // worker's runtime is shared by all of them and dies with that
-        // runtime, so a worker that finished early would break the streams
-        // of the others.
+        // requests drain: a database connection opened on one worker's
+        // runtime is shared through the pool and dies with that runtime, so a
+        // worker that finished early could break the others' requests.
         futures_util::future::join_all(handles.iter().map(|h| h.pause())).await;
         gw.begin_shutdown();
         while gw.in_flight() > 0 && tokio::time::Instant::now() < deadline {
