@@ -23,17 +23,50 @@ pub struct UserCredentials {
     pub password_hash: String,
 }
 
+async fn insert_user(
+    conn: &mut sqlx::PgConnection,
+    email: &Email,
+    password_hash: &str,
+) -> Result<User> {
+    Ok(sqlx::query_as::<_, User>(
+        "INSERT INTO users (id, email, password_hash) VALUES ($1, $2, $3) RETURNING id, email",
+    )
+    .bind(Uuid::new_v4())
+    .bind(email.as_str())
+    .bind(password_hash)
+    .fetch_one(conn)
+    .await?)
+}
+
 impl Db {
     /// Creates a user; `Conflict` when the email is taken (case-insensitive).
     pub async fn create_user(&self, email: &Email, password_hash: &str) -> Result<User> {
-        Ok(sqlx::query_as::<_, User>(
-            "INSERT INTO users (id, email, password_hash) VALUES ($1, $2, $3) RETURNING id, email",
+        let mut conn = self.pool.acquire().await?;
+        insert_user(&mut conn, email, password_hash).await
+    }
+
+    /// Creates a user and their first session in one transaction, so a
+    /// failure leaves no account the client never got a session for.
+    pub async fn create_user_with_session(
+        &self,
+        email: &Email,
+        password_hash: &str,
+        token_digest: &[u8; 32],
+        expires_at: DateTime<Utc>,
+    ) -> Result<User> {
+        let mut tx = self.pool.begin().await?;
+        let user = insert_user(&mut tx, email, password_hash).await?;
+        sqlx::query(
+            "INSERT INTO sessions (id, token_digest, user_id, expires_at) VALUES ($1, $2, $3, $4)",
         )
         .bind(Uuid::new_v4())
-        .bind(email.as_str())
-        .bind(password_hash)
-        .fetch_one(&self.pool)
-        .await?)
+        .bind(&token_digest[..])
+        .bind(user.id)
+        .bind(expires_at)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(user)
     }
 
     pub async fn user_credentials(&self, email: &Email) -> Result<Option<UserCredentials>> {

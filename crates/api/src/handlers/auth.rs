@@ -20,10 +20,14 @@ struct NewSession {
     user: User,
 }
 
+fn session_expiry(state: &State) -> Result<DateTime<Utc>, ApiError> {
+    let ttl = chrono::Duration::from_std(state.cfg.session_ttl).map_err(ApiError::internal)?;
+    Ok(Utc::now() + ttl)
+}
+
 async fn start_session(state: &State, user: User) -> Result<NewSession, ApiError> {
     let token = SessionToken::generate();
-    let ttl = chrono::Duration::from_std(state.cfg.session_ttl).map_err(ApiError::internal)?;
-    let expires_at = Utc::now() + ttl;
+    let expires_at = session_expiry(state)?;
     state
         .db
         .create_session(user.id, &token.digest(), expires_at)
@@ -45,8 +49,17 @@ pub async fn signup(
     let Signup { email, password } = input.into_inner()?;
     // argon2id is CPU-heavy: keep it off the async workers.
     let hash = tokio::task::spawn_blocking(move || hash_password(&password)).await?;
-    let user = state.db.create_user(&email, &hash).await?;
-    Ok(HttpResponse::Created().json(start_session(&state, user).await?))
+    let token = SessionToken::generate();
+    let expires_at = session_expiry(&state)?;
+    let user = state
+        .db
+        .create_user_with_session(&email, &hash, &token.digest(), expires_at)
+        .await?;
+    Ok(HttpResponse::Created().json(NewSession {
+        token: token.expose_secret().to_owned(),
+        expires_at,
+        user,
+    }))
 }
 
 /// Unknown email, malformed email and wrong password all take a full argon2
