@@ -325,3 +325,82 @@ print(json.dumps(out))
         assert!(!logs.contains(secret), "a secret appears in the logs");
     }
 }
+
+/// A key revoked through the settings API stops working on every running
+/// gateway within a second: here a full `llmgw serve` and a second process
+/// running `--only gateway` against the same database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_through_the_api_reaches_two_gateway_processes_within_a_second() {
+    let t = TestDb::new().await;
+    let upstream = MockUpstream::start().await;
+    let env = |cmd: &mut Command| {
+        cmd.env("DATABASE_URL", t.url())
+            .env("LLMGW_ENCRYPTION_KEYS", &t.keys)
+            .env("LLMGW_UPSTREAM_ALLOW_PRIVATE", "true")
+            .env("LLMGW_UPSTREAM_CA_FILE", &upstream.ca.ca_file);
+    };
+    let (mut a, mut b) = (llmgw(), llmgw());
+    env(&mut a);
+    env(&mut b);
+    let full = tokio::task::spawn_blocking(move || Running::start(a))
+        .await
+        .unwrap();
+    let second = tokio::task::spawn_blocking(move || Running::start_gateway_only(b))
+        .await
+        .unwrap();
+    let tenant = common::provision(&full.api, &upstream.base_url, "sk-revocation-token-1").await;
+    let http = reqwest::Client::new();
+    let chat = |base: String| {
+        let req = http
+            .post(format!("{base}/v1/chat/completions"))
+            .bearer_auth(&tenant.api_key)
+            .json(
+                &json!({"model": "mycompany/m", "messages": [{"role": "user", "content": "hi"}]}),
+            );
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    // Both gateways know (and cache) the key.
+    for g in [&full.gateway, &second.gateway] {
+        assert_eq!(chat(g.clone()).await, 200);
+    }
+    // The API-key list gives the key's id; revoke it through the API.
+    let keys: Value = http
+        .get(format!(
+            "{}/api/v1/orgs/{}/api-keys",
+            full.api, tenant.org_id
+        ))
+        .header("authorization", &tenant.bearer)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let key_id = keys["data"][0]["id"].as_str().unwrap().to_owned();
+    let revoked_at = Instant::now();
+    let r = http
+        .delete(format!(
+            "{}/api/v1/orgs/{}/api-keys/{key_id}",
+            full.api, tenant.org_id
+        ))
+        .header("authorization", &tenant.bearer)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    for g in [&full.gateway, &second.gateway] {
+        loop {
+            let status = chat(g.clone()).await;
+            if status == 401 {
+                break;
+            }
+            assert_eq!(status, 200);
+            assert!(
+                revoked_at.elapsed() < Duration::from_secs(1),
+                "{g} still accepts a revoked key"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert!(revoked_at.elapsed() < Duration::from_secs(1));
+}

@@ -318,3 +318,66 @@ async fn database_outage_answers_503() {
         .unwrap();
     handle.stop(true).await;
 }
+
+#[tokio::test]
+async fn hostile_input_gets_a_clear_4xx_and_the_server_keeps_serving() {
+    let app = TestApp::spawn().await;
+    let (token, _) = app.signup("mallory@example.com").await;
+    let post = |path: &'static str, ctype: &'static str, body: Vec<u8>| {
+        app.send(
+            app.request(Method::POST, path, Some(&token))
+                .header("content-type", ctype)
+                .body(body),
+        )
+    };
+    // Invalid UTF-8 inside a JSON string.
+    let mut bytes = br#"{"name":"acme"#.to_vec();
+    bytes.extend_from_slice(&[0xff, 0xfe]);
+    bytes.extend_from_slice(br#""}"#);
+    let r = post("/api/v1/orgs", "application/json", bytes).await;
+    assert!((400..500).contains(&r.status), "{}", r.text);
+    assert!(!r.code().is_empty(), "error shape: {}", r.text);
+    // Deeply nested JSON: refused without exhausting the stack.
+    let nested = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let r = post("/api/v1/orgs", "application/json", nested.into_bytes()).await;
+    assert!((400..500).contains(&r.status), "{}", r.text);
+    let nested_obj = format!(r#"{{"name":{}1{}}}"#, "[".repeat(5_000), "]".repeat(5_000));
+    let r = post("/api/v1/orgs", "application/json", nested_obj.into_bytes()).await;
+    assert!((400..500).contains(&r.status), "{}", r.text);
+    // A JSON body sent with another content type is still read as JSON or
+    // refused with a 4xx; it never reaches a 5xx.
+    let r = post(
+        "/api/v1/orgs",
+        "text/plain",
+        br#"{"name":"plain"}"#.to_vec(),
+    )
+    .await;
+    assert!(r.status < 500, "{}", r.text);
+    let r = post(
+        "/api/v1/orgs",
+        "application/x-www-form-urlencoded",
+        b"name=form".to_vec(),
+    )
+    .await;
+    assert!((400..500).contains(&r.status), "{}", r.text);
+    // A huge header: a 4xx or a closed connection, never a stuck worker.
+    let huge = app
+        .request(Method::GET, "/api/v1/me", Some(&token))
+        .header("x-padding", "a".repeat(256 * 1024))
+        .send()
+        .await;
+    if let Ok(res) = huge {
+        assert!(
+            (400..500).contains(&res.status().as_u16()),
+            "{}",
+            res.status()
+        );
+    }
+    // Still serving, and nothing half-created.
+    app.get("/api/v1/me", &token).await.expect(200);
+    let orgs = app.get("/api/v1/orgs", &token).await;
+    orgs.expect(200);
+    for org in orgs.body["data"].as_array().unwrap() {
+        assert_ne!(org["name"], "form");
+    }
+}

@@ -44,9 +44,19 @@ pub struct Running {
 }
 
 impl Running {
-    pub fn start(mut cmd: Command) -> Self {
+    pub fn start(cmd: Command) -> Self {
+        Self::spawn(cmd, &["serve"])
+    }
+
+    /// `llmgw serve --only gateway` (its `api` address is not served).
+    pub fn start_gateway_only(cmd: Command) -> Self {
+        Self::spawn(cmd, &["serve", "--only", "gateway"])
+    }
+
+    fn spawn(mut cmd: Command, args: &[&str]) -> Self {
+        let only_gateway = args.contains(&"--only");
         let (gw, api) = (free_port(), free_port());
-        cmd.arg("serve")
+        cmd.args(args)
             .env("LLMGW_GATEWAY_ADDR", format!("127.0.0.1:{gw}"))
             .env("LLMGW_API_ADDR", format!("127.0.0.1:{api}"))
             .stdout(Stdio::null())
@@ -68,15 +78,20 @@ impl Running {
             gateway: format!("http://127.0.0.1:{gw}"),
             api: format!("http://127.0.0.1:{api}"),
         };
-        me.wait_healthy();
+        me.wait_healthy(only_gateway);
         me
     }
 
-    fn wait_healthy(&self) {
+    fn wait_healthy(&self, only_gateway: bool) {
         let deadline = Instant::now() + Duration::from_secs(60);
         let client = reqwest::blocking::Client::new();
         loop {
-            let ok = [&self.gateway, &self.api].iter().all(|base| {
+            let bases = if only_gateway {
+                vec![&self.gateway]
+            } else {
+                vec![&self.gateway, &self.api]
+            };
+            let ok = bases.iter().all(|base| {
                 client
                     .get(format!("{base}/healthz"))
                     .send()
