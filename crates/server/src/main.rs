@@ -170,18 +170,22 @@ async fn run(command: Command, cfg: Config) -> Result<(), String> {
                     .await
                     .map_err(|e| e.to_string())?;
             let opened = database::open(&cfg).await?;
-            let user = opened
-                .db
-                .create_user(&email, &hash)
-                .await
-                .map_err(|e| e.to_string())?;
-            let mut out = serde_json::json!({"user": {"id": user.id, "email": user.email}});
-            if let Some(name) = org {
-                let o = opened
+            // User and org in one transaction: a failure leaves neither behind.
+            let created = match org {
+                Some(name) => opened
                     .db
-                    .create_org(&name, user.id)
+                    .create_user_with_org(&email, &hash, &name)
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map(|(u, o)| (u, Some(o))),
+                None => opened
+                    .db
+                    .create_user(&email, &hash)
+                    .await
+                    .map(|u| (u, None)),
+            };
+            let (user, org) = created.map_err(|e| e.to_string())?;
+            let mut out = serde_json::json!({"user": {"id": user.id, "email": user.email}});
+            if let Some(o) = org {
                 out["org"] = serde_json::json!({"id": o.id, "name": o.name, "role": o.role});
             }
             opened.close().await;

@@ -23,7 +23,7 @@ pub struct UserCredentials {
     pub password_hash: String,
 }
 
-async fn insert_user(
+pub(crate) async fn insert_user(
     conn: &mut sqlx::PgConnection,
     email: &Email,
     password_hash: &str,

@@ -105,40 +105,59 @@ async fn member_in(conn: &mut PgConnection, org_id: Uuid, user_id: Uuid) -> Resu
     .ok_or(StorageError::NotFound)
 }
 
+/// Inserts an organization with `owner` as its first owner, and its audit row.
+async fn insert_org(conn: &mut PgConnection, name: &str, owner: Uuid) -> Result<Org> {
+    let id = Uuid::new_v4();
+    sqlx::query("INSERT INTO organizations (id, name) VALUES ($1, $2)")
+        .bind(id)
+        .bind(name)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("INSERT INTO memberships (org_id, user_id, role) VALUES ($1, $2, 'owner')")
+        .bind(id)
+        .bind(owner)
+        .execute(&mut *conn)
+        .await?;
+    record(
+        conn,
+        id,
+        Actor(Some(owner)),
+        "org.create",
+        "organization",
+        Some(id),
+        json!({"name": name}),
+    )
+    .await?;
+    let org =
+        sqlx::query_as::<_, OrgRow>(&format!("{ORG_SELECT} WHERE o.id = $1 AND m.user_id = $2"))
+            .bind(id)
+            .bind(owner)
+            .fetch_one(&mut *conn)
+            .await?;
+    Ok(org.into())
+}
+
 impl Db {
     /// Creates an organization with `owner` as its first owner.
     pub async fn create_org(&self, name: &str, owner: Uuid) -> Result<Org> {
         let mut tx = self.pool.begin().await?;
-        let id = Uuid::new_v4();
-        sqlx::query("INSERT INTO organizations (id, name) VALUES ($1, $2)")
-            .bind(id)
-            .bind(name)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("INSERT INTO memberships (org_id, user_id, role) VALUES ($1, $2, 'owner')")
-            .bind(id)
-            .bind(owner)
-            .execute(&mut *tx)
-            .await?;
-        record(
-            &mut tx,
-            id,
-            Actor(Some(owner)),
-            "org.create",
-            "organization",
-            Some(id),
-            json!({"name": name}),
-        )
-        .await?;
-        let org = sqlx::query_as::<_, OrgRow>(&format!(
-            "{ORG_SELECT} WHERE o.id = $1 AND m.user_id = $2"
-        ))
-        .bind(id)
-        .bind(owner)
-        .fetch_one(&mut *tx)
-        .await?;
+        let org = insert_org(&mut tx, name, owner).await?;
         tx.commit().await?;
-        Ok(org.into())
+        Ok(org)
+    }
+
+    /// Creates a user and an organization they own in one transaction (CLI bootstrap).
+    pub async fn create_user_with_org(
+        &self,
+        email: &Email,
+        password_hash: &str,
+        org_name: &str,
+    ) -> Result<(crate::accounts::User, Org)> {
+        let mut tx = self.pool.begin().await?;
+        let user = crate::accounts::insert_user(&mut tx, email, password_hash).await?;
+        let org = insert_org(&mut tx, org_name, user.id).await?;
+        tx.commit().await?;
+        Ok((user, org))
     }
 
     /// The organizations `user_id` belongs to.
