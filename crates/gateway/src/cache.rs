@@ -176,10 +176,13 @@ impl KeyCache {
 
     /// Looks a key up; the result is cached only if no eviction happened since `epoch`.
     async fn load(&self, db: &Db, digest: &[u8; 32], epoch: u64) -> Lookup<KeyEntry> {
-        let _permit = self.limiter.acquire().await.map_err(|_| ())?;
-        let row = db.api_key_by_digest(digest).await.map_err(|e| {
-            tracing::warn!(error = %e, "API key lookup failed");
-        })?;
+        let row = bounded(async {
+            let _permit = self.limiter.acquire().await.map_err(|_| ())?;
+            db.api_key_by_digest(digest).await.map_err(|e| {
+                tracing::warn!(error = %e, "API key lookup failed");
+            })
+        })
+        .await?;
         let Some(row) = row else {
             let mut neg = lock(&self.negative);
             if self.epoch.load(Ordering::Acquire) == epoch {
@@ -361,8 +364,12 @@ impl ProviderCache {
         name: &str,
         epoch: u64,
     ) -> Result<Slot, ()> {
-        let _permit = self.limiter.acquire().await.map_err(|_| ())?;
-        let found = match db.provider_by_name(org, name).await {
+        let looked_up = bounded(async {
+            let _permit = self.limiter.acquire().await.map_err(|_| ())?;
+            Ok(db.provider_by_name(org, name).await)
+        })
+        .await?;
+        let found = match looked_up {
             Ok(found) => found,
             // A token this replica cannot decrypt is a configuration problem,
             // not an outage: answer it like an unusable provider, and cache that.
@@ -425,6 +432,23 @@ pub(crate) fn parse_event(payload: &str) -> Invalidation {
             Invalidation::All
         }
     }
+}
+
+/// How long a cache miss may wait for the database (queueing included)
+/// before it is treated as an outage: the cached entry or a 503, never a hang
+/// when the database stops answering without closing its connections.
+pub(crate) const LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Runs a lookup within [`LOOKUP_TIMEOUT`]; a timeout counts as unreachable.
+pub(crate) async fn bounded<T>(
+    lookup: impl std::future::Future<Output = Result<T, ()>>,
+) -> Result<T, ()> {
+    tokio::time::timeout(LOOKUP_TIMEOUT, lookup)
+        .await
+        .unwrap_or_else(|_| {
+            tracing::warn!("database lookup timed out after {LOOKUP_TIMEOUT:?}");
+            Err(())
+        })
 }
 
 #[cfg(test)]

@@ -214,10 +214,13 @@ impl Gateway {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        if let Some(w) = writer {
+        if let Some(mut w) = writer {
             let budget = SHUTDOWN_FLUSH_BUDGET + Duration::from_secs(5);
-            if tokio::time::timeout(budget, w).await.is_err() {
-                tracing::error!("usage writer did not finish within {budget:?}");
+            if tokio::time::timeout(budget, &mut w).await.is_err() {
+                w.abort();
+                let lost = usage.depth() as u64;
+                usage.dropped(lost, "the usage writer did not finish in time at shutdown");
+                tracing::error!(rows = lost, "usage writer did not finish within {budget:?}");
             }
         }
         let tasks: Vec<_> =

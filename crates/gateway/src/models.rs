@@ -115,10 +115,13 @@ pub(crate) async fn list_models(
     }
     // Read before the providers are: a change after this point is not cached over.
     let epoch = gw.models.epoch();
-    let providers = gw.db.active_providers(key.org_id).await.map_err(|e| {
-        tracing::warn!(error = %e, "cannot list providers");
-        GatewayError::Unavailable
-    })?;
+    let providers = crate::cache::bounded(async {
+        gw.db.active_providers(key.org_id).await.map_err(|e| {
+            tracing::warn!(error = %e, "cannot list providers");
+        })
+    })
+    .await
+    .map_err(|()| GatewayError::Unavailable)?;
     let fetches = providers
         .into_iter()
         .filter_map(|p| ProviderEntry::prepare(p, &gw.client))

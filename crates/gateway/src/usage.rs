@@ -57,7 +57,7 @@ impl UsageQueue {
         }
     }
 
-    fn dropped(&self, n: u64, why: &str) {
+    pub(crate) fn dropped(&self, n: u64, why: &str) {
         self.metrics.rows_dropped.fetch_add(n, Relaxed);
         // At most one warning per second: a flood of drops must not become a flood of logs.
         let now = self.epoch.elapsed().as_secs() + 1;
@@ -195,7 +195,7 @@ impl Writer {
         self.queue.in_hand.store(n, Relaxed);
         let mut backoff = Duration::from_millis(100);
         loop {
-            match self.db.insert_request_logs(rows).await {
+            match bounded_write(self.db.insert_request_logs(rows)).await {
                 Ok(()) => {
                     self.queue.metrics.rows_written.fetch_add(n, Relaxed);
                     break;
@@ -239,7 +239,9 @@ impl Writer {
                     // The batch was refused as a whole: find the rows at fault.
                     tracing::error!(rows = n, error = ?e, "usage batch refused; writing rows one by one");
                     for row in rows.iter() {
-                        match self.db.insert_request_logs(std::slice::from_ref(row)).await {
+                        match bounded_write(self.db.insert_request_logs(std::slice::from_ref(row)))
+                            .await
+                        {
                             Ok(()) => self.queue.metrics.rows_written.fetch_add(1, Relaxed),
                             Err(e) => {
                                 tracing::error!(request_id = %row.request_id, error = ?e, "usage row refused");
@@ -268,13 +270,26 @@ impl Writer {
             return;
         }
         let uses: Vec<(Uuid, DateTime<Utc>)> = self.touches.iter().map(|(k, t)| (*k, *t)).collect();
-        match self.db.touch_api_keys(&uses).await {
+        match bounded_write(self.db.touch_api_keys(&uses)).await {
             Ok(()) => self.touches.clear(),
             Err(e) => {
                 tracing::warn!(error = %e, keys = uses.len(), "cannot record API key last use; will retry")
             }
         }
     }
+}
+
+/// A write that hangs (a database that stopped answering without closing
+/// its connections) counts as unavailable after this long, so the retry and
+/// shutdown-deadline logic applies instead of waiting forever.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn bounded_write(
+    write: impl std::future::Future<Output = Result<(), StorageError>>,
+) -> Result<(), StorageError> {
+    tokio::time::timeout(WRITE_TIMEOUT, write)
+        .await
+        .unwrap_or(Err(StorageError::Unavailable(sqlx::Error::PoolTimedOut)))
 }
 
 /// One request's usage row, queued when dropped: whatever way the request

@@ -151,7 +151,13 @@ pub async fn serve(cfg: Config, only: Option<Listener>) -> Result<(), String> {
     if let Some(gw) = gateway {
         gw.shutdown().await;
     }
-    opened.close().await;
+    // Bounded: closing the pool waits for checked-out connections.
+    if tokio::time::timeout(Duration::from_secs(10), opened.close())
+        .await
+        .is_err()
+    {
+        tracing::warn!("database pool did not close within 10s");
+    }
     tracing::info!("shutdown complete");
     Ok(())
 }

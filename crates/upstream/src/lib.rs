@@ -66,6 +66,12 @@ pub fn is_forbidden(ip: IpAddr) -> bool {
                 return forbidden_v4(v4);
             }
             let s = v6.segments();
+            // IPv4-translated ::ffff:0:a.b.c.d (RFC 2765) embeds an IPv4 address too.
+            if s[..6] == [0, 0, 0, 0, 0xffff, 0] {
+                let v4 =
+                    Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
+                return forbidden_v4(v4);
+            }
             v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
@@ -203,6 +209,9 @@ pub struct UpstreamClient {
 struct Settings {
     cfg: UpstreamConfig,
     roots: Vec<reqwest::Certificate>,
+    /// Built in `new` with the same guards; used if a thread's own build
+    /// ever fails, so the SSRF guard and no-redirect rule fail closed.
+    fallback: Option<reqwest::Client>,
 }
 
 thread_local! {
@@ -231,12 +240,13 @@ impl UpstreamClient {
                 return Err(BuildError::CaPem(path.clone()));
             }
         }
-        let settings = Settings {
+        let mut settings = Settings {
             cfg: cfg.clone(),
             roots,
+            fallback: None,
         };
         // Build once now so a bad setting fails at startup, not on a request.
-        Self::build(&settings)?;
+        settings.fallback = Some(Self::build(&settings)?);
         Ok(Self {
             settings: Arc::new(settings),
             allow_private: cfg.allow_private,
@@ -279,8 +289,12 @@ impl UpstreamClient {
             {
                 return client.clone();
             }
-            // The same settings built fine in `new`, so this cannot fail in practice.
-            let client = Self::build(&self.settings).unwrap_or_default();
+            // The same settings built fine in `new`; should a build fail now,
+            // the guarded client from `new` serves, never an unguarded default.
+            let client = Self::build(&self.settings)
+                .ok()
+                .or_else(|| self.settings.fallback.clone())
+                .expect("the fallback client is built in `new`");
             let mut c = c.borrow_mut();
             c.retain(|(s, _)| s.strong_count() > 0);
             c.push((Arc::downgrade(&self.settings), client.clone()));
@@ -339,6 +353,7 @@ mod tests {
             "https://[::1]",
             "https://[::ffff:127.0.0.1]",
             "https://[::ffff:7f00:1]",
+            "https://[::ffff:0:7f00:1]",
             "https://10.0.0.1",
             "https://172.16.5.4",
             "https://192.168.1.1",
