@@ -7,8 +7,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use gateway::Gateway;
 use serde_json::{json, Value};
-use storage::domain::ProviderStatus;
-use storage::providers::ProviderPatch;
 use storage::Actor;
 use testkit::{MockUpstream, TestCa};
 use uuid::Uuid;
@@ -168,18 +166,7 @@ async fn routing_and_key_errors_speak_openai() {
     })
     .await;
     let inactive = add_provider(env.db(), env.org.id, "sleepy", &env.upstream.base_url).await;
-    env.db()
-        .update_provider_key(
-            env.org.id,
-            Actor(None),
-            inactive,
-            ProviderPatch {
-                status: Some(ProviderStatus::Inactive),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    deactivate(env.db(), env.org.id, inactive).await;
 
     let (msg, code) = openai_error(
         env.chat(&json!({"model": "nosuch/x", "messages": messages()}))
@@ -544,18 +531,7 @@ async fn models_lists_every_active_provider_and_skips_failing_ones() {
     )
     .await;
     let off = add_provider(env.db(), env.org.id, "off", &env.upstream.base_url).await;
-    env.db()
-        .update_provider_key(
-            env.org.id,
-            Actor(None),
-            off,
-            ProviderPatch {
-                status: Some(ProviderStatus::Inactive),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    deactivate(env.db(), env.org.id, off).await;
     let resp = env
         .http
         .get(format!("{}/v1/models", env.url))

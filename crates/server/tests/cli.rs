@@ -201,16 +201,11 @@ async fn user_create_reads_the_password_from_stdin() {
 async fn openai_sdk_against_a_running_llmgw() {
     let t = TestDb::new().await;
     let upstream = MockUpstream::start().await;
-    let mut cmd = llmgw();
-    cmd.env("DATABASE_URL", t.url())
-        .env("LLMGW_ENCRYPTION_KEYS", &t.keys)
-        .env("LLMGW_UPSTREAM_ALLOW_PRIVATE", "true")
-        .env("LLMGW_UPSTREAM_CA_FILE", &upstream.ca.ca_file)
-        .env("LLMGW_LOG_FORMAT", "json")
-        .env(
-            "RUST_LOG",
-            "debug,sqlx=info,hyper=info,h2=info,rustls=info,reqwest=info",
-        );
+    let mut cmd = common::llmgw_against(&t, &upstream);
+    cmd.env("LLMGW_LOG_FORMAT", "json").env(
+        "RUST_LOG",
+        "debug,sqlx=info,hyper=info,h2=info,rustls=info,reqwest=info",
+    );
     let running = tokio::task::spawn_blocking(move || Running::start(cmd))
         .await
         .unwrap();
@@ -333,15 +328,8 @@ print(json.dumps(out))
 async fn revocation_through_the_api_reaches_two_gateway_processes_within_a_second() {
     let t = TestDb::new().await;
     let upstream = MockUpstream::start().await;
-    let env = |cmd: &mut Command| {
-        cmd.env("DATABASE_URL", t.url())
-            .env("LLMGW_ENCRYPTION_KEYS", &t.keys)
-            .env("LLMGW_UPSTREAM_ALLOW_PRIVATE", "true")
-            .env("LLMGW_UPSTREAM_CA_FILE", &upstream.ca.ca_file);
-    };
-    let (mut a, mut b) = (llmgw(), llmgw());
-    env(&mut a);
-    env(&mut b);
+    let a = common::llmgw_against(&t, &upstream);
+    let b = common::llmgw_against(&t, &upstream);
     let full = tokio::task::spawn_blocking(move || Running::start(a))
         .await
         .unwrap();

@@ -158,12 +158,8 @@ const GRACE: Duration = Duration::from_millis(3_000);
 async fn sigterm_during_load_finishes_accepted_requests_and_logs_each_once() {
     let t = TestDb::new().await;
     let upstream = MockUpstream::start().await;
-    let mut cmd = llmgw();
-    cmd.env("DATABASE_URL", t.url())
-        .env("LLMGW_ENCRYPTION_KEYS", &t.keys)
-        .env("LLMGW_UPSTREAM_ALLOW_PRIVATE", "true")
-        .env("LLMGW_UPSTREAM_CA_FILE", &upstream.ca.ca_file)
-        .env("LLMGW_SHUTDOWN_GRACE_MS", GRACE.as_millis().to_string());
+    let mut cmd = common::llmgw_against(&t, &upstream);
+    cmd.env("LLMGW_SHUTDOWN_GRACE_MS", GRACE.as_millis().to_string());
     let running = tokio::task::spawn_blocking(move || Running::start(cmd))
         .await
         .unwrap();

@@ -65,6 +65,21 @@ pub async fn make_org(db: &Db) -> Org {
     }
 }
 
+/// Sets a provider's status to inactive.
+pub async fn deactivate(db: &Db, org: Uuid, id: Uuid) {
+    db.update_provider_key(
+        org,
+        Actor(None),
+        id,
+        storage::providers::ProviderPatch {
+            status: Some(storage::domain::ProviderStatus::Inactive),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+}
+
 pub async fn add_provider(db: &Db, org: Uuid, name: &str, base_url: &str) -> Uuid {
     db.create_provider_key(
         org,

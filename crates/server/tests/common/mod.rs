@@ -36,6 +36,16 @@ pub fn llmgw() -> Command {
 }
 
 /// A running `llmgw serve` whose stderr is captured.
+/// `llmgw` on a test database, trusting (and allowed to reach) a local mock upstream.
+pub fn llmgw_against(t: &testkit::TestDb, upstream: &testkit::MockUpstream) -> Command {
+    let mut c = llmgw();
+    c.env("DATABASE_URL", t.url())
+        .env("LLMGW_ENCRYPTION_KEYS", &t.keys)
+        .env("LLMGW_UPSTREAM_ALLOW_PRIVATE", "true")
+        .env("LLMGW_UPSTREAM_CA_FILE", &upstream.ca.ca_file);
+    c
+}
+
 pub struct Running {
     child: Child,
     logs: Arc<Mutex<String>>,
