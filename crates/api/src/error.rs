@@ -44,6 +44,8 @@ pub enum ApiError {
     BadRequest(String),
     #[error("the request body is larger than the limit of {0} bytes")]
     PayloadTooLarge(usize),
+    #[error("the request body did not arrive within {} ms", .0.as_millis())]
+    RequestTimeout(std::time::Duration),
     #[error("authentication required: send Authorization: Bearer <session token>")]
     Unauthorized,
     #[error("invalid email or password")]
@@ -99,6 +101,11 @@ pub const PAYLOAD_TOO_LARGE: ErrorKind = kind(
     "payload_too_large",
     "the body exceeds LLMGW_MAX_BODY_BYTES",
 );
+pub const REQUEST_TIMEOUT: ErrorKind = kind(
+    408,
+    "request_timeout",
+    "the body did not arrive within LLMGW_API_BODY_TIMEOUT_MS",
+);
 pub const UNAUTHORIZED: ErrorKind = kind(
     401,
     "unauthorized",
@@ -148,6 +155,7 @@ pub const ALL_KINDS: &[ErrorKind] = &[
     BAD_REQUEST,
     VALIDATION,
     PAYLOAD_TOO_LARGE,
+    REQUEST_TIMEOUT,
     UNAUTHORIZED,
     INVALID_CREDENTIALS,
     FORBIDDEN,
@@ -167,6 +175,7 @@ impl ApiError {
             Self::Validation(_) => VALIDATION,
             Self::BadRequest(_) => BAD_REQUEST,
             Self::PayloadTooLarge(_) => PAYLOAD_TOO_LARGE,
+            Self::RequestTimeout(_) => REQUEST_TIMEOUT,
             Self::Unauthorized => UNAUTHORIZED,
             Self::InvalidCredentials => INVALID_CREDENTIALS,
             Self::Forbidden(_) => FORBIDDEN,

@@ -39,7 +39,8 @@ fn bearer(req: &HttpRequest) -> Option<SessionToken> {
         .then(|| SessionToken::from_presented(token))
 }
 
-/// A caller with a valid, unexpired session.
+/// A caller with a valid session: not expired, not idle longer than
+/// `LLMGW_SESSION_IDLE_MINUTES`.
 pub struct Session {
     pub user: User,
     /// Digest of the presented token (what logout deletes).
@@ -51,7 +52,7 @@ async fn authenticate(state: &State, token: Option<SessionToken>) -> Result<Sess
     let token_digest = token.digest();
     let user = state
         .db
-        .session_user(&token_digest)
+        .session_user(&token_digest, state.cfg.session_idle)
         .await?
         .ok_or(ApiError::Unauthorized)?;
     Ok(Session { user, token_digest })

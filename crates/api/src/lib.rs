@@ -33,6 +33,11 @@ pub struct ApiConfig {
     pub allow_signup: bool,
     /// How long a login session lasts.
     pub session_ttl: Duration,
+    /// `LLMGW_SESSION_IDLE_MINUTES`: a session unused for longer stops working.
+    pub session_idle: Duration,
+    /// `LLMGW_API_BODY_TIMEOUT_MS`: a request body not received within this
+    /// time after its head gets 408.
+    pub body_timeout: Duration,
     /// `LLMGW_MAX_BODY_BYTES`: larger request bodies get 413.
     pub max_body_bytes: usize,
     /// `LLMGW_UPSTREAM_ALLOW_PRIVATE`: accept base URLs on private addresses.
@@ -63,8 +68,9 @@ impl Api {
         }
     }
 
-    /// Registers every route, the extractor error handlers, the `x-request-id`
-    /// header and the JSON 404/405 answers for unknown routes and methods.
+    /// Registers every route, the extractor error handlers, the body deadline,
+    /// the `x-request-id` and `nosniff` headers and the JSON 404/405 answers
+    /// for unknown routes and methods.
     pub fn configure(&self, cfg: &mut web::ServiceConfig) {
         let scope = web::scope("")
             .app_data(web::Data::from(self.state.clone()))
@@ -74,6 +80,7 @@ impl Api {
             .app_data(error::query_config());
         let scope = routes::register(scope, &routes::routes())
             .default_service(web::to(handlers::ops::route_not_found))
+            .wrap(actix_web::middleware::from_fn(middleware::body_deadline))
             .wrap(actix_web::middleware::from_fn(middleware::request_id));
         cfg.service(scope);
     }

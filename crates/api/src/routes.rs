@@ -6,7 +6,7 @@ use actix_web::http::Method;
 use actix_web::{web, Scope};
 use storage::domain::Role;
 
-use crate::handlers::{api_keys, auth, members, ops, orgs, providers, usage};
+use crate::handlers::{api_keys, auth, members, ops, orgs, providers, sessions, usage};
 
 /// Who may call a route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,7 +61,7 @@ impl Route {
     pub fn error_statuses(&self) -> Vec<u16> {
         let mut s = vec![500, 503];
         if self.body.is_some() {
-            s.extend([400, 413, 422]);
+            s.extend([400, 408, 413, 422]);
         }
         if !self.query.is_empty() {
             s.extend([400, 422]);
@@ -248,6 +248,19 @@ pub fn routes() -> Vec<Route> {
             ok: (200, Some("User")),
             errors: &[],
             handler: |r| r.to(auth::me),
+        },
+        Route {
+            method: Method::DELETE,
+            path: "/api/v1/me/sessions",
+            operation_id: "signOutEverywhere",
+            tag: "auth",
+            summary: "End every session of the signed-in user, this one included",
+            access: Access::Session,
+            query: &[],
+            body: None,
+            ok: (204, None),
+            errors: &[],
+            handler: |r| r.to(sessions::sign_out_everywhere),
         },
         Route {
             method: Method::POST,

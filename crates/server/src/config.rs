@@ -39,6 +39,9 @@ pub struct Config {
     pub log_format: LogFormat,
     pub shutdown_grace: Duration,
     pub session_ttl: Duration,
+    pub session_idle: Duration,
+    pub api_body_timeout: Duration,
+    pub api_max_connections: usize,
     pub db_max_connections: u32,
     pub gateway_workers: usize,
     pub cache_ttl: Duration,
@@ -138,6 +141,17 @@ fn session_ttl(env: Env) -> Result<Duration, ConfigError> {
     Ok(Duration::from_secs(3600 * hours))
 }
 
+fn session_idle(env: Env) -> Result<Duration, ConfigError> {
+    let minutes: u64 = positive(env, "LLMGW_SESSION_IDLE_MINUTES", 12 * 60)?;
+    if minutes > 366 * 24 * 60 {
+        return Err(ConfigError {
+            var: "LLMGW_SESSION_IDLE_MINUTES",
+            message: "must be at most 527040 (one year)".into(),
+        });
+    }
+    Ok(Duration::from_secs(60 * minutes))
+}
+
 impl Config {
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(&|k| std::env::var(k).ok())
@@ -219,6 +233,9 @@ impl Config {
             log_format,
             shutdown_grace: millis(env, "LLMGW_SHUTDOWN_GRACE_MS", 30_000)?,
             session_ttl: session_ttl(env)?,
+            session_idle: session_idle(env)?,
+            api_body_timeout: millis(env, "LLMGW_API_BODY_TIMEOUT_MS", 10_000)?,
+            api_max_connections: positive(env, "LLMGW_API_MAX_CONNECTIONS", 256)?,
             db_max_connections: positive(env, "LLMGW_DB_MAX_CONNECTIONS", 16)?,
             gateway_workers: positive(env, "LLMGW_GATEWAY_WORKERS", default_workers)?,
             cache_ttl: millis(env, "LLMGW_CACHE_TTL_MS", 30_000)?,
@@ -261,6 +278,10 @@ mod tests {
             ("LLMGW_MAX_BODY_BYTES", "-1"),
             ("LLMGW_MAX_BODY_BYTES", "0"),
             ("LLMGW_SESSION_TTL_HOURS", "3000000000"),
+            ("LLMGW_SESSION_IDLE_MINUTES", "0"),
+            ("LLMGW_SESSION_IDLE_MINUTES", "600000"),
+            ("LLMGW_API_BODY_TIMEOUT_MS", "0"),
+            ("LLMGW_API_MAX_CONNECTIONS", "none"),
             ("LLMGW_UPSTREAM_TIMEOUT_MS", "abc"),
             ("LLMGW_LOG_FORMAT", "xml"),
             ("LLMGW_ENCRYPTION_KEYS", "1:short"),

@@ -17,22 +17,42 @@ fn nodelay(conn: &dyn std::any::Any, _: &mut actix_web::dev::Extensions) {
     }
 }
 
+/// How long a listener waits for a request head, and how many connections
+/// it holds at once (`None`: actix's default of 25k per worker).
+struct Limits {
+    head_timeout: Duration,
+    max_connections: Option<usize>,
+}
+
+/// The API's clients are browsers and scripts on short requests: a head
+/// that takes longer than this is not worth a connection slot.
+const API_HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+
 fn bind<F>(
     name: &str,
     addr: std::net::SocketAddr,
     workers: usize,
+    limits: Limits,
     cfg: &Config,
     configure: F,
 ) -> Result<actix_web::dev::Server, String>
 where
     F: Fn(&mut web::ServiceConfig) + Clone + Send + 'static,
 {
-    let server = HttpServer::new(move || App::new().configure(configure.clone()))
+    let mut server = HttpServer::new(move || App::new().configure(configure.clone()))
         .workers(workers)
         .disable_signals()
         .shutdown_timeout(cfg.shutdown_grace.as_secs().max(1))
-        .client_request_timeout(Duration::from_secs(30))
-        .on_connect(nodelay)
+        .client_request_timeout(limits.head_timeout)
+        .on_connect(nodelay);
+    if let Some(total) = limits.max_connections {
+        // actix counts per worker; beyond the limit the listener stops
+        // accepting and new connections wait in the kernel's queue until a
+        // slot frees (every slot is freed within the head, body or
+        // keep-alive timeout), so they are delayed, never refused or lost.
+        server = server.max_connections(total.div_ceil(workers).max(1));
+    }
+    let server = server
         .bind_auto_h2c(addr)
         .map_err(|e| format!("cannot listen on {addr} ({name}): {e}"))?;
     tracing::info!(%addr, listener = name, "listening");
@@ -91,6 +111,10 @@ pub async fn serve(cfg: Config, only: Option<Listener>) -> Result<(), String> {
             "gateway",
             cfg.gateway_addr,
             cfg.gateway_workers,
+            Limits {
+                head_timeout: Duration::from_secs(30),
+                max_connections: None,
+            },
             &cfg,
             move |c| g.configure(c),
         )?);
@@ -102,12 +126,18 @@ pub async fn serve(cfg: Config, only: Option<Listener>) -> Result<(), String> {
             api::ApiConfig {
                 allow_signup: cfg.allow_signup,
                 session_ttl: cfg.session_ttl,
+                session_idle: cfg.session_idle,
+                body_timeout: cfg.api_body_timeout,
                 max_body_bytes: cfg.max_body_bytes,
                 allow_private: cfg.allow_private,
                 upstream: upstream.clone(),
             },
         );
-        servers.push(bind("api", cfg.api_addr, 2, &cfg, move |c| {
+        let limits = Limits {
+            head_timeout: API_HEAD_TIMEOUT,
+            max_connections: Some(cfg.api_max_connections),
+        };
+        servers.push(bind("api", cfg.api_addr, 2, limits, &cfg, move |c| {
             api.configure(c)
         })?);
     }

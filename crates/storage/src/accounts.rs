@@ -1,5 +1,7 @@
 //! Users and login sessions.
 
+use std::time::Duration;
+
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use uuid::Uuid;
@@ -7,6 +9,13 @@ use uuid::Uuid;
 use crate::db::Db;
 use crate::domain::Email;
 use crate::error::{Result, StorageError};
+
+/// How stale `sessions.last_seen_at` may get before a use is written: a
+/// minute, or a quarter of a short idle limit, so a session in steady use is
+/// never refused as idle.
+pub fn touch_interval(idle: Duration) -> Duration {
+    (idle / 4).min(Duration::from_secs(60))
+}
 
 /// A user as shown to clients.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, PartialEq, Eq)]
@@ -105,15 +114,42 @@ impl Db {
         Ok(())
     }
 
-    /// The user of an unexpired session.
-    pub async fn session_user(&self, token_digest: &[u8; 32]) -> Result<Option<User>> {
+    /// The user of a session that has neither expired nor gone unused for
+    /// longer than `idle`.
+    ///
+    /// Use is recorded in `last_seen_at` only when the stored value is older
+    /// than [`touch_interval`]`(idle)`, so a busy client costs one write a
+    /// minute, not one per request; the read and that write are one statement.
+    pub async fn session_user(
+        &self,
+        token_digest: &[u8; 32],
+        idle: Duration,
+    ) -> Result<Option<User>> {
         Ok(sqlx::query_as::<_, User>(
-            "SELECT u.id, u.email FROM sessions s JOIN users u ON u.id = s.user_id
-             WHERE s.token_digest = $1 AND s.expires_at > now()",
+            "WITH s AS (
+                 SELECT id, user_id, last_seen_at FROM sessions
+                 WHERE token_digest = $1 AND expires_at > now()
+                   AND last_seen_at > now() - make_interval(secs => $2)
+             ), touched AS (
+                 UPDATE sessions SET last_seen_at = now() FROM s
+                 WHERE sessions.id = s.id AND s.last_seen_at < now() - make_interval(secs => $3)
+             )
+             SELECT u.id, u.email FROM s JOIN users u ON u.id = s.user_id",
         )
         .bind(&token_digest[..])
+        .bind(idle.as_secs_f64())
+        .bind(touch_interval(idle).as_secs_f64())
         .fetch_optional(&self.pool)
         .await?)
+    }
+
+    /// Ends every session of `user_id` (sign out everywhere); returns how many.
+    pub async fn delete_user_sessions(&self, user_id: Uuid) -> Result<u64> {
+        let r = sqlx::query("DELETE FROM sessions WHERE user_id = $1")
+            .bind(user_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected())
     }
 
     /// Ends a session at once; returns whether one existed.

@@ -9,6 +9,7 @@ pub mod members;
 pub mod ops;
 pub mod orgs;
 pub mod providers;
+pub mod sessions;
 pub mod usage;
 
 /// `{"data":[…],"next_cursor":…}`.

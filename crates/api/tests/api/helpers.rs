@@ -53,6 +53,8 @@ pub struct Opts {
     pub allow_private: bool,
     pub max_body_bytes: usize,
     pub session_ttl: Duration,
+    pub session_idle: Duration,
+    pub body_timeout: Duration,
     pub ca_file: Option<PathBuf>,
 }
 
@@ -63,6 +65,8 @@ impl Default for Opts {
             allow_private: false,
             max_body_bytes: 64 * 1024,
             session_ttl: Duration::from_secs(3600),
+            session_idle: Duration::from_secs(3600),
+            body_timeout: Duration::from_secs(10),
             ca_file: None,
         }
     }
@@ -143,6 +147,8 @@ impl TestApp {
             ApiConfig {
                 allow_signup: opts.allow_signup,
                 session_ttl: opts.session_ttl,
+                session_idle: opts.session_idle,
+                body_timeout: opts.body_timeout,
                 max_body_bytes: opts.max_body_bytes,
                 allow_private: opts.allow_private,
                 upstream,

@@ -20,6 +20,7 @@ const EXPECTED: &[(&str, &str)] = &[
     ("POST", "/api/v1/auth/login"),
     ("POST", "/api/v1/auth/logout"),
     ("GET", "/api/v1/me"),
+    ("DELETE", "/api/v1/me/sessions"),
     ("POST", "/api/v1/orgs"),
     ("GET", "/api/v1/orgs"),
     ("GET", "/api/v1/orgs/{org_id}"),
@@ -285,6 +286,8 @@ async fn database_outage_answers_503() {
         ApiConfig {
             allow_signup: true,
             session_ttl: Duration::from_secs(60),
+            session_idle: Duration::from_secs(60),
+            body_timeout: Duration::from_secs(10),
             max_body_bytes: 1024,
             allow_private: false,
             upstream,
