@@ -2,10 +2,12 @@
 //! test, and real HTTPS upstreams on 127.0.0.1 with certificates made here.
 
 pub mod db;
+pub mod raw;
 pub mod tls;
 pub mod upstream;
 
 pub use db::TestDb;
+pub use raw::{RawAnswer, RawClient};
 pub use tls::TestCa;
 pub use upstream::{MockUpstream, SeenRequest};
 

@@ -184,3 +184,109 @@ async fn expired_sessions_end_access() {
         .await
         .expect(401);
 }
+
+/// Sets `last_seen_at` of the session behind `token` to `age` ago.
+async fn age_session(app: &TestApp, token: &str, age: Duration) {
+    let digest = SessionToken::from_presented(token).digest();
+    let r = sqlx::query(
+        "UPDATE sessions SET last_seen_at = now() - make_interval(secs => $2) WHERE token_digest = $1",
+    )
+    .bind(&digest[..])
+    .bind(age.as_secs_f64())
+    .execute(app.db.db.pool())
+    .await
+    .unwrap();
+    assert_eq!(r.rows_affected(), 1);
+}
+
+async fn last_seen_age(app: &TestApp, token: &str) -> f64 {
+    let digest = SessionToken::from_presented(token).digest();
+    sqlx::query_scalar::<_, f64>(
+        "SELECT extract(epoch FROM now() - last_seen_at)::float8 FROM sessions WHERE token_digest = $1",
+    )
+    .bind(&digest[..])
+    .fetch_one(app.db.db.pool())
+    .await
+    .unwrap()
+}
+
+async fn login(app: &TestApp, email: &str) -> String {
+    let r = app
+        .call(
+            Method::POST,
+            "/api/v1/auth/login",
+            None,
+            Some(json!({"email": email, "password": PASSWORD})),
+        )
+        .await;
+    r.expect(200);
+    r.body["token"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn a_session_left_idle_stops_working_before_it_expires() {
+    let app = TestApp::spawn_with(Opts {
+        session_idle: Duration::from_secs(60),
+        ..Opts::default()
+    })
+    .await;
+    let (idle, _) = app.signup("ivy@example.com").await;
+    let busy = login(&app, "ivy@example.com").await;
+
+    // Unused for two minutes against a one-minute idle limit: refused, though
+    // its expiry (an hour) is far away.
+    age_session(&app, &idle, Duration::from_secs(120)).await;
+    let r = app.get("/api/v1/me", &idle).await;
+    r.expect(401);
+    assert_eq!(r.code(), "unauthorized");
+    // Org routes authenticate the same way.
+    app.get("/api/v1/orgs", &idle).await.expect(401);
+
+    // Used 40 s ago: still valid, and the use moves `last_seen_at` forward,
+    // so steady use never runs into the idle limit.
+    age_session(&app, &busy, Duration::from_secs(40)).await;
+    app.get("/api/v1/me", &busy).await.expect(200);
+    assert!(last_seen_age(&app, &busy).await < 5.0);
+    age_session(&app, &busy, Duration::from_secs(40)).await;
+    app.get("/api/v1/orgs", &busy).await.expect(200);
+    assert!(last_seen_age(&app, &busy).await < 5.0);
+
+    // Recorded a moment ago: the next requests do not write again.
+    age_session(&app, &busy, Duration::from_secs(3)).await;
+    for _ in 0..3 {
+        app.get("/api/v1/me", &busy).await.expect(200);
+    }
+    let age = last_seen_age(&app, &busy).await;
+    assert!(
+        age >= 3.0,
+        "last_seen_at rewritten on every request ({age} s)"
+    );
+}
+
+#[tokio::test]
+async fn sign_out_everywhere_ends_every_session_of_the_caller_only() {
+    let app = TestApp::spawn().await;
+    let (laptop, _) = app.signup("jo@example.com").await;
+    let phone = login(&app, "jo@example.com").await;
+    let (other_user, _) = app.signup("kim@example.com").await;
+
+    app.call(Method::DELETE, "/api/v1/me/sessions", None, None)
+        .await
+        .expect(401);
+
+    app.delete("/api/v1/me/sessions", &phone).await.expect(204);
+    // The calling session and the other one of the same user are both gone.
+    for token in [&phone, &laptop] {
+        let r = app.get("/api/v1/me", token).await;
+        r.expect(401);
+        assert_eq!(r.code(), "unauthorized");
+    }
+    // Another user's session is untouched.
+    app.get("/api/v1/me", &other_user).await.expect(200);
+    // Signing in again works as before.
+    let fresh = login(&app, "jo@example.com").await;
+    app.get("/api/v1/me", &fresh).await.expect(200);
+    // The dead token cannot sign out the new session.
+    app.delete("/api/v1/me/sessions", &phone).await.expect(401);
+    app.get("/api/v1/me", &fresh).await.expect(200);
+}

@@ -387,3 +387,124 @@ async fn hostile_input_gets_a_clear_4xx_and_the_server_keeps_serving() {
         assert_ne!(org["name"], "form");
     }
 }
+
+fn addr_of(app: &TestApp) -> std::net::SocketAddr {
+    app.base.trim_start_matches("http://").parse().unwrap()
+}
+
+#[tokio::test]
+async fn a_body_that_stalls_gets_408_and_the_connection_closes() {
+    let app = TestApp::spawn_with(Opts {
+        body_timeout: Duration::from_millis(500),
+        ..Opts::default()
+    })
+    .await;
+    let (token, _) = app.signup("slow@example.com").await;
+    for (path, auth) in [
+        ("/api/v1/auth/login", String::new()),
+        ("/api/v1/orgs", format!("authorization: Bearer {token}\r\n")),
+    ] {
+        let started = std::time::Instant::now();
+        let mut c = testkit::RawClient::connect(addr_of(&app)).await.unwrap();
+        // Promises 100 bytes, sends one, then stalls.
+        assert!(
+            c.send(
+                format!(
+                    "POST {path} HTTP/1.1\r\nhost: x\r\n{auth}content-type: application/json\r\ncontent-length: 100\r\n\r\n{{"
+                )
+                .as_bytes()
+            )
+            .await
+        );
+        let answer = c.read_answer(Duration::from_secs(5)).await;
+        assert_eq!(answer.status(), Some(408), "{path}: {answer:?}");
+        assert!(
+            answer.closed,
+            "{path}: the half-sent body is not waited for"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{path}: {:?}",
+            started.elapsed()
+        );
+        let text = answer.text.to_ascii_lowercase();
+        assert!(text.contains("\"code\":\"request_timeout\""), "{text}");
+        assert!(text.contains("x-content-type-options: nosniff"), "{text}");
+    }
+
+    // The deadline bounds the whole body, not each read: a body that is
+    // slow but complete within it is served.
+    let body = br#"{"name":"patient"}"#;
+    let mut c = testkit::RawClient::connect(addr_of(&app)).await.unwrap();
+    assert!(
+        c.send(
+            format!(
+                "POST /api/v1/orgs HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {token}\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: {}\r\n\r\n",
+                body.len()
+            )
+            .as_bytes()
+        )
+        .await
+    );
+    for part in body.chunks(6) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(c.send(part).await);
+    }
+    let answer = c.read_answer(Duration::from_secs(5)).await;
+    assert_eq!(answer.status(), Some(201), "{answer:?}");
+    app.get("/api/v1/me", &token).await.expect(200);
+}
+
+#[tokio::test]
+async fn every_answer_carries_nosniff() {
+    let app = TestApp::spawn_with(Opts {
+        max_body_bytes: 1024,
+        ..Opts::default()
+    })
+    .await;
+    let (token, _) = app.signup("sniff@example.com").await;
+    let org = app.create_org(&token, "Sniff").await;
+    let missing = uuid::Uuid::new_v4();
+    let answers = [
+        app.call(Method::GET, "/healthz", None, None).await,
+        app.call(Method::GET, "/api/openapi.json", None, None).await,
+        app.get("/api/v1/me", &token).await,
+        app.post("/api/v1/orgs", &token, json!({"name": "Two"}))
+            .await,
+        // Error answers of every kind: 400, 401, 404 (unknown id, unknown
+        // route, no route at all), 405, 413, 422.
+        app.send(
+            app.request(Method::POST, "/api/v1/orgs", Some(&token))
+                .header("content-type", "application/json")
+                .body("{"),
+        )
+        .await,
+        app.call(Method::GET, "/api/v1/me", None, None).await,
+        app.get(&format!("/api/v1/orgs/{missing}"), &token).await,
+        app.get("/api/v1/nope", &token).await,
+        app.call(Method::GET, "/", None, None).await,
+        app.call(Method::PUT, "/api/v1/orgs", Some(&token), None)
+            .await,
+        app.post("/api/v1/orgs", &token, json!({"name": "x".repeat(2000)}))
+            .await,
+        app.patch(&format!("/api/v1/orgs/{org}"), &token, json!({"name": 7}))
+            .await,
+        app.call(Method::POST, "/api/v1/auth/logout", Some(&token), None)
+            .await,
+    ];
+    let statuses: BTreeSet<u16> = answers.iter().map(|r| r.status).collect();
+    for s in [200, 201, 204, 400, 401, 404, 405, 413, 422] {
+        assert!(statuses.contains(&s), "no {s} answer among {statuses:?}");
+    }
+    for r in &answers {
+        assert_eq!(
+            r.headers
+                .get("x-content-type-options")
+                .map(|v| v.to_str().unwrap()),
+            Some("nosniff"),
+            "{} {}",
+            r.status,
+            r.text
+        );
+    }
+}
