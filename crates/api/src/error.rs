@@ -206,6 +206,7 @@ impl From<StorageError> for ApiError {
             StorageError::NotFound => Self::NotFound,
             StorageError::Conflict(what) => Self::Conflict(what),
             StorageError::LastOwner => Self::LastOwner,
+            StorageError::Invalid(v) => v.into(),
             e if e.is_unavailable() => Self::Unavailable(Some(e)),
             e => Self::Internal(Box::new(e)),
         }

@@ -77,7 +77,7 @@ pub async fn open(cfg: &Config) -> Result<Opened, String> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         match opened.db.migrate().await {
-            Ok(()) => return Ok(opened),
+            Ok(()) => break,
             Err(e) if Instant::now() < deadline && is_transient(&e) => {
                 tracing::warn!(error = %e, "database not ready, retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -87,6 +87,33 @@ pub async fn open(cfg: &Config) -> Result<Opened, String> {
                 opened.close().await;
                 return Err(msg);
             }
+        }
+    }
+    // Tokens sealed before their base URL was bound are re-sealed before
+    // anything is served: only this process holds the keys to do it.
+    match opened.db.upgrade_legacy_tokens().await {
+        Ok(report) => {
+            if report.rewritten > 0 {
+                tracing::info!(
+                    count = report.rewritten,
+                    "re-sealed provider tokens to bind their base URL"
+                );
+            }
+            for s in &report.skipped {
+                tracing::warn!(org_id = %s.org_id, provider_key_id = %s.id, reason = %s.reason, "cannot re-seal a legacy provider token: the provider stays unusable until its token is saved again");
+            }
+            if report.pending > 0 {
+                tracing::warn!(
+                    count = report.pending,
+                    "legacy provider tokens still locked by another process; they are re-sealed by it or at the next start"
+                );
+            }
+            Ok(opened)
+        }
+        Err(e) => {
+            let msg = format!("cannot re-seal provider tokens: {}", error_chain(&e));
+            opened.close().await;
+            Err(msg)
         }
     }
 }

@@ -134,15 +134,40 @@ async fn run(command: Command, cfg: Config) -> Result<(), String> {
             command: KeysCommand::Rotate,
         } => {
             let opened = database::open(&cfg).await?;
-            let n = opened
+            let report = opened
                 .db
                 .rotate_tokens()
                 .await
-                .map_err(|e| format!("rotation failed: {e}"));
+                .map_err(|e| format!("rotation failed: {}", database::error_chain(&e)));
             let active = opened.db.keyring().active_id();
             opened.close().await;
-            println!("re-encrypted {} token(s) under key id {active}", n?);
-            Ok(())
+            let report = report?;
+            println!(
+                "re-encrypted {} token(s) under key id {active}",
+                report.rewritten
+            );
+            // Ids and reasons only: a reason never carries the token.
+            for s in &report.skipped {
+                eprintln!(
+                    "skipped provider key {} (org {}): {}",
+                    s.id, s.org_id, s.reason
+                );
+            }
+            if report.pending > 0 {
+                eprintln!(
+                    "{} token(s) were locked by another process throughout; run again",
+                    report.pending
+                );
+            }
+            if report.is_complete() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "rotation incomplete: {} token(s) skipped, {} pending; the skipped providers stay unusable until their token is saved again (or the key that sealed them is configured)",
+                    report.skipped.len(),
+                    report.pending
+                ))
+            }
         }
         Command::Keys {
             command: KeysCommand::Generate,

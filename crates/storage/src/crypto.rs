@@ -1,6 +1,33 @@
 //! Envelope for provider tokens at rest: AES-256-GCM with a fresh random
 //! 96-bit nonce per encryption and associated data that binds a ciphertext to
-//! its organization and row, so a ciphertext copied elsewhere fails to open.
+//! its organization, its row and the base URL it may be sent to, so a
+//! ciphertext copied elsewhere, or left behind when the URL is changed (in
+//! the API or in SQL), fails to open.
+//!
+//! # Associated-data versions, and why there is no downgrade
+//!
+//! - Version 1 (the first release): `"llmgw:pk" ‖ org id ‖ row id`. It did
+//!   not name the URL, so whoever could change `base_url` (an admin through
+//!   PATCH, or anyone with SQL access) could have the token sent elsewhere.
+//! - Version 2: `"llmgw:pk:v2\0" ‖ org id ‖ row id ‖ u32 length ‖ base URL`,
+//!   the URL exactly as stored (normalized by `BaseUrl::parse` when saved),
+//!   which is the string the gateway and the connectivity test connect to.
+//!
+//! [`Keyring::open`] opens version 2 only. A row labelled version 1 is never
+//! opened on a path that sends the token anywhere: the only opener of
+//! version 1 is [`Keyring::open_legacy`], used by the re-seal that rewrites
+//! such rows as version 2 (at start-up, right after migrating, and in
+//! `llmgw keys rotate`). Relabelling a version-2 row as version 1 in SQL
+//! gains nothing: its ciphertext was sealed with version-2 data, so the
+//! version-1 opener fails to authenticate it and the re-seal skips it.
+//! The versions' associated data differ from their first bytes on, so no
+//! ciphertext authenticates under both.
+//!
+//! What no scheme keyed only by configuration can refuse is a genuine
+//! version-1 ciphertext put back from a backup taken before the upgrade:
+//! the re-seal cannot tell it from a row not yet upgraded. Rotating the
+//! encryption key after the upgrade (`llmgw keys rotate`, then removing the
+//! old key id from `LLMGW_ENCRYPTION_KEYS`) makes such copies unopenable.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -30,7 +57,7 @@ pub enum KeyringError {
 }
 
 /// Why a sealed token could not be opened.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum CryptoError {
     #[error(
         "token was encrypted with key id {0}, which is not configured in LLMGW_ENCRYPTION_KEYS"
@@ -42,12 +69,34 @@ pub enum CryptoError {
     Authentication,
     #[error("stored nonce has the wrong length")]
     BadNonce,
+    #[error(
+        "token is sealed in the legacy format that does not bind its base URL; it is re-sealed at start-up or by `llmgw keys rotate`"
+    )]
+    LegacyFormat,
+    #[error("token is sealed in an unknown associated-data format ({0})")]
+    UnknownFormat(i16),
+}
+
+/// Associated-data format of the first release: org and row only.
+pub const AAD_V1: i16 = 1;
+/// Current associated-data format: org, row and base URL.
+pub const AAD_V2: i16 = 2;
+
+/// What a sealed token is bound to: it opens only for this org, this row
+/// and this exact base URL.
+#[derive(Debug, Clone, Copy)]
+pub struct Binding<'a> {
+    pub org_id: Uuid,
+    pub row_id: Uuid,
+    pub base_url: &'a str,
 }
 
 /// A ciphertext with everything needed to open it again.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Sealed {
     pub key_id: i32,
+    /// [`AAD_V1`] or [`AAD_V2`].
+    pub aad_version: i16,
     pub nonce: Vec<u8>,
     pub ciphertext: Vec<u8>,
 }
@@ -56,6 +105,7 @@ impl fmt::Debug for Sealed {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Sealed")
             .field("key_id", &self.key_id)
+            .field("aad_version", &self.aad_version)
             .field("len", &self.ciphertext.len())
             .finish()
     }
@@ -119,20 +169,33 @@ impl Keyring {
         self.active as i32
     }
 
-    fn aad(org_id: Uuid, row_id: Uuid) -> [u8; 40] {
-        let mut aad = [0u8; 40];
-        aad[..8].copy_from_slice(b"llmgw:pk");
-        aad[8..24].copy_from_slice(org_id.as_bytes());
-        aad[24..].copy_from_slice(row_id.as_bytes());
+    fn aad_v1(org_id: Uuid, row_id: Uuid) -> Vec<u8> {
+        let mut aad = Vec::with_capacity(40);
+        aad.extend_from_slice(b"llmgw:pk");
+        aad.extend_from_slice(org_id.as_bytes());
+        aad.extend_from_slice(row_id.as_bytes());
         aad
     }
 
-    /// Encrypts `plaintext` for the row `row_id` of organization `org_id`.
-    pub fn seal(&self, org_id: Uuid, row_id: Uuid, plaintext: &[u8]) -> Sealed {
+    fn aad_v2(b: &Binding<'_>) -> Vec<u8> {
+        // The length prefix keeps the encoding unambiguous should anything
+        // ever follow the URL.
+        let url = b.base_url.as_bytes();
+        let mut aad = Vec::with_capacity(12 + 32 + 4 + url.len());
+        aad.extend_from_slice(b"llmgw:pk:v2\0");
+        aad.extend_from_slice(b.org_id.as_bytes());
+        aad.extend_from_slice(b.row_id.as_bytes());
+        aad.extend_from_slice(&(url.len() as u32).to_be_bytes());
+        aad.extend_from_slice(url);
+        aad
+    }
+
+    /// Encrypts `plaintext` for `binding`, in the current format.
+    pub fn seal(&self, binding: &Binding<'_>, plaintext: &[u8]) -> Sealed {
         let mut nonce = [0u8; 12];
         rand::rngs::OsRng.fill_bytes(&mut nonce);
         let cipher = &self.keys[&self.active];
-        let aad = Self::aad(org_id, row_id);
+        let aad = Self::aad_v2(binding);
         let ciphertext = cipher
             .encrypt(
                 Nonce::from_slice(&nonce),
@@ -144,18 +207,37 @@ impl Keyring {
             .expect("AES-GCM encryption of a bounded buffer cannot fail");
         Sealed {
             key_id: self.active as i32,
+            aad_version: AAD_V2,
             nonce: nonce.to_vec(),
             ciphertext,
         }
     }
 
-    /// Decrypts a sealed value of row `row_id` in organization `org_id`.
-    pub fn open(
+    /// Decrypts a value sealed for `binding`. Only the current format opens:
+    /// a legacy one is [`CryptoError::LegacyFormat`] (see the module docs).
+    pub fn open(&self, binding: &Binding<'_>, sealed: &Sealed) -> Result<Vec<u8>, CryptoError> {
+        match sealed.aad_version {
+            AAD_V2 => self.decrypt(sealed, &Self::aad_v2(binding)),
+            AAD_V1 => Err(CryptoError::LegacyFormat),
+            v => Err(CryptoError::UnknownFormat(v)),
+        }
+    }
+
+    /// Decrypts a version-1 value, for re-sealing it as version 2 and
+    /// nothing else: version 1 does not bind the base URL.
+    pub(crate) fn open_legacy(
         &self,
         org_id: Uuid,
         row_id: Uuid,
         sealed: &Sealed,
     ) -> Result<Vec<u8>, CryptoError> {
+        match sealed.aad_version {
+            AAD_V1 => self.decrypt(sealed, &Self::aad_v1(org_id, row_id)),
+            v => Err(CryptoError::UnknownFormat(v)),
+        }
+    }
+
+    fn decrypt(&self, sealed: &Sealed, aad: &[u8]) -> Result<Vec<u8>, CryptoError> {
         let cipher = u32::try_from(sealed.key_id)
             .ok()
             .and_then(|id| self.keys.get(&id))
@@ -163,16 +245,38 @@ impl Keyring {
         if sealed.nonce.len() != 12 {
             return Err(CryptoError::BadNonce);
         }
-        let aad = Self::aad(org_id, row_id);
         cipher
             .decrypt(
                 Nonce::from_slice(&sealed.nonce),
                 Payload {
                     msg: &sealed.ciphertext,
-                    aad: &aad,
+                    aad,
                 },
             )
             .map_err(|_| CryptoError::Authentication)
+    }
+
+    /// Seals in the legacy format, so tests can make the rows an upgraded
+    /// database starts with.
+    #[cfg(test)]
+    fn seal_legacy(&self, org_id: Uuid, row_id: Uuid, plaintext: &[u8]) -> Sealed {
+        let mut nonce = [0u8; 12];
+        rand::rngs::OsRng.fill_bytes(&mut nonce);
+        let ciphertext = self.keys[&self.active]
+            .encrypt(
+                Nonce::from_slice(&nonce),
+                Payload {
+                    msg: plaintext,
+                    aad: &Self::aad_v1(org_id, row_id),
+                },
+            )
+            .expect("AES-GCM encryption of a bounded buffer cannot fail");
+        Sealed {
+            key_id: self.active as i32,
+            aad_version: AAD_V1,
+            nonce: nonce.to_vec(),
+            ciphertext,
+        }
     }
 }
 
@@ -188,39 +292,117 @@ mod tests {
         Keyring::generate_key_material()
     }
 
+    const URL: &str = "https://llm.example.com";
+
+    fn at(org: Uuid, row: Uuid, base_url: &str) -> Binding<'_> {
+        Binding {
+            org_id: org,
+            row_id: row,
+            base_url,
+        }
+    }
+
     #[test]
     fn round_trip_and_fresh_nonce() {
         let k = ring(&format!("1:{}", key()));
-        let (org, row) = (Uuid::new_v4(), Uuid::new_v4());
-        let a = k.seal(org, row, b"sk-secret");
-        let b = k.seal(org, row, b"sk-secret");
-        assert_ne!(a.nonce, b.nonce);
-        assert_ne!(a.ciphertext, b.ciphertext);
-        assert_eq!(k.open(org, row, &a).unwrap(), b"sk-secret");
-        assert_eq!(k.open(org, row, &b).unwrap(), b"sk-secret");
+        let b = at(Uuid::new_v4(), Uuid::new_v4(), URL);
+        let s1 = k.seal(&b, b"sk-secret");
+        let s2 = k.seal(&b, b"sk-secret");
+        assert_eq!(s1.aad_version, AAD_V2);
+        assert_ne!(s1.nonce, s2.nonce);
+        assert_ne!(s1.ciphertext, s2.ciphertext);
+        assert_eq!(k.open(&b, &s1).unwrap(), b"sk-secret");
+        assert_eq!(k.open(&b, &s2).unwrap(), b"sk-secret");
     }
 
     #[test]
     fn copied_ciphertext_and_flipped_bits_fail() {
         let k = ring(&format!("1:{}", key()));
         let (org, row) = (Uuid::new_v4(), Uuid::new_v4());
-        let s = k.seal(org, row, b"sk-secret");
-        assert_eq!(
-            k.open(org, Uuid::new_v4(), &s),
-            Err(CryptoError::Authentication)
-        );
-        assert_eq!(
-            k.open(Uuid::new_v4(), row, &s),
-            Err(CryptoError::Authentication)
-        );
+        let s = k.seal(&at(org, row, URL), b"sk-secret");
+        for wrong in [at(org, Uuid::new_v4(), URL), at(Uuid::new_v4(), row, URL)] {
+            assert_eq!(k.open(&wrong, &s), Err(CryptoError::Authentication));
+        }
         for i in 0..s.ciphertext.len() {
             let mut t = s.clone();
             t.ciphertext[i] ^= 0x01;
-            assert_eq!(k.open(org, row, &t), Err(CryptoError::Authentication));
+            assert_eq!(
+                k.open(&at(org, row, URL), &t),
+                Err(CryptoError::Authentication)
+            );
         }
         let mut t = s.clone();
         t.nonce[0] ^= 0x80;
-        assert_eq!(k.open(org, row, &t), Err(CryptoError::Authentication));
+        assert_eq!(
+            k.open(&at(org, row, URL), &t),
+            Err(CryptoError::Authentication)
+        );
+    }
+
+    #[test]
+    fn another_base_url_does_not_open_the_token() {
+        let k = ring(&format!("1:{}", key()));
+        let (org, row) = (Uuid::new_v4(), Uuid::new_v4());
+        let s = k.seal(&at(org, row, URL), b"sk-secret");
+        for other in [
+            "https://attacker.example.net",
+            "https://llm.example.com/proxy",
+            "https://llm.example.co",
+            "https://llm.example.com:8443",
+            "http://llm.example.com",
+            "",
+        ] {
+            assert_eq!(
+                k.open(&at(org, row, other), &s),
+                Err(CryptoError::Authentication),
+                "{other}"
+            );
+        }
+    }
+
+    #[test]
+    fn no_downgrade_to_the_format_without_the_url() {
+        let k = ring(&format!("1:{}", key()));
+        let (org, row) = (Uuid::new_v4(), Uuid::new_v4());
+        // A current ciphertext relabelled as legacy opens nowhere.
+        let mut relabelled = k.seal(&at(org, row, URL), b"sk-secret");
+        relabelled.aad_version = AAD_V1;
+        assert_eq!(
+            k.open(&at(org, row, URL), &relabelled),
+            Err(CryptoError::LegacyFormat)
+        );
+        assert_eq!(
+            k.open_legacy(org, row, &relabelled),
+            Err(CryptoError::Authentication)
+        );
+        // A genuine legacy ciphertext opens only through the re-seal path,
+        // and not when labelled current.
+        let legacy = k.seal_legacy(org, row, b"sk-secret");
+        assert_eq!(k.open_legacy(org, row, &legacy).unwrap(), b"sk-secret");
+        assert_eq!(
+            k.open(&at(org, row, URL), &legacy),
+            Err(CryptoError::LegacyFormat)
+        );
+        let mut promoted = legacy.clone();
+        promoted.aad_version = AAD_V2;
+        assert_eq!(
+            k.open(&at(org, row, URL), &promoted),
+            Err(CryptoError::Authentication)
+        );
+        assert_eq!(
+            k.open_legacy(Uuid::new_v4(), row, &legacy),
+            Err(CryptoError::Authentication)
+        );
+        let mut future = legacy;
+        future.aad_version = 3;
+        assert_eq!(
+            k.open(&at(org, row, URL), &future),
+            Err(CryptoError::UnknownFormat(3))
+        );
+        assert_eq!(
+            k.open_legacy(org, row, &future),
+            Err(CryptoError::UnknownFormat(3))
+        );
     }
 
     #[test]
@@ -228,15 +410,15 @@ mod tests {
         let (k1, k2) = (key(), key());
         let both = ring(&format!("2:{k2},1:{k1}"));
         assert_eq!(both.active_id(), 2);
-        let (org, row) = (Uuid::new_v4(), Uuid::new_v4());
-        let old = ring(&format!("1:{k1}")).seal(org, row, b"t");
-        assert_eq!(both.open(org, row, &old).unwrap(), b"t");
+        let b = at(Uuid::new_v4(), Uuid::new_v4(), URL);
+        let old = ring(&format!("1:{k1}")).seal(&b, b"t");
+        assert_eq!(both.open(&b, &old).unwrap(), b"t");
         let only2 = ring(&format!("2:{k2}"));
-        let err = only2.open(org, row, &old).unwrap_err();
+        let err = only2.open(&b, &old).unwrap_err();
         assert_eq!(err, CryptoError::UnknownKey(1));
         assert!(err.to_string().contains("key id 1"));
         let wrong = ring(&format!("1:{}", key()));
-        assert_eq!(wrong.open(org, row, &old), Err(CryptoError::Authentication));
+        assert_eq!(wrong.open(&b, &old), Err(CryptoError::Authentication));
     }
 
     #[test]

@@ -18,6 +18,10 @@ pub enum StorageError {
     LastOwner,
     #[error(transparent)]
     Crypto(#[from] CryptoError),
+    /// The change breaks a rule that needs the stored row to check (for
+    /// example a new base URL without its token).
+    #[error(transparent)]
+    Invalid(#[from] crate::domain::ValidationError),
 }
 
 impl From<sqlx::Error> for StorageError {

@@ -155,7 +155,7 @@ async fn rotation_moves_every_row_to_the_active_key_and_is_idempotent() {
     }
     let both = format!("{},2:{}", t.keys, Keyring::generate_key_material());
     let db2 = t.reopen(&both).await;
-    assert_eq!(db2.rotate_tokens().await.unwrap(), 5);
+    assert_eq!(db2.rotate_tokens().await.unwrap().rewritten, 5);
     let key_ids: Vec<i32> = sqlx::query_scalar("SELECT key_id FROM provider_keys")
         .fetch_all(t.db.pool())
         .await
@@ -166,7 +166,8 @@ async fn rotation_moves_every_row_to_the_active_key_and_is_idempotent() {
             .fetch_all(t.db.pool())
             .await
             .unwrap();
-    assert_eq!(db2.rotate_tokens().await.unwrap(), 0);
+    let again = db2.rotate_tokens().await.unwrap();
+    assert_eq!((again.rewritten, again.is_complete()), (0, true));
     let after: Vec<Vec<u8>> =
         sqlx::query_scalar("SELECT token_ciphertext FROM provider_keys ORDER BY id")
             .fetch_all(t.db.pool())
@@ -183,6 +184,344 @@ async fn rotation_moves_every_row_to_the_active_key_and_is_idempotent() {
             TOKEN
         );
     }
+}
+
+const ATTACKER: &str = "https://attacker.example.net";
+
+async fn token_of(db: &storage::Db, org: Uuid, id: Uuid) -> Result<String, StorageError> {
+    db.provider_key_with_token(org, id)
+        .await
+        .map(|p| p.token.expose_secret().to_owned())
+}
+
+async fn sql(t: &TestDb, statement: &str, id: Uuid) {
+    sqlx::query(statement)
+        .bind(id)
+        .execute(t.db.pool())
+        .await
+        .unwrap();
+}
+
+fn is_auth_failure(r: &Result<String, StorageError>) -> bool {
+    matches!(
+        r,
+        Err(StorageError::Crypto(
+            storage::crypto::CryptoError::Authentication
+        ))
+    )
+}
+
+/// Rewrites a row's token in the first release's format (associated data
+/// `"llmgw:pk" ‖ org ‖ row`, no URL), as an upgraded database holds it.
+async fn make_legacy(t: &TestDb, org: Uuid, id: Uuid, token: &str) {
+    use aes_gcm::aead::{Aead, KeyInit, Payload};
+    use base64::Engine;
+    let (key_id, material) = t.keys.split_once(':').unwrap();
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(material)
+        .unwrap();
+    let cipher = aes_gcm::Aes256Gcm::new_from_slice(&key).unwrap();
+    let nonce: [u8; 12] = rand::random();
+    let mut aad = b"llmgw:pk".to_vec();
+    aad.extend_from_slice(org.as_bytes());
+    aad.extend_from_slice(id.as_bytes());
+    let ciphertext = cipher
+        .encrypt(
+            aes_gcm::Nonce::from_slice(&nonce),
+            Payload {
+                msg: token.as_bytes(),
+                aad: &aad,
+            },
+        )
+        .unwrap();
+    sqlx::query(
+        "UPDATE provider_keys SET token_ciphertext = $2, token_nonce = $3, key_id = $4, aad_version = 1 WHERE id = $1",
+    )
+    .bind(id)
+    .bind(ciphertext)
+    .bind(nonce.to_vec())
+    .bind(key_id.parse::<i32>().unwrap())
+    .execute(t.db.pool())
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_new_base_url_without_its_token_is_refused_and_changes_nothing() {
+    let t = TestDb::new().await;
+    let (org, id) = org_with_provider(&t).await;
+    let before: (String, Vec<u8>) =
+        sqlx::query_as("SELECT base_url, token_ciphertext FROM provider_keys WHERE id = $1")
+            .bind(id)
+            .fetch_one(t.db.pool())
+            .await
+            .unwrap();
+    let err =
+        t.db.update_provider_key(
+            org,
+            Actor(None),
+            id,
+            ProviderPatch {
+                base_url: Some(BaseUrl::parse(ATTACKER).unwrap()),
+                name: Some(ProviderName::parse("renamed").unwrap()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    let StorageError::Invalid(v) = &err else {
+        panic!("{err:?}")
+    };
+    assert_eq!(v.field, "token");
+    assert!(v.message.contains("base_url"), "{}", v.message);
+    let after: (String, Vec<u8>) =
+        sqlx::query_as("SELECT base_url, token_ciphertext FROM provider_keys WHERE id = $1")
+            .bind(id)
+            .fetch_one(t.db.pool())
+            .await
+            .unwrap();
+    assert_eq!(before, after);
+    assert_eq!(
+        t.db.get_provider_key(org, id).await.unwrap().name.as_str(),
+        "mycompany"
+    );
+
+    // The same URL in another spelling is no change, and needs no token.
+    let same =
+        t.db.update_provider_key(
+            org,
+            Actor(None),
+            id,
+            ProviderPatch {
+                base_url: Some(BaseUrl::parse("HTTPS://LLM.example.com:443/").unwrap()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(same.base_url.as_str(), "https://llm.example.com");
+    assert_eq!(token_of(&t.db, org, id).await.unwrap(), TOKEN);
+
+    // With the token, the URL moves and the new token is bound to it.
+    t.db.update_provider_key(
+        org,
+        Actor(None),
+        id,
+        ProviderPatch {
+            base_url: Some(BaseUrl::parse(ATTACKER).unwrap()),
+            token: Some(ProviderToken::parse("sk-attacker-own-token").unwrap()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        token_of(&t.db, org, id).await.unwrap(),
+        "sk-attacker-own-token"
+    );
+}
+
+#[tokio::test]
+async fn base_url_rewritten_in_sql_leaves_the_token_unopenable() {
+    let t = TestDb::new().await;
+    let (org, id) = org_with_provider(&t).await;
+    sql(
+        &t,
+        &format!("UPDATE provider_keys SET base_url = '{ATTACKER}' WHERE id = $1"),
+        id,
+    )
+    .await;
+    assert!(is_auth_failure(&token_of(&t.db, org, id).await));
+    assert!(t.db.provider_by_name(org, "mycompany").await.is_err());
+    assert!(t.db.active_providers(org).await.unwrap().is_empty());
+    // Neither rotation nor the legacy upgrade launders it to the new URL.
+    let both = format!("{},2:{}", t.keys, Keyring::generate_key_material());
+    let db2 = t.reopen(&both).await;
+    for report in [
+        db2.upgrade_legacy_tokens().await.unwrap(),
+        db2.rotate_tokens().await.unwrap(),
+    ] {
+        assert_eq!(report.rewritten, 0);
+    }
+    let report = db2.rotate_tokens().await.unwrap();
+    assert_eq!(report.skipped.len(), 1);
+    assert_eq!(report.skipped[0].id, id);
+    assert!(is_auth_failure(&token_of(&db2, org, id).await));
+    // Put back, the URL opens it again: the binding is to the URL, nothing else.
+    sql(
+        &t,
+        "UPDATE provider_keys SET base_url = 'https://llm.example.com' WHERE id = $1",
+        id,
+    )
+    .await;
+    assert_eq!(token_of(&db2, org, id).await.unwrap(), TOKEN);
+}
+
+#[tokio::test]
+async fn a_current_row_relabelled_legacy_in_sql_does_not_open() {
+    let t = TestDb::new().await;
+    let (org, id) = org_with_provider(&t).await;
+    let version: i16 = sqlx::query_scalar("SELECT aad_version FROM provider_keys WHERE id = $1")
+        .bind(id)
+        .fetch_one(t.db.pool())
+        .await
+        .unwrap();
+    assert_eq!(version, 2, "new rows are sealed in the current format");
+    sql(
+        &t,
+        &format!("UPDATE provider_keys SET aad_version = 1, base_url = '{ATTACKER}' WHERE id = $1"),
+        id,
+    )
+    .await;
+    assert!(matches!(
+        token_of(&t.db, org, id).await,
+        Err(StorageError::Crypto(
+            storage::crypto::CryptoError::LegacyFormat
+        ))
+    ));
+    // The re-seal, the one place the legacy format opens, refuses it too.
+    let report = t.db.upgrade_legacy_tokens().await.unwrap();
+    assert_eq!(report.rewritten, 0);
+    assert_eq!(report.skipped.len(), 1);
+    assert_eq!(
+        report.skipped[0].reason,
+        storage::crypto::CryptoError::Authentication
+    );
+    let report = t.db.rotate_tokens().await.unwrap();
+    assert_eq!((report.rewritten, report.skipped.len()), (0, 1));
+    assert!(token_of(&t.db, org, id).await.is_err());
+    // Relabelled back with the right URL, it opens: nothing was rewritten.
+    sql(
+        &t,
+        "UPDATE provider_keys SET aad_version = 2, base_url = 'https://llm.example.com' WHERE id = $1",
+        id,
+    )
+    .await;
+    assert_eq!(token_of(&t.db, org, id).await.unwrap(), TOKEN);
+    // Formats other than 1 and 2 are refused by the database itself.
+    let bad = sqlx::query("UPDATE provider_keys SET aad_version = 3 WHERE id = $1")
+        .bind(id)
+        .execute(t.db.pool())
+        .await;
+    assert!(bad.is_err());
+}
+
+#[tokio::test]
+async fn legacy_rows_are_resealed_once_bound_to_their_url_even_by_racing_replicas() {
+    let t = TestDb::new().await;
+    let (org, first) = org_with_provider(&t).await;
+    let mut ids = vec![first];
+    for i in 0..229 {
+        let name = format!(
+            "{}{}",
+            "a".repeat(1 + i / 26),
+            (b'a' + (i % 26) as u8) as char
+        );
+        ids.push(
+            t.db.create_provider_key(
+                org,
+                Actor(None),
+                &ProviderName::parse(&name).unwrap(),
+                &BaseUrl::parse("https://llm.example.com").unwrap(),
+                &ProviderToken::parse(TOKEN).unwrap(),
+            )
+            .await
+            .unwrap()
+            .id,
+        );
+    }
+    for id in &ids {
+        make_legacy(&t, org, *id, TOKEN).await;
+    }
+    // Legacy rows are not served: the format does not bind the URL.
+    assert!(matches!(
+        token_of(&t.db, org, first).await,
+        Err(StorageError::Crypto(
+            storage::crypto::CryptoError::LegacyFormat
+        ))
+    ));
+    assert!(t.db.active_providers(org).await.unwrap().is_empty());
+    // Three replicas start at once.
+    let (a, b, c) = (
+        t.reopen(&t.keys).await,
+        t.reopen(&t.keys).await,
+        t.reopen(&t.keys).await,
+    );
+    let (ra, rb, rc) = tokio::join!(
+        a.upgrade_legacy_tokens(),
+        b.upgrade_legacy_tokens(),
+        c.upgrade_legacy_tokens()
+    );
+    let reports = [ra.unwrap(), rb.unwrap(), rc.unwrap()];
+    assert!(reports.iter().all(|r| r.is_complete()), "{reports:?}");
+    assert_eq!(
+        reports.iter().map(|r| r.rewritten).sum::<u64>(),
+        ids.len() as u64
+    );
+    let legacy: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM provider_keys WHERE aad_version <> 2")
+            .fetch_one(t.db.pool())
+            .await
+            .unwrap();
+    assert_eq!(legacy, 0);
+    for id in &ids {
+        assert_eq!(token_of(&t.db, org, *id).await.unwrap(), TOKEN);
+    }
+    assert_eq!(t.db.upgrade_legacy_tokens().await.unwrap().rewritten, 0);
+    // Once re-sealed, the URL is bound like any new row's.
+    sql(
+        &t,
+        &format!("UPDATE provider_keys SET base_url = '{ATTACKER}' WHERE id = $1"),
+        first,
+    )
+    .await;
+    assert!(is_auth_failure(&token_of(&t.db, org, first).await));
+}
+
+#[tokio::test]
+async fn rotation_continues_past_a_row_it_cannot_decrypt() {
+    let t = TestDb::new().await;
+    let mut rows = Vec::new();
+    for _ in 0..3 {
+        rows.push(org_with_provider(&t).await);
+    }
+    rows.sort_by_key(|(_, id)| *id);
+    // The middle row (in rotation order) is corrupted.
+    let (bad_org, bad) = rows[1];
+    sql(
+        &t,
+        "UPDATE provider_keys SET token_ciphertext = set_byte(token_ciphertext, 0, get_byte(token_ciphertext, 0) # 1) WHERE id = $1",
+        bad,
+    )
+    .await;
+    let both = format!("{},2:{}", t.keys, Keyring::generate_key_material());
+    let db2 = t.reopen(&both).await;
+    let report = db2.rotate_tokens().await.unwrap();
+    assert_eq!(report.rewritten, 2);
+    assert_eq!(report.pending, 0);
+    assert_eq!(report.skipped.len(), 1);
+    assert_eq!(
+        (report.skipped[0].org_id, report.skipped[0].id),
+        (bad_org, bad)
+    );
+    assert_eq!(
+        report.skipped[0].reason,
+        storage::crypto::CryptoError::Authentication
+    );
+    assert!(!format!("{report:?}").contains(TOKEN));
+    let key_ids: Vec<(Uuid, i32)> = sqlx::query_as("SELECT id, key_id FROM provider_keys")
+        .fetch_all(t.db.pool())
+        .await
+        .unwrap();
+    for (id, key_id) in key_ids {
+        assert_eq!(key_id, if id == bad { 1 } else { 2 }, "{id}");
+    }
+    for (org, id) in [rows[0], rows[2]] {
+        assert_eq!(token_of(&db2, org, id).await.unwrap(), TOKEN);
+    }
+    // Re-running reports the same row again and rewrites nothing.
+    let again = db2.rotate_tokens().await.unwrap();
+    assert_eq!((again.rewritten, again.skipped.len()), (0, 1));
 }
 
 #[tokio::test]
