@@ -25,7 +25,7 @@ fn base_url_rule(s: &str) -> bool {
     let Ok(u) = url::Url::parse(s.trim()) else {
         return false;
     };
-    u.scheme() == "https"
+    (u.scheme() == "https" || u.scheme() == "http")
         && u.host().is_some()
         && u.username().is_empty()
         && u.password().is_none()

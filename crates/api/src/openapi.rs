@@ -324,10 +324,12 @@ fn schemas() -> Value {
             "UsageRow",
             json!({
                 "type": "object",
-                "required": ["key", "requests", "errors", "prompt_tokens", "completion_tokens", "total_tokens", "p50_latency_ms", "p95_latency_ms"],
+                "required": ["key", "requests", "errors", "prompt_tokens", "completion_tokens", "total_tokens", "requests_without_usage", "p50_latency_ms", "p95_latency_ms"],
                 "properties": {
                     "key": {"type": "string", "nullable": true, "description": "the day (YYYY-MM-DD), model, provider or API key id"},
                     "requests": int, "errors": int, "prompt_tokens": int, "completion_tokens": int, "total_tokens": int,
+                    "requests_without_usage": {"type": "integer", "minimum": 0,
+                        "description": "answered requests (status below 400) for which no token counts were known, e.g. streams whose upstream sent no usage; the token sums do not include them"},
                     "p50_latency_ms": {"type": "number", "nullable": true}, "p95_latency_ms": {"type": "number", "nullable": true},
                 },
             }),

@@ -79,6 +79,7 @@ pub async fn serve(cfg: Config, only: Option<Listener>) -> Result<(), String> {
     let db = opened.db.clone();
     let upstream = UpstreamClient::new(&UpstreamConfig {
         allow_private: cfg.allow_private,
+        allow_http: cfg.allow_http,
         ca_file: cfg.ca_file.clone(),
         connect_timeout: cfg.connect_timeout,
         http2: cfg.upstream_http2,
@@ -87,6 +88,9 @@ pub async fn serve(cfg: Config, only: Option<Listener>) -> Result<(), String> {
     .map_err(|e| format!("LLMGW_UPSTREAM_CA_FILE: {}", error_chain(&e)))?;
     if cfg.allow_private {
         tracing::warn!("LLMGW_UPSTREAM_ALLOW_PRIVATE=true: upstreams on private and loopback addresses are allowed");
+    }
+    if cfg.allow_http {
+        tracing::warn!("LLMGW_UPSTREAM_ALLOW_HTTP=true: plain-http upstreams are allowed; their requests and provider tokens travel unencrypted");
     }
 
     let mut servers = Vec::new();

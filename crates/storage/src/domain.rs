@@ -58,8 +58,9 @@ impl fmt::Display for ProviderName {
     }
 }
 
-/// A provider's base URL: https, a host, no userinfo/query/fragment, no
-/// trailing `/`, not ending in `/v1`.
+/// A provider's base URL: https (or plain http, which only the operator's
+/// opt-in lets anyone save or call: [`BaseUrl::check_scheme`]), a host, no
+/// userinfo/query/fragment, no trailing `/`, not ending in `/v1`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(transparent)]
 pub struct BaseUrl(String);
@@ -73,8 +74,10 @@ impl BaseUrl {
         let url = url::Url::parse(raw.trim()).map_err(|e| {
             ValidationError::new("base_url", format!("base_url is not a valid URL ({e})"))
         })?;
-        if url.scheme() != "https" {
-            return Err(err("base_url must use https://"));
+        if url.scheme() != "https" && url.scheme() != "http" {
+            return Err(err(
+                "base_url must use https:// (http:// only when the server sets LLMGW_UPSTREAM_ALLOW_HTTP=true)",
+            ));
         }
         if url.host().is_none() {
             return Err(err("base_url must have a host"));
@@ -113,6 +116,22 @@ impl BaseUrl {
         &self.0
     }
 
+    /// True for `http://`: requests and the token travel unencrypted.
+    pub fn is_plain_http(&self) -> bool {
+        self.0.starts_with("http://")
+    }
+
+    /// The operator's scheme policy, applied when saving and again when
+    /// connecting: https always, plain http only with `allow_http`
+    /// (`LLMGW_UPSTREAM_ALLOW_HTTP`), so a provider saved while the opt-in
+    /// was on stops working once it is turned off.
+    pub fn check_scheme(&self, allow_http: bool) -> Result<(), ValidationError> {
+        if self.is_plain_http() && !allow_http {
+            return Err(ValidationError::new("base_url", PLAIN_HTTP_REFUSED));
+        }
+        Ok(())
+    }
+
     /// The URL's host as the URL parser normalized it (IPv4 in any spelling
     /// becomes dotted quad; IPv6 keeps its brackets).
     pub fn host(&self) -> Option<url::Host<String>> {
@@ -124,6 +143,11 @@ impl BaseUrl {
         format!("{}/v1/{}", self.0, path)
     }
 }
+
+/// Why a plain-http base URL is refused, with how the operator opts in.
+pub const PLAIN_HTTP_REFUSED: &str = "base_url uses plain http://, which this server does not allow: use https://, \
+or have the operator set LLMGW_UPSTREAM_ALLOW_HTTP=true (for self-hosted servers such as vLLM, Ollama or llama.cpp \
+on a private network; requests and the provider token then travel unencrypted)";
 
 impl fmt::Display for BaseUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -266,8 +290,9 @@ mod tests {
             "https://api.example.com/v1/chat/completions"
         );
         for bad in [
-            "http://api.example.com",
             "ftp://api.example.com",
+            "http://api.example.com/v1",
+            "http://user:pw@api.example.com",
             "https://user:pw@api.example.com",
             "https://api.example.com?x=1",
             "https://api.example.com#frag",
@@ -296,6 +321,28 @@ mod tests {
             BaseUrl::parse("https://2130706433").unwrap().host(),
             Some(url::Host::Ipv4("127.0.0.1".parse().unwrap()))
         );
+    }
+
+    #[test]
+    fn plain_http_parses_but_needs_the_opt_in() {
+        let http = BaseUrl::parse("http://127.0.0.1:8000/").unwrap();
+        assert_eq!(http.as_str(), "http://127.0.0.1:8000");
+        assert!(http.is_plain_http());
+        let e = http.check_scheme(false).unwrap_err();
+        assert_eq!(e.field, "base_url");
+        assert!(e.message.contains("LLMGW_UPSTREAM_ALLOW_HTTP=true"), "{e}");
+        assert!(http.check_scheme(true).is_ok());
+        let https = BaseUrl::parse("https://api.example.com").unwrap();
+        assert!(!https.is_plain_http() && https.check_scheme(false).is_ok());
+        // The scheme is compared as the URL parser normalized it.
+        assert!(BaseUrl::parse("HTTP://h.example.com")
+            .unwrap()
+            .check_scheme(false)
+            .is_err());
+        assert!(BaseUrl::parse("ftp://h.example.com")
+            .unwrap_err()
+            .message
+            .contains("LLMGW_UPSTREAM_ALLOW_HTTP"));
     }
 
     #[test]

@@ -59,6 +59,9 @@ pub struct UsageRow {
     pub prompt_tokens: i64,
     pub completion_tokens: i64,
     pub total_tokens: i64,
+    /// Answered requests (status below 400) with no token counts at all,
+    /// e.g. streams whose upstream sent no usage: the sums above miss them.
+    pub requests_without_usage: i64,
     pub p50_latency_ms: Option<f64>,
     pub p95_latency_ms: Option<f64>,
 }
@@ -166,6 +169,8 @@ impl Db {
                 coalesce(sum(prompt_tokens), 0)::int8 AS prompt_tokens,
                 coalesce(sum(completion_tokens), 0)::int8 AS completion_tokens,
                 coalesce(sum(total_tokens), 0)::int8 AS total_tokens,
+                count(*) FILTER (WHERE status_code < 400 AND prompt_tokens IS NULL
+                    AND completion_tokens IS NULL AND total_tokens IS NULL) AS requests_without_usage,
                 percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms) AS p50_latency_ms,
                 percentile_cont(0.95) WITHIN GROUP (ORDER BY latency_ms) AS p95_latency_ms
              FROM request_logs

@@ -100,6 +100,16 @@ impl MockUpstream {
     }
 
     pub async fn start_with_ca(ca: Arc<TestCa>) -> Self {
+        Self::start_inner(ca, true).await
+    }
+
+    /// Starts the same upstream speaking plain http, as vLLM, Ollama and
+    /// llama.cpp do by default (`base_url` is `http://127.0.0.1:{port}`).
+    pub async fn start_plain_http() -> Self {
+        Self::start_inner(Arc::new(TestCa::new()), false).await
+    }
+
+    async fn start_inner(ca: Arc<TestCa>, tls: bool) -> Self {
         let state = Arc::new(State::default());
         *state.models.lock().unwrap() = vec!["model-a".into(), "model-b".into()];
         let st = state.clone();
@@ -116,15 +126,20 @@ impl MockUpstream {
         // Kept in the connection's extensions, dropped when the connection closes.
         .on_connect(move |_, ext| {
             ext.insert(Arc::new(Live::new(&connections)));
-        })
-        .bind_rustls_0_23(("127.0.0.1", 0), ca.server_config())
+        });
+        let server = if tls {
+            server.bind_rustls_0_23(("127.0.0.1", 0), ca.server_config())
+        } else {
+            server.bind(("127.0.0.1", 0))
+        }
         .expect("bind mock upstream");
         let port = server.addrs()[0].port();
         let server = server.run();
         let handle = server.handle();
         tokio::spawn(server);
+        let scheme = if tls { "https" } else { "http" };
         Self {
-            base_url: format!("https://127.0.0.1:{port}"),
+            base_url: format!("{scheme}://127.0.0.1:{port}"),
             port,
             ca,
             state,

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
-use storage::domain::{BaseUrl, ValidationError};
+use storage::domain::{BaseUrl, ValidationError, PLAIN_HTTP_REFUSED};
 use url::Host;
 
 /// How the client reaches upstreams.
@@ -19,6 +19,8 @@ use url::Host;
 pub struct UpstreamConfig {
     /// `LLMGW_UPSTREAM_ALLOW_PRIVATE`: permit private addresses (self-hosted).
     pub allow_private: bool,
+    /// `LLMGW_UPSTREAM_ALLOW_HTTP`: permit plain-`http://` base URLs.
+    pub allow_http: bool,
     /// `LLMGW_UPSTREAM_CA_FILE`: extra PEM roots (internal CAs).
     pub ca_file: Option<PathBuf>,
     pub connect_timeout: Duration,
@@ -35,6 +37,7 @@ impl Default for UpstreamConfig {
     fn default() -> Self {
         Self {
             allow_private: false,
+            allow_http: false,
             ca_file: None,
             connect_timeout: Duration::from_secs(5),
             http2: false,
@@ -202,6 +205,7 @@ impl Resolve for GuardedResolver {
 pub struct UpstreamClient {
     settings: Arc<Settings>,
     allow_private: bool,
+    allow_http: bool,
     timeout: Duration,
 }
 
@@ -225,6 +229,16 @@ thread_local! {
 #[derive(Debug, thiserror::Error)]
 #[error("{FORBIDDEN_ADDRESS}: {0} is a non-public address; {PRIVATE_HINT}")]
 pub struct ForbiddenAddress(pub IpAddr);
+
+/// Why [`UpstreamClient::check`] refuses a base URL before connecting.
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    #[error(transparent)]
+    Address(#[from] ForbiddenAddress),
+    /// Saved while `LLMGW_UPSTREAM_ALLOW_HTTP` was on, which it is no longer.
+    #[error("{PLAIN_HTTP_REFUSED}")]
+    PlainHttp,
+}
 
 impl UpstreamClient {
     pub fn new(cfg: &UpstreamConfig) -> Result<Self, BuildError> {
@@ -250,6 +264,7 @@ impl UpstreamClient {
         Ok(Self {
             settings: Arc::new(settings),
             allow_private: cfg.allow_private,
+            allow_http: cfg.allow_http,
             timeout: cfg.timeout,
         })
     }
@@ -260,6 +275,8 @@ impl UpstreamClient {
             .use_rustls_tls()
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
+            // Backs up `check`: without the opt-in, no request goes out in clear text.
+            .https_only(!cfg.allow_http)
             .tcp_nodelay(true)
             .connect_timeout(cfg.connect_timeout)
             .pool_idle_timeout(Duration::from_secs(90))
@@ -310,13 +327,21 @@ impl UpstreamClient {
         self.allow_private
     }
 
-    /// Connect-time check for address literals; names are checked by the resolver.
-    pub fn check(&self, url: &BaseUrl) -> Result<(), ForbiddenAddress> {
+    /// Whether plain-`http://` base URLs may be saved and called.
+    pub fn allows_http(&self) -> bool {
+        self.allow_http
+    }
+
+    /// Connect-time check of the scheme and of address literals; names are
+    /// checked by the resolver.
+    pub fn check(&self, url: &BaseUrl) -> Result<(), Refused> {
+        url.check_scheme(self.allow_http)
+            .map_err(|_| Refused::PlainHttp)?;
         if self.allow_private {
             return Ok(());
         }
         match url.host().as_ref().and_then(literal_ip) {
-            Some(ip) if is_forbidden(ip) => Err(ForbiddenAddress(ip)),
+            Some(ip) if is_forbidden(ip) => Err(ForbiddenAddress(ip).into()),
             _ => Ok(()),
         }
     }
@@ -376,6 +401,27 @@ mod tests {
         ] {
             assert!(!is_forbidden(host_of(url).unwrap()), "{url} refused");
         }
+    }
+
+    #[test]
+    fn plain_http_is_refused_at_connect_time_without_the_opt_in() {
+        let http = BaseUrl::parse("http://8.8.8.8:8000").unwrap();
+        let off = UpstreamClient::new(&UpstreamConfig::default()).unwrap();
+        let e = off.check(&http).unwrap_err();
+        assert!(matches!(e, Refused::PlainHttp));
+        assert!(
+            e.to_string().contains("LLMGW_UPSTREAM_ALLOW_HTTP=true"),
+            "{e}"
+        );
+        let on = UpstreamClient::new(&UpstreamConfig {
+            allow_http: true,
+            ..UpstreamConfig::default()
+        })
+        .unwrap();
+        assert!(on.check(&http).is_ok());
+        // The SSRF guard applies to http all the same.
+        let private = BaseUrl::parse("http://127.0.0.1:8000").unwrap();
+        assert!(matches!(on.check(&private), Err(Refused::Address(_))));
     }
 
     #[tokio::test]

@@ -41,6 +41,9 @@ pub async fn create(
     input: Input<CreateProvider>,
 ) -> Result<HttpResponse, ApiError> {
     let input = input.into_inner()?;
+    input
+        .base_url
+        .check_scheme(state.cfg.upstream.allows_http())?;
     upstream::check_base_url(&input.base_url, state.cfg.allow_private).await?;
     let key = state
         .db
@@ -64,6 +67,7 @@ pub async fn update(
     let id = id.get()?;
     let PatchProvider(patch) = input.into_inner()?;
     if let Some(base_url) = &patch.base_url {
+        base_url.check_scheme(state.cfg.upstream.allows_http())?;
         upstream::check_base_url(base_url, state.cfg.allow_private).await?;
     }
     let key = state

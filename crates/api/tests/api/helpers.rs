@@ -51,6 +51,7 @@ pub fn captured_logs() -> String {
 pub struct Opts {
     pub allow_signup: bool,
     pub allow_private: bool,
+    pub allow_http: bool,
     pub max_body_bytes: usize,
     pub session_ttl: Duration,
     pub session_idle: Duration,
@@ -63,6 +64,7 @@ impl Default for Opts {
         Self {
             allow_signup: true,
             allow_private: false,
+            allow_http: false,
             max_body_bytes: 64 * 1024,
             session_ttl: Duration::from_secs(3600),
             session_idle: Duration::from_secs(3600),
@@ -136,6 +138,7 @@ impl TestApp {
         let db = TestDb::new().await;
         let upstream = UpstreamClient::new(&UpstreamConfig {
             allow_private: opts.allow_private,
+            allow_http: opts.allow_http,
             ca_file: opts.ca_file.clone(),
             connect_timeout: Duration::from_secs(2),
             http2: false,

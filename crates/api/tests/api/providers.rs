@@ -374,3 +374,176 @@ async fn test_reports_unreachable_and_refuses_private_addresses_at_connect_time(
         "the loopback upstream was contacted"
     );
 }
+
+/// Saves a provider straight through storage, as one saved under an earlier
+/// policy (the opt-in on, private upstreams allowed) would be.
+async fn stored_provider(app: &TestApp, org: &str, name: &str, base_url: &str) -> String {
+    app.db
+        .db
+        .create_provider_key(
+            org.parse().unwrap(),
+            storage::Actor(None),
+            &storage::domain::ProviderName::parse(name).unwrap(),
+            &storage::domain::BaseUrl::parse(base_url).unwrap(),
+            &storage::secrets::ProviderToken::parse("sk-stored").unwrap(),
+        )
+        .await
+        .unwrap()
+        .id
+        .to_string()
+}
+
+async fn run_test(app: &TestApp, admin: &str, org: &str, id: &str) -> serde_json::Value {
+    let r = app
+        .post(
+            &format!("/api/v1/orgs/{org}/provider-keys/{id}/test"),
+            admin,
+            json!({}),
+        )
+        .await;
+    r.expect(200);
+    r.body.clone()
+}
+
+#[tokio::test]
+async fn plain_http_base_urls_are_refused_by_default_with_the_opt_in_hint() {
+    let app = TestApp::spawn_with(Opts {
+        allow_private: true,
+        ..Opts::default()
+    })
+    .await;
+    let (admin, _) = app.signup("hal@example.com").await;
+    let org = app.create_org(&admin, "H").await;
+    let r = app
+        .create_provider(&admin, &org, "local", "http://127.0.0.1:8000", "none")
+        .await;
+    r.expect(422);
+    assert_eq!(r.error_fields(), ["base_url"]);
+    let message = r.body["error"]["details"][0]["message"].as_str().unwrap();
+    assert!(
+        message.contains("LLMGW_UPSTREAM_ALLOW_HTTP=true") && message.contains("https://"),
+        "{message}"
+    );
+
+    let ok = app
+        .create_provider(&admin, &org, "secure", "https://llm.example.com", "sk-1")
+        .await;
+    ok.expect(201);
+    let path = format!("/api/v1/orgs/{org}/provider-keys/{}", ok.id());
+    let r = app
+        .patch(&path, &admin, json!({"base_url": "http://llm.example.com"}))
+        .await;
+    r.expect(422);
+    assert!(
+        r.text.contains("LLMGW_UPSTREAM_ALLOW_HTTP=true"),
+        "{}",
+        r.text
+    );
+    assert_eq!(
+        app.get(&path, &admin).await.body["base_url"],
+        "https://llm.example.com"
+    );
+}
+
+#[tokio::test]
+async fn plain_http_upstream_is_saved_and_reached_with_the_opt_in() {
+    let upstream = MockUpstream::start_plain_http().await;
+    let app = TestApp::spawn_with(Opts {
+        allow_http: true,
+        allow_private: true,
+        ..Opts::default()
+    })
+    .await;
+    let (admin, _) = app.signup("ivy@example.com").await;
+    let org = app.create_org(&admin, "I").await;
+    let created = app
+        .create_provider(&admin, &org, "local", &upstream.base_url, "none")
+        .await;
+    created.expect(201);
+    // The answer shows the provider is plain http: its base URL says so.
+    assert_eq!(created.body["base_url"], upstream.base_url);
+    assert!(upstream.base_url.starts_with("http://"));
+    let report = run_test(&app, &admin, &org, &created.id()).await;
+    assert_eq!(report["reachable"], true, "{report}");
+    assert_eq!(report["status"], 200);
+    assert_eq!(report["model_count"], 2);
+    assert_eq!(upstream.seen().len(), 1);
+    assert_eq!(upstream.seen()[0].path, "/v1/models");
+}
+
+#[tokio::test]
+async fn plain_http_upstreams_still_pass_the_ssrf_guard() {
+    let upstream = MockUpstream::start_plain_http().await;
+    let app = TestApp::spawn_with(Opts {
+        allow_http: true,
+        ..Opts::default()
+    })
+    .await;
+    let (admin, _) = app.signup("jon@example.com").await;
+    let org = app.create_org(&admin, "J").await;
+    for url in [
+        upstream.base_url.clone(),
+        "http://169.254.169.254".to_owned(),
+        "http://[::ffff:127.0.0.1]:8000".to_owned(),
+        "http://localhost:8000".to_owned(),
+        "http://10.0.0.1".to_owned(),
+    ] {
+        let r = app
+            .create_provider(&admin, &org, "sneaky", &url, "none")
+            .await;
+        r.expect(422);
+        assert!(
+            r.text.contains("LLMGW_UPSTREAM_ALLOW_PRIVATE"),
+            "{url}: {}",
+            r.text
+        );
+    }
+    // Rows saved while private upstreams were allowed are refused when
+    // connecting: the literal by the client's check, the name by its resolver.
+    let port = upstream.port;
+    for (name, url) in [
+        ("literal", format!("http://127.0.0.1:{port}")),
+        ("named", format!("http://localhost:{port}")),
+    ] {
+        let id = stored_provider(&app, &org, name, &url).await;
+        let report = run_test(&app, &admin, &org, &id).await;
+        assert_eq!(report["reachable"], false, "{url}: {report}");
+        assert!(
+            report["error"].as_str().unwrap().contains("not allowed"),
+            "{url}: {report}"
+        );
+    }
+    assert!(
+        upstream.seen().is_empty(),
+        "the loopback upstream was contacted"
+    );
+}
+
+#[tokio::test]
+async fn plain_http_provider_is_refused_at_connect_time_once_the_opt_in_is_off() {
+    let upstream = MockUpstream::start_plain_http().await;
+    let app = TestApp::spawn_with(Opts {
+        allow_private: true,
+        ..Opts::default()
+    })
+    .await;
+    let (admin, _) = app.signup("kim@example.com").await;
+    let org = app.create_org(&admin, "K").await;
+    // Saved while LLMGW_UPSTREAM_ALLOW_HTTP was on; this server runs without it.
+    let id = stored_provider(&app, &org, "local", &upstream.base_url).await;
+    let listed = app
+        .get(&format!("/api/v1/orgs/{org}/provider-keys/{id}"), &admin)
+        .await;
+    listed.expect(200);
+    assert_eq!(listed.body["base_url"], upstream.base_url);
+    let report = run_test(&app, &admin, &org, &id).await;
+    assert_eq!(report["reachable"], false, "{report}");
+    assert!(
+        report["error"]
+            .as_str()
+            .unwrap()
+            .contains("LLMGW_UPSTREAM_ALLOW_HTTP=true"),
+        "{report}"
+    );
+    assert!(upstream.seen().is_empty(), "a plain-http request went out");
+}

@@ -332,3 +332,93 @@ async fn audit_log_records_provider_changes_without_secrets() {
     assert_eq!(page.body["data"].as_array().unwrap().len(), 2);
     assert!(page.body["next_cursor"].is_string());
 }
+
+#[tokio::test]
+async fn usage_counts_answers_that_had_no_token_counts() {
+    let app = TestApp::spawn().await;
+    let fx = OrgFixture::create(&app, "nousage").await;
+    let org: Uuid = fx.id.parse().unwrap();
+    let key: Uuid = fx.api_key_id.parse().unwrap();
+    let at = Utc.with_ymd_and_hms(2025, 4, 1, 12, 0, 0).unwrap();
+    let counted = row(org, key, "mycompany", "llama", 200, 10, at);
+    let no_usage = |status: i16, streamed: bool, canceled: bool, model: &str| RequestLog {
+        streamed,
+        canceled,
+        prompt_tokens: None,
+        completion_tokens: None,
+        total_tokens: None,
+        ..row(org, key, "mycompany", model, status, 10, at)
+    };
+    let rows = vec![
+        counted,
+        // A stream whose upstream sent no usage chunk.
+        no_usage(200, true, false, "llama"),
+        // A stream the client cut before any usage arrived.
+        no_usage(200, true, true, "llama"),
+        // A non-streamed answer without `usage`, for another model.
+        no_usage(200, false, false, "qwen"),
+        // Errors carry no tokens by nature: not counted as missing usage.
+        no_usage(502, false, false, "llama"),
+        no_usage(429, false, false, "qwen"),
+        // The day before: fully counted.
+        row(
+            org,
+            key,
+            "mycompany",
+            "llama",
+            200,
+            10,
+            at - Duration::days(1),
+        ),
+    ];
+    app.db.db.insert_request_logs(&rows).await.unwrap();
+
+    let get = |group_by: &'static str| {
+        let url = format!(
+            "/api/v1/orgs/{}/usage?from=2025-03-31T00:00:00Z&to=2025-04-02T00:00:00Z&group_by={group_by}",
+            fx.id
+        );
+        let (app, token) = (&app, fx.member.clone());
+        async move {
+            let r = app.get(&url, &token).await;
+            r.expect(200);
+            r.body["data"].as_array().unwrap().clone()
+        }
+    };
+    let days = get("day").await;
+    assert_eq!(days.len(), 2);
+    // A fully counted bucket says 0.
+    assert_eq!(days[0]["key"], "2025-03-31");
+    assert_eq!(days[0]["requests_without_usage"], 0, "{days:?}");
+    assert_eq!(days[1]["requests"], 6);
+    assert_eq!(days[1]["total_tokens"], 15);
+    assert_eq!(days[1]["requests_without_usage"], 3, "{days:?}");
+    let models = get("model").await;
+    let by_model: Vec<(&str, i64)> = models
+        .iter()
+        .map(|m| {
+            (
+                m["key"].as_str().unwrap(),
+                m["requests_without_usage"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(by_model, [("mycompany/llama", 2), ("mycompany/qwen", 1)]);
+
+    // The document states the field, so generated clients know it.
+    let doc = app
+        .call(reqwest::Method::GET, "/api/openapi.json", None, None)
+        .await;
+    let usage_row = &doc.body["components"]["schemas"]["UsageRow"];
+    assert!(
+        usage_row["required"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("requests_without_usage")),
+        "{usage_row}"
+    );
+    assert_eq!(
+        usage_row["properties"]["requests_without_usage"]["type"],
+        "integer"
+    );
+}

@@ -121,6 +121,7 @@ impl Default for Opts {
 pub fn config(ca: &Path, allow_private: bool, timeout: Duration) -> GatewayConfig {
     let client = UpstreamClient::new(&UpstreamConfig {
         allow_private,
+        allow_http: false,
         ca_file: Some(ca.to_path_buf()),
         connect_timeout: Duration::from_secs(2),
         http2: false,
