@@ -56,8 +56,9 @@ pub enum ApiError {
     NotFound,
     #[error("no such route")]
     RouteNotFound,
-    #[error("method not allowed on this route")]
-    MethodNotAllowed,
+    /// Carries the `Allow` value: the methods the path does answer.
+    #[error("method not allowed on this route (allowed: {0})")]
+    MethodNotAllowed(String),
     #[error("{0} already exists")]
     Conflict(&'static str),
     #[error("the organization must keep at least one owner")]
@@ -173,7 +174,7 @@ impl ApiError {
             Self::SignupDisabled => SIGNUP_DISABLED,
             Self::NotFound => NOT_FOUND,
             Self::RouteNotFound => ROUTE_NOT_FOUND,
-            Self::MethodNotAllowed => METHOD_NOT_ALLOWED,
+            Self::MethodNotAllowed(_) => METHOD_NOT_ALLOWED,
             Self::Conflict(_) => CONFLICT,
             Self::LastOwner => LAST_OWNER,
             Self::Unavailable(_) => UNAVAILABLE,
@@ -249,6 +250,9 @@ impl ResponseError for ApiError {
         }
         if matches!(self, Self::Unavailable(_)) {
             res.insert_header((header::RETRY_AFTER, "1"));
+        }
+        if let Self::MethodNotAllowed(allow) = self {
+            res.insert_header((header::ALLOW, allow.as_str()));
         }
         res.json(json!({"error": {"code": self.kind().code, "message": self.to_string(), "details": details}}))
     }
