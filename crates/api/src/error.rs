@@ -88,7 +88,7 @@ const fn kind(status: u16, code: &'static str, meaning: &'static str) -> ErrorKi
 pub const BAD_REQUEST: ErrorKind = kind(
     400,
     "bad_request",
-    "the body is not a JSON object or the query string is malformed",
+    "the body is not valid JSON, not a JSON object, or could not be read",
 );
 pub const VALIDATION: ErrorKind = kind(
     422,

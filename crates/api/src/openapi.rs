@@ -114,10 +114,14 @@ fn operation(route: &Route) -> Value {
             role.as_str()
         ),
     };
+    let mut description = access;
+    if !route.query.is_empty() {
+        description.push_str(" Unknown or repeated query parameters answer 422.");
+    }
     let mut op = json!({
         "operationId": route.operation_id,
         "summary": route.summary,
-        "description": access,
+        "description": description,
         "tags": [route.tag],
         "parameters": params,
         "responses": responses,
