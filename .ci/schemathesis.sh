@@ -53,10 +53,10 @@ DATABASE_URL="${ADMIN_URL%/*}/$DB" \
 SERVER_PID=$!
 
 # Sign up, make the rows the run works on, and write the run's configuration.
-"$PY" - "$BASE" "$WORK/schemathesis.toml" <<'EOF'
+"$PY" - "$BASE" "$WORK/schemathesis.toml" "$WORK/ids" <<'EOF'
 import json, sys, time, urllib.error, urllib.request
 
-base, config = sys.argv[1], sys.argv[2]
+base, config, ids = sys.argv[1:4]
 
 def call(method, path, token=None, body=None):
     req = urllib.request.Request(base + path, method=method,
@@ -105,7 +105,25 @@ with open(config, "w") as f:
     f.write(op(["getProviderKey", "updateProviderKey", "testProviderKey"], org_id=org, id=kept))
     f.write(op(["deleteProviderKey"], org_id=org, id=deleted))
     f.write(op(["revokeApiKey"], org_id=org, id=api_key))
+with open(ids, "w") as f:
+    f.write(f"{org} {api_key} {kept}\n")
 EOF
+
+# Request logs as the gateway writes them, so the logs and usage answers
+# carry rows for their schemas to be checked against.
+read -r ORG API_KEY PROVIDER <"$WORK/ids"
+psql "${ADMIN_URL%/*}/$DB" -q -v ON_ERROR_STOP=1 <<SQL
+INSERT INTO request_logs (id, request_id, org_id, api_key_id, provider_key_id, provider_name,
+    requested_model, upstream_model, status_code, streamed, canceled, prompt_tokens,
+    completion_tokens, total_tokens, latency_ms, ttfb_ms, error_class, created_at)
+VALUES
+  (gen_random_uuid(), 'st-1', '$ORG', '$API_KEY', '$PROVIDER', 'kept', 'kept/llama', 'llama',
+   200, false, false, 12, 30, 42, 250, 40, NULL, now() - interval '1 hour'),
+  (gen_random_uuid(), 'st-2', '$ORG', '$API_KEY', '$PROVIDER', 'kept', 'kept/llama', 'llama',
+   200, true, true, NULL, NULL, NULL, 900, 35, NULL, now() - interval '2 days'),
+  (gen_random_uuid(), 'st-3', '$ORG', '$API_KEY', NULL, NULL, 'nowhere/x', NULL,
+   404, false, false, NULL, NULL, NULL, 1, NULL, 'model_not_found', now() - interval '3 days');
+SQL
 
 # One worker: hypothesis's lambda-source parsing is not thread-safe on Python 3.11.
 "$VENV/bin/schemathesis" --config-file "$WORK/schemathesis.toml" run "$BASE/api/openapi.json" \
