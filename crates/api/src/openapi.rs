@@ -1,5 +1,4 @@
 //! The OpenAPI 3 document, generated from the route table and the error table.
-
 //!
 //! Every constraint a validator enforces is stated here from the validator's
 //! own constant (`storage::domain`, `storage::secrets`, `crate::input`), so a
@@ -189,7 +188,7 @@ fn schemas() -> Value {
             (the gateway appends /v1/chat/completions); a trailing / is dropped. A host that resolves to a \
             private, loopback or link-local address answers 422 unless LLMGW_UPSTREAM_ALLOW_PRIVATE=true. \
             The pattern is what every client can rely on; the server also accepts IPv6 literals, \
-            percent-encoded and international names."});
+            percent-encoded and international names, and http:// where the operator allows it."});
     let token = json!({"type": "string", "writeOnly": true, "minLength": 1, "maxLength": MAX_TOKEN_LEN,
         "pattern": TOKEN_PATTERN,
         "description": "the provider's API token: printable ASCII without leading or trailing spaces (it is sent as an HTTP header); never returned"});
