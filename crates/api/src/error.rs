@@ -58,8 +58,9 @@ pub enum ApiError {
     NotFound,
     #[error("no such route")]
     RouteNotFound,
-    #[error("method not allowed on this route")]
-    MethodNotAllowed,
+    /// Carries the `Allow` value: the methods the path does answer.
+    #[error("method not allowed on this route (allowed: {0})")]
+    MethodNotAllowed(String),
     #[error("{0} already exists")]
     Conflict(&'static str),
     #[error("the organization must keep at least one owner")]
@@ -89,7 +90,7 @@ const fn kind(status: u16, code: &'static str, meaning: &'static str) -> ErrorKi
 pub const BAD_REQUEST: ErrorKind = kind(
     400,
     "bad_request",
-    "the body is not a JSON object or the query string is malformed",
+    "the body is not valid JSON, not a JSON object, or could not be read",
 );
 pub const VALIDATION: ErrorKind = kind(
     422,
@@ -182,7 +183,7 @@ impl ApiError {
             Self::SignupDisabled => SIGNUP_DISABLED,
             Self::NotFound => NOT_FOUND,
             Self::RouteNotFound => ROUTE_NOT_FOUND,
-            Self::MethodNotAllowed => METHOD_NOT_ALLOWED,
+            Self::MethodNotAllowed(_) => METHOD_NOT_ALLOWED,
             Self::Conflict(_) => CONFLICT,
             Self::LastOwner => LAST_OWNER,
             Self::Unavailable(_) => UNAVAILABLE,
@@ -259,6 +260,9 @@ impl ResponseError for ApiError {
         }
         if matches!(self, Self::Unavailable(_)) {
             res.insert_header((header::RETRY_AFTER, "1"));
+        }
+        if let Self::MethodNotAllowed(allow) = self {
+            res.insert_header((header::ALLOW, allow.as_str()));
         }
         res.json(json!({"error": {"code": self.kind().code, "message": self.to_string(), "details": details}}))
     }

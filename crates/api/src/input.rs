@@ -129,26 +129,24 @@ impl Fields {
 }
 
 fn parse_role(field: &'static str) -> impl Fn(&str) -> Result<Role, ValidationError> {
-    move |s| match s {
-        "owner" => Ok(Role::Owner),
-        "admin" => Ok(Role::Admin),
-        "member" => Ok(Role::Member),
-        _ => Err(ValidationError::new(
-            field,
-            format!("{field} must be one of owner, admin, member"),
-        )),
+    move |s| {
+        Role::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| {
+                ValidationError::new(
+                    field,
+                    format!("{field} must be one of owner, admin, member"),
+                )
+            })
     }
 }
 
 fn parse_status(s: &str) -> Result<ProviderStatus, ValidationError> {
-    match s {
-        "active" => Ok(ProviderStatus::Active),
-        "inactive" => Ok(ProviderStatus::Inactive),
-        _ => Err(ValidationError::new(
-            "status",
-            "status must be active or inactive",
-        )),
-    }
+    ProviderStatus::ALL
+        .into_iter()
+        .find(|v| v.as_str() == s)
+        .ok_or_else(|| ValidationError::new("status", "status must be active or inactive"))
 }
 
 fn parse_time(field: &'static str) -> impl Fn(&str) -> Result<DateTime<Utc>, ValidationError> {
@@ -171,12 +169,20 @@ fn parse_uuid(field: &'static str) -> impl Fn(&str) -> Result<Uuid, ValidationEr
     }
 }
 
+/// Shortest password a new account may have, in characters.
+pub const PASSWORD_MIN_CHARS: usize = 8;
+/// Longest password a new account may have, in characters.
+pub const PASSWORD_MAX_CHARS: usize = 1024;
+/// Longest password login reads, in characters: more than any account can
+/// have, so a too-long one is a wrong password, answered like any other.
+pub const LOGIN_PASSWORD_MAX_CHARS: usize = 4096;
+
 fn parse_password(s: &str) -> Result<SecretString, ValidationError> {
     let n = s.chars().count();
-    if !(8..=1024).contains(&n) {
+    if !(PASSWORD_MIN_CHARS..=PASSWORD_MAX_CHARS).contains(&n) {
         return Err(ValidationError::new(
             "password",
-            "password must be 8 to 1024 characters",
+            format!("password must be {PASSWORD_MIN_CHARS} to {PASSWORD_MAX_CHARS} characters"),
         ));
     }
     Ok(SecretString::from(s.to_owned()))
@@ -210,10 +216,10 @@ impl FromFields for Login {
     fn from_fields(f: &mut Fields) -> Option<Self> {
         let email = f.required("email", |s| Ok(s.to_owned()));
         let password = f.required("password", |s| {
-            if s.is_empty() || s.len() > 4096 {
+            if s.is_empty() || s.chars().count() > LOGIN_PASSWORD_MAX_CHARS {
                 Err(ValidationError::new(
                     "password",
-                    "password must be 1 to 4096 bytes",
+                    format!("password must be 1 to {LOGIN_PASSWORD_MAX_CHARS} characters"),
                 ))
             } else {
                 Ok(SecretString::from(s.to_owned()))
@@ -342,6 +348,14 @@ impl FromFields for CreateApiKey {
     }
 }
 
+/// Largest page of API keys and audit entries.
+pub const PAGE_MAX: u32 = 200;
+/// Largest page of request logs.
+pub const LOG_PAGE_MAX: u32 = 500;
+/// The HTTP status codes a `status` filter may name.
+pub const STATUS_MIN: u16 = 100;
+pub const STATUS_MAX: u16 = 599;
+
 fn parse_limit(max: u32) -> impl Fn(&str) -> Result<u32, ValidationError> {
     move |s| match s.parse::<u32>() {
         Ok(n) if (1..=max).contains(&n) => Ok(n),
@@ -384,7 +398,7 @@ impl<const MAX: u32> FromFields for PageQuery<MAX> {
 /// `GET /orgs/{org_id}/logs` filters.
 pub struct LogQuery {
     pub filter: storage::logs::LogFilter,
-    pub page: PageQuery<500>,
+    pub page: PageQuery<LOG_PAGE_MAX>,
 }
 
 impl FromFields for LogQuery {
@@ -395,16 +409,19 @@ impl FromFields for LogQuery {
                 .map(|n| n.as_str().to_owned())
                 .map_err(|e| ValidationError::new("provider", e.message))
         });
-        let status = f.optional("status", |s| match s.parse::<i16>() {
-            Ok(n) if (100..=599).contains(&n) => Ok(n),
+        let status = f.optional("status", |s| match s.parse::<u16>() {
+            Ok(n) if (STATUS_MIN..=STATUS_MAX).contains(&n) => Ok(n as i16),
             _ => Err(ValidationError::new(
                 "status",
-                "status must be an HTTP status code (100 to 599)",
+                format!("status must be an HTTP status code ({STATUS_MIN} to {STATUS_MAX})"),
             )),
         });
         let from = f.optional("from", parse_time("from"));
         let to = f.optional("to", parse_time("to"));
-        let page = PageQuery::<500>::from_fields(f);
+        if let (Some(Some(from)), Some(Some(to))) = (from, to) {
+            check_window(f, from, to)?;
+        }
+        let page = PageQuery::<LOG_PAGE_MAX>::from_fields(f);
         Some(Self {
             filter: storage::logs::LogFilter {
                 api_key_id: api_key_id?,
@@ -428,25 +445,52 @@ pub struct UsageQuery {
 /// Window when `from` is not given.
 pub const DEFAULT_USAGE_DAYS: i64 = 30;
 
+/// The `group_by` values, in the order the document lists them.
+pub const GROUP_BY: [(&str, GroupBy); 4] = [
+    ("day", GroupBy::Day),
+    ("model", GroupBy::Model),
+    ("provider", GroupBy::Provider),
+    ("api_key", GroupBy::ApiKey),
+];
+
+/// The names of [`GROUP_BY`], for the document.
+pub const GROUP_BY_NAMES: [&str; GROUP_BY.len()] = {
+    let mut names = [""; GROUP_BY.len()];
+    let mut i = 0;
+    while i < names.len() {
+        names[i] = GROUP_BY[i].0;
+        i += 1;
+    }
+    names
+};
+
+/// `from` and `to` of a time window: `from` must not come after `to`.
+fn check_window(f: &mut Fields, from: DateTime<Utc>, to: DateTime<Utc>) -> Option<()> {
+    if from > to {
+        f.reject(FieldError::new("from", "from must not be after to"))?;
+    }
+    Some(())
+}
+
 impl FromFields for UsageQuery {
     fn from_fields(f: &mut Fields) -> Option<Self> {
         let from = f.optional("from", parse_time("from"));
         let to = f.optional("to", parse_time("to"));
-        let group_by = f.optional("group_by", |s| match s {
-            "day" => Ok(GroupBy::Day),
-            "model" => Ok(GroupBy::Model),
-            "provider" => Ok(GroupBy::Provider),
-            "api_key" => Ok(GroupBy::ApiKey),
-            _ => Err(ValidationError::new(
-                "group_by",
-                "group_by must be one of day, model, provider, api_key",
-            )),
+        let group_by = f.optional("group_by", |s| {
+            GROUP_BY
+                .iter()
+                .find(|(name, _)| *name == s)
+                .map(|(_, g)| *g)
+                .ok_or_else(|| {
+                    ValidationError::new(
+                        "group_by",
+                        format!("group_by must be one of {}", GROUP_BY_NAMES.join(", ")),
+                    )
+                })
         });
         let to = to?.unwrap_or_else(Utc::now);
         let from = from?.unwrap_or(to - chrono::Duration::days(DEFAULT_USAGE_DAYS));
-        if from >= to {
-            f.reject(FieldError::new("from", "from must be before to"))?;
-        }
+        check_window(f, from, to)?;
         Some(Self {
             from,
             to,

@@ -1,8 +1,20 @@
 //! The OpenAPI 3 document, generated from the route table and the error table.
+//!
+//! Every constraint a validator enforces is stated here from the validator's
+//! own constant (`storage::domain`, `storage::secrets`, `crate::input`), so a
+//! client generated from the document sends what the server accepts.
 
 use serde_json::{json, Map, Value};
+use storage::domain::{
+    ProviderStatus, Role, BASE_URL_MAX_LEN, BASE_URL_PATTERN, EMAIL_MAX_LEN, LABEL_MAX_CHARS,
+    LABEL_PATTERN, PROVIDER_NAME_MAX_LEN, PROVIDER_NAME_PATTERN,
+};
+use storage::secrets::{MAX_TOKEN_LEN, TOKEN_PATTERN};
 
 use crate::error::ALL_KINDS;
+use crate::input::{
+    GROUP_BY_NAMES, LOGIN_PASSWORD_MAX_CHARS, PASSWORD_MAX_CHARS, PASSWORD_MIN_CHARS,
+};
 use crate::routes::{Access, ParamType, Route};
 
 fn schema_ref(name: &str) -> Value {
@@ -21,6 +33,10 @@ fn param_schema(ty: ParamType) -> Value {
             json!({"type": "integer", "minimum": min, "maximum": max})
         }
         ParamType::Text => json!({"type": "string"}),
+        ParamType::Pattern { pattern, max_len } => {
+            json!({"type": "string", "pattern": pattern, "maxLength": max_len})
+        }
+        ParamType::Cursor => json!({"type": "string", "minLength": 1}),
         ParamType::Enum(values) => json!({"type": "string", "enum": values}),
     }
 }
@@ -32,6 +48,26 @@ fn status_text(status: u16) -> &'static str {
         204 => "No content",
         _ => "Success",
     }
+}
+
+/// The headers every answer carries, plus those of one error status.
+fn response_headers(status: u16) -> Value {
+    let string = json!({"type": "string"});
+    let mut headers = json!({
+        "x-request-id": {"description": "the request's id (the client's `x-request-id` when short and plain)",
+                         "required": true, "schema": string},
+    });
+    match status {
+        401 => {
+            headers["WWW-Authenticate"] =
+                json!({"required": true, "schema": {"type": "string", "enum": ["Bearer"]}})
+        }
+        503 => {
+            headers["Retry-After"] = json!({"description": "seconds", "required": true, "schema": {"type": "string", "pattern": "^[0-9]+$"}})
+        }
+        _ => {}
+    }
+    headers
 }
 
 fn operation(route: &Route) -> Value {
@@ -50,7 +86,7 @@ fn operation(route: &Route) -> Value {
 
     let mut responses = Map::new();
     let (ok, ok_schema) = route.ok;
-    let mut ok_body = json!({"description": status_text(ok)});
+    let mut ok_body = json!({"description": status_text(ok), "headers": response_headers(ok)});
     if let Some(name) = ok_schema {
         ok_body["content"] = json_content(name);
     } else if route.operation_id == "openapi" {
@@ -65,7 +101,7 @@ fn operation(route: &Route) -> Value {
             .collect();
         responses.insert(
             status.to_string(),
-            json!({"description": codes.join("; "), "content": json_content("Error")}),
+            json!({"description": codes.join("; "), "headers": response_headers(status), "content": json_content("Error")}),
         );
     }
 
@@ -77,10 +113,14 @@ fn operation(route: &Route) -> Value {
             role.as_str()
         ),
     };
+    let mut description = access;
+    if !route.query.is_empty() {
+        description.push_str(" Unknown or repeated query parameters answer 422.");
+    }
     let mut op = json!({
         "operationId": route.operation_id,
         "summary": route.summary,
-        "description": access,
+        "description": description,
         "tags": [route.tag],
         "parameters": params,
         "responses": responses,
@@ -108,7 +148,9 @@ pub fn document(routes: &[Route]) -> Value {
             "version": env!("CARGO_PKG_VERSION"),
             "description": "Accounts, organizations, members, custom providers, gateway API keys, usage and audit. \
                 Send `Authorization: Bearer <token>` from signup/login. Errors: \
-                `{\"error\":{\"code\",\"message\",\"details\":[{\"field\",\"message\"}]}}`.",
+                `{\"error\":{\"code\",\"message\",\"details\":[{\"field\",\"message\"}]}}`. \
+                A documented path called with another method answers 405 `method_not_allowed` with `Allow` \
+                listing the methods it answers; an unknown path answers 404 `route_not_found`.",
         },
         "paths": paths,
         "components": {
@@ -133,16 +175,29 @@ fn schemas() -> Value {
     let uuid = json!({"type": "string", "format": "uuid"});
     let time = json!({"type": "string", "format": "date-time"});
     let time_or_null = json!({"type": "string", "format": "date-time", "nullable": true});
-    let role = json!({"type": "string", "enum": ["owner", "admin", "member"]});
-    let status = json!({"type": "string", "enum": ["active", "inactive"]});
-    let provider_name = json!({"type": "string", "pattern": "^[a-z]+$", "maxLength": 64,
+    let roles: Vec<&str> = Role::ALL.iter().map(|r| r.as_str()).collect();
+    let role = json!({"type": "string", "enum": roles});
+    let statuses: Vec<&str> = ProviderStatus::ALL.iter().map(|s| s.as_str()).collect();
+    let status = json!({"type": "string", "enum": statuses});
+    let provider_name = json!({"type": "string", "pattern": PROVIDER_NAME_PATTERN, "maxLength": PROVIDER_NAME_MAX_LEN,
         "description": "lowercase a-z only, unique in the organization; used as `{name}/{model}` at the gateway"});
-    let base_url = json!({"type": "string", "format": "uri",
+    // No `format: uri`: the pattern says more, and the two together make
+    // example generation crawl.
+    let base_url = json!({"type": "string", "pattern": BASE_URL_PATTERN, "maxLength": BASE_URL_MAX_LEN,
         "description": "https URL with a host, no userinfo, query or fragment, not ending in /v1 \
-            (the gateway appends /v1/chat/completions); must not resolve to a private address unless \
-            LLMGW_UPSTREAM_ALLOW_PRIVATE=true"});
-    let token = json!({"type": "string", "writeOnly": true, "minLength": 1, "maxLength": 4096,
-        "description": "the provider's API token: printable ASCII; never returned"});
+            (the gateway appends /v1/chat/completions); a trailing / is dropped. A host that resolves to a \
+            private, loopback or link-local address answers 422 unless LLMGW_UPSTREAM_ALLOW_PRIVATE=true. \
+            The pattern is what every client can rely on; the server also accepts IPv6 literals, \
+            percent-encoded and international names, and http:// where the operator allows it."});
+    let token = json!({"type": "string", "writeOnly": true, "minLength": 1, "maxLength": MAX_TOKEN_LEN,
+        "pattern": TOKEN_PATTERN,
+        "description": "the provider's API token: printable ASCII without leading or trailing spaces (it is sent as an HTTP header); never returned"});
+    // `maxLength` counts characters and the server counts bytes: the same for ASCII addresses.
+    let email = json!({"type": "string", "format": "email", "maxLength": EMAIL_MAX_LEN,
+        "description": "one `@` with something on each side, no whitespace or control characters, \
+            at most 320 bytes; compared case-insensitively"});
+    let label = json!({"type": "string", "minLength": 1, "maxLength": LABEL_MAX_CHARS, "pattern": LABEL_PATTERN,
+        "description": "free text without control characters; surrounding whitespace is trimmed"});
     let int = json!({"type": "integer", "format": "int64"});
     let int_or_null = json!({"type": "integer", "format": "int64", "nullable": true});
     let str_or_null = json!({"type": "string", "nullable": true});
@@ -175,15 +230,18 @@ fn schemas() -> Value {
             "Signup",
             json!({
                 "type": "object", "additionalProperties": false, "required": ["email", "password"],
-                "properties": {"email": {"type": "string", "format": "email"},
-                               "password": {"type": "string", "format": "password", "minLength": 8, "maxLength": 1024, "writeOnly": true}},
+                "properties": {"email": email,
+                               "password": {"type": "string", "format": "password", "minLength": PASSWORD_MIN_CHARS,
+                                            "maxLength": PASSWORD_MAX_CHARS, "writeOnly": true}},
             }),
         ),
         (
             "Login",
             json!({
                 "type": "object", "additionalProperties": false, "required": ["email", "password"],
-                "properties": {"email": {"type": "string"}, "password": {"type": "string", "format": "password", "writeOnly": true}},
+                "properties": {"email": {"type": "string", "description": "any string: a malformed address answers 401 like an unknown one"},
+                               "password": {"type": "string", "format": "password", "minLength": 1,
+                                            "maxLength": LOGIN_PASSWORD_MAX_CHARS, "writeOnly": true}},
             }),
         ),
         (
@@ -205,7 +263,7 @@ fn schemas() -> Value {
             "OrgInput",
             json!({
                 "type": "object", "additionalProperties": false, "required": ["name"],
-                "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 200}},
+                "properties": {"name": label},
             }),
         ),
         (
@@ -220,8 +278,8 @@ fn schemas() -> Value {
             "MemberAdd",
             json!({
                 "type": "object", "additionalProperties": false, "required": ["email"],
-                "properties": {"email": {"type": "string", "format": "email", "description": "an existing account"},
-                               "role": {"type": "string", "enum": ["owner", "admin", "member"], "default": "member"}},
+                "properties": {"email": {"allOf": [email], "description": "an existing account (else 422)"},
+                               "role": {"type": "string", "enum": roles, "default": "member"}},
             }),
         ),
         (
@@ -279,8 +337,9 @@ fn schemas() -> Value {
             "ApiKeyCreate",
             json!({
                 "type": "object", "additionalProperties": false, "required": ["name"],
-                "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 200},
-                               "expires_at": {"type": "string", "format": "date-time", "nullable": true, "description": "in the future; omit for no expiry"}},
+                "properties": {"name": label,
+                               "expires_at": {"type": "string", "format": "date-time", "nullable": true,
+                                              "description": "must be in the future (a past or present time answers 422); omit or null for no expiry"}},
             }),
         ),
         (
@@ -339,7 +398,7 @@ fn schemas() -> Value {
             json!({
                 "type": "object", "required": ["from", "to", "group_by", "data"],
                 "properties": {"from": time, "to": time,
-                               "group_by": {"type": "string", "enum": ["day", "model", "provider", "api_key"]},
+                               "group_by": {"type": "string", "enum": GROUP_BY_NAMES},
                                "data": {"type": "array", "items": schema_ref("UsageRow")}},
             }),
         ),

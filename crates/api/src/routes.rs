@@ -3,10 +3,12 @@
 //! server and its OpenAPI document cannot disagree.
 
 use actix_web::http::Method;
-use actix_web::{web, Scope};
-use storage::domain::Role;
+use actix_web::{web, HttpResponse, Scope};
+use storage::domain::{Role, PROVIDER_NAME_MAX_LEN, PROVIDER_NAME_PATTERN};
 
+use crate::error::ApiError;
 use crate::handlers::{api_keys, auth, members, ops, orgs, providers, sessions, usage};
+use crate::input::{GROUP_BY_NAMES, LOG_PAGE_MAX, PAGE_MAX, STATUS_MAX, STATUS_MIN};
 
 /// Who may call a route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,8 +25,20 @@ pub enum Access {
 pub enum ParamType {
     Uuid,
     DateTime,
-    Integer { min: u32, max: u32 },
+    Integer {
+        min: u32,
+        max: u32,
+    },
+    /// Free text that no rule constrains (no route has one today).
+    #[allow(dead_code)]
     Text,
+    /// A string matching `pattern`, at most `max_len` characters.
+    Pattern {
+        pattern: &'static str,
+        max_len: usize,
+    },
+    /// An opaque `next_cursor` value: never empty.
+    Cursor,
     Enum(&'static [&'static str]),
 }
 
@@ -63,8 +77,10 @@ impl Route {
         if self.body.is_some() {
             s.extend([400, 408, 413, 422]);
         }
+        // Query strings are read leniently (any bytes make pairs): a bad one is
+        // a 422 naming the parameter, never a 400.
         if !self.query.is_empty() {
-            s.extend([400, 422]);
+            s.push(422);
         }
         match self.access {
             Access::Public => {}
@@ -89,12 +105,15 @@ impl Route {
 const PAGE: [Param; 2] = [
     Param {
         name: "cursor",
-        ty: ParamType::Text,
-        description: "`next_cursor` of the previous page",
+        ty: ParamType::Cursor,
+        description: "`next_cursor` of the previous page; any other value answers 422",
     },
     Param {
         name: "limit",
-        ty: ParamType::Integer { min: 1, max: 200 },
+        ty: ParamType::Integer {
+            min: 1,
+            max: PAGE_MAX,
+        },
         description: "page size (default 50)",
     },
 ];
@@ -107,18 +126,24 @@ const LOG_QUERY: [Param; 7] = [
     },
     Param {
         name: "provider",
-        ty: ParamType::Text,
+        ty: ParamType::Pattern {
+            pattern: PROVIDER_NAME_PATTERN,
+            max_len: PROVIDER_NAME_MAX_LEN,
+        },
         description: "only requests routed to this provider name",
     },
     Param {
         name: "status",
-        ty: ParamType::Integer { min: 100, max: 599 },
+        ty: ParamType::Integer {
+            min: STATUS_MIN as u32,
+            max: STATUS_MAX as u32,
+        },
         description: "only requests answered with this HTTP status",
     },
     Param {
         name: "from",
         ty: ParamType::DateTime,
-        description: "only requests at or after this time",
+        description: "only requests at or after this time; must not be after `to` (else 422)",
     },
     Param {
         name: "to",
@@ -128,7 +153,10 @@ const LOG_QUERY: [Param; 7] = [
     PAGE[0],
     Param {
         name: "limit",
-        ty: ParamType::Integer { min: 1, max: 500 },
+        ty: ParamType::Integer {
+            min: 1,
+            max: LOG_PAGE_MAX,
+        },
         description: "page size (default 50)",
     },
 ];
@@ -137,7 +165,7 @@ const USAGE_QUERY: [Param; 3] = [
     Param {
         name: "from",
         ty: ParamType::DateTime,
-        description: "start of the window, inclusive (default: 30 days before `to`)",
+        description: "start of the window, inclusive (default: 30 days before `to`); must not be after `to` (else 422)",
     },
     Param {
         name: "to",
@@ -146,7 +174,7 @@ const USAGE_QUERY: [Param; 3] = [
     },
     Param {
         name: "group_by",
-        ty: ParamType::Enum(&["day", "model", "provider", "api_key"]),
+        ty: ParamType::Enum(&GROUP_BY_NAMES),
         description: "bucket (default `day`, UTC)",
     },
 ];
@@ -539,7 +567,7 @@ pub fn routes() -> Vec<Route> {
 }
 
 /// Mounts the routes on `scope`, one resource per path, so a known path with
-/// another method answers 405 in the API's error shape.
+/// another method answers 405 in the API's error shape, with `Allow`.
 pub fn register(mut scope: Scope, routes: &[Route]) -> Scope {
     let mut paths: Vec<&str> = Vec::new();
     for r in routes {
@@ -548,7 +576,17 @@ pub fn register(mut scope: Scope, routes: &[Route]) -> Scope {
         }
     }
     for path in paths {
-        let mut resource = web::resource(path).default_service(web::to(ops::method_not_allowed));
+        let allow = routes
+            .iter()
+            .filter(|r| r.path == path)
+            .map(|r| r.method.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let method_not_allowed = move || {
+            let allow = allow.clone();
+            async move { Err::<HttpResponse, _>(ApiError::MethodNotAllowed(allow)) }
+        };
+        let mut resource = web::resource(path).default_service(web::to(method_not_allowed));
         for r in routes.iter().filter(|r| r.path == path) {
             resource = resource.route((r.handler)(web::route().method(r.method.clone())));
         }

@@ -28,6 +28,11 @@ impl ValidationError {
 #[serde(transparent)]
 pub struct ProviderName(String);
 
+/// The pattern a provider name must match (also stated in the OpenAPI document).
+pub const PROVIDER_NAME_PATTERN: &str = "^[a-z]+$";
+/// Longest provider name, in characters.
+pub const PROVIDER_NAME_MAX_LEN: usize = 64;
+
 /// The rule, quoted in error messages.
 pub const PROVIDER_NAME_RULE: &str =
     "name must match ^[a-z]+$ (lowercase letters a-z only, no digits, dashes or underscores) and be at most 64 characters";
@@ -35,8 +40,8 @@ pub const PROVIDER_NAME_RULE: &str =
 impl ProviderName {
     pub fn parse(raw: &str) -> Result<Self, ValidationError> {
         static RE: OnceLock<Regex> = OnceLock::new();
-        let re = RE.get_or_init(|| Regex::new("^[a-z]+$").expect("static regex"));
-        if raw.len() > 64 || !re.is_match(raw) {
+        let re = RE.get_or_init(|| Regex::new(PROVIDER_NAME_PATTERN).expect("static regex"));
+        if raw.len() > PROVIDER_NAME_MAX_LEN || !re.is_match(raw) {
             return Err(ValidationError::new("name", PROVIDER_NAME_RULE));
         }
         Ok(Self(raw.to_owned()))
@@ -58,6 +63,35 @@ impl fmt::Display for ProviderName {
     }
 }
 
+/// Longest base URL, in bytes, as given and as stored.
+pub const BASE_URL_MAX_LEN: usize = 2048;
+
+/// What the OpenAPI document states about a base URL, as far as a regular
+/// expression can: https, an ASCII host name or dotted-quad IPv4, an optional
+/// port, a path of plain characters without `.`/`..` segments whose last
+/// segment is not `v1`, no userinfo, query or fragment. Every string it
+/// matches passes [`BaseUrl::parse`] (the SSRF policy is checked apart);
+/// the parser stays the authority and accepts more (IPv6 literals,
+/// percent-encoding, international names).
+pub const BASE_URL_PATTERN: &str = concat!(
+    "^https://",
+    // Host: a dotted-quad IPv4 address, or labels whose last one starts with
+    // a letter (URL parsing reads a numeric last label as an IPv4 number).
+    "((25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])(\\.(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])){3}",
+    "|([A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?\\.)*[A-Za-z]([A-Za-z0-9-]*[A-Za-z0-9])?)",
+    "(:([0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?",
+    // Path characters are those URL parsing never percent-encodes. Middle
+    // segments may be empty but are never `.` or `..` (which parsing
+    // resolves); the last non-empty one is not `v1` in any case.
+    "((/([A-Za-z0-9._~!$&'()*+,;=:@-]*[A-Za-z0-9_~!$&'()*+,;=:@-][A-Za-z0-9._~!$&'()*+,;=:@-]*|\\.{3,})?)*",
+    "/([A-Za-z0-9_~!$&'()*+,;=:@-]",
+    "|[A-UW-Za-uw-z0-9_~!$&'()*+,;=:@-][A-Za-z0-9._~!$&'()*+,;=:@-]",
+    "|[vV][A-Za-z02-9._~!$&'()*+,;=:@-]",
+    "|\\.[A-Za-z0-9_~!$&'()*+,;=:@-]",
+    "|[A-Za-z0-9._~!$&'()*+,;=:@-]{3,}))?",
+    "/*$"
+);
+
 /// A provider's base URL: https (or plain http, which only the operator's
 /// opt-in lets anyone save or call: [`BaseUrl::check_scheme`]), a host, no
 /// userinfo/query/fragment, no trailing `/`, not ending in `/v1`.
@@ -68,7 +102,7 @@ pub struct BaseUrl(String);
 impl BaseUrl {
     pub fn parse(raw: &str) -> Result<Self, ValidationError> {
         let err = |m: &str| ValidationError::new("base_url", m);
-        if raw.len() > 2048 {
+        if raw.len() > BASE_URL_MAX_LEN {
             return Err(err("base_url must be at most 2048 characters"));
         }
         let url = url::Url::parse(raw.trim()).map_err(|e| {
@@ -101,7 +135,7 @@ impl BaseUrl {
         // Percent-encoding can lengthen it: the limit holds for the stored
         // form too, so a saved value can always be submitted again.
         let stored = url.as_str().trim_end_matches('/');
-        if stored.len() > 2048 {
+        if stored.len() > BASE_URL_MAX_LEN {
             return Err(err("base_url must be at most 2048 characters"));
         }
         Ok(Self(stored.to_owned()))
@@ -164,6 +198,9 @@ pub enum ProviderStatus {
 }
 
 impl ProviderStatus {
+    /// Every status.
+    pub const ALL: [ProviderStatus; 2] = [ProviderStatus::Active, ProviderStatus::Inactive];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Active => "active",
@@ -190,6 +227,9 @@ pub enum Role {
 }
 
 impl Role {
+    /// Every role, highest first.
+    pub const ALL: [Role; 3] = [Role::Owner, Role::Admin, Role::Member];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Owner => "owner",
@@ -207,6 +247,9 @@ impl Role {
     }
 }
 
+/// Longest email address, in bytes.
+pub const EMAIL_MAX_LEN: usize = 320;
+
 /// A normalized email address (trimmed; compared case-insensitively).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Email(String);
@@ -214,7 +257,7 @@ pub struct Email(String);
 impl Email {
     pub fn parse(raw: &str) -> Result<Self, ValidationError> {
         let s = raw.trim();
-        let ok = s.len() <= 320
+        let ok = s.len() <= EMAIL_MAX_LEN
             && s.split_once('@').is_some_and(|(local, domain)| {
                 !local.is_empty() && !domain.is_empty() && !domain.contains('@')
             })
@@ -233,10 +276,18 @@ impl Email {
     }
 }
 
+/// Longest display name, in characters.
+pub const LABEL_MAX_CHARS: usize = 200;
+
+/// What [`parse_label`] accepts, for the OpenAPI document: something besides
+/// whitespace, and no control characters (category Cc).
+pub const LABEL_PATTERN: &str =
+    "^[^\\x00-\\x1f\\x7f-\\x9f]*[^\\s\\x00-\\x1f\\x7f-\\x9f][^\\x00-\\x1f\\x7f-\\x9f]*$";
+
 /// A free-text display name (organization, API key): 1–200 characters, no control characters.
 pub fn parse_label(field: &'static str, raw: &str) -> Result<String, ValidationError> {
     let s = raw.trim();
-    if s.is_empty() || s.chars().count() > 200 || s.chars().any(char::is_control) {
+    if s.is_empty() || s.chars().count() > LABEL_MAX_CHARS || s.chars().any(char::is_control) {
         return Err(ValidationError::new(
             field,
             format!("{field} must be 1 to 200 characters without control characters"),

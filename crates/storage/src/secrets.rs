@@ -12,7 +12,11 @@ use sha2::{Digest, Sha256};
 
 use crate::domain::ValidationError;
 
-const MAX_TOKEN_LEN: usize = 4096;
+/// Longest provider token, in bytes (ASCII, so characters too).
+pub const MAX_TOKEN_LEN: usize = 4096;
+/// What [`ProviderToken::parse`] accepts, for the OpenAPI document: printable
+/// ASCII without leading or trailing spaces.
+pub const TOKEN_PATTERN: &str = "^[!-~]([ -~]*[!-~])?$";
 
 /// An upstream provider's API token: non-empty, header-safe, never printed.
 #[derive(Clone)]

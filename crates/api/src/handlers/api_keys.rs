@@ -7,7 +7,7 @@ use storage::api_keys::ApiKey;
 use super::List;
 use crate::error::ApiError;
 use crate::extract::{role, Input, ItemId, OrgAccess, Query};
-use crate::input::{CreateApiKey, PageQuery};
+use crate::input::{CreateApiKey, PageQuery, PAGE_MAX};
 use crate::State;
 
 /// The creation answer: the key's fields plus the key, shown this once.
@@ -21,7 +21,7 @@ struct Created {
 pub async fn list(
     state: web::Data<State>,
     access: OrgAccess<role::Member>,
-    query: Query<PageQuery<200>>,
+    query: Query<PageQuery<PAGE_MAX>>,
 ) -> Result<HttpResponse, ApiError> {
     let q = query.into_inner()?;
     let page = state

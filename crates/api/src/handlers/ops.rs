@@ -1,4 +1,4 @@
-//! Health, readiness, the OpenAPI document and the answers for unknown routes.
+//! Health, readiness, the OpenAPI document and the answer for unknown routes.
 
 use actix_web::http::header::ContentType;
 use actix_web::{web, HttpResponse};
@@ -27,8 +27,4 @@ pub async fn openapi(state: web::Data<State>) -> HttpResponse {
 
 pub async fn route_not_found() -> Result<HttpResponse, ApiError> {
     Err(ApiError::RouteNotFound)
-}
-
-pub async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
-    Err(ApiError::MethodNotAllowed)
 }

@@ -7,7 +7,7 @@ use storage::logs::GroupBy;
 use super::List;
 use crate::error::ApiError;
 use crate::extract::{role, OrgAccess, Query};
-use crate::input::{LogQuery, PageQuery, UsageQuery};
+use crate::input::{LogQuery, PageQuery, UsageQuery, PAGE_MAX};
 use crate::State;
 
 pub async fn logs(
@@ -51,7 +51,7 @@ pub async fn usage(
 pub async fn audit_log(
     state: web::Data<State>,
     access: OrgAccess<role::Admin>,
-    query: Query<PageQuery<200>>,
+    query: Query<PageQuery<PAGE_MAX>>,
 ) -> Result<HttpResponse, ApiError> {
     let q = query.into_inner()?;
     let page = state
