@@ -11,30 +11,123 @@ use crate::Listener;
 
 /// Accepted sockets get `TCP_NODELAY`: responses written in several parts
 /// (streams above all) must not wait for the client's delayed ACK.
-fn nodelay(conn: &dyn std::any::Any, _: &mut actix_web::dev::Extensions) {
+fn nodelay(conn: &dyn std::any::Any, ext: &mut actix_web::dev::Extensions) {
     if let Some(tcp) = conn.downcast_ref::<tokio::net::TcpStream>() {
         let _ = tcp.set_nodelay(true);
     }
+    ext.insert(conn_cap::InFlight::default());
 }
 
+/// A cap on the requests one connection has in flight. actix-http does not
+/// expose HTTP/2's `SETTINGS_MAX_CONCURRENT_STREAMS`, so one h2c connection
+/// could otherwise open streams without end; each stream past the cap is
+/// answered at once (429) and freed. HTTP/1 serves one request of a
+/// connection at a time, so there the cap never bites.
+mod conn_cap {
+    use std::pin::Pin;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::task::{Context, Poll};
+
+    use actix_web::body::{BodySize, BoxBody, EitherBody, MessageBody};
+    use actix_web::dev::{ServiceRequest, ServiceResponse};
+    use actix_web::middleware::Next;
+    use actix_web::web::Bytes;
+    use actix_web::HttpResponse;
+
+    /// Requests of one connection at most in flight (headers to last body byte).
+    pub const MAX_IN_FLIGHT_PER_CONNECTION: usize = 100;
+
+    /// The per-connection counter, set by `on_connect`.
+    #[derive(Clone, Default)]
+    pub struct InFlight(Arc<AtomicUsize>);
+
+    struct Slot(Arc<AtomicUsize>);
+
+    impl Drop for Slot {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// The response body, holding its connection slot until it is sent or dropped.
+    pub struct Held {
+        body: BoxBody,
+        _slot: Slot,
+    }
+
+    impl MessageBody for Held {
+        type Error = Box<dyn std::error::Error>;
+
+        fn size(&self) -> BodySize {
+            self.body.size()
+        }
+
+        fn poll_next(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Bytes, Self::Error>>> {
+            Pin::new(&mut self.get_mut().body).poll_next(cx)
+        }
+    }
+
+    pub async fn limit(
+        req: ServiceRequest,
+        next: Next<impl MessageBody + 'static>,
+    ) -> Result<ServiceResponse<EitherBody<Held, BoxBody>>, actix_web::Error> {
+        let Some(counter) = req.conn_data::<InFlight>().map(|c| c.0.clone()) else {
+            let res = next.call(req).await?;
+            return Ok(res.map_into_boxed_body().map_into_right_body());
+        };
+        let slot = Slot(counter.clone());
+        if counter.fetch_add(1, Ordering::AcqRel) >= MAX_IN_FLIGHT_PER_CONNECTION {
+            drop(slot);
+            let refused = HttpResponse::TooManyRequests()
+                .insert_header(("retry-after", "1"))
+                .json(serde_json::json!({"error": {
+                    "message": format!("at most {MAX_IN_FLIGHT_PER_CONNECTION} requests may be in flight on one connection; open another connection or wait"),
+                    "type": "rate_limit_exceeded",
+                    "param": null,
+                    "code": "rate_limit_exceeded",
+                }}));
+            return Ok(req.into_response(refused).map_into_right_body());
+        }
+        let res = next.call(req).await?;
+        Ok(res
+            .map_into_boxed_body()
+            .map_body(|_, body| Held { body, _slot: slot })
+            .map_into_left_body())
+    }
+}
+
+/// `h2c`: also serve HTTP/2 without TLS (prior knowledge) on this listener.
 fn bind<F>(
     name: &str,
     addr: std::net::SocketAddr,
     workers: usize,
     cfg: &Config,
+    h2c: bool,
     configure: F,
 ) -> Result<actix_web::dev::Server, String>
 where
     F: Fn(&mut web::ServiceConfig) + Clone + Send + 'static,
 {
-    let server = HttpServer::new(move || App::new().configure(configure.clone()))
-        .workers(workers)
-        .disable_signals()
-        .shutdown_timeout(cfg.shutdown_grace.as_secs().max(1))
-        .client_request_timeout(Duration::from_secs(30))
-        .on_connect(nodelay)
-        .bind_auto_h2c(addr)
-        .map_err(|e| format!("cannot listen on {addr} ({name}): {e}"))?;
+    let server = HttpServer::new(move || {
+        App::new()
+            .wrap(actix_web::middleware::from_fn(conn_cap::limit))
+            .configure(configure.clone())
+    })
+    .workers(workers)
+    .disable_signals()
+    .shutdown_timeout(cfg.shutdown_grace.as_secs().max(1))
+    .client_request_timeout(Duration::from_secs(30))
+    .on_connect(nodelay);
+    let server = if h2c {
+        server.bind_auto_h2c(addr)
+    } else {
+        server.bind(addr)
+    }
+    .map_err(|e| format!("cannot listen on {addr} ({name}): {e}"))?;
     tracing::info!(%addr, listener = name, "listening");
     Ok(server.run())
 }
@@ -92,6 +185,7 @@ pub async fn serve(cfg: Config, only: Option<Listener>) -> Result<(), String> {
             cfg.gateway_addr,
             cfg.gateway_workers,
             &cfg,
+            true,
             move |c| g.configure(c),
         )?);
         gateway = Some(gw);
@@ -105,9 +199,12 @@ pub async fn serve(cfg: Config, only: Option<Listener>) -> Result<(), String> {
                 max_body_bytes: cfg.max_body_bytes,
                 allow_private: cfg.allow_private,
                 upstream: upstream.clone(),
+                trusted_proxies: cfg.trusted_proxies.clone(),
             },
         );
-        servers.push(bind("api", cfg.api_addr, 2, &cfg, move |c| {
+        // HTTP/1 only: nothing on the API needs HTTP/2, and h2c would let
+        // one connection run any number of logins at once.
+        servers.push(bind("api", cfg.api_addr, 2, &cfg, false, move |c| {
             api.configure(c)
         })?);
     }

@@ -54,6 +54,7 @@ pub struct Opts {
     pub max_body_bytes: usize,
     pub session_ttl: Duration,
     pub ca_file: Option<PathBuf>,
+    pub trusted_proxies: api::TrustedProxies,
 }
 
 impl Default for Opts {
@@ -64,6 +65,7 @@ impl Default for Opts {
             max_body_bytes: 64 * 1024,
             session_ttl: Duration::from_secs(3600),
             ca_file: None,
+            trusted_proxies: api::TrustedProxies::default(),
         }
     }
 }
@@ -146,6 +148,7 @@ impl TestApp {
                 max_body_bytes: opts.max_body_bytes,
                 allow_private: opts.allow_private,
                 upstream,
+                trusted_proxies: opts.trusted_proxies.clone(),
             },
         );
         let (base, handle) = spawn_http(move |cfg| api.configure(cfg));
