@@ -9,4 +9,5 @@ mod http;
 mod orgs;
 mod providers;
 mod secrets;
+mod throttle;
 mod usage;
