@@ -401,11 +401,14 @@ fn work(rx: &std::sync::Mutex<std::sync::mpsc::Receiver<Job>>) {
         if job.reply.is_closed() {
             continue; // the client went away while queued
         }
-        let outcome = match &job.task {
+        // A panic must not cost the pool a worker; the caller sees `Stopped`.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &job.task {
             Task::Hash(pw) => Outcome::Hashed(workspace.hash(pw)),
             Task::Verify(stored, pw) => Outcome::Verified(workspace.verify(stored.as_deref(), pw)),
-        };
-        let _ = job.reply.send(outcome);
+        }));
+        if let Ok(outcome) = outcome {
+            let _ = job.reply.send(outcome);
+        }
     }
 }
 

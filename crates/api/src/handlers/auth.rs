@@ -58,9 +58,11 @@ pub async fn signup(
     }
     throttle_address(&state, &req)?;
     let Signup { email, password } = input.into_inner()?;
-    state.throttle.check_email(email.as_str())?;
     // argon2id runs on the bounded password pool, never on the async workers.
-    let hash = state.passwords.reserve()?.hash(password).await?;
+    // A refusal for a full pool does not spend the email's budget.
+    let slot = state.passwords.reserve()?;
+    state.throttle.check_email(email.as_str())?;
+    let hash = slot.hash(password).await?;
     let token = SessionToken::generate();
     let expires_at = session_expiry(&state)?;
     let user = state
@@ -84,10 +86,12 @@ pub async fn login(
 ) -> Result<HttpResponse, ApiError> {
     throttle_address(&state, &req)?;
     let Login { email, password } = input.into_inner()?;
-    state.throttle.check_email(&email)?;
     // Reserved before the lookup, for known and unknown emails alike: a
-    // refusal costs no database work and says nothing about the account.
+    // refusal costs no database work and says nothing about the account;
+    // and before the email's throttle, so a user retrying on 503 `busy`
+    // does not spend their budget.
     let slot = state.passwords.reserve()?;
+    state.throttle.check_email(&email)?;
     let creds = match Email::parse(&email) {
         Ok(email) => state.db.user_credentials(&email).await?,
         Err(_) => None,
