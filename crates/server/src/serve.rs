@@ -82,8 +82,12 @@ mod conn_cap {
         let slot = Slot(counter.clone());
         if counter.fetch_add(1, Ordering::AcqRel) >= MAX_IN_FLIGHT_PER_CONNECTION {
             drop(slot);
+            // Refused outside the gateway's own middleware: give it the
+            // headers every gateway answer carries.
             let refused = HttpResponse::TooManyRequests()
                 .insert_header(("retry-after", "1"))
+                .insert_header(("x-content-type-options", "nosniff"))
+                .insert_header(("x-request-id", uuid::Uuid::new_v4().to_string()))
                 .json(serde_json::json!({"error": {
                     "message": format!("at most {MAX_IN_FLIGHT_PER_CONNECTION} requests may be in flight on one connection; open another connection or wait"),
                     "type": "rate_limit_exceeded",
