@@ -65,6 +65,10 @@ pub enum ApiError {
     Conflict(&'static str),
     #[error("the organization must keep at least one owner")]
     LastOwner,
+    #[error("too many attempts; retry after {retry_after_secs} s")]
+    TooManyRequests { retry_after_secs: u64 },
+    #[error("the server is busy, try again shortly")]
+    Busy,
     #[error("the database is unavailable, try again shortly")]
     Unavailable(#[source] Option<StorageError>),
     #[error("internal error")]
@@ -140,6 +144,16 @@ pub const LAST_OWNER: ErrorKind = kind(
     "last_owner",
     "the last owner can neither leave nor be demoted",
 );
+pub const TOO_MANY_REQUESTS: ErrorKind = kind(
+    429,
+    "too_many_requests",
+    "too many login or signup attempts from this address or for this email; see Retry-After",
+);
+pub const BUSY: ErrorKind = kind(
+    503,
+    "busy",
+    "every password-hashing slot is taken; see Retry-After",
+);
 pub const UNAVAILABLE: ErrorKind = kind(
     503,
     "database_unavailable",
@@ -166,6 +180,8 @@ pub const ALL_KINDS: &[ErrorKind] = &[
     METHOD_NOT_ALLOWED,
     CONFLICT,
     LAST_OWNER,
+    TOO_MANY_REQUESTS,
+    BUSY,
     UNAVAILABLE,
     INTERNAL,
 ];
@@ -186,6 +202,8 @@ impl ApiError {
             Self::MethodNotAllowed(_) => METHOD_NOT_ALLOWED,
             Self::Conflict(_) => CONFLICT,
             Self::LastOwner => LAST_OWNER,
+            Self::TooManyRequests { .. } => TOO_MANY_REQUESTS,
+            Self::Busy => BUSY,
             Self::Unavailable(_) => UNAVAILABLE,
             Self::Internal(_) => INTERNAL,
         }
@@ -217,6 +235,15 @@ impl From<StorageError> for ApiError {
 impl From<ValidationError> for ApiError {
     fn from(e: ValidationError) -> Self {
         Self::Validation(vec![e.into()])
+    }
+}
+
+impl From<storage::secrets::PasswordPoolError> for ApiError {
+    fn from(e: storage::secrets::PasswordPoolError) -> Self {
+        match e {
+            storage::secrets::PasswordPoolError::Busy => Self::Busy,
+            e => Self::internal(e),
+        }
     }
 }
 
@@ -258,8 +285,14 @@ impl ResponseError for ApiError {
         if self.kind().status == 401 {
             res.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
         }
-        if matches!(self, Self::Unavailable(_)) {
-            res.insert_header((header::RETRY_AFTER, "1"));
+        match self {
+            Self::Unavailable(_) | Self::Busy => {
+                res.insert_header((header::RETRY_AFTER, "1"));
+            }
+            Self::TooManyRequests { retry_after_secs } => {
+                res.insert_header((header::RETRY_AFTER, retry_after_secs.to_string()));
+            }
+            _ => {}
         }
         if let Self::MethodNotAllowed(allow) = self {
             res.insert_header((header::ALLOW, allow.as_str()));

@@ -23,8 +23,10 @@ mod input;
 mod middleware;
 mod openapi;
 mod routes;
+mod throttle;
 
 pub use error::{ApiError, FieldError};
+pub use throttle::TrustedProxies;
 
 /// Settings of the API listener.
 #[derive(Debug, Clone)]
@@ -44,7 +46,14 @@ pub struct ApiConfig {
     pub allow_private: bool,
     /// The SSRF-guarded client used by `POST …/provider-keys/{id}/test`.
     pub upstream: upstream::UpstreamClient,
+    /// `LLMGW_TRUSTED_PROXIES`: peers whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: TrustedProxies,
 }
+
+/// Password-hashing threads: one per core, at most this many (19 MiB each).
+const MAX_PASSWORD_WORKERS: usize = 4;
+/// Logins and signups that may wait for a password thread, per thread.
+const PASSWORD_QUEUE_PER_WORKER: usize = 8;
 
 /// Shared state of the handlers.
 pub(crate) struct State {
@@ -52,6 +61,9 @@ pub(crate) struct State {
     pub cfg: ApiConfig,
     /// The OpenAPI document, rendered once.
     pub openapi: String,
+    /// Where every argon2 computation runs: bounded threads and memory.
+    pub passwords: storage::secrets::PasswordPool,
+    pub throttle: throttle::AuthThrottle,
 }
 
 /// The settings API, ready to be mounted on an actix-web `App`.
@@ -61,10 +73,24 @@ pub struct Api {
 }
 
 impl Api {
+    /// Starts the password-hashing threads; panics if the OS refuses them
+    /// (only at startup, when nothing else could run either).
     pub fn new(db: storage::Db, cfg: ApiConfig) -> Self {
         let openapi = openapi::document(&routes::routes()).to_string();
+        let workers = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(MAX_PASSWORD_WORKERS);
+        let passwords =
+            storage::secrets::PasswordPool::new(workers, workers * PASSWORD_QUEUE_PER_WORKER)
+                .expect("cannot start the password-hashing threads");
         Self {
-            state: Arc::new(State { db, cfg, openapi }),
+            state: Arc::new(State {
+                db,
+                cfg,
+                openapi,
+                passwords,
+                throttle: throttle::AuthThrottle::new(),
+            }),
         }
     }
 

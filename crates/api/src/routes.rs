@@ -235,7 +235,7 @@ pub fn routes() -> Vec<Route> {
             query: &[],
             body: Some("Signup"),
             ok: (201, Some("Session")),
-            errors: &[403, 409],
+            errors: &[403, 409, 429],
             handler: |r| r.to(auth::signup),
         },
         Route {
@@ -248,7 +248,7 @@ pub fn routes() -> Vec<Route> {
             query: &[],
             body: Some("Login"),
             ok: (200, Some("Session")),
-            errors: &[401],
+            errors: &[401, 429],
             handler: |r| r.to(auth::login),
         },
         Route {

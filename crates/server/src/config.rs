@@ -49,6 +49,7 @@ pub struct Config {
     pub log_queue_capacity: usize,
     pub log_batch_size: usize,
     pub log_flush_interval: Duration,
+    pub trusted_proxies: api::TrustedProxies,
 }
 
 impl std::fmt::Debug for Config {
@@ -244,6 +245,13 @@ impl Config {
             log_queue_capacity: positive(env, "LLMGW_LOG_QUEUE_CAPACITY", 100_000)?,
             log_batch_size: positive(env, "LLMGW_LOG_BATCH_SIZE", 500)?,
             log_flush_interval: millis(env, "LLMGW_LOG_FLUSH_INTERVAL_MS", 200)?,
+            trusted_proxies: api::TrustedProxies::parse(
+                &get(env, "LLMGW_TRUSTED_PROXIES").unwrap_or_default(),
+            )
+            .map_err(|message| ConfigError {
+                var: "LLMGW_TRUSTED_PROXIES",
+                message,
+            })?,
         })
     }
 }
@@ -288,6 +296,7 @@ mod tests {
             ("LLMGW_LOG_FORMAT", "xml"),
             ("LLMGW_ENCRYPTION_KEYS", "1:short"),
             ("LLMGW_UPSTREAM_CA_FILE", "/does/not/exist.pem"),
+            ("LLMGW_TRUSTED_PROXIES", "10.0.0.0/8,proxy.internal"),
             ("DATABASE_URL", "mysql://x"),
         ] {
             let e = cfg(&[(var, val)]).unwrap_err();

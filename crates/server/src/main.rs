@@ -1,6 +1,7 @@
 //! `llmgw`: the gateway and settings API in one binary.
 
 mod config;
+mod conn_cap;
 mod database;
 mod serve;
 

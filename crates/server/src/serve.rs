@@ -7,14 +7,16 @@ use upstream::{UpstreamClient, UpstreamConfig};
 
 use crate::config::Config;
 use crate::database::{self, error_chain};
+use crate::conn_cap;
 use crate::Listener;
 
 /// Accepted sockets get `TCP_NODELAY`: responses written in several parts
 /// (streams above all) must not wait for the client's delayed ACK.
-fn nodelay(conn: &dyn std::any::Any, _: &mut actix_web::dev::Extensions) {
+fn nodelay(conn: &dyn std::any::Any, ext: &mut actix_web::dev::Extensions) {
     if let Some(tcp) = conn.downcast_ref::<tokio::net::TcpStream>() {
         let _ = tcp.set_nodelay(true);
     }
+    ext.insert(conn_cap::InFlight::default());
 }
 
 /// How long a listener waits for a request head, and how many connections
@@ -22,6 +24,8 @@ fn nodelay(conn: &dyn std::any::Any, _: &mut actix_web::dev::Extensions) {
 struct Limits {
     head_timeout: Duration,
     max_connections: Option<usize>,
+    /// Also serve HTTP/2 without TLS (prior knowledge) on this listener.
+    h2c: bool,
 }
 
 /// The API's clients are browsers and scripts on short requests: a head
@@ -39,12 +43,16 @@ fn bind<F>(
 where
     F: Fn(&mut web::ServiceConfig) + Clone + Send + 'static,
 {
-    let mut server = HttpServer::new(move || App::new().configure(configure.clone()))
-        .workers(workers)
-        .disable_signals()
-        .shutdown_timeout(cfg.shutdown_grace.as_secs().max(1))
-        .client_request_timeout(limits.head_timeout)
-        .on_connect(nodelay);
+    let mut server = HttpServer::new(move || {
+        App::new()
+            .wrap(actix_web::middleware::from_fn(conn_cap::limit))
+            .configure(configure.clone())
+    })
+    .workers(workers)
+    .disable_signals()
+    .shutdown_timeout(cfg.shutdown_grace.as_secs().max(1))
+    .client_request_timeout(limits.head_timeout)
+    .on_connect(nodelay);
     if let Some(total) = limits.max_connections {
         // actix counts per worker; beyond the limit the listener stops
         // accepting and new connections wait in the kernel's queue until a
@@ -52,9 +60,12 @@ where
         // keep-alive timeout), so they are delayed, never refused or lost.
         server = server.max_connections(total.div_ceil(workers).max(1));
     }
-    let server = server
-        .bind_auto_h2c(addr)
-        .map_err(|e| format!("cannot listen on {addr} ({name}): {e}"))?;
+    let server = if limits.h2c {
+        server.bind_auto_h2c(addr)
+    } else {
+        server.bind(addr)
+    }
+    .map_err(|e| format!("cannot listen on {addr} ({name}): {e}"))?;
     tracing::info!(%addr, listener = name, "listening");
     Ok(server.run())
 }
@@ -118,6 +129,7 @@ pub async fn serve(cfg: Config, only: Option<Listener>) -> Result<(), String> {
             Limits {
                 head_timeout: Duration::from_secs(30),
                 max_connections: None,
+                h2c: true,
             },
             &cfg,
             move |c| g.configure(c),
@@ -135,11 +147,15 @@ pub async fn serve(cfg: Config, only: Option<Listener>) -> Result<(), String> {
                 max_body_bytes: cfg.max_body_bytes,
                 allow_private: cfg.allow_private,
                 upstream: upstream.clone(),
+                trusted_proxies: cfg.trusted_proxies.clone(),
             },
         );
+        // HTTP/1 only: nothing on the API needs HTTP/2, and h2c would let
+        // one connection run any number of logins at once.
         let limits = Limits {
             head_timeout: API_HEAD_TIMEOUT,
             max_connections: Some(cfg.api_max_connections),
+            h2c: false,
         };
         servers.push(bind("api", cfg.api_addr, 2, limits, &cfg, move |c| {
             api.configure(c)

@@ -4,8 +4,8 @@
 use std::fmt;
 use std::sync::OnceLock;
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use argon2::{Algorithm, Argon2, Params, Version};
+use argon2::password_hash::{Output, ParamsString, PasswordHash, Salt, SaltString};
+use argon2::{Algorithm, Argon2, Block, Params, Version};
 use rand::distributions::{Alphanumeric, DistString};
 pub use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
@@ -151,40 +151,269 @@ pub fn sha256(value: &str) -> [u8; 32] {
     digest(value)
 }
 
+// OWASP: argon2id, m = 19 MiB, t = 2, p = 1.
+const ARGON2_M_KIB: u32 = 19 * 1024;
+const ARGON2_T: u32 = 2;
+const ARGON2_P: u32 = 1;
+const ARGON2_OUTPUT_LEN: usize = 32;
+
 fn argon2() -> Argon2<'static> {
-    // OWASP: argon2id, m = 19 MiB, t = 2, p = 1.
-    let params = Params::new(19 * 1024, 2, 1, None).expect("static argon2 parameters are valid");
+    let params = Params::new(ARGON2_M_KIB, ARGON2_T, ARGON2_P, Some(ARGON2_OUTPUT_LEN))
+        .expect("static argon2 parameters are valid");
     Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
 }
 
-/// Hashes a password with argon2id (CPU-heavy: call from a blocking thread).
-pub fn hash_password(password: &SecretString) -> String {
-    let salt = SaltString::generate(&mut rand::rngs::OsRng);
-    argon2()
-        .hash_password(password.expose_secret().as_bytes(), &salt)
-        .expect("argon2 hashing with valid parameters cannot fail")
-        .to_string()
+/// The memory of one argon2id computation (19 MiB), allocated once and reused.
+///
+/// glibc keeps freed buffers of this size in its arenas, so allocating one per
+/// hash makes a burst of logins leave the process gigabytes larger; a fixed set
+/// of workspaces keeps resident memory flat.
+pub struct PasswordWorkspace {
+    blocks: Vec<Block>,
 }
 
+impl Default for PasswordWorkspace {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PasswordWorkspace {
+    pub fn new() -> Self {
+        // `vec!` writes every block, so the pages are resident from here on
+        // and a burst does not grow the process.
+        Self {
+            blocks: vec![Block::default(); argon2().params().block_count()],
+        }
+    }
+
+    /// Hashes a password with argon2id into a PHC string (CPU-heavy: call from a blocking thread).
+    pub fn hash(&mut self, password: &SecretString) -> String {
+        let salt = SaltString::generate(&mut rand::rngs::OsRng);
+        let mut salt_buf = [0u8; 64];
+        let salt_bytes = salt
+            .decode_b64(&mut salt_buf)
+            .expect("a generated salt decodes");
+        let a = argon2();
+        let output = Output::init_with(ARGON2_OUTPUT_LEN, |out| {
+            a.hash_password_into_with_memory(
+                password.expose_secret().as_bytes(),
+                salt_bytes,
+                out,
+                &mut self.blocks,
+            )
+            .map_err(Into::into)
+        })
+        .expect("argon2 hashing with valid parameters cannot fail");
+        PasswordHash {
+            algorithm: Algorithm::Argon2id.ident(),
+            version: Some(Version::V0x13.into()),
+            params: ParamsString::try_from(a.params()).expect("static parameters encode"),
+            salt: Some(salt.as_salt()),
+            hash: Some(output),
+        }
+        .to_string()
+    }
+
+    /// Verifies a password; with no stored hash it still runs a full verification
+    /// so an unknown account takes as long as a wrong password.
+    pub fn verify(&mut self, stored: Option<&str>, password: &SecretString) -> bool {
+        let (hash, known) = match stored {
+            Some(h) => (h, true),
+            None => (dummy_hash(), false),
+        };
+        let ok = self.recompute_matches(hash, password).unwrap_or(false);
+        ok && known
+    }
+
+    /// Recomputes the hash with the stored salt and parameters into this
+    /// workspace; `None` for a string that is not an argon2 hash this
+    /// workspace can compute (a larger memory cost, say).
+    fn recompute_matches(&mut self, phc: &str, password: &SecretString) -> Option<bool> {
+        let parsed = PasswordHash::new(phc).ok()?;
+        let algorithm = Algorithm::try_from(parsed.algorithm).ok()?;
+        let version = match parsed.version {
+            Some(v) => Version::try_from(v).ok()?,
+            None => Version::default(),
+        };
+        let params = Params::try_from(&parsed).ok()?;
+        let expected = parsed.hash?;
+        let mut salt_buf = [0u8; 64];
+        let salt = parsed.salt?.decode_b64(&mut salt_buf).ok()?;
+        let a = Argon2::new(algorithm, version, params);
+        let computed = Output::init_with(expected.len(), |out| {
+            a.hash_password_into_with_memory(
+                password.expose_secret().as_bytes(),
+                salt,
+                out,
+                &mut self.blocks,
+            )
+            .map_err(Into::into)
+        })
+        .ok()?;
+        // `Output`'s equality is constant-time.
+        Some(computed == expected)
+    }
+}
+
+/// A well-formed hash with our parameters that no password matches, verified
+/// against when the account does not exist.
 fn dummy_hash() -> &'static str {
     static DUMMY: OnceLock<String> = OnceLock::new();
-    DUMMY.get_or_init(|| hash_password(&SecretString::from("llmgw-dummy-password".to_owned())))
+    DUMMY.get_or_init(|| {
+        let a = argon2();
+        PasswordHash {
+            algorithm: Algorithm::Argon2id.ident(),
+            version: Some(Version::V0x13.into()),
+            params: ParamsString::try_from(a.params()).expect("static parameters encode"),
+            salt: Some(Salt::from_b64("bGxtZ3ctbm8tc3VjaC11c2Vy").expect("static salt")),
+            hash: Some(Output::new(&[0u8; ARGON2_OUTPUT_LEN]).expect("static output")),
+        }
+        .to_string()
+    })
 }
 
-/// Verifies a password; with no stored hash it still runs a full verification
-/// so an unknown account takes as long as a wrong password.
+/// Hashes a password with argon2id (CPU-heavy: call from a blocking thread).
+/// Allocates a workspace for this one call: for the CLI and tests; servers use a [`PasswordPool`].
+pub fn hash_password(password: &SecretString) -> String {
+    PasswordWorkspace::new().hash(password)
+}
+
+/// [`PasswordWorkspace::verify`] with a workspace for this one call.
 pub fn verify_password(stored: Option<&str>, password: &SecretString) -> bool {
-    let (hash, known) = match stored {
-        Some(h) => (h, true),
-        None => (dummy_hash(), false),
-    };
-    let Ok(parsed) = PasswordHash::new(hash) else {
-        return false;
-    };
-    let ok = argon2()
-        .verify_password(password.expose_secret().as_bytes(), &parsed)
-        .is_ok();
-    ok && known
+    PasswordWorkspace::new().verify(stored, password)
+}
+
+/// The password pool cannot take another job now; the client should retry shortly.
+#[derive(Debug, thiserror::Error)]
+pub enum PasswordPoolError {
+    #[error("every password worker is busy and the wait queue is full")]
+    Busy,
+    #[error("the password worker stopped before answering")]
+    Stopped,
+}
+
+enum Task {
+    Hash(SecretString),
+    Verify(Option<String>, SecretString),
+}
+
+enum Outcome {
+    Hashed(String),
+    Verified(bool),
+}
+
+struct Job {
+    task: Task,
+    reply: tokio::sync::oneshot::Sender<Outcome>,
+    // Held until the work is done, so admission counts running jobs too.
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// A few dedicated threads, each with its own [`PasswordWorkspace`], and a
+/// short wait queue: hashing work and its memory are bounded whatever the
+/// number of concurrent logins; past the queue callers get [`PasswordPoolError::Busy`].
+pub struct PasswordPool {
+    jobs: std::sync::mpsc::SyncSender<Job>,
+    admission: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+impl PasswordPool {
+    /// Starts `workers` threads (each holding 19 MiB) and admits at most
+    /// `workers + queue` jobs at once.
+    pub fn new(workers: usize, queue: usize) -> std::io::Result<Self> {
+        let workers = workers.max(1);
+        let capacity = workers + queue;
+        let (jobs, rx) = std::sync::mpsc::sync_channel::<Job>(capacity);
+        let rx = std::sync::Arc::new(std::sync::Mutex::new(rx));
+        for i in 0..workers {
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name(format!("llmgw-argon2-{i}"))
+                .spawn(move || work(&rx))?;
+        }
+        Ok(Self {
+            jobs,
+            admission: std::sync::Arc::new(tokio::sync::Semaphore::new(capacity)),
+        })
+    }
+
+    /// Takes a place in the pool now, or answers `Busy` at once. Reserve
+    /// before any other work (a database lookup) so a refused request costs nothing.
+    pub fn reserve(&self) -> Result<PasswordSlot<'_>, PasswordPoolError> {
+        let permit = self
+            .admission
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| PasswordPoolError::Busy)?;
+        Ok(PasswordSlot { pool: self, permit })
+    }
+}
+
+/// A reserved place in the [`PasswordPool`]; dropping it unused gives it back.
+pub struct PasswordSlot<'a> {
+    pool: &'a PasswordPool,
+    permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl PasswordSlot<'_> {
+    async fn run(self, task: Task) -> Result<Outcome, PasswordPoolError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job = Job {
+            task,
+            reply,
+            _permit: self.permit,
+        };
+        // The channel holds as many jobs as there are permits: never full here.
+        self.pool.jobs.try_send(job).map_err(|e| match e {
+            std::sync::mpsc::TrySendError::Full(_) => PasswordPoolError::Busy,
+            std::sync::mpsc::TrySendError::Disconnected(_) => PasswordPoolError::Stopped,
+        })?;
+        answer.await.map_err(|_| PasswordPoolError::Stopped)
+    }
+
+    /// [`PasswordWorkspace::hash`] on a pool thread.
+    pub async fn hash(self, password: SecretString) -> Result<String, PasswordPoolError> {
+        match self.run(Task::Hash(password)).await? {
+            Outcome::Hashed(h) => Ok(h),
+            Outcome::Verified(_) => Err(PasswordPoolError::Stopped),
+        }
+    }
+
+    /// [`PasswordWorkspace::verify`] on a pool thread.
+    pub async fn verify(
+        self,
+        stored: Option<String>,
+        password: SecretString,
+    ) -> Result<bool, PasswordPoolError> {
+        match self.run(Task::Verify(stored, password)).await? {
+            Outcome::Verified(ok) => Ok(ok),
+            Outcome::Hashed(_) => Err(PasswordPoolError::Stopped),
+        }
+    }
+}
+
+fn work(rx: &std::sync::Mutex<std::sync::mpsc::Receiver<Job>>) {
+    let mut workspace = PasswordWorkspace::new();
+    loop {
+        // The guard is dropped at the end of the statement: other workers
+        // take the next job while this one hashes.
+        let next = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+        let Ok(job) = next else {
+            return; // the pool was dropped
+        };
+        if job.reply.is_closed() {
+            continue; // the client went away while queued
+        }
+        // A panic must not cost the pool a worker; the caller sees `Stopped`.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &job.task {
+            Task::Hash(pw) => Outcome::Hashed(workspace.hash(pw)),
+            Task::Verify(stored, pw) => Outcome::Verified(workspace.verify(stored.as_deref(), pw)),
+        }));
+        if let Ok(outcome) = outcome {
+            let _ = job.reply.send(outcome);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -236,5 +465,36 @@ mod tests {
         ));
         assert!(!verify_password(None, &pw));
         assert!(!verify_password(Some("not a hash"), &pw));
+    }
+
+    #[test]
+    fn hashes_made_by_the_argon2_crate_still_verify() {
+        use argon2::password_hash::PasswordHasher;
+        let pw = SecretString::from("correct horse battery".to_owned());
+        let salt = SaltString::generate(&mut rand::rngs::OsRng);
+        let old = argon2()
+            .hash_password(pw.expose_secret().as_bytes(), &salt)
+            .unwrap()
+            .to_string();
+        let mut ws = PasswordWorkspace::new();
+        assert!(ws.verify(Some(&old), &pw));
+        assert!(!ws.verify(Some(&old), &SecretString::from("wrong".to_owned())));
+        // A cost above the workspace's memory is refused, not allocated.
+        let big = old.replace("m=19456", "m=65536");
+        assert!(!ws.verify(Some(&big), &pw));
+        assert!(dummy_hash().starts_with("$argon2id$v=19$m=19456,t=2,p=1$"));
+    }
+
+    #[tokio::test]
+    async fn pool_refuses_past_its_capacity_and_keeps_working() {
+        let pool = PasswordPool::new(1, 1).unwrap();
+        let a = pool.reserve().unwrap();
+        let b = pool.reserve().unwrap();
+        assert!(matches!(pool.reserve(), Err(PasswordPoolError::Busy)));
+        let pw = SecretString::from("correct horse battery".to_owned());
+        let hash = a.hash(pw.clone()).await.unwrap();
+        assert!(b.verify(Some(hash.clone()), pw.clone()).await.unwrap());
+        let c = pool.reserve().unwrap();
+        assert!(!c.verify(None, pw).await.unwrap());
     }
 }

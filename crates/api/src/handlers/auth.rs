@@ -1,15 +1,16 @@
 //! Accounts and sessions.
 
-use actix_web::{web, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use storage::accounts::User;
 use storage::domain::Email;
-use storage::secrets::{hash_password, verify_password, SessionToken};
+use storage::secrets::SessionToken;
 
 use crate::error::ApiError;
 use crate::extract::{Input, Session};
 use crate::input::{Login, Signup};
+use crate::throttle::client_ip;
 use crate::State;
 
 /// A new session; the only answer that carries a session token.
@@ -39,16 +40,29 @@ async fn start_session(state: &State, user: User) -> Result<NewSession, ApiError
     })
 }
 
+/// Counts the attempt against the client address before anything else, so
+/// a flood of malformed or unknown-account requests is throttled too.
+fn throttle_address(state: &State, req: &HttpRequest) -> Result<(), ApiError> {
+    state
+        .throttle
+        .check_address(client_ip(req, &state.cfg.trusted_proxies))
+}
+
 pub async fn signup(
     state: web::Data<State>,
+    req: HttpRequest,
     input: Input<Signup>,
 ) -> Result<HttpResponse, ApiError> {
     if !state.cfg.allow_signup {
         return Err(ApiError::SignupDisabled);
     }
+    throttle_address(&state, &req)?;
     let Signup { email, password } = input.into_inner()?;
-    // argon2id is CPU-heavy: keep it off the async workers.
-    let hash = tokio::task::spawn_blocking(move || hash_password(&password)).await?;
+    // argon2id runs on the bounded password pool, never on the async workers.
+    // A refusal for a full pool does not spend the email's budget.
+    let slot = state.passwords.reserve()?;
+    state.throttle.check_email(email.as_str())?;
+    let hash = slot.hash(password).await?;
     let token = SessionToken::generate();
     let expires_at = session_expiry(&state)?;
     let user = state
@@ -63,9 +77,21 @@ pub async fn signup(
 }
 
 /// Unknown email, malformed email and wrong password all take a full argon2
-/// verification and get the same 401.
-pub async fn login(state: web::Data<State>, input: Input<Login>) -> Result<HttpResponse, ApiError> {
+/// verification and get the same 401. Throttled per address and per email
+/// (429), and refused with 503 `busy` when the password pool is full.
+pub async fn login(
+    state: web::Data<State>,
+    req: HttpRequest,
+    input: Input<Login>,
+) -> Result<HttpResponse, ApiError> {
+    throttle_address(&state, &req)?;
     let Login { email, password } = input.into_inner()?;
+    // Reserved before the lookup, for known and unknown emails alike: a
+    // refusal costs no database work and says nothing about the account;
+    // and before the email's throttle, so a user retrying on 503 `busy`
+    // does not spend their budget.
+    let slot = state.passwords.reserve()?;
+    state.throttle.check_email(&email)?;
     let creds = match Email::parse(&email) {
         Ok(email) => state.db.user_credentials(&email).await?,
         Err(_) => None,
@@ -80,8 +106,7 @@ pub async fn login(state: web::Data<State>, input: Input<Login>) -> Result<HttpR
         ),
         None => (None, None),
     };
-    let ok =
-        tokio::task::spawn_blocking(move || verify_password(hash.as_deref(), &password)).await?;
+    let ok = slot.verify(hash, password).await?;
     match user {
         Some(user) if ok => Ok(HttpResponse::Ok().json(start_session(&state, user).await?)),
         _ => Err(ApiError::InvalidCredentials),

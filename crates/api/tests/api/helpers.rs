@@ -57,6 +57,7 @@ pub struct Opts {
     pub session_idle: Duration,
     pub body_timeout: Duration,
     pub ca_file: Option<PathBuf>,
+    pub trusted_proxies: api::TrustedProxies,
 }
 
 impl Default for Opts {
@@ -70,6 +71,7 @@ impl Default for Opts {
             session_idle: Duration::from_secs(3600),
             body_timeout: Duration::from_secs(10),
             ca_file: None,
+            trusted_proxies: api::TrustedProxies::default(),
         }
     }
 }
@@ -155,6 +157,7 @@ impl TestApp {
                 max_body_bytes: opts.max_body_bytes,
                 allow_private: opts.allow_private,
                 upstream,
+                trusted_proxies: opts.trusted_proxies.clone(),
             },
         );
         let (base, handle) = spawn_http(move |cfg| api.configure(cfg));

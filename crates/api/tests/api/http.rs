@@ -291,6 +291,7 @@ async fn database_outage_answers_503() {
             max_body_bytes: 1024,
             allow_private: false,
             upstream,
+            trusted_proxies: api::TrustedProxies::default(),
         },
     );
     let (base, handle) = testkit::spawn_http(move |cfg| api.configure(cfg));

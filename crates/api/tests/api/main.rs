@@ -10,4 +10,5 @@ mod openapi;
 mod orgs;
 mod providers;
 mod secrets;
+mod throttle;
 mod usage;

@@ -123,6 +123,10 @@ impl Running {
         self.logs.lock().unwrap().clone()
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Sends SIGTERM without waiting.
     pub fn signal_term(&self) {
         // SAFETY: kill on our own child's pid.
@@ -163,6 +167,17 @@ impl Drop for Running {
             let _ = self.child.wait();
         }
     }
+}
+
+/// Resident memory of process `pid` now, in KiB (`VmRSS` of /proc/<pid>/status).
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("/proc/<pid>/status is readable (Linux)");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/<pid>/status")
 }
 
 /// A tenant made through the settings API: an owner's session, an org, a
