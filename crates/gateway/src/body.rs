@@ -64,7 +64,7 @@ impl<'a> ChatRequest<'a> {
         let stream = match peek.stream.map(RawValue::get) {
             None | Some("null" | "false") => false,
             Some("true") => true,
-            Some(_) => return Err(GatewayError::StreamNotBool),
+            Some(_) => return Err(GatewayError::StreamNotBool(model.into_owned())),
         };
         Ok(Self {
             model,
@@ -155,7 +155,7 @@ mod tests {
             assert!(
                 matches!(
                     ChatRequest::parse(body.as_bytes()),
-                    Err(GatewayError::StreamNotBool)
+                    Err(GatewayError::StreamNotBool(_))
                 ),
                 "{body}"
             );

@@ -30,7 +30,8 @@ pub enum GatewayError {
     #[error("{0}")]
     InvalidJson(String),
     #[error("`stream` must be a boolean (true or false) or null")]
-    StreamNotBool,
+    /// Carries the model, for the usage row.
+    StreamNotBool(String),
     #[error("you must provide a `model` parameter of the form {MODEL_FORMAT}")]
     MissingModel,
     #[error("`model` must be a string of the form {MODEL_FORMAT}")]
@@ -114,7 +115,7 @@ impl GatewayError {
                 None,
                 "invalid_json",
             ),
-            StreamNotBool => (
+            StreamNotBool(_) => (
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
                 Some("stream"),

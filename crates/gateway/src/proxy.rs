@@ -261,7 +261,7 @@ async fn proxy(
     }
     let chat = ChatRequest::parse(&raw).inspect_err(|e| {
         // Not routable, but the row still says what was asked for.
-        if let GatewayError::ModelWithoutProvider(m) = e {
+        if let GatewayError::ModelWithoutProvider(m) | GatewayError::StreamNotBool(m) = e {
             log.row.requested_model = Some(storable(m));
         }
     })?;
