@@ -1,9 +1,12 @@
 //! The HTTPS client every call to a provider goes through (the gateway's
 //! proxying and the settings API's connectivity test), with the SSRF policy:
 //! loopback, private, link-local, CGNAT, unspecified, multicast and other
-//! special-purpose addresses are refused unless private upstreams are allowed.
-//! Names are checked when saved and again, unbypassably, when connecting: the
-//! client's resolver drops forbidden addresses, which defeats DNS rebinding.
+//! special-purpose addresses are refused unless private upstreams are allowed
+//! (the ranges: [`policy`]). Names are checked when saved and again,
+//! unbypassably, when connecting: the client's resolver drops forbidden
+//! addresses, which defeats DNS rebinding. Every refusal and failure leaves
+//! this crate as an [`UpstreamFailure`] (a class and a fixed hint, safe to
+//! show a client; the detail is for the log): see [`failure`].
 
 pub mod failure;
 pub mod policy;
