@@ -59,7 +59,13 @@ impl<'a> ChatRequest<'a> {
             Some(i) if i > 0 && i + 1 < model.len() => i + 1,
             _ => return Err(GatewayError::ModelWithoutProvider(model.into_owned())),
         };
-        let stream = peek.stream.is_some_and(|s| s.get() == "true");
+        // Anything but a boolean or null would be read differently by the
+        // gateway and the upstream (`"true"`, `1`): OpenAI refuses it too.
+        let stream = match peek.stream.map(RawValue::get) {
+            None | Some("null" | "false") => false,
+            Some("true") => true,
+            Some(_) => return Err(GatewayError::StreamNotBool(model.into_owned())),
+        };
         Ok(Self {
             model,
             split,
@@ -128,6 +134,32 @@ mod tests {
         let req = ChatRequest::parse(br#"{"model":"my\u0063o\/x","stream":true}"#).unwrap();
         assert_eq!(req.provider(), "myco");
         assert!(req.stream);
+    }
+
+    #[test]
+    fn stream_is_a_boolean_or_null() {
+        for (body, stream) in [
+            (r#"{"model":"a/b"}"#, false),
+            (r#"{"model":"a/b","stream":null}"#, false),
+            (r#"{"model":"a/b","stream":false}"#, false),
+            (r#"{"model":"a/b","stream": true }"#, true),
+        ] {
+            assert_eq!(
+                ChatRequest::parse(body.as_bytes()).unwrap().stream,
+                stream,
+                "{body}"
+            );
+        }
+        for bad in [r#""true""#, "1", "0", "[]", "{}", r#""""#, "1e0"] {
+            let body = format!(r#"{{"model":"a/b","stream":{bad}}}"#);
+            assert!(
+                matches!(
+                    ChatRequest::parse(body.as_bytes()),
+                    Err(GatewayError::StreamNotBool(_))
+                ),
+                "{body}"
+            );
+        }
     }
 
     #[test]

@@ -240,7 +240,7 @@ pub(crate) struct ProviderEntry {
     /// `Bearer {token}`, marked sensitive (redacted in `Debug`).
     pub auth: HeaderValue,
     /// Set when the connect-time SSRF policy refuses this base URL.
-    pub refused: Option<String>,
+    pub refused: Option<upstream::UpstreamFailure>,
     loaded: Instant,
 }
 
@@ -257,6 +257,12 @@ impl std::fmt::Debug for ProviderEntry {
 }
 
 impl ProviderEntry {
+    /// Values only this provider's upstream may see (its token), to redact
+    /// from anything relayed back.
+    pub fn secrets(&self) -> impl Iterator<Item = &[u8]> {
+        self.auth.as_bytes().strip_prefix(b"Bearer ").into_iter()
+    }
+
     /// Prepares a provider for calls; `None` when its stored URL or token cannot be used.
     pub fn prepare(p: ProviderWithToken, client: &upstream::UpstreamClient) -> Option<Self> {
         let base_url = p.provider.base_url;
@@ -264,7 +270,10 @@ impl ProviderEntry {
         let models_url = reqwest::Url::parse(&base_url.endpoint("models")).ok()?;
         let mut auth = HeaderValue::try_from(format!("Bearer {}", p.token.expose_secret())).ok()?;
         auth.set_sensitive(true);
-        let refused = client.check(&base_url).err().map(|e| e.to_string());
+        let refused = client.check(&base_url).err().map(|e| {
+            tracing::info!(provider = %p.provider.name.as_str(), error = %e, "provider refused by the SSRF policy");
+            upstream::UpstreamFailure::from(&e)
+        });
         Some(Self {
             id: p.provider.id,
             name: p.provider.name.as_str().to_owned(),

@@ -7,6 +7,7 @@ use actix_web::http::header::{self, HeaderValue};
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
 use serde_json::json;
+use upstream::UpstreamFailure;
 
 /// The model format, quoted in errors about it.
 const MODEL_FORMAT: &str = "\"{customName}/{modelName}\", where {customName} is the name of a provider configured in your organization (e.g. \"mycompany/meta-llama/Llama-3-8B\")";
@@ -28,6 +29,9 @@ pub enum GatewayError {
     Unavailable,
     #[error("{0}")]
     InvalidJson(String),
+    #[error("`stream` must be a boolean (true or false) or null")]
+    /// Carries the model, for the usage row.
+    StreamNotBool(String),
     #[error("you must provide a `model` parameter of the form {MODEL_FORMAT}")]
     MissingModel,
     #[error("`model` must be a string of the form {MODEL_FORMAT}")]
@@ -44,12 +48,23 @@ pub enum GatewayError {
     BadBody(String),
     #[error("the request body did not arrive within {} ms", .0.as_millis())]
     BodyTimeout(Duration),
-    #[error("the provider `{provider}` was refused: {detail}")]
-    UpstreamForbidden { provider: String, detail: String },
-    #[error("could not reach the provider `{provider}`: {detail}")]
-    UpstreamUnreachable { provider: String, detail: String },
-    #[error("TLS handshake with the provider `{provider}` failed: {detail}")]
-    UpstreamTls { provider: String, detail: String },
+    // Upstream failures say only what `UpstreamFailure` says (a class and a
+    // fixed hint): never an address or a cause chain, which go to the log.
+    #[error("the provider `{provider}` was refused: {failure}")]
+    UpstreamForbidden {
+        provider: String,
+        failure: UpstreamFailure,
+    },
+    #[error("could not reach the provider `{provider}`: {failure}")]
+    UpstreamUnreachable {
+        provider: String,
+        failure: UpstreamFailure,
+    },
+    #[error("could not reach the provider `{provider}`: {failure}")]
+    UpstreamTls {
+        provider: String,
+        failure: UpstreamFailure,
+    },
     #[error("the provider `{provider}` did not answer within {} ms", .after.as_millis())]
     UpstreamTimeout { provider: String, after: Duration },
     #[error(
@@ -99,6 +114,12 @@ impl GatewayError {
                 "invalid_request_error",
                 None,
                 "invalid_json",
+            ),
+            StreamNotBool(_) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                Some("stream"),
+                "invalid_type",
             ),
             MissingModel | ModelNotString | ModelWithoutProvider(_) => (
                 StatusCode::BAD_REQUEST,

@@ -51,6 +51,9 @@ pub struct GatewayConfig {
     pub max_response_bytes: usize,
     /// Longest a client may take to send its request body; beyond, 408.
     pub client_body_timeout: Duration,
+    /// Serve `/metrics` on the gateway's own routes; false when
+    /// `LLMGW_METRICS_ADDR` gives it a listener of its own ([`Gateway::configure_metrics`]).
+    pub metrics_on_gateway: bool,
 }
 
 impl GatewayConfig {
@@ -65,6 +68,7 @@ impl GatewayConfig {
             models_cache_ttl: Duration::from_secs(60),
             max_response_bytes: 32 * 1024 * 1024,
             client_body_timeout: Duration::from_secs(30),
+            metrics_on_gateway: true,
         }
     }
 }
@@ -93,6 +97,7 @@ pub(crate) struct Inner {
     pub max_body: usize,
     pub max_response: usize,
     pub body_timeout: Duration,
+    metrics_on_gateway: bool,
     pub keys: KeyCache,
     pub providers: ProviderCache,
     pub models: models::ModelsCache,
@@ -116,6 +121,7 @@ impl Gateway {
             max_body: cfg.max_body_bytes,
             max_response: cfg.max_response_bytes,
             body_timeout: cfg.client_body_timeout,
+            metrics_on_gateway: cfg.metrics_on_gateway,
             keys: KeyCache::new(cfg.cache_ttl),
             providers: ProviderCache::new(cfg.cache_ttl),
             models: models::ModelsCache::new(cfg.models_cache_ttl),
@@ -157,21 +163,39 @@ impl Gateway {
 
     /// Registers every gateway route and its middleware.
     pub fn configure(&self, cfg: &mut web::ServiceConfig) {
+        let mut scope = web::scope("")
+            .wrap_fn(observe)
+            .service(
+                web::resource("/v1/chat/completions")
+                    .route(web::post().to(proxy::chat_completions))
+                    .default_service(web::to(method_not_allowed)),
+            )
+            .service(
+                web::resource("/v1/models")
+                    .route(web::get().to(models::list_models))
+                    .default_service(web::to(method_not_allowed)),
+            )
+            .route("/healthz", web::get().to(healthz))
+            .route("/readyz", web::get().to(readyz));
+        if self.inner.metrics_on_gateway {
+            scope = scope.route("/metrics", web::get().to(metrics_text));
+        }
+        cfg.app_data(web::Data::from(self.inner.clone()))
+            .service(scope.default_service(web::to(not_found)));
+    }
+
+    /// Routes of the `LLMGW_METRICS_ADDR` listener: `/metrics` only.
+    pub fn configure_metrics(&self, cfg: &mut web::ServiceConfig) {
         cfg.app_data(web::Data::from(self.inner.clone())).service(
             web::scope("")
-                .wrap_fn(observe)
-                .service(
-                    web::resource("/v1/chat/completions")
-                        .route(web::post().to(proxy::chat_completions))
-                        .default_service(web::to(method_not_allowed)),
-                )
-                .service(
-                    web::resource("/v1/models")
-                        .route(web::get().to(models::list_models))
-                        .default_service(web::to(method_not_allowed)),
-                )
-                .route("/healthz", web::get().to(healthz))
-                .route("/readyz", web::get().to(readyz))
+                .wrap_fn(|req, srv| {
+                    let fut = srv.call(req);
+                    async move {
+                        let mut res = fut.await?;
+                        nosniff(res.headers_mut());
+                        Ok(res)
+                    }
+                })
                 .route("/metrics", web::get().to(metrics_text))
                 .default_service(web::to(not_found)),
         );
@@ -323,6 +347,15 @@ fn sane_request_id(v: &HeaderValue) -> Option<&str> {
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
+/// Browsers must not guess a type for relayed bodies (an upstream's error
+/// page rendered as HTML on the gateway's origin, say).
+fn nosniff(headers: &mut actix_web::http::header::HeaderMap) {
+    headers.insert(
+        actix_web::http::header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+}
+
 /// Middleware: request id, metrics and one log line per request.
 fn observe<S, B>(
     req: ServiceRequest,
@@ -348,6 +381,7 @@ where
         if let Some(h) = header {
             res.headers_mut().insert(X_REQUEST_ID.clone(), h);
         }
+        nosniff(res.headers_mut());
         let latency = start.elapsed();
         let status = res.status().as_u16();
         if let Some(m) = metrics {

@@ -138,6 +138,16 @@ pub(crate) async fn list_models(
     Ok(json(body))
 }
 
+/// Logs why a provider is missing from the list: its class and the whole cause chain.
+fn skipped(p: &ProviderEntry, e: &reqwest::Error) {
+    tracing::warn!(
+        provider = %p.name,
+        class = %upstream::UpstreamFailure::of(e).class,
+        error = %upstream::error_chain(e),
+        "skipping provider in /v1/models"
+    );
+}
+
 #[derive(serde::Deserialize)]
 struct ModelList {
     data: Vec<Map<String, Value>>,
@@ -145,8 +155,8 @@ struct ModelList {
 
 /// One provider's models, renamed `{name}/{id}`; `None` (logged) when it fails.
 async fn fetch(client: &upstream::UpstreamClient, p: ProviderEntry) -> Option<Vec<Value>> {
-    if let Some(why) = &p.refused {
-        tracing::warn!(provider = %p.name, "skipping provider in /v1/models: {why}");
+    if let Some(failure) = &p.refused {
+        tracing::warn!(provider = %p.name, class = %failure.class, "skipping provider in /v1/models");
         return None;
     }
     let sent = client
@@ -163,11 +173,12 @@ async fn fetch(client: &upstream::UpstreamClient, p: ProviderEntry) -> Option<Ve
     let resp = match sent {
         Ok(r) if r.status().is_success() => r,
         Ok(r) => {
-            tracing::warn!(provider = %p.name, status = r.status().as_u16(), "skipping provider in /v1/models");
+            let class = upstream::FailureClass::Status(r.status().as_u16());
+            tracing::warn!(provider = %p.name, %class, "skipping provider in /v1/models");
             return None;
         }
         Err(e) => {
-            tracing::warn!(provider = %p.name, error = %e, "skipping provider in /v1/models");
+            skipped(&p, &e);
             return None;
         }
     };
@@ -179,7 +190,7 @@ async fn fetch(client: &upstream::UpstreamClient, p: ProviderEntry) -> Option<Ve
             return None;
         }
         Err(UpstreamBody::Failed(e)) => {
-            tracing::warn!(provider = %p.name, error = %e, "skipping provider in /v1/models");
+            skipped(&p, &e);
             return None;
         }
     };

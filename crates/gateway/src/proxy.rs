@@ -21,10 +21,12 @@
 //! scanner keeps one line, capped); a stream that breaks or falls silent
 //! for the upstream timeout ends with an OpenAI-shaped `data: {"error":…}`
 //! event, and its row keeps status 200 with `error_class`
-//! `upstream_stream_error` or `upstream_timeout`.
+//! `upstream_stream_error` or `upstream_timeout`. A success answered as
+//! `text/event-stream` is relayed as a stream even when `stream` was not
+//! asked for. An error body that echoes the provider's token gets
+//! `[redacted]` in its place.
 
 use std::convert::Infallible;
-use std::error::Error as StdError;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -38,6 +40,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
 use reqwest::header as rq;
 use storage::secrets::{sha256, API_KEY_PREFIX};
+use upstream::{FailureClass, UpstreamFailure};
 
 use crate::body::ChatRequest;
 use crate::cache::KeyEntry;
@@ -256,7 +259,12 @@ async fn proxy(
             "the request body is not valid UTF-8".to_owned(),
         ));
     }
-    let chat = ChatRequest::parse(&raw)?;
+    let chat = ChatRequest::parse(&raw).inspect_err(|e| {
+        // Not routable, but the row still says what was asked for.
+        if let GatewayError::ModelWithoutProvider(m) | GatewayError::StreamNotBool(m) = e {
+            log.row.requested_model = Some(storable(m));
+        }
+    })?;
     let provider_name = chat.provider();
     log.row.requested_model = Some(storable(chat.model.as_ref()));
     log.row.provider_name = Some(storable(provider_name));
@@ -279,10 +287,10 @@ async fn proxy(
     if !provider.active {
         return Err(GatewayError::ProviderInactive(provider.name.clone()));
     }
-    if let Some(why) = &provider.refused {
+    if let Some(failure) = provider.refused {
         return Err(GatewayError::UpstreamForbidden {
             provider: provider.name.clone(),
-            detail: why.clone(),
+            failure,
         });
     }
     let stream = chat.stream;
@@ -311,7 +319,8 @@ async fn proxy(
     }
     let rb = rb.body(body);
     let timeout = gw.client.timeout();
-    let fail = |e: reqwest::Error| classify(&e, &provider.name, timeout);
+    let request_id = log.row.request_id.clone();
+    let fail = |e: reqwest::Error| classify(&e, &provider.name, timeout, &request_id);
     // Non-streamed answers: the timeout bounds the whole exchange, body included.
     let deadline = tokio::time::Instant::now() + timeout;
     let upstream = if stream {
@@ -331,7 +340,10 @@ async fn proxy(
         });
     }
     let success = (200..300).contains(&status);
-    if stream && success {
+    // An SSE answer is relayed as a stream whatever the request said: never
+    // buffered whole, and its usage read from its events.
+    if success && (stream || is_event_stream(upstream.headers())) {
+        log.row.streamed = true;
         return Ok(Answer::Stream { status, upstream });
     }
     log.set_ttfb();
@@ -357,6 +369,12 @@ async fn proxy(
             }
             Err(_) => return Err(timed_out(&provider.name, timeout)),
         };
+    let bytes = if success {
+        bytes
+    } else {
+        // Error bodies are relayed, but never with the provider's own secret in them.
+        redact(bytes, provider.secrets())
+    };
     let error_class = if !success {
         Some("upstream_status")
     } else if let Some(u) = usage_of(&bytes) {
@@ -401,55 +419,83 @@ fn relay_headers(from: &rq::HeaderMap, to: &mut actix_web::HttpResponseBuilder) 
     }
 }
 
-/// Each error in a chain, looking inside `io::Error`s (whose `source` skips the wrapped error).
-fn causes<'a>(
-    e: &'a (dyn StdError + 'static),
-) -> impl Iterator<Item = &'a (dyn StdError + 'static)> + 'a {
-    std::iter::successors(Some(e), |c: &&'a (dyn StdError + 'static)| {
-        let c: &'a (dyn StdError + 'static) = *c;
-        match c
-            .downcast_ref::<std::io::Error>()
-            .and_then(|io| io.get_ref())
-        {
-            Some(inner) => Some(inner as &(dyn StdError + 'static)),
-            None => c.source(),
+fn is_event_stream(headers: &rq::HeaderMap) -> bool {
+    headers
+        .get(rq::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|m| m.trim().eq_ignore_ascii_case("text/event-stream"))
+}
+
+/// Shortest secret worth redacting: replacing every occurrence of a one- or
+/// two-letter "token" would garble the body and protect nothing.
+const MIN_REDACTED_LEN: usize = 4;
+
+/// `body` with every occurrence of each secret, raw or as JSON escapes it
+/// (`\/`, `\"`, `\\`), replaced by `[redacted]`.
+fn redact<'a>(body: Bytes, secrets: impl Iterator<Item = &'a [u8]>) -> Bytes {
+    let mut out: Option<Vec<u8>> = None;
+    for secret in secrets.filter(|s| s.len() >= MIN_REDACTED_LEN) {
+        let mut forms = vec![secret.to_vec()];
+        if let Ok(text) = std::str::from_utf8(secret) {
+            if let Ok(json) = serde_json::to_string(text) {
+                forms.push(json.as_bytes()[1..json.len() - 1].to_vec());
+            }
+            forms.push(text.replace('/', "\\/").into_bytes());
         }
+        for form in forms {
+            let cur = out.as_deref().unwrap_or(&body);
+            if let Some(replaced) = replace_all(cur, &form, b"[redacted]") {
+                out = Some(replaced);
+            }
+        }
+    }
+    out.map(Bytes::from).unwrap_or(body)
+}
+
+/// `hay` with every `needle` replaced, `None` when there is none.
+fn replace_all(hay: &[u8], needle: &[u8], with: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut rest = hay;
+    let mut found = false;
+    while let Some(i) = rest.windows(needle.len()).position(|w| w == needle) {
+        found = true;
+        out.extend_from_slice(&rest[..i]);
+        out.extend_from_slice(with);
+        rest = &rest[i + needle.len()..];
+    }
+    found.then(|| {
+        out.extend_from_slice(rest);
+        out
     })
 }
 
-/// Maps a failed upstream call to the gateway's answer (never carries a header, so never the token).
-fn classify(e: &reqwest::Error, provider: &str, timeout: Duration) -> GatewayError {
+/// Maps a failed upstream call to the gateway's answer: the client gets the
+/// class and hint only; the cause chain (which may name addresses) is logged.
+fn classify(
+    e: &reqwest::Error,
+    provider: &str,
+    timeout: Duration,
+    request_id: &str,
+) -> GatewayError {
+    let failure = UpstreamFailure::of(e);
+    tracing::warn!(
+        request_id,
+        provider,
+        class = %failure.class,
+        error = %upstream::error_chain(e),
+        "upstream call failed"
+    );
     let provider = provider.to_owned();
-    if upstream::is_forbidden_error(e) {
-        let text = causes(e)
-            .map(|c| c.to_string())
-            .find(|s| s.starts_with(upstream::FORBIDDEN_ADDRESS))
-            .unwrap_or_else(|| upstream::FORBIDDEN_ADDRESS.to_owned());
-        return GatewayError::UpstreamForbidden {
-            provider,
-            detail: format!(
-                "{text}; set LLMGW_UPSTREAM_ALLOW_PRIVATE=true to allow private and loopback upstreams (self-hosted deployments)"
-            ),
-        };
+    match failure.class {
+        FailureClass::AddressNotAllowed => GatewayError::UpstreamForbidden { provider, failure },
+        FailureClass::TlsUntrusted
+        | FailureClass::TlsWrongHost
+        | FailureClass::TlsExpired
+        | FailureClass::Tls => GatewayError::UpstreamTls { provider, failure },
+        _ if e.is_timeout() && !e.is_connect() => timed_out(&provider, timeout),
+        _ => GatewayError::UpstreamUnreachable { provider, failure },
     }
-    if let Some(tls) = causes(e).find(|c| c.is::<rustls::Error>()) {
-        return GatewayError::UpstreamTls {
-            provider,
-            detail: tls.to_string(),
-        };
-    }
-    if e.is_timeout() && !e.is_connect() {
-        return timed_out(&provider, timeout);
-    }
-    let root = causes(e).last().map(|c| c.to_string()).unwrap_or_default();
-    let detail = if e.is_connect() && e.is_timeout() {
-        "connection timed out".to_owned()
-    } else if e.is_connect() {
-        format!("connection failed ({root})")
-    } else {
-        format!("the connection broke ({root})")
-    };
-    GatewayError::UpstreamUnreachable { provider, detail }
 }
 
 /// Finds the last `usage` in an SSE stream, reading a copy of each chunk.
@@ -564,10 +610,10 @@ impl RelayStream {
                             after.as_millis()
                         ),
                     ),
-                    GatewayError::UpstreamUnreachable { provider, detail } => (
+                    GatewayError::UpstreamUnreachable { provider, failure } => (
                         "upstream_stream_error",
                         "stream",
-                        format!("the provider `{provider}` broke off the stream: {detail}"),
+                        format!("the provider `{provider}` broke off the stream: {failure}"),
                     ),
                     _ => ("upstream_stream_error", "stream", e.to_string()),
                 };
@@ -604,7 +650,8 @@ impl Stream for RelayStream {
             }
             Poll::Ready(Some(Err(e))) => {
                 let provider = this.log.row.provider_name.clone().unwrap_or_default();
-                Poll::Ready(this.end(Some(classify(&e, &provider, this.idle_timeout))))
+                let e = classify(&e, &provider, this.idle_timeout, &this.log.row.request_id);
+                Poll::Ready(this.end(Some(e)))
             }
             Poll::Ready(None) => Poll::Ready(this.end(None)),
             Poll::Pending => loop {

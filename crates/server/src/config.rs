@@ -29,6 +29,8 @@ pub struct Config {
     pub encryption_keys: Option<String>,
     pub gateway_addr: SocketAddr,
     pub api_addr: SocketAddr,
+    /// `LLMGW_METRICS_ADDR`: when set, `/metrics` is served there and not on the gateway port.
+    pub metrics_addr: Option<SocketAddr>,
     pub allow_private: bool,
     pub allow_http: bool,
     pub upstream_http2: bool,
@@ -225,6 +227,16 @@ impl Config {
                 ([127, 0, 0, 1], 8081).into(),
                 "host:port",
             )?,
+            metrics_addr: get(env, "LLMGW_METRICS_ADDR")
+                .map(|_| {
+                    parse(
+                        env,
+                        "LLMGW_METRICS_ADDR",
+                        ([127, 0, 0, 1], 0).into(),
+                        "IP:port",
+                    )
+                })
+                .transpose()?,
             allow_private: flag(env, "LLMGW_UPSTREAM_ALLOW_PRIVATE", false)?,
             allow_http: flag(env, "LLMGW_UPSTREAM_ALLOW_HTTP", false)?,
             upstream_http2: flag(env, "LLMGW_UPSTREAM_HTTP2", false)?,

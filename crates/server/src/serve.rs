@@ -117,6 +117,7 @@ pub async fn serve(cfg: Config, only: Option<Listener>) -> Result<(), String> {
                 log_batch_size: cfg.log_batch_size,
                 log_flush_interval: cfg.log_flush_interval,
                 models_cache_ttl: Duration::from_secs(60),
+                metrics_on_gateway: cfg.metrics_addr.is_none(),
                 ..gateway::GatewayConfig::new(upstream.clone())
             },
         )
@@ -134,6 +135,12 @@ pub async fn serve(cfg: Config, only: Option<Listener>) -> Result<(), String> {
             &cfg,
             move |c| g.configure(c),
         )?);
+        if let Some(addr) = cfg.metrics_addr {
+            let g = gw.clone();
+            servers.push(bind("metrics", addr, 1, &cfg, move |c| {
+                g.configure_metrics(c)
+            })?);
+        }
         gateway = Some(gw);
     }
     if only != Some(Listener::Gateway) {

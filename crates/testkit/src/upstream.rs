@@ -15,6 +15,9 @@
 //! - `huge-MB`: a body of MB MiB, chunked without a `content-length`: a
 //!   JSON completion, or with `stream` one MB-MiB SSE line, usage and `[DONE]`;
 //! - `hang`: sends the head (and, with `stream`, one event) and then nothing, forever.
+//! - `echo-token`: 401 whose error message quotes the bearer token it received
+//!   (as some servers do), raw and JSON-escaped;
+//! - `sse-always`: an SSE stream with a usage chunk whatever `stream` says.
 //!
 //! Any path ending in `/v1/chat/completions` or `/v1/models` is served, so
 //! base URLs with a path prefix work. A path segment before `/v1/models`
@@ -286,6 +289,21 @@ async fn handle(req: HttpRequest, body: Bytes, state: web::Data<State>) -> HttpR
         return HttpResponse::build(status)
             .json(json!({"error": {"message": format!("upstream says {code}"), "type": "upstream_error", "code": code}}));
     }
+    if model == "echo-token" {
+        let auth = req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        let token = auth.strip_prefix("Bearer ").unwrap_or(auth);
+        let escaped = token.replace('/', "\\/");
+        let body = format!(
+            "{{\"error\":{{\"message\":\"Incorrect API key provided: {token}\",\"param\":\"{escaped}\",\"code\":\"invalid_api_key\"}}}}"
+        );
+        return HttpResponse::Unauthorized()
+            .content_type("application/json")
+            .body(body);
+    }
     if model == "redirect" {
         return HttpResponse::TemporaryRedirect()
             .insert_header(("location", "https://127.0.0.1:1/elsewhere"))
@@ -300,7 +318,7 @@ async fn handle(req: HttpRequest, body: Bytes, state: web::Data<State>) -> HttpR
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
     let usage = usage_for(&body);
-    let streamed = body["stream"] == json!(true);
+    let streamed = body["stream"] == json!(true) || model == "sse-always";
     if let Some(res) = fault(&model, streamed, &usage, &state) {
         return res;
     }

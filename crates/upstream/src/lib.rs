@@ -1,18 +1,29 @@
 //! The HTTPS client every call to a provider goes through (the gateway's
 //! proxying and the settings API's connectivity test), with the SSRF policy:
 //! loopback, private, link-local, CGNAT, unspecified, multicast and other
-//! special-purpose addresses are refused unless private upstreams are allowed.
-//! Names are checked when saved and again, unbypassably, when connecting: the
-//! client's resolver drops forbidden addresses, which defeats DNS rebinding.
+//! special-purpose addresses are refused unless private upstreams are allowed
+//! (the ranges: [`policy`]). Names are checked when saved and again,
+//! unbypassably, when connecting: the client's resolver drops forbidden
+//! addresses, which defeats DNS rebinding. Every refusal and failure leaves
+//! this crate as an [`UpstreamFailure`] (a class and a fixed hint, safe to
+//! show a client; the detail is for the log): see [`failure`].
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+pub mod failure;
+pub mod policy;
+
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
-use storage::domain::{BaseUrl, ValidationError, PLAIN_HTTP_REFUSED};
+use storage::domain::BaseUrl;
 use url::Host;
+
+pub use failure::{
+    causes, error_chain, FailureClass, ForbiddenAddress, NameNotResolved, UpstreamFailure,
+};
+pub use policy::{forbidden_range, is_forbidden};
 
 /// How the client reaches upstreams.
 #[derive(Debug, Clone)]
@@ -60,52 +71,6 @@ pub enum BuildError {
     Client(#[from] reqwest::Error),
 }
 
-/// True for addresses an upstream must not resolve to by default.
-pub fn is_forbidden(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => forbidden_v4(v4),
-        IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return forbidden_v4(v4);
-            }
-            let s = v6.segments();
-            // IPv4-translated ::ffff:0:a.b.c.d (RFC 2765) embeds an IPv4 address too.
-            if s[..6] == [0, 0, 0, 0, 0xffff, 0] {
-                let v4 =
-                    Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
-                return forbidden_v4(v4);
-            }
-            v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                || (s[0] & 0xfe00) == 0xfc00 // unique local fc00::/7
-                || (s[0] & 0xffc0) == 0xfe80 // link-local fe80::/10
-                || (s[0] & 0xffc0) == 0xfec0 // site-local (deprecated) fec0::/10
-                || (s[0] == 0x64 && s[1] == 0xff9b) // NAT64 64:ff9b::/96 can embed private v4
-                || (s[0] == 0x2002) // 6to4 can embed private v4
-                || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation
-                || (s[0..6] == [0, 0, 0, 0, 0, 0] && !v6.is_loopback() && !v6.is_unspecified())
-            // IPv4-compatible ::a.b.c.d
-        }
-    }
-}
-
-fn forbidden_v4(ip: Ipv4Addr) -> bool {
-    let o = ip.octets();
-    ip.is_loopback()
-        || ip.is_private()
-        || ip.is_link_local()
-        || ip.is_unspecified()
-        || ip.is_multicast()
-        || ip.is_broadcast()
-        || ip.is_documentation()
-        || o[0] == 0 // 0.0.0.0/8 "this network"
-        || (o[0] == 100 && (o[1] & 0xc0) == 64) // CGNAT 100.64.0.0/10
-        || (o[0] == 192 && o[1] == 0 && o[2] == 0) // IETF protocol assignments
-        || (o[0] == 198 && (o[1] & 0xfe) == 18) // benchmarking 198.18.0.0/15
-        || o[0] >= 240 // reserved
-}
-
 /// The IP of a URL host that is an address literal, in any spelling the
 /// URL parser normalizes (`2130706433`, `127.1`, `[::ffff:127.0.0.1]`).
 pub fn literal_ip(host: &Host<String>) -> Option<IpAddr> {
@@ -116,29 +81,29 @@ pub fn literal_ip(host: &Host<String>) -> Option<IpAddr> {
     }
 }
 
-const PRIVATE_HINT: &str =
-    "set LLMGW_UPSTREAM_ALLOW_PRIVATE=true to allow private and loopback upstreams (self-hosted deployments)";
-
 /// Save-time check: refuses literal or resolved forbidden addresses; a name
 /// that does not resolve is accepted (the connect-time check still applies).
-pub async fn check_base_url(url: &BaseUrl, allow_private: bool) -> Result<(), ValidationError> {
+/// The refusal names no address (logged at info instead): see [`failure`].
+pub async fn check_base_url(url: &BaseUrl, allow_private: bool) -> Result<(), UpstreamFailure> {
     if allow_private {
         return Ok(());
     }
-    let host = url
-        .host()
-        .ok_or_else(|| ValidationError::new("base_url", "base_url must have a host"))?;
-    let refuse = |ip: IpAddr| {
-        ValidationError::new(
-            "base_url",
-            format!("base_url points at a private, loopback or otherwise non-public address ({ip}); {PRIVATE_HINT}"),
-        )
+    let refused = |host: &str, ip: IpAddr, range: &'static str| {
+        let e = ForbiddenAddress {
+            host: host.to_owned(),
+            ip,
+            range,
+        };
+        tracing::info!(error = %e, "base_url refused by the SSRF policy at save time");
+        UpstreamFailure::from(&e)
+    };
+    let Some(host) = url.host() else {
+        return Err(FailureClass::AddressNotAllowed.into());
     };
     if let Some(ip) = literal_ip(&host) {
-        return if is_forbidden(ip) {
-            Err(refuse(ip))
-        } else {
-            Ok(())
+        return match forbidden_range(ip) {
+            Some(range) => Err(refused(&host.to_string(), ip, range)),
+            None => Ok(()),
         };
     }
     let Host::Domain(name) = host else {
@@ -151,16 +116,13 @@ pub async fn check_base_url(url: &BaseUrl, allow_private: bool) -> Result<(), Va
     .await;
     if let Ok(Ok(addrs)) = lookup {
         for a in addrs {
-            if is_forbidden(a.ip()) {
-                return Err(refuse(a.ip()));
+            if let Some(range) = forbidden_range(a.ip()) {
+                return Err(refused(&name, a.ip(), range));
             }
         }
     }
     Ok(())
 }
-
-/// Error text when a request is refused by the connect-time policy.
-pub const FORBIDDEN_ADDRESS: &str = "upstream address is not allowed";
 
 /// Resolver that drops forbidden addresses at connect time.
 #[derive(Debug, Clone)]
@@ -169,21 +131,33 @@ struct GuardedResolver;
 impl Resolve for GuardedResolver {
     fn resolve(&self, name: Name) -> Resolving {
         Box::pin(async move {
-            let all: Vec<SocketAddr> = tokio::net::lookup_host((name.as_str(), 0)).await?.collect();
+            let host = name.as_str();
+            let all: Vec<SocketAddr> = match tokio::net::lookup_host((host, 0)).await {
+                Ok(a) => a.collect(),
+                Err(e) => {
+                    return Err(Box::new(NameNotResolved {
+                        host: host.to_owned(),
+                        source: Some(e),
+                    })
+                        as Box<dyn std::error::Error + Send + Sync>)
+                }
+            };
             let allowed: Vec<SocketAddr> = all
                 .iter()
                 .copied()
                 .filter(|a| !is_forbidden(a.ip()))
                 .collect();
             if allowed.is_empty() {
-                let err: Box<dyn std::error::Error + Send + Sync> = if all.is_empty() {
-                    format!("{} did not resolve", name.as_str()).into()
-                } else {
-                    format!(
-                        "{FORBIDDEN_ADDRESS}: {} resolves to a non-public address",
-                        name.as_str()
-                    )
-                    .into()
+                let err: Box<dyn std::error::Error + Send + Sync> = match all.first() {
+                    None => Box::new(NameNotResolved {
+                        host: host.to_owned(),
+                        source: None,
+                    }),
+                    Some(a) => Box::new(ForbiddenAddress {
+                        host: host.to_owned(),
+                        ip: a.ip(),
+                        range: forbidden_range(a.ip()).unwrap_or("refused"),
+                    }),
                 };
                 return Err(err);
             }
@@ -225,19 +199,24 @@ thread_local! {
         const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// The request was refused before any connection was made.
-#[derive(Debug, thiserror::Error)]
-#[error("{FORBIDDEN_ADDRESS}: {0} is a non-public address; {PRIVATE_HINT}")]
-pub struct ForbiddenAddress(pub IpAddr);
-
-/// Why [`UpstreamClient::check`] refuses a base URL before connecting.
+/// Why [`UpstreamClient::check`] refuses a base URL before connecting. Its
+/// text may name the address: logs only; clients get its [`UpstreamFailure`].
 #[derive(Debug, thiserror::Error)]
 pub enum Refused {
     #[error(transparent)]
     Address(#[from] ForbiddenAddress),
     /// Saved while `LLMGW_UPSTREAM_ALLOW_HTTP` was on, which it is no longer.
-    #[error("{PLAIN_HTTP_REFUSED}")]
+    #[error("plain-http base URL while LLMGW_UPSTREAM_ALLOW_HTTP is off")]
     PlainHttp,
+}
+
+impl From<&Refused> for UpstreamFailure {
+    fn from(r: &Refused) -> Self {
+        match r {
+            Refused::Address(a) => a.into(),
+            Refused::PlainHttp => FailureClass::PlainHttpNotAllowed.into(),
+        }
+    }
 }
 
 impl UpstreamClient {
@@ -340,23 +319,19 @@ impl UpstreamClient {
         if self.allow_private {
             return Ok(());
         }
-        match url.host().as_ref().and_then(literal_ip) {
-            Some(ip) if is_forbidden(ip) => Err(ForbiddenAddress(ip).into()),
-            _ => Ok(()),
+        let Some(host) = url.host() else {
+            return Ok(());
+        };
+        match literal_ip(&host).and_then(|ip| Some((ip, forbidden_range(ip)?))) {
+            Some((ip, range)) => Err(ForbiddenAddress {
+                host: host.to_string(),
+                ip,
+                range,
+            }
+            .into()),
+            None => Ok(()),
         }
     }
-}
-
-/// True when a reqwest error came from the SSRF policy.
-pub fn is_forbidden_error(e: &reqwest::Error) -> bool {
-    let mut src: Option<&dyn std::error::Error> = Some(e);
-    while let Some(s) = src {
-        if s.to_string().contains(FORBIDDEN_ADDRESS) {
-            return true;
-        }
-        src = s.source();
-    }
-    false
 }
 
 #[cfg(test)]
@@ -431,14 +406,17 @@ mod tests {
             "https://169.254.169.254",
             "https://[::1]",
             "https://10.0.0.1",
+            "https://[2001::1]",
             "https://localhost",
         ] {
             let e = check_base_url(&BaseUrl::parse(url).unwrap(), false)
                 .await
                 .unwrap_err();
+            assert_eq!(e.class, FailureClass::AddressNotAllowed, "{url}");
+            let text = e.to_string();
             assert!(
-                e.message.contains("LLMGW_UPSTREAM_ALLOW_PRIVATE"),
-                "{url}: {e}"
+                text.contains("LLMGW_UPSTREAM_ALLOW_PRIVATE"),
+                "{url}: {text}"
             );
         }
         assert!(
@@ -452,6 +430,81 @@ mod tests {
             check_base_url(&BaseUrl::parse("https://8.8.8.8").unwrap(), false)
                 .await
                 .is_ok()
+        );
+    }
+
+    /// The attack: probe the internal network through the refusal's text.
+    #[tokio::test]
+    async fn save_time_refusals_name_no_address() {
+        for url in [
+            "https://10.1.2.3",
+            "https://[fd12:3456::7]",
+            "https://localhost",
+            "https://localhost:8443/path",
+        ] {
+            let e = check_base_url(&BaseUrl::parse(url).unwrap(), false)
+                .await
+                .unwrap_err();
+            let text = e.to_string();
+            assert_eq!(
+                text,
+                format!("address not allowed — {}", failure::PRIVATE_HINT),
+                "{url}"
+            );
+            for leak in ["10.1.2.3", "fd12", "127.0.0.1", "::1", "localhost"] {
+                assert!(!text.contains(leak), "{url}: {text}");
+            }
+        }
+    }
+
+    fn client(allow_private: bool, ca: Option<&testkit::TestCa>) -> UpstreamClient {
+        UpstreamClient::new(&UpstreamConfig {
+            allow_private,
+            ca_file: ca.map(|c| c.ca_file.clone()),
+            connect_timeout: Duration::from_secs(2),
+            http2: false,
+            timeout: Duration::from_secs(5),
+        })
+        .unwrap()
+    }
+
+    async fn fail(client: &UpstreamClient, url: &str) -> UpstreamFailure {
+        let e = client.http().get(url).send().await.unwrap_err();
+        UpstreamFailure::of(&e)
+    }
+
+    #[tokio::test]
+    async fn connect_time_failures_are_classified_by_type() {
+        let mock = testkit::MockUpstream::start().await;
+        let guarded = client(false, Some(&mock.ca));
+        let f = fail(
+            &guarded,
+            &format!("https://localhost:{}/v1/models", mock.port),
+        )
+        .await;
+        assert_eq!(f.class, FailureClass::AddressNotAllowed);
+        let f = fail(&guarded, "https://does-not-exist.invalid/v1/models").await;
+        assert_eq!(f.class, FailureClass::NameDoesNotResolve);
+
+        // A certificate from a CA the client was not given.
+        let stranger = client(true, None);
+        let f = fail(&stranger, &format!("{}/v1/models", mock.base_url)).await;
+        assert_eq!(f.class, FailureClass::TlsUntrusted);
+        assert_eq!(
+            f.to_string(),
+            "TLS failure: certificate not trusted — set LLMGW_UPSTREAM_CA_FILE for an internal CA"
+        );
+        let trusting = client(true, Some(&mock.ca));
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let f = fail(&trusting, &format!("https://127.0.0.1:{closed}/")).await;
+        assert_eq!(f.class, FailureClass::ConnectionRefused);
+        assert_eq!(
+            UpstreamFailure::status(404).to_string().split(" — ").next(),
+            Some("HTTP 404")
         );
     }
 }

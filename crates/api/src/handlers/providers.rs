@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 use actix_web::{web, HttpResponse};
 use serde::Serialize;
 use storage::providers::ProviderWithToken;
-use upstream::UpstreamClient;
+use upstream::{UpstreamClient, UpstreamFailure};
 
 use super::List;
-use crate::error::{error_chain, ApiError};
+use crate::error::ApiError;
 use crate::extract::{role, Input, ItemId, OrgAccess};
 use crate::input::{CreateProvider, PatchProvider};
 use crate::State;
@@ -89,6 +89,16 @@ pub async fn delete(
     Ok(HttpResponse::NoContent().finish())
 }
 
+/// The one mapping of an upstream refusal or failure to what an admin sees:
+/// a save-time refusal is a 422 on `base_url`, a test reports it in `error`.
+/// Both carry the class and fixed hint only, never an address or a cause
+/// chain (see `upstream::failure` for the one bit that remains).
+impl From<UpstreamFailure> for ApiError {
+    fn from(f: UpstreamFailure) -> Self {
+        ApiError::field("base_url", format!("base_url is refused: {f}"))
+    }
+}
+
 /// Longest wait for the provider's answer in a connectivity test.
 const TEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most bytes of a `/v1/models` answer read to count the models.
@@ -124,15 +134,16 @@ pub async fn test(
 async fn probe(client: &UpstreamClient, p: &ProviderWithToken) -> TestReport {
     let base_url = &p.provider.base_url;
     let start = Instant::now();
-    let failed = |error: String| TestReport {
+    let failed = |failure: UpstreamFailure| TestReport {
         reachable: false,
         status: None,
         latency_ms: start.elapsed().as_millis() as u64,
         model_count: None,
-        error: Some(error),
+        error: Some(failure.to_string()),
     };
     if let Err(e) = client.check(base_url) {
-        return failed(e.to_string());
+        tracing::info!(provider = %p.provider.id, error = %e, "provider test refused by the SSRF policy");
+        return failed(UpstreamFailure::from(&e));
     }
     let request = client
         .http()
@@ -142,13 +153,11 @@ async fn probe(client: &UpstreamClient, p: &ProviderWithToken) -> TestReport {
         .send();
     let mut resp = match request.await {
         Ok(r) => r,
-        Err(e) if e.is_timeout() => {
-            return failed(format!("no answer within {} ms", TEST_TIMEOUT.as_millis()))
+        Err(e) => {
+            let failure = UpstreamFailure::of(&e);
+            tracing::warn!(provider = %p.provider.id, class = %failure.class, error = %upstream::error_chain(&e), "provider test failed");
+            return failed(failure);
         }
-        Err(e) if upstream::is_forbidden_error(&e) => {
-            return failed(upstream::FORBIDDEN_ADDRESS.to_owned())
-        }
-        Err(e) => return failed(error_chain(&e)),
     };
     let latency_ms = start.elapsed().as_millis() as u64;
     let status = resp.status();
@@ -165,7 +174,7 @@ async fn probe(client: &UpstreamClient, p: &ProviderWithToken) -> TestReport {
         .flatten()
         .and_then(|v| v.get("data").and_then(|d| d.as_array()).map(Vec::len));
     let error = if !status.is_success() {
-        Some(format!("the provider answered HTTP {}", status.as_u16()))
+        Some(UpstreamFailure::status(status.as_u16()).to_string())
     } else if model_count.is_none() {
         Some("the provider's /v1/models answer has no `data` array".to_owned())
     } else {

@@ -547,3 +547,57 @@ async fn plain_http_provider_is_refused_at_connect_time_once_the_opt_in_is_off()
     );
     assert!(upstream.seen().is_empty(), "a plain-http request went out");
 }
+
+/// The attack: map the internal network through the settings API's error texts.
+#[tokio::test]
+async fn ssrf_refusals_and_test_failures_name_no_address_and_no_cause_chain() {
+    let app = TestApp::spawn().await;
+    let (admin, _) = app.signup("oracle@example.com").await;
+    let org = app.create_org(&admin, "O").await;
+    for url in ["https://10.9.8.7", "https://localhost:8443/llm"] {
+        let r = app
+            .create_provider(&admin, &org, "probe", url, "sk-1")
+            .await;
+        r.expect(422);
+        let message = r.body["error"]["details"][0]["message"].as_str().unwrap();
+        assert_eq!(
+            message,
+            "base_url is refused: address not allowed — set LLMGW_UPSTREAM_ALLOW_PRIVATE=true to allow private and loopback upstreams (self-hosted deployments)",
+            "{url}"
+        );
+        for leak in ["10.9.8.7", "127.0.0.1", "::1"] {
+            assert!(!r.text.contains(leak), "{url}: {}", r.text);
+        }
+    }
+
+    // An upstream whose certificate comes from a CA the server was not given.
+    let upstream = MockUpstream::start().await;
+    let app = TestApp::spawn_with(Opts {
+        allow_private: true,
+        ..Opts::default()
+    })
+    .await;
+    let (admin, _) = app.signup("tls@example.com").await;
+    let org = app.create_org(&admin, "T").await;
+    let created = app
+        .create_provider(&admin, &org, "internal", &upstream.base_url, "sk-1")
+        .await;
+    created.expect(201);
+    let r = app
+        .post(
+            &format!("/api/v1/orgs/{org}/provider-keys/{}/test", created.id()),
+            &admin,
+            json!({}),
+        )
+        .await;
+    r.expect(200);
+    assert_eq!(r.body["reachable"], false);
+    assert_eq!(
+        r.body["error"],
+        "TLS failure: certificate not trusted — set LLMGW_UPSTREAM_CA_FILE for an internal CA",
+        "{}",
+        r.text
+    );
+    assert!(!r.text.contains("127.0.0.1"), "{}", r.text);
+    assert!(upstream.seen().is_empty());
+}
