@@ -641,12 +641,20 @@ async fn name_check_holds_even_through_raw_sql() {
         let err = r.expect_err(bad).to_string();
         assert!(err.contains("check constraint"), "{bad}: {err}");
     }
-    let r =
-        sqlx::query("UPDATE provider_keys SET base_url = 'http://plain.example.com' WHERE id = $1")
+    // Plain http is the operator's opt-in (checked by the service); any other
+    // scheme, an empty host or a trailing slash the database refuses itself.
+    for bad in [
+        "ftp://plain.example.com",
+        "http://",
+        "http://plain.example.com/",
+    ] {
+        let r = sqlx::query("UPDATE provider_keys SET base_url = $1 WHERE id = $2")
+            .bind(bad)
             .bind(id)
             .execute(t.db.pool())
             .await;
-    assert!(r.is_err());
+        assert!(r.is_err(), "{bad} accepted");
+    }
     // unique (org, name)
     let dup =
         t.db.create_provider_key(
