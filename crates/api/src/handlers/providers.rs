@@ -56,6 +56,9 @@ pub async fn create(
     Ok(HttpResponse::Created().json(key))
 }
 
+/// A new `base_url` needs `token` in the same request (storage checks it
+/// under the row lock and answers 422 on `token`): the stored token may not
+/// follow a URL the admin picks.
 pub async fn update(
     state: web::Data<State>,
     access: OrgAccess<role::Admin>,
