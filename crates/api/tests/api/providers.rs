@@ -505,6 +505,24 @@ async fn base_url_rewritten_in_sql_fails_closed_in_the_test() {
     );
     assert!(attacker.seen().is_empty(), "the attacker was contacted");
     assert!(legit.seen().is_empty());
+    // Relabelled as the legacy format (which did not bind the URL), and
+    // re-sealed as a restart would: still nothing opens, nothing is sent.
+    sqlx::query("UPDATE provider_keys SET aad_version = 1 WHERE id = $1::uuid")
+        .bind(&id)
+        .execute(app.db.db.pool())
+        .await
+        .unwrap();
+    let resealed = app.db.db.upgrade_legacy_tokens().await.unwrap();
+    assert_eq!((resealed.rewritten, resealed.skipped.len()), (0, 1));
+    let r = app
+        .post(
+            &format!("/api/v1/orgs/{org}/provider-keys/{id}/test"),
+            &admin,
+            json!({}),
+        )
+        .await;
+    assert_eq!(r.expect(200).body["reachable"], false, "{}", r.text);
+    assert!(attacker.seen().is_empty(), "the attacker was contacted");
     // Saving the token again (an admin's act) makes it usable at the new URL.
     app.patch(
         &format!("/api/v1/orgs/{org}/provider-keys/{id}"),
