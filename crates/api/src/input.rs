@@ -293,7 +293,9 @@ impl FromFields for CreateProvider {
     }
 }
 
-/// `PATCH /orgs/{org_id}/provider-keys/{id}`: at least one field.
+/// `PATCH /orgs/{org_id}/provider-keys/{id}`: at least one field. Whether a
+/// `base_url` is a change (and so needs `token`) is decided by storage under
+/// the row lock, against the stored URL.
 pub struct PatchProvider(pub storage::providers::ProviderPatch);
 
 impl FromFields for PatchProvider {

@@ -308,6 +308,7 @@ fn schemas() -> Value {
             "ProviderKeyPatch",
             json!({
                 "type": "object", "additionalProperties": false, "minProperties": 1,
+                "description": "A base_url that differs from the stored one must come with token in the same request (else 422 on token): the stored token is only ever sent to the base URL it was saved with.",
                 "properties": {"name": provider_name, "base_url": base_url, "token": token, "status": status},
             }),
         ),

@@ -74,47 +74,52 @@ pub async fn open(cfg: &Config) -> Result<Opened, String> {
     let db = Db::connect_lazy(options, keyring, &pool_cfg);
     let opened = Opened { db, embedded };
     // The database may still be starting (containers): retry for a while.
+    // Tokens sealed before their base URL was bound are re-sealed right
+    // after migrating, before anything is served: only this process holds
+    // the keys to do it.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        match opened.db.migrate().await {
-            Ok(()) => break,
-            Err(e) if Instant::now() < deadline && is_transient(&e) => {
+        let step = match opened.db.migrate().await {
+            Ok(()) => opened
+                .db
+                .upgrade_legacy_tokens()
+                .await
+                .map_err(|e| ("cannot re-seal provider tokens", e)),
+            Err(e) => Err(("cannot migrate the database", e)),
+        };
+        match step {
+            Ok(report) => {
+                log_upgrade(&report);
+                return Ok(opened);
+            }
+            Err((_, e)) if Instant::now() < deadline && is_transient(&e) => {
                 tracing::warn!(error = %e, "database not ready, retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
-            Err(e) => {
-                let msg = format!("cannot migrate the database: {}", error_chain(&e));
+            Err((what, e)) => {
+                let msg = format!("{what}: {}", error_chain(&e));
                 opened.close().await;
                 return Err(msg);
             }
         }
     }
-    // Tokens sealed before their base URL was bound are re-sealed before
-    // anything is served: only this process holds the keys to do it.
-    match opened.db.upgrade_legacy_tokens().await {
-        Ok(report) => {
-            if report.rewritten > 0 {
-                tracing::info!(
-                    count = report.rewritten,
-                    "re-sealed provider tokens to bind their base URL"
-                );
-            }
-            for s in &report.skipped {
-                tracing::warn!(org_id = %s.org_id, provider_key_id = %s.id, reason = %s.reason, "cannot re-seal a legacy provider token: the provider stays unusable until its token is saved again");
-            }
-            if report.pending > 0 {
-                tracing::warn!(
-                    count = report.pending,
-                    "legacy provider tokens still locked by another process; they are re-sealed by it or at the next start"
-                );
-            }
-            Ok(opened)
-        }
-        Err(e) => {
-            let msg = format!("cannot re-seal provider tokens: {}", error_chain(&e));
-            opened.close().await;
-            Err(msg)
-        }
+}
+
+fn log_upgrade(report: &storage::providers::ResealReport) {
+    if report.rewritten > 0 {
+        tracing::info!(
+            count = report.rewritten,
+            "re-sealed provider tokens to bind their base URL"
+        );
+    }
+    for s in &report.skipped {
+        tracing::warn!(org_id = %s.org_id, provider_key_id = %s.id, reason = %s.reason, "cannot re-seal a legacy provider token: the provider stays unusable until its token is saved again");
+    }
+    if report.pending > 0 {
+        tracing::warn!(
+            count = report.pending,
+            "legacy provider tokens stayed locked by another process; it re-seals them, or the next start does"
+        );
     }
 }
 

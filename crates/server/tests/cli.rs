@@ -94,6 +94,35 @@ fn embedded_default_serves_both_listeners_and_stops_cleanly() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// An org with providers `alpha`, `beta`, `gamma` (token `sk-{name}-token`),
+/// their ids in that order.
+async fn three_providers(t: &TestDb) -> (uuid::Uuid, Vec<uuid::Uuid>) {
+    let owner =
+        t.db.create_user(
+            &storage::domain::Email::parse(&format!("{}@example.com", uuid::Uuid::new_v4()))
+                .unwrap(),
+            "$argon2id$not-a-real-hash",
+        )
+        .await
+        .unwrap();
+    let org = t.db.create_org("Acme", owner.id).await.unwrap();
+    let mut ids = Vec::new();
+    for name in ["alpha", "beta", "gamma"] {
+        let p =
+            t.db.create_provider_key(
+                org.id,
+                storage::Actor(None),
+                &storage::domain::ProviderName::parse(name).unwrap(),
+                &storage::domain::BaseUrl::parse("https://llm.example.com").unwrap(),
+                &storage::secrets::ProviderToken::parse(&format!("sk-{name}-token")).unwrap(),
+            )
+            .await
+            .unwrap();
+        ids.push(p.id);
+    }
+    (org.id, ids)
+}
+
 #[tokio::test]
 async fn keys_rotate_reencrypts_a_populated_database() {
     let t = TestDb::new().await;
@@ -101,25 +130,7 @@ async fn keys_rotate_reencrypts_a_populated_database() {
         t.keys.clone(),
         format!("2:{}", Keyring::generate_key_material()),
     );
-    let owner =
-        t.db.create_user(
-            &storage::domain::Email::parse("o@example.com").unwrap(),
-            &storage::secrets::hash_password(&"pw-12345678".to_owned().into()),
-        )
-        .await
-        .unwrap();
-    let org = t.db.create_org("Acme", owner.id).await.unwrap();
-    for name in ["alpha", "beta", "gamma"] {
-        t.db.create_provider_key(
-            org.id,
-            storage::Actor(None),
-            &storage::domain::ProviderName::parse(name).unwrap(),
-            &storage::domain::BaseUrl::parse("https://llm.example.com").unwrap(),
-            &storage::secrets::ProviderToken::parse(&format!("sk-{name}-token")).unwrap(),
-        )
-        .await
-        .unwrap();
-    }
+    let (org, _) = three_providers(&t).await;
     let both = format!("{key1},{key2}");
     let run = || {
         llmgw()
@@ -140,12 +151,124 @@ async fn keys_rotate_reencrypts_a_populated_database() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("re-encrypted 0 token(s)"));
     // Only key 2 is needed now.
     let db2 = t.reopen(&key2).await;
-    for p in db2.active_providers(org.id).await.unwrap() {
+    for p in db2.active_providers(org).await.unwrap() {
         assert_eq!(
             p.token.expose_secret(),
             format!("sk-{}-token", p.provider.name)
         );
     }
+}
+
+#[tokio::test]
+async fn keys_rotate_skips_a_row_it_cannot_decrypt_and_exits_non_zero() {
+    let t = TestDb::new().await;
+    let (org, ids) = three_providers(&t).await;
+    let bad = ids[1];
+    sqlx::query("UPDATE provider_keys SET token_ciphertext = set_byte(token_ciphertext, 0, get_byte(token_ciphertext, 0) # 1) WHERE id = $1")
+        .bind(bad)
+        .execute(t.db.pool())
+        .await
+        .unwrap();
+    let both = format!("{},2:{}", t.keys, Keyring::generate_key_material());
+    let out = llmgw()
+        .args(["keys", "rotate"])
+        .env("DATABASE_URL", t.url())
+        .env("LLMGW_ENCRYPTION_KEYS", &both)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("re-encrypted 2 token(s) under key id 2"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains(&format!("skipped provider key {bad} (org {org})")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("failed authentication"), "{stderr}");
+    assert!(
+        stderr.contains("rotation incomplete: 1 token(s) skipped"),
+        "{stderr}"
+    );
+    for id in [ids[0], ids[2]] {
+        assert!(!stderr.contains(&id.to_string()), "{stderr}");
+    }
+    for name in ["alpha", "beta", "gamma"] {
+        let token = format!("sk-{name}-token");
+        assert!(!stdout.contains(&token) && !stderr.contains(&token));
+    }
+    let db2 = t.reopen(&both).await;
+    let names: Vec<String> = db2
+        .active_providers(org)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| p.provider.name.as_str().to_owned())
+        .collect();
+    assert_eq!(names, ["alpha", "gamma"]);
+    let key_ids: Vec<i32> = sqlx::query_scalar("SELECT key_id FROM provider_keys ORDER BY name")
+        .fetch_all(t.db.pool())
+        .await
+        .unwrap();
+    assert_eq!(key_ids, [2, 1, 2]);
+}
+
+#[tokio::test]
+async fn start_up_reseals_legacy_tokens_to_bind_their_base_url() {
+    let t = TestDb::new().await;
+    let (org, ids) = three_providers(&t).await;
+    for (id, name) in ids.iter().zip(["alpha", "beta", "gamma"]) {
+        t.make_legacy_token(org, *id, &format!("sk-{name}-token"))
+            .await;
+    }
+    // One legacy row does not open at all: start-up goes on without it.
+    sqlx::query("UPDATE provider_keys SET token_ciphertext = set_byte(token_ciphertext, 0, get_byte(token_ciphertext, 0) # 1) WHERE id = $1")
+        .bind(ids[2])
+        .execute(t.db.pool())
+        .await
+        .unwrap();
+    assert!(t.db.active_providers(org).await.unwrap().is_empty());
+    let out = llmgw()
+        .arg("migrate")
+        .env("DATABASE_URL", t.url())
+        .env("LLMGW_ENCRYPTION_KEYS", &t.keys)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("re-sealed provider tokens"), "{stderr}");
+    assert!(stderr.contains(&ids[2].to_string()), "{stderr}");
+    let versions: Vec<i16> =
+        sqlx::query_scalar("SELECT aad_version FROM provider_keys ORDER BY name")
+            .fetch_all(t.db.pool())
+            .await
+            .unwrap();
+    assert_eq!(versions, [2, 2, 1]);
+    let names: Vec<String> =
+        t.db.active_providers(org)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|p| {
+                assert_eq!(
+                    p.token.expose_secret(),
+                    format!("sk-{}-token", p.provider.name)
+                );
+                p.provider.name.as_str().to_owned()
+            })
+            .collect();
+    assert_eq!(names, ["alpha", "beta"]);
+    // Bound now: the same token no longer follows an edited URL.
+    sqlx::query("UPDATE provider_keys SET base_url = 'https://attacker.example.net' WHERE id = $1")
+        .bind(ids[0])
+        .execute(t.db.pool())
+        .await
+        .unwrap();
+    assert!(t.db.provider_key_with_token(org, ids[0]).await.is_err());
 }
 
 #[tokio::test]

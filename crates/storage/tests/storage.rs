@@ -211,41 +211,6 @@ fn is_auth_failure(r: &Result<String, StorageError>) -> bool {
     )
 }
 
-/// Rewrites a row's token in the first release's format (associated data
-/// `"llmgw:pk" ‖ org ‖ row`, no URL), as an upgraded database holds it.
-async fn make_legacy(t: &TestDb, org: Uuid, id: Uuid, token: &str) {
-    use aes_gcm::aead::{Aead, KeyInit, Payload};
-    use base64::Engine;
-    let (key_id, material) = t.keys.split_once(':').unwrap();
-    let key = base64::engine::general_purpose::STANDARD
-        .decode(material)
-        .unwrap();
-    let cipher = aes_gcm::Aes256Gcm::new_from_slice(&key).unwrap();
-    let nonce: [u8; 12] = rand::random();
-    let mut aad = b"llmgw:pk".to_vec();
-    aad.extend_from_slice(org.as_bytes());
-    aad.extend_from_slice(id.as_bytes());
-    let ciphertext = cipher
-        .encrypt(
-            aes_gcm::Nonce::from_slice(&nonce),
-            Payload {
-                msg: token.as_bytes(),
-                aad: &aad,
-            },
-        )
-        .unwrap();
-    sqlx::query(
-        "UPDATE provider_keys SET token_ciphertext = $2, token_nonce = $3, key_id = $4, aad_version = 1 WHERE id = $1",
-    )
-    .bind(id)
-    .bind(ciphertext)
-    .bind(nonce.to_vec())
-    .bind(key_id.parse::<i32>().unwrap())
-    .execute(t.db.pool())
-    .await
-    .unwrap();
-}
-
 #[tokio::test]
 async fn a_new_base_url_without_its_token_is_refused_and_changes_nothing() {
     let t = TestDb::new().await;
@@ -431,7 +396,7 @@ async fn legacy_rows_are_resealed_once_bound_to_their_url_even_by_racing_replica
         );
     }
     for id in &ids {
-        make_legacy(&t, org, *id, TOKEN).await;
+        t.make_legacy_token(org, *id, TOKEN).await;
     }
     // Legacy rows are not served: the format does not bind the URL.
     assert!(matches!(

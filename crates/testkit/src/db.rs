@@ -91,6 +91,45 @@ impl TestDb {
         Db::from_pool(pool, Keyring::parse(keys).expect("test keyring"))
     }
 
+    /// Rewrites a provider row's token as the first release sealed it
+    /// (associated data `"llmgw:pk" ‖ org ‖ row`, no base URL), with this
+    /// database's first key: the rows an upgraded database starts with.
+    pub async fn make_legacy_token(&self, org: uuid::Uuid, id: uuid::Uuid, token: &str) {
+        use aes_gcm::aead::{Aead, KeyInit, Payload};
+        use base64::Engine;
+        let first = self.keys.split(',').next().expect("a key");
+        let (key_id, material) = first.split_once(':').expect("<id>:<key>");
+        let key = base64::engine::general_purpose::STANDARD
+            .decode(material)
+            .expect("base64 key");
+        let cipher = aes_gcm::Aes256Gcm::new_from_slice(&key).expect("32-byte key");
+        let nonce: [u8; 12] = rand::random();
+        let mut aad = b"llmgw:pk".to_vec();
+        aad.extend_from_slice(org.as_bytes());
+        aad.extend_from_slice(id.as_bytes());
+        let ciphertext = cipher
+            .encrypt(
+                aes_gcm::Nonce::from_slice(&nonce),
+                Payload {
+                    msg: token.as_bytes(),
+                    aad: &aad,
+                },
+            )
+            .expect("encrypt");
+        sqlx::query(
+            "UPDATE provider_keys SET token_ciphertext = $3, token_nonce = $4, key_id = $5, aad_version = 1
+             WHERE org_id = $1 AND id = $2",
+        )
+        .bind(org)
+        .bind(id)
+        .bind(ciphertext)
+        .bind(nonce.to_vec())
+        .bind(key_id.parse::<i32>().expect("key id"))
+        .execute(self.db.pool())
+        .await
+        .expect("rewrite the token in the legacy format");
+    }
+
     /// `postgres://` URL of this database, for spawning the binary.
     pub fn url(&self) -> String {
         let o = &self.options;

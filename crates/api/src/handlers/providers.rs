@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use actix_web::{web, HttpResponse};
 use serde::Serialize;
 use storage::providers::ProviderWithToken;
+use storage::StorageError;
 use upstream::{UpstreamClient, UpstreamFailure};
 
 use super::List;
@@ -58,6 +59,9 @@ pub async fn create(
     Ok(HttpResponse::Created().json(key))
 }
 
+/// A new `base_url` needs `token` in the same request (storage checks it
+/// under the row lock and answers 422 on `token`): the stored token may not
+/// follow a URL the admin picks.
 pub async fn update(
     state: web::Data<State>,
     access: OrgAccess<role::Admin>,
@@ -99,6 +103,9 @@ impl From<UpstreamFailure> for ApiError {
     }
 }
 
+/// The test's answer for a token that cannot be opened; nothing was sent.
+const UNDECRYPTABLE: &str = "the stored token cannot be decrypted for this provider and base URL, so it was not sent: save the token again";
+
 /// Longest wait for the provider's answer in a connectivity test.
 const TEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most bytes of a `/v1/models` answer read to count the models.
@@ -124,10 +131,24 @@ pub async fn test(
     access: OrgAccess<role::Admin>,
     id: ItemId,
 ) -> Result<HttpResponse, ApiError> {
-    let provider = state
-        .db
-        .provider_key_with_token(access.org_id(), id.get()?)
-        .await?;
+    let (org_id, id) = (access.org_id(), id.get()?);
+    let provider = match state.db.provider_key_with_token(org_id, id).await {
+        Ok(p) => p,
+        // Fails closed like the gateway: a token that does not open for this
+        // row and base URL (retired key, tampered row, URL rewritten in SQL)
+        // is sent nowhere.
+        Err(StorageError::Crypto(e)) => {
+            tracing::error!(error = %e, %org_id, provider_key_id = %id, "cannot decrypt provider token");
+            return Ok(HttpResponse::Ok().json(TestReport {
+                reachable: false,
+                status: None,
+                latency_ms: 0,
+                model_count: None,
+                error: Some(UNDECRYPTABLE.to_owned()),
+            }));
+        }
+        Err(e) => return Err(e.into()),
+    };
     Ok(HttpResponse::Ok().json(probe(&state.cfg.upstream, &provider).await))
 }
 

@@ -601,3 +601,163 @@ async fn ssrf_refusals_and_test_failures_name_no_address_and_no_cause_chain() {
     assert!(!r.text.contains("127.0.0.1"), "{}", r.text);
     assert!(upstream.seen().is_empty());
 }
+
+/// The exfiltration attempt: an admin points the provider at a host they
+/// control and asks for a connectivity test, hoping the stored token follows.
+#[tokio::test]
+async fn base_url_cannot_be_redirected_without_the_token() {
+    let legit = MockUpstream::start().await;
+    let attacker = MockUpstream::start_with_ca(legit.ca.clone()).await;
+    let app = TestApp::spawn_with(Opts {
+        allow_private: true,
+        ca_file: Some(legit.ca.ca_file.clone()),
+        ..Opts::default()
+    })
+    .await;
+    let (admin, _) = app.signup("mallory@example.com").await;
+    let org = app.create_org(&admin, "M").await;
+    let secret = "sk-write-only-provider-token-5150";
+    let id = app
+        .create_provider(&admin, &org, "mycompany", &legit.base_url, secret)
+        .await
+        .expect(201)
+        .id();
+    let path = format!("/api/v1/orgs/{org}/provider-keys/{id}");
+    let test_path = format!("{path}/test");
+    let test = || app.post(&test_path, &admin, json!({}));
+
+    for body in [
+        json!({"base_url": attacker.base_url}),
+        json!({"base_url": format!("{}/", attacker.base_url), "name": "renamed", "status": "inactive"}),
+        json!({"base_url": attacker.base_url, "token": null}),
+    ] {
+        let r = app.patch(&path, &admin, body).await;
+        r.expect(422);
+        assert_eq!(r.error_fields(), ["token"], "{}", r.text);
+        let message = r.body["error"]["details"][0]["message"].as_str().unwrap();
+        assert!(
+            message.contains("token is required when base_url changes"),
+            "{message}"
+        );
+    }
+    let kept = app.get(&path, &admin).await;
+    assert_eq!(kept.body["base_url"], legit.base_url.as_str());
+    assert_eq!(kept.body["name"], "mycompany");
+    assert_eq!(kept.body["status"], "active");
+    assert_eq!(test().await.expect(200).body["reachable"], true);
+    assert!(attacker.seen().is_empty(), "the attacker was contacted");
+    assert_eq!(
+        legit.seen()[0].header("authorization"),
+        Some(format!("Bearer {secret}").as_str())
+    );
+
+    // Re-sending the current URL (in another spelling) is no change.
+    app.patch(
+        &path,
+        &admin,
+        json!({"base_url": format!("{}/", legit.base_url), "name": "internal"}),
+    )
+    .await
+    .expect(200);
+
+    // With a token of their own the admin may move the provider: only that
+    // token ever reaches the new host.
+    let own = "sk-admin-chosen-token-0001";
+    let moved = app
+        .patch(
+            &path,
+            &admin,
+            json!({"base_url": attacker.base_url, "token": own}),
+        )
+        .await;
+    moved.expect(200);
+    assert_eq!(moved.body["base_url"], attacker.base_url.as_str());
+    assert_eq!(test().await.expect(200).body["reachable"], true);
+    let seen = attacker.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(
+        seen[0].header("authorization"),
+        Some(format!("Bearer {own}").as_str())
+    );
+    assert!(seen
+        .iter()
+        .all(|s| s.headers.iter().all(|(_, v)| !v.contains(secret))));
+    app.assert_never_disclosed(secret);
+    app.assert_never_disclosed(own);
+}
+
+/// Someone with SQL access rewrites the base URL: the token no longer opens,
+/// so the connectivity test sends nothing anywhere.
+#[tokio::test]
+async fn base_url_rewritten_in_sql_fails_closed_in_the_test() {
+    let legit = MockUpstream::start().await;
+    let attacker = MockUpstream::start_with_ca(legit.ca.clone()).await;
+    let app = TestApp::spawn_with(Opts {
+        allow_private: true,
+        ca_file: Some(legit.ca.ca_file.clone()),
+        ..Opts::default()
+    })
+    .await;
+    let (admin, _) = app.signup("eve@example.com").await;
+    let org = app.create_org(&admin, "E").await;
+    let secret = "sk-sql-rewrite-target-token-77";
+    let id = app
+        .create_provider(&admin, &org, "mycompany", &legit.base_url, secret)
+        .await
+        .expect(201)
+        .id();
+    sqlx::query("UPDATE provider_keys SET base_url = $1 WHERE id = $2::uuid")
+        .bind(&attacker.base_url)
+        .bind(&id)
+        .execute(app.db.db.pool())
+        .await
+        .unwrap();
+    let r = app
+        .post(
+            &format!("/api/v1/orgs/{org}/provider-keys/{id}/test"),
+            &admin,
+            json!({}),
+        )
+        .await;
+    r.expect(200);
+    assert_eq!(r.body["reachable"], false, "{}", r.text);
+    assert_eq!(r.body["status"], json!(null));
+    assert!(
+        r.body["error"]
+            .as_str()
+            .unwrap()
+            .contains("cannot be decrypted"),
+        "{}",
+        r.text
+    );
+    assert!(attacker.seen().is_empty(), "the attacker was contacted");
+    assert!(legit.seen().is_empty());
+    // Relabelled as the legacy format (which did not bind the URL), and
+    // re-sealed as a restart would: still nothing opens, nothing is sent.
+    sqlx::query("UPDATE provider_keys SET aad_version = 1 WHERE id = $1::uuid")
+        .bind(&id)
+        .execute(app.db.db.pool())
+        .await
+        .unwrap();
+    let resealed = app.db.db.upgrade_legacy_tokens().await.unwrap();
+    assert_eq!((resealed.rewritten, resealed.skipped.len()), (0, 1));
+    let r = app
+        .post(
+            &format!("/api/v1/orgs/{org}/provider-keys/{id}/test"),
+            &admin,
+            json!({}),
+        )
+        .await;
+    assert_eq!(r.expect(200).body["reachable"], false, "{}", r.text);
+    assert!(attacker.seen().is_empty(), "the attacker was contacted");
+    // Saving the token again (an admin's act) makes it usable at the new URL.
+    app.patch(
+        &format!("/api/v1/orgs/{org}/provider-keys/{id}"),
+        &admin,
+        json!({"token": "sk-fresh-token-after-repair"}),
+    )
+    .await
+    .expect(200);
+    assert_eq!(attacker.seen().len(), 0, "saving contacts nobody");
+    app.assert_never_disclosed(secret);
+}
