@@ -137,7 +137,12 @@ pub async fn serve(cfg: Config, only: Option<Listener>) -> Result<(), String> {
         )?);
         if let Some(addr) = cfg.metrics_addr {
             let g = gw.clone();
-            servers.push(bind("metrics", addr, 1, &cfg, move |c| {
+            let limits = Limits {
+                head_timeout: API_HEAD_TIMEOUT,
+                max_connections: Some(64),
+                h2c: false,
+            };
+            servers.push(bind("metrics", addr, 1, limits, &cfg, move |c| {
                 g.configure_metrics(c)
             })?);
         }

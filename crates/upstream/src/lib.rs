@@ -460,6 +460,7 @@ mod tests {
     fn client(allow_private: bool, ca: Option<&testkit::TestCa>) -> UpstreamClient {
         UpstreamClient::new(&UpstreamConfig {
             allow_private,
+            allow_http: false,
             ca_file: ca.map(|c| c.ca_file.clone()),
             connect_timeout: Duration::from_secs(2),
             http2: false,
