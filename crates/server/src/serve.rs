@@ -6,8 +6,8 @@ use actix_web::{web, App, HttpServer};
 use upstream::{UpstreamClient, UpstreamConfig};
 
 use crate::config::Config;
-use crate::database::{self, error_chain};
 use crate::conn_cap;
+use crate::database::{self, error_chain};
 use crate::Listener;
 
 /// Accepted sockets get `TCP_NODELAY`: responses written in several parts
