@@ -54,10 +54,11 @@ where
     .client_request_timeout(limits.head_timeout)
     .on_connect(nodelay);
     if let Some(total) = limits.max_connections {
-        // actix counts per worker; beyond the limit the listener stops
-        // accepting and new connections wait in the kernel's queue until a
-        // slot frees (every slot is freed within the head, body or
-        // keep-alive timeout), so they are delayed, never refused or lost.
+        // actix counts per worker. At the limit the listener stops
+        // accepting: new connections wait in the kernel's listen queue
+        // (1024) without costing the process a descriptor, and every held
+        // slot frees within the head, body or keep-alive timeout (plus 1 s
+        // of linger after a 408), so health checks are delayed, not starved.
         server = server.max_connections(total.div_ceil(workers).max(1));
     }
     let server = if limits.h2c {
