@@ -1,4 +1,5 @@
 use crate::crypto::CryptoError;
+use crate::domain::{Role, ValidationError};
 
 /// What can go wrong in the storage layer.
 #[derive(Debug, thiserror::Error)]
@@ -16,6 +17,14 @@ pub enum StorageError {
     NotFound,
     #[error("the organization must keep at least one owner")]
     LastOwner,
+    /// The caller's role no longer allows the change (checked again inside
+    /// the transaction, after the request's own check).
+    #[error("role {} or higher required", .0.as_str())]
+    RoleTooLow(Role),
+    /// A value broke a rule only the database can check (for instance, that
+    /// a user is a member of the organization).
+    #[error(transparent)]
+    Invalid(ValidationError),
     #[error(transparent)]
     Crypto(#[from] CryptoError),
 }
@@ -36,6 +45,9 @@ impl From<sqlx::Error> for StorageError {
                 };
                 Self::Conflict(what)
             }
+            // A referenced row is gone: typically the organization was deleted
+            // while the request was in flight.
+            sqlx::Error::Database(db) if db.code().as_deref() == Some("23503") => Self::NotFound,
             // 57P01..57P03: admin shutdown / cannot connect now; 08xxx: connection errors.
             sqlx::Error::Database(db)
                 if db
