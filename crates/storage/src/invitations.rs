@@ -305,7 +305,7 @@ impl Db {
             &mut tx,
             org_id,
             Actor(Some(user.id)),
-            "invitation.accept",
+            "member.add",
             "user",
             Some(user.id),
             json!({"invitation_id": id, "role": invitation.role.as_str(),
