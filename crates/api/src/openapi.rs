@@ -248,16 +248,6 @@ fn schemas() -> Value {
         ),
         ("InvitationList", list_of("Invitation")),
         (
-            "ReceivedInvitation",
-            json!({
-                "allOf": [schema_ref("Invitation"), {
-                    "type": "object", "required": ["org_name"],
-                    "properties": {"org_name": {"type": "string"}},
-                }],
-            }),
-        ),
-        ("ReceivedInvitationList", list_of("ReceivedInvitation")),
-        (
             "InvitationAccept",
             json!({
                 "type": "object", "additionalProperties": false, "required": ["token"],

@@ -264,7 +264,7 @@ pub fn routes() -> Vec<Route> {
             access: Access::Session,
             query: &[],
             body: None,
-            ok: (200, Some("ReceivedInvitationList")),
+            ok: (200, Some("InvitationList")),
             errors: &[],
             handler: |r| r.to(invitations::mine),
         },

@@ -65,14 +65,6 @@ pub struct Invitation {
     pub expires_at: DateTime<Utc>,
 }
 
-/// An invitation as its invitee sees it: with the organization's name.
-#[derive(Debug, Clone, Serialize)]
-pub struct ReceivedInvitation {
-    #[serde(flatten)]
-    pub invitation: Invitation,
-    pub org_name: String,
-}
-
 #[derive(sqlx::FromRow)]
 struct Row {
     id: Uuid,
@@ -96,13 +88,6 @@ impl From<Row> for Invitation {
             expires_at: r.expires_at,
         }
     }
-}
-
-#[derive(sqlx::FromRow)]
-struct ReceivedRow {
-    #[sqlx(flatten)]
-    row: Row,
-    org_name: String,
 }
 
 const COLUMNS: &str = "i.id, i.org_id, i.email, i.role, i.invited_by, i.created_at, i.expires_at";
@@ -239,24 +224,19 @@ impl Db {
         Ok(())
     }
 
-    /// Unexpired invitations addressed to `email`, oldest first.
-    pub async fn invitations_for(&self, email: &str) -> Result<Vec<ReceivedInvitation>> {
-        let rows = sqlx::query_as::<_, ReceivedRow>(&format!(
-            "SELECT {COLUMNS}, o.name AS org_name
-             FROM invitations i JOIN organizations o ON o.id = i.org_id
+    /// Unexpired invitations addressed to `email`, oldest first. Emails are
+    /// not verified, so this shows nothing an address squatter could use:
+    /// no token, and no organization name.
+    pub async fn invitations_for(&self, email: &str) -> Result<Vec<Invitation>> {
+        let rows = sqlx::query_as::<_, Row>(&format!(
+            "SELECT {COLUMNS} FROM invitations i
              WHERE lower(i.email) = lower($1) AND i.expires_at > now()
              ORDER BY i.created_at, i.id"
         ))
         .bind(email)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| ReceivedInvitation {
-                invitation: r.row.into(),
-                org_name: r.org_name,
-            })
-            .collect())
+        Ok(rows.into_iter().map(Invitation::from).collect())
     }
 
     /// Accepts invitation `id` for `user`: makes them a member with the

@@ -228,7 +228,27 @@ impl Db {
     /// provider and API-key row in id order (waiting for edits in flight,
     /// which lock their row first and take only `FOR KEY SHARE` on the
     /// organization afterwards), and only then the delete itself.
+    ///
+    /// A writer added later that locks in another order would make this the
+    /// deadlock victim: the delete is then retried (twice at most) rather
+    /// than failed, and the log says so.
     pub async fn delete_org(&self, org_id: Uuid) -> Result<()> {
+        let mut retries = 0;
+        loop {
+            match self.delete_org_once(org_id).await {
+                Err(StorageError::Database(sqlx::Error::Database(e)))
+                    if retries < 2
+                        && matches!(e.code().as_deref(), Some("40P01") | Some("40001")) =>
+                {
+                    retries += 1;
+                    tracing::warn!(%org_id, code = ?e.code(), "organization delete lost a lock conflict; retrying");
+                }
+                r => return r,
+            }
+        }
+    }
+
+    async fn delete_org_once(&self, org_id: Uuid) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         lock_org(&mut tx, org_id).await?;
         for table in ["provider_keys", "api_keys"] {
