@@ -494,3 +494,45 @@ async fn deleting_an_org_while_its_providers_change_never_fails() {
     // Not even a deadlock that a retry hid.
     assert!(!crate::helpers::captured_logs().contains("lost a lock conflict"));
 }
+
+#[tokio::test]
+async fn a_key_created_while_its_creator_is_removed_does_not_survive() {
+    let app = TestApp::spawn().await;
+    let fx = OrgFixture::create(&app, "race").await;
+    let org = &fx.id;
+    let (carol, carol_id) = app.signup("carol@example.com").await;
+    let keys = format!("/api/v1/orgs/{org}/api-keys");
+    let member = format!("/api/v1/orgs/{org}/members/{carol_id}");
+    let mut created = 0;
+    for round in 0..20 {
+        app.join(&fx.owner, org, "carol@example.com", "admin", &carol)
+            .await;
+        let (a, b, removed) = tokio::join!(
+            app.post(&keys, &carol, json!({"name": "a"})),
+            app.post(&keys, &carol, json!({"name": "b"})),
+            app.delete(&member, &fx.owner),
+        );
+        removed.expect(200);
+        for r in [&a, &b] {
+            assert!(
+                r.status == 201 || r.status == 404,
+                "round {round}: {}",
+                r.text
+            );
+            created += usize::from(r.status == 201);
+        }
+        // Only Carol makes keys named "a" and "b": none may be active.
+        let list = app.get(&format!("{keys}?limit=200"), &fx.owner).await;
+        let survivors = list.body["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|k| (k["name"] == "a" || k["name"] == "b") && k["revoked_at"].is_null())
+            .count();
+        assert_eq!(
+            survivors, 0,
+            "round {round}: a removed member's key is active"
+        );
+    }
+    assert!(created > 0, "no key creation ever ran before the removal");
+}
