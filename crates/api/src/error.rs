@@ -225,6 +225,7 @@ impl From<StorageError> for ApiError {
             StorageError::NotFound => Self::NotFound,
             StorageError::Conflict(what) => Self::Conflict(what),
             StorageError::LastOwner => Self::LastOwner,
+            StorageError::RoleTooLow(role) => Self::Forbidden(role),
             StorageError::Invalid(v) => v.into(),
             e if e.is_unavailable() => Self::Unavailable(Some(e)),
             e => Self::Internal(Box::new(e)),

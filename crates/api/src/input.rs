@@ -8,6 +8,7 @@ use serde_json::{Map, Value};
 use storage::domain::{
     parse_label, BaseUrl, Email, ProviderName, ProviderStatus, Role, ValidationError,
 };
+use storage::invitations::InvitationToken;
 use storage::logs::GroupBy;
 use storage::page::Cursor;
 use storage::secrets::ProviderToken;
@@ -244,19 +245,52 @@ impl FromFields for OrgInput {
     }
 }
 
-/// `POST /orgs/{org_id}/members`.
-pub struct AddMember {
+/// `POST /orgs/{org_id}/members`: an invitation.
+pub struct Invite {
     pub email: Email,
     pub role: Role,
 }
 
-impl FromFields for AddMember {
+impl FromFields for Invite {
     fn from_fields(f: &mut Fields) -> Option<Self> {
         let email = f.required("email", Email::parse);
         let role = f.optional("role", parse_role("role"));
         Some(Self {
             email: email?,
             role: role?.unwrap_or(Role::Member),
+        })
+    }
+}
+
+/// `POST /me/invitations/{id}/accept`: the token is only looked up (by its
+/// digest), so any non-empty string is taken and a wrong one is not found.
+pub struct AcceptInvitation {
+    pub token: InvitationToken,
+}
+
+impl FromFields for AcceptInvitation {
+    fn from_fields(f: &mut Fields) -> Option<Self> {
+        let token = f.required("token", |s| {
+            if s.is_empty() {
+                Err(ValidationError::new("token", "token must not be empty"))
+            } else {
+                Ok(InvitationToken::from_presented(s))
+            }
+        });
+        Some(Self { token: token? })
+    }
+}
+
+/// `DELETE /orgs/{org_id}/members/{user_id}?transfer_api_keys_to=`.
+pub struct RemoveMember {
+    pub transfer_api_keys_to: Option<Uuid>,
+}
+
+impl FromFields for RemoveMember {
+    fn from_fields(f: &mut Fields) -> Option<Self> {
+        let to = f.optional("transfer_api_keys_to", parse_uuid("transfer_api_keys_to"));
+        Some(Self {
+            transfer_api_keys_to: to?,
         })
     }
 }

@@ -275,11 +275,49 @@ fn schemas() -> Value {
         ),
         ("OrgList", list_of("Org")),
         (
-            "MemberAdd",
+            "Invite",
             json!({
                 "type": "object", "additionalProperties": false, "required": ["email"],
-                "properties": {"email": {"allOf": [email], "description": "an existing account (else 422)"},
+                "properties": {"email": {"allOf": [email], "description": "the invitee's address; it need not have an account yet"},
                                "role": {"type": "string", "enum": roles, "default": "member"}},
+            }),
+        ),
+        (
+            "Invitation",
+            json!({
+                "type": "object",
+                "required": ["id", "org_id", "email", "role", "invited_by", "created_at", "expires_at"],
+                "properties": {"id": uuid, "org_id": uuid, "email": {"type": "string"}, "role": role,
+                               "invited_by": {"type": "string", "format": "uuid", "nullable": true},
+                               "created_at": time,
+                               "expires_at": {"type": "string", "format": "date-time", "description": "7 days after creation"}},
+            }),
+        ),
+        (
+            "InvitationCreated",
+            json!({
+                "allOf": [schema_ref("Invitation"), {
+                    "type": "object", "required": ["token"],
+                    "properties": {"token": {"type": "string", "description": "`llmgwi_…`: shown only in this answer; \
+                        the invitee accepts with it"}},
+                }],
+            }),
+        ),
+        ("InvitationList", list_of("Invitation")),
+        (
+            "InvitationAccept",
+            json!({
+                "type": "object", "additionalProperties": false, "required": ["token"],
+                "properties": {"token": {"type": "string", "minLength": 1, "writeOnly": true,
+                                         "description": "the token from the invitation's creation answer"}},
+            }),
+        ),
+        (
+            "MemberRemoved",
+            json!({
+                "type": "object", "required": ["revoked_api_keys", "transferred_api_keys"],
+                "properties": {"revoked_api_keys": {"type": "integer", "minimum": 0},
+                               "transferred_api_keys": {"type": "integer", "minimum": 0}},
             }),
         ),
         (

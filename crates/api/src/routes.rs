@@ -7,7 +7,9 @@ use actix_web::{web, HttpResponse, Scope};
 use storage::domain::{Role, PROVIDER_NAME_MAX_LEN, PROVIDER_NAME_PATTERN};
 
 use crate::error::ApiError;
-use crate::handlers::{api_keys, auth, members, ops, orgs, providers, sessions, usage};
+use crate::handlers::{
+    api_keys, auth, invitations, members, ops, orgs, providers, sessions, usage,
+};
 use crate::input::{GROUP_BY_NAMES, LOG_PAGE_MAX, PAGE_MAX, STATUS_MAX, STATUS_MIN};
 
 /// Who may call a route.
@@ -179,6 +181,12 @@ const USAGE_QUERY: [Param; 3] = [
     },
 ];
 
+const REMOVE_MEMBER_QUERY: [Param; 1] = [Param {
+    name: "transfer_api_keys_to",
+    ty: ParamType::Uuid,
+    description: "a remaining member who takes over the removed member's API keys instead of their being revoked",
+}];
+
 const MEMBER: Access = Access::Org(Role::Member);
 const ADMIN: Access = Access::Org(Role::Admin);
 const OWNER: Access = Access::Org(Role::Owner);
@@ -291,6 +299,34 @@ pub fn routes() -> Vec<Route> {
             handler: |r| r.to(sessions::sign_out_everywhere),
         },
         Route {
+            method: Method::GET,
+            path: "/api/v1/me/invitations",
+            operation_id: "myInvitations",
+            tag: "members",
+            summary: "Pending, unexpired invitations addressed to the signed-in user's email (no tokens)",
+            access: Access::Session,
+            query: &[],
+            body: None,
+            ok: (200, Some("InvitationList")),
+            errors: &[],
+            handler: |r| r.to(invitations::mine),
+        },
+        Route {
+            method: Method::POST,
+            path: "/api/v1/me/invitations/{id}/accept",
+            operation_id: "acceptInvitation",
+            tag: "members",
+            summary: "Join the organization with the invitation's token; answers the organization. \
+                Unknown, expired, someone else's and wrong-token invitations all answer 404; \
+                409 when already a member",
+            access: Access::Session,
+            query: &[],
+            body: Some("InvitationAccept"),
+            ok: (200, Some("Org")),
+            errors: &[409],
+            handler: |r| r.to(invitations::accept),
+        },
+        Route {
             method: Method::POST,
             path: "/api/v1/orgs",
             operation_id: "createOrg",
@@ -371,15 +407,17 @@ pub fn routes() -> Vec<Route> {
         Route {
             method: Method::POST,
             path: "/api/v1/orgs/{org_id}/members",
-            operation_id: "addMember",
+            operation_id: "inviteMember",
             tag: "members",
-            summary: "Add an existing account by email with a role (owner)",
+            summary: "Invite an email with a role (owner); the answer holds the invitation token, shown this once, \
+                for the inviter to pass on. Same answer whether or not the email has an account; \
+                409 when it belongs to a member or has a pending invitation",
             access: OWNER,
             query: &[],
-            body: Some("MemberAdd"),
-            ok: (201, Some("Member")),
+            body: Some("Invite"),
+            ok: (201, Some("InvitationCreated")),
             errors: &[409],
-            handler: |r| r.to(members::add),
+            handler: |r| r.to(members::invite),
         },
         Route {
             method: Method::PATCH,
@@ -399,13 +437,54 @@ pub fn routes() -> Vec<Route> {
             path: "/api/v1/orgs/{org_id}/members/{user_id}",
             operation_id: "removeMember",
             tag: "members",
-            summary: "Remove a member (owner), or leave (any member removing themselves); the last owner cannot leave",
+            summary: "Remove a member (owner), or leave (any member removing themselves); the last owner cannot leave. \
+                The API keys the member created are revoked in the same transaction, unless \
+                `transfer_api_keys_to` names a remaining member who takes them over",
             access: MEMBER,
+            query: &REMOVE_MEMBER_QUERY,
+            body: None,
+            ok: (200, Some("MemberRemoved")),
+            errors: &[403, 409],
+            handler: |r| r.to(members::remove),
+        },
+        Route {
+            method: Method::GET,
+            path: "/api/v1/orgs/{org_id}/invitations",
+            operation_id: "listInvitations",
+            tag: "members",
+            summary: "The organization's pending invitations, expired ones included (admin)",
+            access: ADMIN,
+            query: &[],
+            body: None,
+            ok: (200, Some("InvitationList")),
+            errors: &[],
+            handler: |r| r.to(invitations::list),
+        },
+        Route {
+            method: Method::GET,
+            path: "/api/v1/orgs/{org_id}/invitations/{id}",
+            operation_id: "getInvitation",
+            tag: "members",
+            summary: "One pending invitation (admin); never its token",
+            access: ADMIN,
+            query: &[],
+            body: None,
+            ok: (200, Some("Invitation")),
+            errors: &[],
+            handler: |r| r.to(invitations::get),
+        },
+        Route {
+            method: Method::DELETE,
+            path: "/api/v1/orgs/{org_id}/invitations/{id}",
+            operation_id: "deleteInvitation",
+            tag: "members",
+            summary: "Cancel a pending invitation (owner); its token stops working at once",
+            access: OWNER,
             query: &[],
             body: None,
             ok: (204, None),
-            errors: &[403, 409],
-            handler: |r| r.to(members::remove),
+            errors: &[],
+            handler: |r| r.to(invitations::delete),
         },
         Route {
             method: Method::GET,

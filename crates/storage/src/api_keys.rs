@@ -3,10 +3,12 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::json;
+use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::audit::{record, Actor};
 use crate::db::Db;
+use crate::domain::Role;
 use crate::error::{Result, StorageError};
 use crate::page::{Cursor, Page};
 use crate::secrets::ApiKeySecret;
@@ -54,8 +56,43 @@ impl ApiKeyAuth {
 
 const API_KEY_COLUMNS: &str = "id, name, prefix, created_at, expires_at, last_used_at, revoked_at";
 
+/// The least role that may create API keys.
+pub const API_KEY_CREATOR_ROLE: Role = Role::Admin;
+
+/// Revokes, or with `transfer_to` hands over, every unrevoked key `user_id`
+/// created in the org; returns their ids. The caller holds the organization
+/// lock. Rows are locked in id order, as every multi-row writer of
+/// `api_keys` does, so concurrent batches cannot deadlock.
+pub(crate) async fn release_keys_of(
+    conn: &mut PgConnection,
+    org_id: Uuid,
+    user_id: Uuid,
+    transfer_to: Option<Uuid>,
+) -> Result<Vec<Uuid>> {
+    Ok(sqlx::query_scalar(
+        "UPDATE api_keys
+         SET revoked_at = CASE WHEN $3::uuid IS NULL THEN now() ELSE revoked_at END,
+             created_by = coalesce($3::uuid, created_by)
+         WHERE id IN (SELECT id FROM api_keys
+                      WHERE org_id = $1 AND created_by = $2 AND revoked_at IS NULL
+                      ORDER BY id FOR NO KEY UPDATE)
+         RETURNING id",
+    )
+    .bind(org_id)
+    .bind(user_id)
+    .bind(transfer_to)
+    .fetch_all(conn)
+    .await?)
+}
+
 impl Db {
     /// Creates a key; the secret is returned once and only its digest is kept.
+    ///
+    /// A user creating a key must still be a member with at least
+    /// [`API_KEY_CREATOR_ROLE`] when the key is inserted: the share lock on
+    /// the organization row waits for a removal or demotion in flight (they
+    /// hold `FOR NO KEY UPDATE` on it), so a key can never outlive the
+    /// removal of its creator.
     pub async fn create_api_key(
         &self,
         org_id: Uuid,
@@ -66,6 +103,24 @@ impl Db {
         let secret = ApiKeySecret::generate();
         let id = Uuid::new_v4();
         let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT id FROM organizations WHERE id = $1 FOR SHARE")
+            .bind(org_id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(StorageError::NotFound)?;
+        if let Some(user_id) = actor.0 {
+            let role: Option<String> = sqlx::query_scalar(
+                "SELECT role FROM memberships WHERE org_id = $1 AND user_id = $2",
+            )
+            .bind(org_id)
+            .bind(user_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let role = Role::from_db(&role.ok_or(StorageError::NotFound)?);
+            if role < API_KEY_CREATOR_ROLE {
+                return Err(StorageError::RoleTooLow(API_KEY_CREATOR_ROLE));
+            }
+        }
         let key = sqlx::query_as::<_, ApiKey>(&format!(
             "INSERT INTO api_keys (id, org_id, name, digest, prefix, created_by, expires_at)
              VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {API_KEY_COLUMNS}"
@@ -173,9 +228,12 @@ impl Db {
         }
         let ids: Vec<Uuid> = uses.iter().map(|u| u.0).collect();
         let times: Vec<DateTime<Utc>> = uses.iter().map(|u| u.1).collect();
+        // Rows are locked in id order (see `release_keys_of`).
         sqlx::query(
             "UPDATE api_keys k SET last_used_at = GREATEST(k.last_used_at, u.t)
-             FROM UNNEST($1::uuid[], $2::timestamptz[]) AS u(id, t) WHERE k.id = u.id",
+             FROM UNNEST($1::uuid[], $2::timestamptz[]) AS u(id, t)
+             WHERE k.id = u.id AND k.id IN (SELECT id FROM api_keys WHERE id = ANY($1)
+                                            ORDER BY id FOR NO KEY UPDATE)",
         )
         .bind(ids)
         .bind(times)

@@ -1,4 +1,5 @@
 use crate::crypto::CryptoError;
+use crate::domain::{Role, ValidationError};
 
 /// What can go wrong in the storage layer.
 #[derive(Debug, thiserror::Error)]
@@ -16,12 +17,16 @@ pub enum StorageError {
     NotFound,
     #[error("the organization must keep at least one owner")]
     LastOwner,
+    /// The caller's role no longer allows the change (checked again inside
+    /// the transaction, after the request's own check).
+    #[error("role {} or higher required", .0.as_str())]
+    RoleTooLow(Role),
     #[error(transparent)]
     Crypto(#[from] CryptoError),
-    /// The change breaks a rule that needs the stored row to check (for
-    /// example a new base URL without its token).
+    /// The change breaks a rule that needs the stored rows to check (a new
+    /// base URL without its token, a user who is not a member).
     #[error(transparent)]
-    Invalid(#[from] crate::domain::ValidationError),
+    Invalid(#[from] ValidationError),
 }
 
 impl From<sqlx::Error> for StorageError {
@@ -40,6 +45,9 @@ impl From<sqlx::Error> for StorageError {
                 };
                 Self::Conflict(what)
             }
+            // A referenced row is gone: typically the organization was deleted
+            // while the request was in flight.
+            sqlx::Error::Database(db) if db.code().as_deref() == Some("23503") => Self::NotFound,
             // 57P01..57P03: admin shutdown / cannot connect now; 08xxx: connection errors.
             sqlx::Error::Database(db)
                 if db

@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use crate::audit::{record, Actor};
 use crate::db::Db;
-use crate::domain::{Email, Role};
+use crate::domain::{Email, Role, ValidationError};
 use crate::error::{Result, StorageError};
 
 /// An organization as seen by one of its members.
@@ -67,6 +67,13 @@ impl From<MemberRow> for Member {
     }
 }
 
+/// What removing a member did to the API keys they had created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Removal {
+    pub revoked_api_keys: u64,
+    pub transferred_api_keys: u64,
+}
+
 const ORG_SELECT: &str = "SELECT o.id, o.name, m.role, o.created_at
      FROM organizations o JOIN memberships m ON m.org_id = o.id";
 
@@ -74,9 +81,13 @@ const MEMBER_SELECT: &str = "SELECT m.user_id, u.email, m.role, m.created_at
      FROM memberships m JOIN users u ON u.id = m.user_id";
 
 /// Locks the organization row so membership changes in one org serialize
-/// (the last-owner rule cannot be raced).
-async fn lock_org(conn: &mut PgConnection, org_id: Uuid) -> Result<()> {
-    sqlx::query("SELECT id FROM organizations WHERE id = $1 FOR UPDATE")
+/// (the last-owner rule cannot be raced). `FOR NO KEY UPDATE` conflicts with
+/// itself and with the `FOR SHARE` that API-key creation takes, but not with
+/// the `FOR KEY SHARE` that every foreign-key insert (an audit row, say) takes:
+/// a transaction that already holds a provider or API-key row and then writes
+/// its audit row never waits for this lock, so it cannot deadlock with us.
+pub(crate) async fn lock_org(conn: &mut PgConnection, org_id: Uuid) -> Result<()> {
+    sqlx::query("SELECT id FROM organizations WHERE id = $1 FOR NO KEY UPDATE")
         .bind(org_id)
         .fetch_optional(&mut *conn)
         .await?
@@ -93,7 +104,11 @@ async fn owner_count(conn: &mut PgConnection, org_id: Uuid) -> Result<i64> {
     )
 }
 
-async fn member_in(conn: &mut PgConnection, org_id: Uuid, user_id: Uuid) -> Result<Member> {
+pub(crate) async fn member_in(
+    conn: &mut PgConnection,
+    org_id: Uuid,
+    user_id: Uuid,
+) -> Result<Member> {
     sqlx::query_as::<_, MemberRow>(&format!(
         "{MEMBER_SELECT} WHERE m.org_id = $1 AND m.user_id = $2"
     ))
@@ -103,6 +118,16 @@ async fn member_in(conn: &mut PgConnection, org_id: Uuid, user_id: Uuid) -> Resu
     .await?
     .map(Member::from)
     .ok_or(StorageError::NotFound)
+}
+
+pub(crate) async fn org_in(conn: &mut PgConnection, org_id: Uuid, user_id: Uuid) -> Result<Org> {
+    sqlx::query_as::<_, OrgRow>(&format!("{ORG_SELECT} WHERE o.id = $1 AND m.user_id = $2"))
+        .bind(org_id)
+        .bind(user_id)
+        .fetch_optional(conn)
+        .await?
+        .map(Org::from)
+        .ok_or(StorageError::NotFound)
 }
 
 /// Inserts an organization with `owner` as its first owner, and its audit row.
@@ -128,13 +153,7 @@ async fn insert_org(conn: &mut PgConnection, name: &str, owner: Uuid) -> Result<
         json!({"name": name}),
     )
     .await?;
-    let org =
-        sqlx::query_as::<_, OrgRow>(&format!("{ORG_SELECT} WHERE o.id = $1 AND m.user_id = $2"))
-            .bind(id)
-            .bind(owner)
-            .fetch_one(&mut *conn)
-            .await?;
-    Ok(org.into())
+    org_in(conn, id, owner).await
 }
 
 impl Db {
@@ -173,13 +192,8 @@ impl Db {
 
     /// The organization as seen by `user_id`; `NotFound` when not a member.
     pub async fn org_for_member(&self, org_id: Uuid, user_id: Uuid) -> Result<Org> {
-        sqlx::query_as::<_, OrgRow>(&format!("{ORG_SELECT} WHERE o.id = $1 AND m.user_id = $2"))
-            .bind(org_id)
-            .bind(user_id)
-            .fetch_optional(&self.pool)
-            .await?
-            .map(Org::from)
-            .ok_or(StorageError::NotFound)
+        let mut conn = self.pool.acquire().await?;
+        org_in(&mut conn, org_id, user_id).await
     }
 
     pub async fn rename_org(&self, org_id: Uuid, actor: Uuid, name: &str) -> Result<Org> {
@@ -207,8 +221,44 @@ impl Db {
     }
 
     /// Deletes the organization and everything it owns, usage rows included.
+    ///
+    /// Lock order, so a concurrent change cannot deadlock with the cascade:
+    /// the organization row (`FOR NO KEY UPDATE`, which waits for membership
+    /// and API-key changes in flight and keeps new ones out), then every
+    /// provider and API-key row in id order (waiting for edits in flight,
+    /// which lock their row first and take only `FOR KEY SHARE` on the
+    /// organization afterwards), and only then the delete itself.
+    ///
+    /// A writer added later that locks in another order would make this the
+    /// deadlock victim: the delete is then retried (twice at most) rather
+    /// than failed, and the log says so.
     pub async fn delete_org(&self, org_id: Uuid) -> Result<()> {
+        let mut retries = 0;
+        loop {
+            match self.delete_org_once(org_id).await {
+                Err(StorageError::Database(sqlx::Error::Database(e)))
+                    if retries < 2
+                        && matches!(e.code().as_deref(), Some("40P01") | Some("40001")) =>
+                {
+                    retries += 1;
+                    tracing::warn!(%org_id, code = ?e.code(), "organization delete lost a lock conflict; retrying");
+                }
+                r => return r,
+            }
+        }
+    }
+
+    async fn delete_org_once(&self, org_id: Uuid) -> Result<()> {
         let mut tx = self.pool.begin().await?;
+        lock_org(&mut tx, org_id).await?;
+        for table in ["provider_keys", "api_keys"] {
+            sqlx::query(&format!(
+                "SELECT id FROM {table} WHERE org_id = $1 ORDER BY id FOR UPDATE"
+            ))
+            .bind(org_id)
+            .execute(&mut *tx)
+            .await?;
+        }
         sqlx::query("DELETE FROM request_logs WHERE org_id = $1")
             .bind(org_id)
             .execute(&mut *tx)
@@ -232,39 +282,6 @@ impl Db {
         .fetch_all(&self.pool)
         .await?;
         Ok(rows.into_iter().map(Member::from).collect())
-    }
-
-    /// Adds the user with this email; `NotFound` when no such account,
-    /// `Conflict` when already a member.
-    pub async fn add_member(
-        &self,
-        org_id: Uuid,
-        actor: Uuid,
-        email: &Email,
-        role: Role,
-    ) -> Result<Member> {
-        let user = self.user_by_email(email).await?;
-        let mut tx = self.pool.begin().await?;
-        lock_org(&mut tx, org_id).await?;
-        sqlx::query("INSERT INTO memberships (org_id, user_id, role) VALUES ($1, $2, $3)")
-            .bind(org_id)
-            .bind(user.id)
-            .bind(role.as_str())
-            .execute(&mut *tx)
-            .await?;
-        record(
-            &mut tx,
-            org_id,
-            Actor(Some(actor)),
-            "member.add",
-            "user",
-            Some(user.id),
-            json!({"role": role.as_str()}),
-        )
-        .await?;
-        let m = member_in(&mut tx, org_id, user.id).await?;
-        tx.commit().await?;
-        Ok(m)
     }
 
     pub async fn member(&self, org_id: Uuid, user_id: Uuid) -> Result<Member> {
@@ -310,11 +327,38 @@ impl Db {
         Ok(m)
     }
 
-    /// Removes a member; refuses to remove the last owner.
-    pub async fn remove_member(&self, org_id: Uuid, actor: Uuid, user_id: Uuid) -> Result<()> {
+    /// Removes a member (or lets one leave); refuses to remove the last owner.
+    ///
+    /// In the same transaction every unrevoked API key the member created in
+    /// this org is revoked, or, with `transfer_to`, handed to that remaining
+    /// member (`Invalid` when they are not one). API-key creation
+    /// takes a share lock on the organization row and re-checks membership,
+    /// so a key being created by the member as they are removed either
+    /// commits first (and is revoked here) or is refused.
+    pub async fn remove_member(
+        &self,
+        org_id: Uuid,
+        actor: Uuid,
+        user_id: Uuid,
+        transfer_to: Option<Uuid>,
+    ) -> Result<Removal> {
         let mut tx = self.pool.begin().await?;
         lock_org(&mut tx, org_id).await?;
         let current = member_in(&mut tx, org_id, user_id).await?;
+        if let Some(to) = transfer_to {
+            let remaining = to != user_id
+                && match member_in(&mut tx, org_id, to).await {
+                    Ok(_) => true,
+                    Err(StorageError::NotFound) => false,
+                    Err(e) => return Err(e),
+                };
+            if !remaining {
+                return Err(StorageError::Invalid(ValidationError::new(
+                    "transfer_api_keys_to",
+                    "transfer_api_keys_to must name another member of this organization",
+                )));
+            }
+        }
         if current.role == Role::Owner && owner_count(&mut tx, org_id).await? <= 1 {
             return Err(StorageError::LastOwner);
         }
@@ -323,6 +367,25 @@ impl Db {
             .bind(user_id)
             .execute(&mut *tx)
             .await?;
+        let keys = crate::api_keys::release_keys_of(&mut tx, org_id, user_id, transfer_to).await?;
+        let n = keys.len() as u64;
+        let (removal, details) = match transfer_to {
+            None => (
+                Removal {
+                    revoked_api_keys: n,
+                    transferred_api_keys: 0,
+                },
+                json!({"role": current.role.as_str(), "api_keys": {"revoked": n, "ids": keys}}),
+            ),
+            Some(to) => (
+                Removal {
+                    revoked_api_keys: 0,
+                    transferred_api_keys: n,
+                },
+                json!({"role": current.role.as_str(),
+                       "api_keys": {"transferred": n, "to": to, "ids": keys}}),
+            ),
+        };
         record(
             &mut tx,
             org_id,
@@ -330,10 +393,10 @@ impl Db {
             "member.remove",
             "user",
             Some(user_id),
-            json!({}),
+            details,
         )
         .await?;
         tx.commit().await?;
-        Ok(())
+        Ok(removal)
     }
 }

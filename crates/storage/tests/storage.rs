@@ -2,8 +2,10 @@
 
 use chrono::{Duration, Utc};
 use secrecy::SecretString;
+use storage::accounts::User;
 use storage::api_keys::KeyState;
 use storage::domain::{BaseUrl, Email, ProviderName, ProviderStatus, Role};
+use storage::invitations::InvitationToken;
 use storage::logs::{GroupBy, LogFilter, RequestLog};
 use storage::providers::ProviderPatch;
 use storage::secrets::{hash_password, ApiKeySecret, ProviderToken};
@@ -19,6 +21,23 @@ async fn user(t: &TestDb, email: &str) -> Uuid {
         .await
         .unwrap()
         .id
+}
+
+/// Invites `email` into `org` and accepts as `user` (whose account has that
+/// email, in any case).
+async fn join(t: &TestDb, org: Uuid, owner: Uuid, user: Uuid, email: &str, role: Role) {
+    let (inv, token) =
+        t.db.create_invitation(org, owner, &Email::parse(email).unwrap(), role)
+            .await
+            .unwrap();
+    let email = sqlx::query_scalar("SELECT email FROM users WHERE id = $1")
+        .bind(user)
+        .fetch_one(t.db.pool())
+        .await
+        .unwrap();
+    t.db.accept_invitation(&User { id: user, email }, inv.id, &token)
+        .await
+        .unwrap();
 }
 
 async fn org_with_provider(t: &TestDb) -> (Uuid, Uuid) {
@@ -640,7 +659,7 @@ async fn last_owner_cannot_leave_or_be_demoted() {
     let other = user(&t, "other@example.com").await;
     let org = t.db.create_org("Acme", owner).await.unwrap();
     assert!(matches!(
-        t.db.remove_member(org.id, owner, owner).await,
+        t.db.remove_member(org.id, owner, owner, None).await,
         Err(StorageError::LastOwner)
     ));
     assert!(matches!(
@@ -648,19 +667,12 @@ async fn last_owner_cannot_leave_or_be_demoted() {
             .await,
         Err(StorageError::LastOwner)
     ));
-    t.db.add_member(
-        org.id,
-        owner,
-        &Email::parse("OTHER@example.com").unwrap(),
-        Role::Owner,
-    )
-    .await
-    .unwrap();
+    join(&t, org.id, owner, other, "OTHER@example.com", Role::Owner).await;
     t.db.set_member_role(org.id, owner, owner, Role::Member)
         .await
         .unwrap();
     assert!(matches!(
-        t.db.remove_member(org.id, other, other).await,
+        t.db.remove_member(org.id, other, other, None).await,
         Err(StorageError::LastOwner)
     ));
     assert_eq!(t.db.list_members(org.id).await.unwrap().len(), 2);
@@ -804,4 +816,267 @@ async fn changes_are_announced_for_gateway_caches() {
         (ev.table.as_str(), ev.op.as_str(), ev.org_id, ev.id),
         ("provider_keys", "INSERT", org, id)
     );
+}
+
+#[tokio::test]
+async fn invitations_need_the_right_user_and_token_and_work_once() {
+    let t = TestDb::new().await;
+    let owner = user(&t, "owner@example.com").await;
+    let invitee = User {
+        id: user(&t, "Invitee@Example.com").await,
+        email: "Invitee@Example.com".into(),
+    };
+    let stranger = User {
+        id: user(&t, "stranger@example.com").await,
+        email: "stranger@example.com".into(),
+    };
+    let org = t.db.create_org("Acme", owner).await.unwrap().id;
+    let email = Email::parse("invitee@example.com").unwrap();
+    let (inv, token) =
+        t.db.create_invitation(org, owner, &email, Role::Admin)
+            .await
+            .unwrap();
+    assert!(token.expose_secret().starts_with("llmgwi_") && token.expose_secret().len() > 40);
+    assert!(!format!("{token:?}").contains(token.expose_secret()));
+    let dump = dump_all_tables(&t).await;
+    assert!(
+        !dump.contains(&token.expose_secret()[7..]),
+        "token stored in plaintext"
+    );
+    // One pending invitation per address, whatever its case.
+    assert!(matches!(
+        t.db.create_invitation(
+            org,
+            owner,
+            &Email::parse("INVITEE@example.com").unwrap(),
+            Role::Member
+        )
+        .await,
+        Err(StorageError::Conflict(_))
+    ));
+
+    let not_found = |r: Result<storage::orgs::Org, StorageError>| {
+        assert!(matches!(r, Err(StorageError::NotFound)), "{r:?}")
+    };
+    not_found(
+        t.db.accept_invitation(&invitee, inv.id, &InvitationToken::generate())
+            .await,
+    );
+    not_found(t.db.accept_invitation(&stranger, inv.id, &token).await);
+    not_found(
+        t.db.accept_invitation(&invitee, Uuid::new_v4(), &token)
+            .await,
+    );
+    assert_eq!(t.db.list_members(org).await.unwrap().len(), 1);
+
+    let joined =
+        t.db.accept_invitation(&invitee, inv.id, &token)
+            .await
+            .unwrap();
+    assert_eq!((joined.id, joined.role), (org, Role::Admin));
+    not_found(t.db.accept_invitation(&invitee, inv.id, &token).await);
+    assert!(t.db.list_invitations(org).await.unwrap().is_empty());
+    // Already a member: a conflict, not a second membership.
+    assert!(matches!(
+        t.db.create_invitation(org, owner, &email, Role::Member)
+            .await,
+        Err(StorageError::Conflict(_))
+    ));
+
+    // An expired invitation cannot be accepted, and a new one replaces it.
+    let late = Email::parse("stranger@example.com").unwrap();
+    let (old, old_token) =
+        t.db.create_invitation(org, owner, &late, Role::Member)
+            .await
+            .unwrap();
+    sqlx::query(
+        "UPDATE invitations SET created_at = now() - interval '8 days', expires_at = now() - interval '1 day' WHERE id = $1",
+    )
+    .bind(old.id)
+    .execute(t.db.pool())
+    .await
+    .unwrap();
+    assert!(t
+        .db
+        .invitations_for("stranger@example.com")
+        .await
+        .unwrap()
+        .is_empty());
+    not_found(t.db.accept_invitation(&stranger, old.id, &old_token).await);
+    let (new, new_token) =
+        t.db.create_invitation(org, owner, &late, Role::Member)
+            .await
+            .unwrap();
+    assert_eq!(
+        t.db.invitations_for("STRANGER@example.com")
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    t.db.accept_invitation(&stranger, new.id, &new_token)
+        .await
+        .unwrap();
+    assert_eq!(t.db.list_members(org).await.unwrap().len(), 3);
+}
+
+/// Active keys whose creator is no longer a member of the key's org.
+async fn orphaned_active_keys(t: &TestDb) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM api_keys k
+         WHERE k.revoked_at IS NULL AND k.created_by IS NOT NULL
+           AND NOT EXISTS (SELECT 1 FROM memberships m
+                           WHERE m.org_id = k.org_id AND m.user_id = k.created_by)",
+    )
+    .fetch_one(t.db.pool())
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn removal_revokes_or_transfers_the_members_keys() {
+    let t = TestDb::new().await;
+    let owner = user(&t, "owner@example.com").await;
+    let admin = user(&t, "admin@example.com").await;
+    let org = t.db.create_org("Acme", owner).await.unwrap().id;
+    let (other_org, _) = org_with_provider(&t).await;
+    join(&t, org, owner, admin, "admin@example.com", Role::Admin).await;
+    let mut keys = Vec::new();
+    for name in ["a", "b", "c"] {
+        keys.push(
+            t.db.create_api_key(org, Actor(Some(admin)), name, None)
+                .await
+                .unwrap()
+                .0
+                .id,
+        );
+    }
+    t.db.revoke_api_key(org, Actor(Some(admin)), keys[2])
+        .await
+        .unwrap();
+    let owners_key =
+        t.db.create_api_key(org, Actor(Some(owner)), "o", None)
+            .await
+            .unwrap()
+            .0
+            .id;
+    // A key by a non-member, and a plain member, are refused at creation.
+    assert!(matches!(
+        t.db.create_api_key(other_org, Actor(Some(admin)), "x", None)
+            .await,
+        Err(StorageError::NotFound)
+    ));
+    let member = user(&t, "member@example.com").await;
+    join(&t, org, owner, member, "member@example.com", Role::Member).await;
+    assert!(matches!(
+        t.db.create_api_key(org, Actor(Some(member)), "x", None)
+            .await,
+        Err(StorageError::RoleTooLow(Role::Admin))
+    ));
+
+    // Transfer to someone who is not a remaining member: refused, nothing changes.
+    for bad in [
+        admin,
+        Uuid::new_v4(),
+        user(&t, "outsider@example.com").await,
+    ] {
+        assert!(matches!(
+            t.db.remove_member(org, owner, admin, Some(bad)).await,
+            Err(StorageError::Invalid(_))
+        ));
+    }
+    assert_eq!(t.db.list_members(org).await.unwrap().len(), 3);
+
+    let removed = t.db.remove_member(org, owner, admin, None).await.unwrap();
+    assert_eq!(
+        (removed.revoked_api_keys, removed.transferred_api_keys),
+        (2, 0)
+    );
+    for id in &keys {
+        assert!(t
+            .db
+            .get_api_key(org, *id)
+            .await
+            .unwrap()
+            .revoked_at
+            .is_some());
+    }
+    assert!(t
+        .db
+        .get_api_key(org, owners_key)
+        .await
+        .unwrap()
+        .revoked_at
+        .is_none());
+    let audit = t.db.list_audit(org, None, 10).await.unwrap().data;
+    let entry = audit.iter().find(|e| e.action == "member.remove").unwrap();
+    assert_eq!(entry.details["api_keys"]["revoked"], 2);
+
+    // Transfer: the key stays active and changes hands.
+    join(&t, org, owner, admin, "admin@example.com", Role::Admin).await;
+    let kept =
+        t.db.create_api_key(org, Actor(Some(admin)), "kept", None)
+            .await
+            .unwrap()
+            .0
+            .id;
+    let moved =
+        t.db.remove_member(org, admin, admin, Some(owner))
+            .await
+            .unwrap();
+    assert_eq!((moved.revoked_api_keys, moved.transferred_api_keys), (0, 1));
+    let (revoked, creator): (Option<chrono::DateTime<Utc>>, Option<Uuid>) =
+        sqlx::query_as("SELECT revoked_at, created_by FROM api_keys WHERE id = $1")
+            .bind(kept)
+            .fetch_one(t.db.pool())
+            .await
+            .unwrap();
+    assert_eq!((revoked, creator), (None, Some(owner)));
+    let audit = t.db.list_audit(org, None, 10).await.unwrap().data;
+    let entry = audit.iter().find(|e| e.action == "member.remove").unwrap();
+    assert_eq!(entry.details["api_keys"]["transferred"], 1);
+    assert_eq!(entry.details["api_keys"]["to"], owner.to_string());
+    assert_eq!(orphaned_active_keys(&t).await, 0);
+}
+
+#[tokio::test]
+async fn removal_racing_key_creation_leaves_no_key_of_a_non_member() {
+    let t = TestDb::new().await;
+    let owner = user(&t, "owner@example.com").await;
+    let admin = user(&t, "admin@example.com").await;
+    let org = t.db.create_org("Acme", owner).await.unwrap().id;
+    let (mut created, mut refused) = (0, 0);
+    for _ in 0..30 {
+        join(&t, org, owner, admin, "admin@example.com", Role::Admin).await;
+        let creators: Vec<_> = (0..3)
+            .map(|i| {
+                let db = t.db.clone();
+                tokio::spawn(async move {
+                    // Staggered, so some attempts land on each side of the removal.
+                    tokio::time::sleep(std::time::Duration::from_millis(i)).await;
+                    db.create_api_key(org, Actor(Some(admin)), "racing", None)
+                        .await
+                })
+            })
+            .collect();
+        let remover = {
+            let db = t.db.clone();
+            tokio::spawn(async move { db.remove_member(org, owner, admin, None).await })
+        };
+        for c in creators {
+            match c.await.unwrap() {
+                Ok(_) => created += 1,
+                Err(StorageError::NotFound) => refused += 1,
+                Err(e) => panic!("creation failed with {e:?}"),
+            }
+        }
+        remover.await.unwrap().unwrap();
+        assert_eq!(
+            orphaned_active_keys(&t).await,
+            0,
+            "a removed member's key survived"
+        );
+    }
+    assert!(created > 0, "no creation ever won the race");
+    let _ = refused;
 }

@@ -1,14 +1,16 @@
-//! Members and their roles. The last-owner rule is enforced by storage under
+//! Members and their roles. Members join by invitation (see
+//! [`super::invitations`]); the last-owner rule is enforced by storage under
 //! a lock on the organization row, so concurrent demotions cannot race it.
 
 use actix_web::{web, HttpResponse};
+use serde::Serialize;
 use storage::domain::Role;
-use storage::StorageError;
+use storage::invitations::Invitation;
 
 use super::List;
 use crate::error::ApiError;
-use crate::extract::{role, Input, ItemId, OrgAccess};
-use crate::input::{AddMember, MemberPatch};
+use crate::extract::{role, Input, ItemId, OrgAccess, Query};
+use crate::input::{Invite, MemberPatch, RemoveMember};
 use crate::State;
 
 pub async fn list(
@@ -19,24 +21,34 @@ pub async fn list(
     Ok(HttpResponse::Ok().json(List::all(members)))
 }
 
-pub async fn add(
+/// The invitation answer: its fields plus the token, shown this once.
+#[derive(Serialize)]
+struct Invited {
+    #[serde(flatten)]
+    invitation: Invitation,
+    token: String,
+}
+
+/// Invites an email, whether or not it has an account: the answer is the
+/// same either way, so it tells nothing about who has signed up.
+pub async fn invite(
     state: web::Data<State>,
     access: OrgAccess<role::Owner>,
-    input: Input<AddMember>,
+    input: Input<Invite>,
 ) -> Result<HttpResponse, ApiError> {
     let input = input.into_inner()?;
-    match state
-        .db
-        .add_member(access.org_id(), access.user.id, &input.email, input.role)
-        .await
-    {
-        Ok(member) => Ok(HttpResponse::Created().json(member)),
-        Err(StorageError::NotFound) => Err(ApiError::field(
-            "email",
-            "no account has this email; the person must sign up first",
-        )),
-        Err(e) => Err(e.into()),
+    // Nobody hands out a role above their own (today only owners invite).
+    if input.role > access.role() {
+        return Err(ApiError::Forbidden(input.role));
     }
+    let (invitation, token) = state
+        .db
+        .create_invitation(access.org_id(), access.user.id, &input.email, input.role)
+        .await?;
+    Ok(HttpResponse::Created().json(Invited {
+        invitation,
+        token: token.expose_secret().to_owned(),
+    }))
 }
 
 pub async fn set_role(
@@ -54,19 +66,28 @@ pub async fn set_role(
     Ok(HttpResponse::Ok().json(member))
 }
 
-/// Owners remove anyone; every member may remove themselves (leave).
+/// Owners remove anyone; every member may remove themselves (leave). The
+/// API keys the member created are revoked, or handed to
+/// `?transfer_api_keys_to`, in the same transaction.
 pub async fn remove(
     state: web::Data<State>,
     access: OrgAccess<role::Member>,
     user_id: ItemId,
+    query: Query<RemoveMember>,
 ) -> Result<HttpResponse, ApiError> {
     let user_id = user_id.get()?;
     if user_id != access.user.id && access.role() < Role::Owner {
         return Err(ApiError::Forbidden(Role::Owner));
     }
-    state
+    let query = query.into_inner()?;
+    let removal = state
         .db
-        .remove_member(access.org_id(), access.user.id, user_id)
+        .remove_member(
+            access.org_id(),
+            access.user.id,
+            user_id,
+            query.transfer_api_keys_to,
+        )
         .await?;
-    Ok(HttpResponse::NoContent().finish())
+    Ok(HttpResponse::Ok().json(removal))
 }

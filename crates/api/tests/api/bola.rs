@@ -15,6 +15,7 @@ async fn snapshot(app: &TestApp, fx: &OrgFixture) -> Value {
     let providers = db.list_provider_keys(org).await.unwrap();
     let keys = db.list_api_keys(org, None, 200).await.unwrap().data;
     let members = db.list_members(org).await.unwrap();
+    let invitations = db.list_invitations(org).await.unwrap();
     let audit = db.list_audit(org, None, 200).await.unwrap().data.len();
     let name = db.org_for_member(org, owner).await.unwrap().name;
     let tokens: Vec<String> = {
@@ -31,10 +32,11 @@ async fn snapshot(app: &TestApp, fx: &OrgFixture) -> Value {
         }
         t
     };
-    json!({"providers": providers, "keys": keys, "members": members, "audit": audit, "name": name, "tokens": tokens})
+    json!({"providers": providers, "keys": keys, "members": members, "invitations": invitations,
+           "audit": audit, "name": name, "tokens": tokens})
 }
 
-/// Every org-scoped route, with `{org}`, `{provider}`, `{key}`, `{user}` to fill in.
+/// Every org-scoped route, with `{org}`, `{provider}`, `{key}`, `{user}`, `{inv}` to fill in.
 const ROUTES: &[(&str, &str, Option<&str>)] = &[
     ("GET", "/api/v1/orgs/{org}", None),
     ("PATCH", "/api/v1/orgs/{org}", Some(r#"{"name":"pwned"}"#)),
@@ -51,6 +53,9 @@ const ROUTES: &[(&str, &str, Option<&str>)] = &[
         Some(r#"{"role":"owner"}"#),
     ),
     ("DELETE", "/api/v1/orgs/{org}/members/{user}", None),
+    ("GET", "/api/v1/orgs/{org}/invitations", None),
+    ("GET", "/api/v1/orgs/{org}/invitations/{inv}", None),
+    ("DELETE", "/api/v1/orgs/{org}/invitations/{inv}", None),
     ("GET", "/api/v1/orgs/{org}/provider-keys", None),
     (
         "POST",
@@ -85,11 +90,21 @@ const ROUTES: &[(&str, &str, Option<&str>)] = &[
     ("GET", "/api/v1/orgs/{org}/audit-log", None),
 ];
 
-fn fill(path: &str, org: &str, provider: &str, key: &str, user: &str) -> String {
-    path.replace("{org}", org)
-        .replace("{provider}", provider)
-        .replace("{key}", key)
-        .replace("{user}", user)
+/// The ids of one org's resources, to put into a route.
+struct Ids<'a> {
+    org: &'a str,
+    provider: &'a str,
+    key: &'a str,
+    user: &'a str,
+    inv: &'a str,
+}
+
+fn fill(path: &str, ids: &Ids) -> String {
+    path.replace("{org}", ids.org)
+        .replace("{provider}", ids.provider)
+        .replace("{key}", ids.key)
+        .replace("{user}", ids.user)
+        .replace("{inv}", ids.inv)
 }
 
 async fn call(
@@ -118,8 +133,33 @@ async fn other_orgs_ids_look_missing_and_change_nothing() {
     let a = OrgFixture::create(&app, "alpha").await;
     let b = OrgFixture::create(&app, "beta").await;
     app.signup("intruder@x.example.com").await;
+    let a_inv = app
+        .invite(&a.owner, &a.id, "invitee@alpha.example.com", "admin")
+        .await
+        .expect(201)
+        .id();
+    let b_inv = app
+        .invite(&b.owner, &b.id, "invitee@beta.example.com", "admin")
+        .await
+        .expect(201)
+        .id();
     let before_a = snapshot(&app, &a).await;
     let before_b = snapshot(&app, &b).await;
+    let a_ids = Ids {
+        org: &a.id,
+        provider: &a.provider_id,
+        key: &a.api_key_id,
+        user: &a.member_id,
+        inv: &a_inv,
+    };
+    // Org A's route, org B's resources.
+    let crossed = Ids {
+        org: &a.id,
+        provider: &b.provider_id,
+        key: &b.api_key_id,
+        user: &b.member_id,
+        inv: &b_inv,
+    };
 
     // What a truly missing org answers, for comparison.
     let missing = app
@@ -131,21 +171,31 @@ async fn other_orgs_ids_look_missing_and_change_nothing() {
     for &(method, path, body) in ROUTES {
         // 1. Org B's users (every role) on org A's routes with org A's ids.
         for token in [&b.owner, &b.admin, &b.member] {
-            let url = fill(path, &a.id, &a.provider_id, &a.api_key_id, &a.member_id);
+            let url = fill(path, &a_ids);
             let r = call(&app, method, &url, token, body).await;
             assert_eq!(r.status, 404, "{method} {url}: {}", r.text);
             assert_eq!(r.body, missing.body, "{method} {url}");
         }
         // 2. Org A's owner on org A's routes with org B's resource ids.
-        if path.contains("{provider}") || path.contains("{key}") || path.contains("{user}") {
-            let url = fill(path, &a.id, &b.provider_id, &b.api_key_id, &b.member_id);
+        if ["{provider}", "{key}", "{user}", "{inv}"]
+            .iter()
+            .any(|p| path.contains(p))
+        {
+            let url = fill(path, &crossed);
             let r = call(&app, method, &url, &a.owner, body).await;
             assert_eq!(r.status, 404, "{method} {url}: {}", r.text);
             assert_eq!(r.body, missing.body, "{method} {url}");
         }
         // 3. Malformed and unknown ids answer the same.
         for bad in ["not-a-uuid", &Uuid::new_v4().to_string()] {
-            let url = fill(path, bad, bad, bad, bad);
+            let ids = Ids {
+                org: bad,
+                provider: bad,
+                key: bad,
+                user: bad,
+                inv: bad,
+            };
+            let url = fill(path, &ids);
             let r = call(&app, method, &url, &a.owner, body).await;
             assert_eq!(r.status, 404, "{method} {url}: {}", r.text);
             assert_eq!(r.body, missing.body);

@@ -255,6 +255,29 @@ impl TestApp {
             .id()
     }
 
+    /// `owner` invites `email` into `org` with `role`; answers the invitation (with its token).
+    pub async fn invite(&self, owner: &str, org: &str, email: &str, role: &str) -> Resp {
+        self.post(
+            &format!("/api/v1/orgs/{org}/members"),
+            owner,
+            json!({"email": email, "role": role}),
+        )
+        .await
+    }
+
+    /// Invites `email` and accepts as `invitee` (the session of that email).
+    pub async fn join(&self, owner: &str, org: &str, email: &str, role: &str, invitee: &str) {
+        let inv = self.invite(owner, org, email, role).await;
+        inv.expect(201);
+        self.post(
+            &format!("/api/v1/me/invitations/{}/accept", inv.id()),
+            invitee,
+            json!({"token": inv.body["token"]}),
+        )
+        .await
+        .expect(200);
+    }
+
     pub async fn create_provider(
         &self,
         token: &str,
@@ -315,17 +338,11 @@ impl OrgFixture {
         let (admin, admin_id) = app.signup(&format!("admin@{tag}.example.com")).await;
         let (member, member_id) = app.signup(&format!("member@{tag}.example.com")).await;
         let id = app.create_org(&owner, &format!("Org {tag}")).await;
-        for (email, role) in [
-            (format!("admin@{tag}.example.com"), "admin"),
-            (format!("member@{tag}.example.com"), "member"),
+        for (email, role, token) in [
+            (format!("admin@{tag}.example.com"), "admin", &admin),
+            (format!("member@{tag}.example.com"), "member", &member),
         ] {
-            app.post(
-                &format!("/api/v1/orgs/{id}/members"),
-                &owner,
-                json!({"email": email, "role": role}),
-            )
-            .await
-            .expect(201);
+            app.join(&owner, &id, &email, role, token).await;
         }
         let provider_token = format!("sk-{tag}-{}", uuid::Uuid::new_v4().simple());
         let provider_id = app

@@ -6,6 +6,7 @@ mod api_keys;
 mod bola;
 mod helpers;
 mod http;
+mod members;
 mod openapi;
 mod orgs;
 mod providers;

@@ -82,43 +82,45 @@ async fn members_can_be_added_promoted_removed_and_can_leave() {
         ]
     );
 
-    // Adding: an unknown account is a field error, an existing member a conflict, role defaults to member.
-    let unknown = app
-        .post(
-            &format!("/api/v1/orgs/{org}/members"),
-            &fx.owner,
-            json!({"email": "ghost@example.com"}),
-        )
+    // Inviting: an existing member is a conflict, a bad role a field error,
+    // and the role defaults to member.
+    let dup = app
+        .invite(&fx.owner, org, "ADMIN@m.example.com", "member")
         .await;
-    unknown.expect(422);
-    assert_eq!(unknown.error_fields(), ["email"]);
-    app.post(
-        &format!("/api/v1/orgs/{org}/members"),
-        &fx.owner,
-        json!({"email": "admin@m.example.com"}),
-    )
-    .await
-    .expect(409);
-    let (_, new_id) = app.signup("new@example.com").await;
-    let added = app
+    dup.expect(409);
+    assert_eq!(dup.code(), "conflict");
+    let bad_role = app.invite(&fx.owner, org, "new@example.com", "god").await;
+    bad_role.expect(422);
+    assert_eq!(bad_role.error_fields(), ["role"]);
+    let (new, new_id) = app.signup("new@example.com").await;
+    let invited = app
         .post(
             &format!("/api/v1/orgs/{org}/members"),
             &fx.owner,
             json!({"email": "new@example.com"}),
         )
         .await;
-    added.expect(201);
-    assert_eq!(added.body["role"], "member");
-    assert_eq!(added.body["user_id"], new_id.as_str());
-    let bad_role = app
-        .post(
-            &format!("/api/v1/orgs/{org}/members"),
-            &fx.owner,
-            json!({"email": "new@example.com", "role": "god"}),
-        )
+    invited.expect(201);
+    assert_eq!(invited.body["role"], "member");
+    app.post(
+        &format!("/api/v1/me/invitations/{}/accept", invited.id()),
+        &new,
+        json!({"token": invited.body["token"]}),
+    )
+    .await
+    .expect(200);
+    let added = app
+        .get(&format!("/api/v1/orgs/{org}/members"), &fx.member)
         .await;
-    bad_role.expect(422);
-    assert_eq!(bad_role.error_fields(), ["role"]);
+    let added = added.body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["user_id"] == new_id.as_str())
+        .cloned()
+        .expect("the invitee is a member");
+    assert_eq!(added["role"], "member");
+    assert_eq!(added["email"], "new@example.com");
 
     // The last owner can neither be demoted nor leave.
     let demote = app
@@ -160,15 +162,20 @@ async fn members_can_be_added_promoted_removed_and_can_leave() {
         .expect(403);
 
     // Owners remove others; anyone may leave.
-    app.delete(&format!("/api/v1/orgs/{org}/members/{new_id}"), &fx.admin)
-        .await
-        .expect(204);
+    let removed = app
+        .delete(&format!("/api/v1/orgs/{org}/members/{new_id}"), &fx.admin)
+        .await;
+    removed.expect(200);
+    assert_eq!(
+        removed.body,
+        json!({"revoked_api_keys": 0, "transferred_api_keys": 0})
+    );
     app.delete(
         &format!("/api/v1/orgs/{org}/members/{}", fx.member_id),
         &fx.member,
     )
     .await
-    .expect(204);
+    .expect(200);
     app.get(&format!("/api/v1/orgs/{org}"), &fx.member)
         .await
         .expect(404);
@@ -200,15 +207,11 @@ async fn prepare(
         ),
         "delete_org" => (Method::DELETE, base, None),
         "list_members" => (Method::GET, format!("{base}/members"), None),
-        "add_member" => {
-            let email = format!("added{n}@example.com");
-            app.signup(&email).await;
-            (
-                Method::POST,
-                format!("{base}/members"),
-                Some(json!({"email": email, "role": "member"})),
-            )
-        }
+        "add_member" => (
+            Method::POST,
+            format!("{base}/members"),
+            Some(json!({"email": format!("added{n}@example.com"), "role": "member"})),
+        ),
         "set_role" => (
             Method::PATCH,
             format!("{base}/members/{}", fx.member_id),
@@ -216,15 +219,23 @@ async fn prepare(
         ),
         "remove_member" => {
             let email = format!("removable{n}@example.com");
-            let (_, id) = app.signup(&email).await;
-            app.post(
-                &format!("{base}/members"),
-                &fx.owner,
-                json!({"email": email}),
-            )
-            .await
-            .expect(201);
+            let (token, id) = app.signup(&email).await;
+            app.join(&fx.owner, org, &email, "member", &token).await;
             (Method::DELETE, format!("{base}/members/{id}"), None)
+        }
+        "list_invitations" => (Method::GET, format!("{base}/invitations"), None),
+        "get_invitation" | "delete_invitation" => {
+            let id = app
+                .invite(&fx.owner, org, &format!("{route}{n}@example.com"), "member")
+                .await
+                .expect(201)
+                .id();
+            let method = if route == "get_invitation" {
+                Method::GET
+            } else {
+                Method::DELETE
+            };
+            (method, format!("{base}/invitations/{id}"), None)
         }
         "list_providers" => (Method::GET, format!("{base}/provider-keys"), None),
         "get_provider" => (
@@ -295,7 +306,10 @@ async fn role_matrix() {
         ("list_members", "member", 200),
         ("add_member", "owner", 201),
         ("set_role", "owner", 200),
-        ("remove_member", "owner", 204),
+        ("remove_member", "owner", 200),
+        ("list_invitations", "admin", 200),
+        ("get_invitation", "admin", 200),
+        ("delete_invitation", "owner", 204),
         ("list_providers", "member", 200),
         ("get_provider", "member", 200),
         ("create_provider", "admin", 201),
