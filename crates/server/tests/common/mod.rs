@@ -127,10 +127,6 @@ impl Running {
         self.logs.lock().unwrap().clone()
     }
 
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
     /// Sends SIGTERM without waiting.
     pub fn signal_term(&self) {
         // SAFETY: kill on our own child's pid.
