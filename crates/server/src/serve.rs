@@ -5,7 +5,7 @@ use std::time::Duration;
 use actix_web::{web, App, HttpServer};
 use upstream::{UpstreamClient, UpstreamConfig};
 
-use crate::config::Config;
+use crate::config::{Config, ListenAddr};
 use crate::database::{self, error_chain};
 use crate::Listener;
 
@@ -19,7 +19,7 @@ fn nodelay(conn: &dyn std::any::Any, _: &mut actix_web::dev::Extensions) {
 
 fn bind<F>(
     name: &str,
-    addr: std::net::SocketAddr,
+    addr: &ListenAddr,
     workers: usize,
     cfg: &Config,
     configure: F,
@@ -33,9 +33,9 @@ where
         .shutdown_timeout(cfg.shutdown_grace.as_secs().max(1))
         .client_request_timeout(Duration::from_secs(30))
         .on_connect(nodelay)
-        .bind_auto_h2c(addr)
+        .bind_auto_h2c(addr.as_str())
         .map_err(|e| format!("cannot listen on {addr} ({name}): {e}"))?;
-    tracing::info!(%addr, listener = name, "listening");
+    tracing::info!(%addr, bound = ?server.addrs(), listener = name, "listening");
     Ok(server.run())
 }
 
@@ -55,8 +55,7 @@ async fn shutdown_signal() {
 }
 
 pub async fn serve(cfg: Config, only: Option<Listener>) -> Result<(), String> {
-    let opened = database::open(&cfg).await?;
-    let db = opened.db.clone();
+    // Before the database: a bad CA file must fail fast, not after an embedded cluster started.
     let upstream = UpstreamClient::new(&UpstreamConfig {
         allow_private: cfg.allow_private,
         ca_file: cfg.ca_file.clone(),
@@ -65,6 +64,27 @@ pub async fn serve(cfg: Config, only: Option<Listener>) -> Result<(), String> {
         timeout: cfg.upstream_timeout,
     })
     .map_err(|e| format!("LLMGW_UPSTREAM_CA_FILE: {}", error_chain(&e)))?;
+    let opened = database::open(&cfg).await?;
+    // Whatever happens while serving, the embedded cluster is stopped.
+    let result = run(&cfg, only, opened.db.clone(), upstream).await;
+    // Bounded: closing the pool waits for checked-out connections.
+    if tokio::time::timeout(Duration::from_secs(10), opened.close())
+        .await
+        .is_err()
+    {
+        tracing::warn!("database pool did not close within 10s");
+    }
+    result?;
+    tracing::info!("shutdown complete");
+    Ok(())
+}
+
+async fn run(
+    cfg: &Config,
+    only: Option<Listener>,
+    db: storage::Db,
+    upstream: UpstreamClient,
+) -> Result<(), String> {
     if cfg.allow_private {
         tracing::warn!("LLMGW_UPSTREAM_ALLOW_PRIVATE=true: upstreams on private and loopback addresses are allowed");
     }
@@ -89,9 +109,9 @@ pub async fn serve(cfg: Config, only: Option<Listener>) -> Result<(), String> {
         let g = gw.clone();
         servers.push(bind(
             "gateway",
-            cfg.gateway_addr,
+            &cfg.gateway_addr,
             cfg.gateway_workers,
-            &cfg,
+            cfg,
             move |c| g.configure(c),
         )?);
         gateway = Some(gw);
@@ -107,7 +127,7 @@ pub async fn serve(cfg: Config, only: Option<Listener>) -> Result<(), String> {
                 upstream: upstream.clone(),
             },
         );
-        servers.push(bind("api", cfg.api_addr, 2, &cfg, move |c| {
+        servers.push(bind("api", &cfg.api_addr, 2, cfg, move |c| {
             api.configure(c)
         })?);
     }
@@ -151,13 +171,5 @@ pub async fn serve(cfg: Config, only: Option<Listener>) -> Result<(), String> {
     if let Some(gw) = gateway {
         gw.shutdown().await;
     }
-    // Bounded: closing the pool waits for checked-out connections.
-    if tokio::time::timeout(Duration::from_secs(10), opened.close())
-        .await
-        .is_err()
-    {
-        tracing::warn!("database pool did not close within 10s");
-    }
-    tracing::info!("shutdown complete");
     Ok(())
 }
