@@ -464,6 +464,13 @@ fn dotenv_in_the_working_directory_is_read_and_the_environment_wins() {
         err.contains("LLMGW_MAX_BODY_BYTES") && !err.contains("LLMGW_LOG_FORMAT"),
         "{err}"
     );
+    // A line that is not NAME=value is reported with the file's name.
+    std::fs::write(dir.join(".env"), "LLMGW_LOG_FORMAT json\n").unwrap();
+    let out = llmgw().arg("serve").current_dir(&dir).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.starts_with("llmgw: .env: "), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
 
