@@ -16,7 +16,14 @@ pub struct Opened {
 impl Opened {
     /// Closes the pool, then stops the embedded cluster.
     pub async fn close(self) {
-        self.db.close().await;
+        // Bounded: closing the pool waits for checked-out connections. The
+        // cluster is stopped either way (a fast stop ends those sessions).
+        if tokio::time::timeout(Duration::from_secs(10), self.db.close())
+            .await
+            .is_err()
+        {
+            tracing::warn!("database pool did not close within 10s");
+        }
         if let Some(pg) = self.embedded {
             stop_embedded(pg).await;
         }

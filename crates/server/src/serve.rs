@@ -67,13 +67,7 @@ pub async fn serve(cfg: Config, only: Option<Listener>) -> Result<(), String> {
     let opened = database::open(&cfg).await?;
     // Whatever happens while serving, the embedded cluster is stopped.
     let result = run(&cfg, only, opened.db.clone(), upstream).await;
-    // Bounded: closing the pool waits for checked-out connections.
-    if tokio::time::timeout(Duration::from_secs(10), opened.close())
-        .await
-        .is_err()
-    {
-        tracing::warn!("database pool did not close within 10s");
-    }
+    opened.close().await;
     result?;
     tracing::info!("shutdown complete");
     Ok(())
