@@ -100,15 +100,33 @@ fn free_port() -> u16 {
 fn build_llmgw() -> String {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     eprintln!("building llmgw (release)…");
-    let st = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+    let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    // `cargo run` gave this process the bench's CARGO_MANIFEST_DIR and
+    // CARGO_PKG_*; build scripts (ring's) watch those, so passing them on
+    // would rebuild ring and all above it now and again at the next plain build.
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        if k.starts_with("CARGO_PKG_")
+            || k.starts_with("CARGO_MANIFEST_")
+            || [
+                "CARGO_CRATE_NAME",
+                "CARGO_BIN_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+            ]
+            .contains(&&*k)
+        {
+            cargo.env_remove(&*k);
+        }
+    }
+    let st = cargo
         .args(["build", "--release", "--bin", "llmgw"])
         .current_dir(&root)
         .status()
         .expect("run cargo");
     assert!(st.success(), "cargo build --release --bin llmgw failed");
-    root.join("target/release/llmgw")
-        .to_string_lossy()
-        .into_owned()
+    // Relative to the root cargo ran in; an absolute CARGO_TARGET_DIR replaces it.
+    let target = root.join(std::env::var_os("CARGO_TARGET_DIR").unwrap_or_else(|| "target".into()));
+    target.join("release/llmgw").to_string_lossy().into_owned()
 }
 
 /// `/proc/<pid>` readings: CPU time in ms, current and peak RSS in KiB.

@@ -1,9 +1,88 @@
 //! Every setting comes from the environment (`LLMGW_*`, `DATABASE_URL`,
-//! `RUST_LOG`); a bad value names its variable in one line.
+//! `RUST_LOG`), or from `./.env` for what the environment does not set; a
+//! bad value names its variable in one line.
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
+
+/// One setting as users see it: in `llmgw serve --help` and `.env.example`.
+#[derive(Debug)]
+pub struct Setting {
+    pub name: &'static str,
+    /// What an unset variable means, written as it would be set (`""`: unset).
+    pub default: &'static str,
+    pub about: &'static str,
+}
+
+const fn s(name: &'static str, default: &'static str, about: &'static str) -> Setting {
+    Setting {
+        name,
+        default,
+        about,
+    }
+}
+
+/// Every setting of the binary. Tests hold `.env.example` and the names read
+/// in this file to exactly this list, and the defaults to `Config`'s own.
+pub const SETTINGS: &[Setting] = &[
+    s("DATABASE_URL", "", "PostgreSQL URL (postgres://user:password@host:5432/db). Unset: `llmgw serve` runs an embedded cluster under LLMGW_DATA_DIR (local use only)."),
+    s("LLMGW_ENCRYPTION_KEYS", "", "Keys of the provider tokens, 1:<base64 32 bytes>,2:<...>; the highest id encrypts, all decrypt. Required with DATABASE_URL; `llmgw keys generate` makes one. Unset with the embedded cluster: a key kept in LLMGW_DATA_DIR/encryption.key."),
+    s("LLMGW_DATA_DIR", "./.llmgw", "Where the embedded cluster and its generated key live (only without DATABASE_URL)."),
+    s("LLMGW_GATEWAY_ADDR", "127.0.0.1:8080", "Gateway (OpenAI-compatible) listener: IP:port, or host:port to listen on every address the host name resolves to."),
+    s("LLMGW_API_ADDR", "127.0.0.1:8081", "Settings API listener: IP:port or host:port."),
+    s("LLMGW_METRICS_ADDR", "", "Separate listener for /metrics (IP:port or host:port). Unset: /metrics is served on the gateway listener."),
+    s("LLMGW_TRUSTED_PROXIES", "", "Comma-separated addresses or CIDR ranges of reverse proxies whose X-Forwarded-For is believed. Unset: none."),
+    s("LLMGW_UPSTREAM_ALLOW_PRIVATE", "false", "Allow upstreams on loopback, private, link-local and similar addresses (self-hosted models)."),
+    s("LLMGW_UPSTREAM_ALLOW_HTTP", "false", "Allow plain http:// provider base URLs (self-hosted servers on a private network); the address rules above still apply."),
+    s("LLMGW_UPSTREAM_CA_FILE", "", "PEM file of extra root certificates trusted for upstream TLS (internal CAs)."),
+    s("LLMGW_UPSTREAM_HTTP2", "false", "Use HTTP/2 towards upstreams that offer it (ALPN): streams share connections, far less memory per open stream."),
+    s("LLMGW_UPSTREAM_CONNECT_TIMEOUT_MS", "5000", "Upstream TCP and TLS connect timeout, milliseconds."),
+    s("LLMGW_UPSTREAM_TIMEOUT_MS", "300000", "Upstream timeout, milliseconds: the whole answer when not streamed; the head and each gap between chunks when streamed."),
+    s("LLMGW_MAX_BODY_BYTES", "10485760", "Largest request body accepted, bytes (10 MiB)."),
+    s("LLMGW_API_BODY_TIMEOUT_MS", "10000", "Longest time a settings API client may take to send a request body, milliseconds."),
+    s("LLMGW_API_MAX_CONNECTIONS", "256", "Most connections the settings API holds open at once."),
+    s("LLMGW_ALLOW_SIGNUP", "true", "Allow anyone to sign up on the settings API."),
+    s("LLMGW_SESSION_TTL_HOURS", "168", "Settings API session lifetime, hours (at most 8784)."),
+    s("LLMGW_SESSION_IDLE_MINUTES", "720", "A settings API session unused for this long ends, minutes."),
+    s("LLMGW_LOG_FORMAT", "pretty", "Log format: json or pretty (coloured only on a terminal). The Docker image sets json."),
+    s("RUST_LOG", "info", "Log level filter (tracing EnvFilter syntax, e.g. info,gateway=debug)."),
+    s("LLMGW_SHUTDOWN_GRACE_MS", "30000", "How long in-flight requests and streams may run after SIGTERM/SIGINT, milliseconds."),
+    s("LLMGW_DB_MAX_CONNECTIONS", "16", "Largest number of database connections per process."),
+    s("LLMGW_GATEWAY_WORKERS", "", "Gateway worker threads. Unset: one per CPU."),
+    s("LLMGW_CACHE_TTL_MS", "30000", "Safety-net lifetime of cached keys and providers (changes arrive within a second through NOTIFY), milliseconds."),
+    s("LLMGW_LOG_QUEUE_CAPACITY", "100000", "Usage rows held in memory while the database is slow or down."),
+    s("LLMGW_LOG_BATCH_SIZE", "500", "Usage rows written per INSERT."),
+    s("LLMGW_LOG_FLUSH_INTERVAL_MS", "200", "Longest wait before a partial batch of usage rows is written, milliseconds."),
+];
+
+/// The settings as `--help` shows them: name, default, wrapped description.
+pub fn help_text() -> String {
+    let mut out = String::from(
+        "Settings (environment variables; also read from ./.env, where the environment wins):\n",
+    );
+    for st in SETTINGS {
+        let default = if st.default.is_empty() {
+            String::new()
+        } else {
+            format!(" [default: {}]", st.default)
+        };
+        out.push_str(&format!("  {}{default}\n", st.name));
+        let mut line = String::new();
+        for word in st.about.split_whitespace() {
+            if !line.is_empty() && line.len() + 1 + word.len() > 72 {
+                out.push_str(&format!("          {line}\n"));
+                line.clear();
+            }
+            if !line.is_empty() {
+                line.push(' ');
+            }
+            line.push_str(word);
+        }
+        out.push_str(&format!("          {line}\n"));
+    }
+    out
+}
 
 /// A setting that could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -11,6 +90,49 @@ use std::time::Duration;
 pub struct ConfigError {
     pub var: &'static str,
     pub message: String,
+}
+
+/// A listen address as configured: `IP:port`, or `host:port` for every
+/// address the host name resolves to (checked when the settings are read).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenAddr(String);
+
+impl ListenAddr {
+    fn parse(var: &'static str, v: &str) -> Result<Self, ConfigError> {
+        let err = |message: String| ConfigError { var, message };
+        if v.parse::<SocketAddr>().is_ok() {
+            return Ok(Self(v.to_owned()));
+        }
+        let well_formed = v
+            .rsplit_once(':')
+            .filter(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        if well_formed.is_none() {
+            return Err(err(format!(
+                "expected IP:port or host:port (e.g. 127.0.0.1:8080, localhost:8080, [::1]:8080), got {v:?}"
+            )));
+        }
+        match v.to_socket_addrs() {
+            Ok(addrs) if addrs.len() > 0 => Ok(Self(v.to_owned())),
+            Ok(_) | Err(_) => Err(err(format!(
+                "cannot resolve the host of {v:?} (use IP:port, e.g. 127.0.0.1:8080)"
+            ))),
+        }
+    }
+
+    /// The address as configured, for binding (a host name is resolved again there).
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn listen_addr(env: Env, var: &'static str, default: &str) -> Result<ListenAddr, ConfigError> {
+    ListenAddr::parse(var, get(env, var).as_deref().unwrap_or(default))
 }
 
 /// Log output format.
@@ -23,14 +145,15 @@ pub enum LogFormat {
 /// The whole configuration. `Debug` is written by hand: the URL may carry a
 /// password and the keys are the master secrets.
 #[derive(Clone)]
+#[cfg_attr(test, derive(PartialEq))]
 pub struct Config {
     pub database_url: Option<String>,
     pub data_dir: PathBuf,
     pub encryption_keys: Option<String>,
-    pub gateway_addr: SocketAddr,
-    pub api_addr: SocketAddr,
+    pub gateway_addr: ListenAddr,
+    pub api_addr: ListenAddr,
     /// `LLMGW_METRICS_ADDR`: when set, `/metrics` is served there and not on the gateway port.
-    pub metrics_addr: Option<SocketAddr>,
+    pub metrics_addr: Option<ListenAddr>,
     pub allow_private: bool,
     pub allow_http: bool,
     pub upstream_http2: bool,
@@ -215,27 +338,10 @@ impl Config {
             data_dir: get(env, "LLMGW_DATA_DIR")
                 .map_or_else(|| PathBuf::from("./.llmgw"), PathBuf::from),
             encryption_keys,
-            gateway_addr: parse(
-                env,
-                "LLMGW_GATEWAY_ADDR",
-                ([127, 0, 0, 1], 8080).into(),
-                "host:port",
-            )?,
-            api_addr: parse(
-                env,
-                "LLMGW_API_ADDR",
-                ([127, 0, 0, 1], 8081).into(),
-                "host:port",
-            )?,
+            gateway_addr: listen_addr(env, "LLMGW_GATEWAY_ADDR", "127.0.0.1:8080")?,
+            api_addr: listen_addr(env, "LLMGW_API_ADDR", "127.0.0.1:8081")?,
             metrics_addr: get(env, "LLMGW_METRICS_ADDR")
-                .map(|_| {
-                    parse(
-                        env,
-                        "LLMGW_METRICS_ADDR",
-                        ([127, 0, 0, 1], 0).into(),
-                        "IP:port",
-                    )
-                })
+                .map(|v| ListenAddr::parse("LLMGW_METRICS_ADDR", &v))
                 .transpose()?,
             allow_private: flag(env, "LLMGW_UPSTREAM_ALLOW_PRIVATE", false)?,
             allow_http: flag(env, "LLMGW_UPSTREAM_ALLOW_HTTP", false)?,
@@ -329,6 +435,114 @@ mod tests {
         .unwrap();
         let dbg = format!("{c:?}");
         assert!(!dbg.contains("hunter2") && !dbg.contains("AAAA"), "{dbg}");
+    }
+
+    /// Variables `.env.example` holds for docker-compose.yml, not for the binary.
+    const COMPOSE_ONLY: &[&str] = &["POSTGRES_PASSWORD"];
+
+    /// `NAME=value` and commented-out `#NAME=value` lines of `.env.example`.
+    fn env_example() -> Vec<(String, String)> {
+        include_str!("../../../.env.example")
+            .lines()
+            .filter_map(|l| {
+                let (k, v) = l.strip_prefix('#').unwrap_or(l).split_once('=')?;
+                let is_name = k.starts_with(|c: char| c.is_ascii_uppercase())
+                    && k.chars()
+                        .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+                is_name.then(|| (k.to_owned(), v.to_owned()))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn env_example_lists_exactly_the_settings_with_their_defaults() {
+        let listed = env_example();
+        let mut names: Vec<&str> = listed
+            .iter()
+            .map(|(k, _)| k.as_str())
+            .filter(|k| !COMPOSE_ONLY.contains(k))
+            .collect();
+        let mut table: Vec<&str> = SETTINGS.iter().map(|s| s.name).collect();
+        names.sort_unstable();
+        table.sort_unstable();
+        assert_eq!(names, table, ".env.example and SETTINGS differ");
+        for st in SETTINGS {
+            let (_, v) = listed.iter().find(|(k, _)| k == st.name).unwrap();
+            assert_eq!(
+                v, st.default,
+                ".env.example shows another default for {}",
+                st.name
+            );
+            assert!(!st.about.is_empty(), "{} has no description", st.name);
+        }
+    }
+
+    #[test]
+    fn every_variable_read_here_is_in_the_table() {
+        let src = include_str!("config.rs");
+        let mut read = Vec::new();
+        for prefix in ["\"LLMGW_", "\"DATABASE_URL\""] {
+            for (i, _) in src.match_indices(prefix) {
+                let name: String = src[i + 1..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_')
+                    .collect();
+                if !name.ends_with('_') {
+                    read.push(name);
+                }
+            }
+        }
+        assert!(read.len() > 20, "{read:?}");
+        for name in read {
+            assert!(
+                SETTINGS.iter().any(|s| s.name == name),
+                "{name} is read but missing from SETTINGS (and so from --help and .env.example)"
+            );
+        }
+    }
+
+    #[test]
+    fn table_defaults_are_the_defaults_in_effect() {
+        let pairs: Vec<(&str, &str)> = SETTINGS
+            .iter()
+            .filter(|s| !s.default.is_empty())
+            .map(|s| (s.name, s.default))
+            .collect();
+        assert!(cfg(&pairs).unwrap() == cfg(&[]).unwrap());
+    }
+
+    #[test]
+    fn help_text_names_every_setting() {
+        let help = help_text();
+        for st in SETTINGS {
+            assert!(help.contains(st.name), "{}", st.name);
+        }
+        assert!(help.contains("[default: 127.0.0.1:8080]"), "{help}");
+        assert!(help.lines().all(|l| l.len() <= 100), "{help}");
+    }
+
+    #[test]
+    fn listen_addresses_take_ip_or_host_names() {
+        for ok in [
+            "localhost:8080",
+            "0.0.0.0:8080",
+            "[::1]:8080",
+            "127.0.0.1:0",
+        ] {
+            let c = cfg(&[("LLMGW_GATEWAY_ADDR", ok)]).unwrap();
+            assert_eq!(c.gateway_addr.as_str(), ok);
+        }
+        for bad in [
+            "localhost",
+            "8080",
+            ":8080",
+            "localhost:http",
+            "no-such-host.invalid:8080",
+        ] {
+            let e = cfg(&[("LLMGW_API_ADDR", bad)]).unwrap_err();
+            assert_eq!(e.var, "LLMGW_API_ADDR");
+            assert!(e.message.contains("IP:port"), "{e}");
+        }
     }
 
     #[test]

@@ -16,16 +16,27 @@ pub struct Opened {
 impl Opened {
     /// Closes the pool, then stops the embedded cluster.
     pub async fn close(self) {
-        self.db.close().await;
-        if let Some(pg) = self.embedded {
-            match tokio::task::spawn_blocking(move || pg.stop()).await {
-                Ok(Ok(())) => tracing::info!("embedded PostgreSQL stopped"),
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "embedded PostgreSQL did not stop cleanly")
-                }
-                Err(e) => tracing::warn!(error = %e, "embedded PostgreSQL stop task failed"),
-            }
+        // Bounded: closing the pool waits for checked-out connections. The
+        // cluster is stopped either way (a fast stop ends those sessions).
+        if tokio::time::timeout(Duration::from_secs(10), self.db.close())
+            .await
+            .is_err()
+        {
+            tracing::warn!("database pool did not close within 10s");
         }
+        if let Some(pg) = self.embedded {
+            stop_embedded(pg).await;
+        }
+    }
+}
+
+async fn stop_embedded(pg: EmbeddedPostgres) {
+    match tokio::task::spawn_blocking(move || pg.stop()).await {
+        Ok(Ok(())) => tracing::info!("embedded PostgreSQL stopped"),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "embedded PostgreSQL did not stop cleanly")
+        }
+        Err(e) => tracing::warn!(error = %e, "embedded PostgreSQL stop task failed"),
     }
 }
 
@@ -48,29 +59,53 @@ pub async fn open(cfg: &Config) -> Result<Opened, String> {
             let dir = cfg.data_dir.clone();
             let pg = tokio::task::spawn_blocking(move || -> Result<EmbeddedPostgres, String> {
                 let pg = EmbeddedPostgres::init(&dir).map_err(|e| e.to_string())?;
-                pg.start().map_err(|e| e.to_string())?;
+                if let Err(e) = pg.start() {
+                    // `pg_ctl start -w` may give up on a server that still comes up.
+                    let _ = pg.stop();
+                    return Err(e.to_string());
+                }
                 Ok(pg)
             })
             .await
             .map_err(|e| e.to_string())??;
             let keys = match &cfg.encryption_keys {
-                Some(k) => k.clone(),
+                Some(k) => Ok(k.clone()),
                 None => {
                     let path = cfg.data_dir.join("encryption.key");
-                    let (spec, created) =
-                        load_or_create_key_file(&path).map_err(|e| e.to_string())?;
-                    tracing::warn!(
-                        path = %path.display(),
-                        created,
-                        "using the embedded PostgreSQL and a locally stored encryption key: for local use only; set DATABASE_URL and LLMGW_ENCRYPTION_KEYS in production"
-                    );
-                    spec
+                    load_or_create_key_file(&path)
+                        .map(|(spec, created)| {
+                            tracing::warn!(
+                                path = %path.display(),
+                                created,
+                                "using the embedded PostgreSQL and a locally stored encryption key: for local use only; set DATABASE_URL and LLMGW_ENCRYPTION_KEYS in production"
+                            );
+                            spec
+                        })
+                        .map_err(|e| e.to_string())
+                }
+            };
+            let keys = match keys {
+                Ok(k) => k,
+                Err(e) => {
+                    stop_embedded(pg).await;
+                    return Err(e);
                 }
             };
             (pg.connect_options("postgres"), keys, Some(pg))
         }
     };
-    let keyring = Keyring::parse(&keys).map_err(|e| format!("encryption key: {e}"))?;
+    // Every run logs the migrator's `CREATE TABLE IF NOT EXISTS` notice
+    // ("already exists, skipping") at info otherwise; warnings still come through.
+    let options = options.options([("client_min_messages", "warning")]);
+    let keyring = match Keyring::parse(&keys) {
+        Ok(k) => k,
+        Err(e) => {
+            if let Some(pg) = embedded {
+                stop_embedded(pg).await;
+            }
+            return Err(format!("encryption key: {e}"));
+        }
+    };
     let db = Db::connect_lazy(options, keyring, &pool_cfg);
     let opened = Opened { db, embedded };
     // The database may still be starting (containers): retry for a while.

@@ -19,7 +19,8 @@ use crate::config::{Config, LogFormat};
 #[command(
     name = "llmgw",
     version,
-    about = "Multi-tenant gateway for OpenAI-compatible models"
+    about = "Multi-tenant gateway for OpenAI-compatible models",
+    after_help = "Settings are environment variables, also read from ./.env (the environment wins); `llmgw serve --help` lists them all."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -29,12 +30,14 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the gateway and settings API listeners (migrations run first).
+    #[command(after_help = config::help_text())]
     Serve {
         /// Run only one listener, to scale the gateway separately.
         #[arg(long, value_enum)]
         only: Option<Listener>,
     },
     /// Apply database migrations and exit.
+    #[command(after_help = DATABASE_SETTINGS)]
     Migrate,
     /// Manage the encryption keys of provider tokens.
     Keys {
@@ -50,24 +53,32 @@ enum Command {
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
 pub enum Listener {
+    /// The OpenAI-compatible gateway (LLMGW_GATEWAY_ADDR).
     Gateway,
+    /// The settings API (LLMGW_API_ADDR).
     Api,
 }
+
+const DATABASE_SETTINGS: &str = "Reads DATABASE_URL, LLMGW_ENCRYPTION_KEYS and LLMGW_DATA_DIR from the environment or ./.env (the environment wins); `llmgw serve --help` describes them.";
 
 #[derive(Subcommand)]
 enum KeysCommand {
     /// Print a new random 32-byte key (base64).
     Generate,
     /// Re-encrypt every stored token with the active (highest-id) key.
+    #[command(after_help = DATABASE_SETTINGS)]
     Rotate,
 }
 
 #[derive(Subcommand)]
 enum UserCommand {
     /// Create an account; the password is read from the first line of stdin.
+    #[command(after_help = DATABASE_SETTINGS)]
     Create {
+        /// Email address the user signs in with.
         #[arg(long)]
         email: String,
+        /// Read the password (at least 8 characters) from the first line of stdin.
         #[arg(long, required = true)]
         password_stdin: bool,
         /// Also create an organization owned by the new user.
@@ -79,8 +90,10 @@ enum UserCommand {
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour only a terminal: escapes in a log file or a collector are noise.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -95,6 +108,12 @@ fn fail(msg: impl std::fmt::Display) -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Before any thread starts: this sets process environment variables.
+    let dotenv = match dotenvy::from_path(".env") {
+        Ok(()) => true,
+        Err(e) if e.not_found() => false,
+        Err(e) => return fail(format!(".env: {e}")),
+    };
     if let Command::Keys {
         command: KeysCommand::Generate,
     } = cli.command
@@ -108,6 +127,9 @@ fn main() -> ExitCode {
         Err(e) => return fail(e),
     };
     init_tracing(cfg.log_format);
+    if dotenv {
+        tracing::info!("settings read from ./.env (the environment wins)");
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -218,5 +240,51 @@ async fn run(command: Command, cfg: Config) -> Result<(), String> {
             println!("{out}");
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn serve_help_lists_every_setting() {
+        let mut cli = Cli::command();
+        let help = cli
+            .find_subcommand_mut("serve")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        for st in config::SETTINGS {
+            assert!(
+                help.contains(st.name),
+                "{} missing from serve --help",
+                st.name
+            );
+        }
+    }
+
+    #[test]
+    fn every_subcommand_and_flag_has_a_description() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                if arg.get_help().is_none() && !arg.is_positional() {
+                    missing.push(format!("{path} --{}", arg.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                let p = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() {
+                    missing.push(p.clone());
+                }
+                walk(sub, &p, missing);
+            }
+        }
+        let mut cli = Cli::command();
+        cli.build();
+        let mut missing = Vec::new();
+        walk(&cli, "llmgw", &mut missing);
+        assert!(missing.is_empty(), "no description: {missing:?}");
     }
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 use actix_web::{web, App, HttpServer};
 use upstream::{UpstreamClient, UpstreamConfig};
 
-use crate::config::Config;
+use crate::config::{Config, ListenAddr};
 use crate::conn_cap;
 use crate::database::{self, error_chain};
 use crate::Listener;
@@ -34,7 +34,7 @@ const API_HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn bind<F>(
     name: &str,
-    addr: std::net::SocketAddr,
+    addr: &ListenAddr,
     workers: usize,
     limits: Limits,
     cfg: &Config,
@@ -62,12 +62,12 @@ where
         server = server.max_connections(total.div_ceil(workers).max(1));
     }
     let server = if limits.h2c {
-        server.bind_auto_h2c(addr)
+        server.bind_auto_h2c(addr.as_str())
     } else {
-        server.bind(addr)
+        server.bind(addr.as_str())
     }
     .map_err(|e| format!("cannot listen on {addr} ({name}): {e}"))?;
-    tracing::info!(%addr, listener = name, "listening");
+    tracing::info!(%addr, bound = ?server.addrs(), listener = name, "listening");
     Ok(server.run())
 }
 
@@ -87,8 +87,7 @@ async fn shutdown_signal() {
 }
 
 pub async fn serve(cfg: Config, only: Option<Listener>) -> Result<(), String> {
-    let opened = database::open(&cfg).await?;
-    let db = opened.db.clone();
+    // Before the database: a bad CA file must fail fast, not after an embedded cluster started.
     let upstream = UpstreamClient::new(&UpstreamConfig {
         allow_private: cfg.allow_private,
         allow_http: cfg.allow_http,
@@ -98,6 +97,21 @@ pub async fn serve(cfg: Config, only: Option<Listener>) -> Result<(), String> {
         timeout: cfg.upstream_timeout,
     })
     .map_err(|e| format!("LLMGW_UPSTREAM_CA_FILE: {}", error_chain(&e)))?;
+    let opened = database::open(&cfg).await?;
+    // Whatever happens while serving, the embedded cluster is stopped.
+    let result = run(&cfg, only, opened.db.clone(), upstream).await;
+    opened.close().await;
+    result?;
+    tracing::info!("shutdown complete");
+    Ok(())
+}
+
+async fn run(
+    cfg: &Config,
+    only: Option<Listener>,
+    db: storage::Db,
+    upstream: UpstreamClient,
+) -> Result<(), String> {
     if cfg.allow_private {
         tracing::warn!("LLMGW_UPSTREAM_ALLOW_PRIVATE=true: upstreams on private and loopback addresses are allowed");
     }
@@ -126,24 +140,24 @@ pub async fn serve(cfg: Config, only: Option<Listener>) -> Result<(), String> {
         let g = gw.clone();
         servers.push(bind(
             "gateway",
-            cfg.gateway_addr,
+            &cfg.gateway_addr,
             cfg.gateway_workers,
             Limits {
                 head_timeout: Duration::from_secs(30),
                 max_connections: None,
                 h2c: true,
             },
-            &cfg,
+            cfg,
             move |c| g.configure(c),
         )?);
-        if let Some(addr) = cfg.metrics_addr {
+        if let Some(addr) = &cfg.metrics_addr {
             let g = gw.clone();
             let limits = Limits {
                 head_timeout: API_HEAD_TIMEOUT,
                 max_connections: Some(64),
                 h2c: false,
             };
-            servers.push(bind("metrics", addr, 1, limits, &cfg, move |c| {
+            servers.push(bind("metrics", addr, 1, limits, cfg, move |c| {
                 g.configure_metrics(c)
             })?);
         }
@@ -170,7 +184,7 @@ pub async fn serve(cfg: Config, only: Option<Listener>) -> Result<(), String> {
             max_connections: Some(cfg.api_max_connections),
             h2c: false,
         };
-        servers.push(bind("api", cfg.api_addr, 2, limits, &cfg, move |c| {
+        servers.push(bind("api", &cfg.api_addr, 2, limits, cfg, move |c| {
             api.configure(c)
         })?);
     }
@@ -214,13 +228,5 @@ pub async fn serve(cfg: Config, only: Option<Listener>) -> Result<(), String> {
     if let Some(gw) = gateway {
         gw.shutdown().await;
     }
-    // Bounded: closing the pool waits for checked-out connections.
-    if tokio::time::timeout(Duration::from_secs(10), opened.close())
-        .await
-        .is_err()
-    {
-        tracing::warn!("database pool did not close within 10s");
-    }
-    tracing::info!("shutdown complete");
     Ok(())
 }

@@ -518,3 +518,189 @@ async fn revocation_through_the_api_reaches_two_gateway_processes_within_a_secon
     }
     assert!(revoked_at.elapsed() < Duration::from_secs(1));
 }
+
+/// The embedded-cluster tests need the machine's PostgreSQL binaries; under
+/// `CI=true` their absence is a failure, not a skip.
+fn have_postgres_binaries() -> bool {
+    if storage::embedded::find_binaries().is_some() {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").map_or(true, |v| v != "true"),
+        "CI=true but no PostgreSQL binaries (initdb, pg_ctl) are installed"
+    );
+    eprintln!("skipped: no PostgreSQL binaries on this machine");
+    false
+}
+
+fn temp_dir(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("llmgw-{tag}-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Processes whose command line mentions `dir` (a postgres of a cluster under it).
+fn processes_under(dir: &std::path::Path) -> Vec<String> {
+    let needle = dir.to_string_lossy().into_owned();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        if !entry
+            .file_name()
+            .to_string_lossy()
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+        {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(&needle) {
+            found.push(cmdline);
+        }
+    }
+    found
+}
+
+#[test]
+fn dotenv_in_the_working_directory_is_read_and_the_environment_wins() {
+    let dir = temp_dir("dotenv");
+    std::fs::write(
+        dir.join(".env"),
+        "# local settings\nLLMGW_LOG_FORMAT=xml\nLLMGW_MAX_BODY_BYTES=lots\n",
+    )
+    .unwrap();
+    // Only the file sets LLMGW_LOG_FORMAT: its bad value is reported.
+    let out = llmgw().arg("serve").current_dir(&dir).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("LLMGW_LOG_FORMAT"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    // The environment's value wins over the file's; the file's next bad value shows it was read.
+    let out = llmgw()
+        .arg("serve")
+        .current_dir(&dir)
+        .env("LLMGW_LOG_FORMAT", "json")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("LLMGW_MAX_BODY_BYTES") && !err.contains("LLMGW_LOG_FORMAT"),
+        "{err}"
+    );
+    // A line that is not NAME=value is reported with the file's name.
+    std::fs::write(dir.join(".env"), "LLMGW_LOG_FORMAT json\n").unwrap();
+    let out = llmgw().arg("serve").current_dir(&dir).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.starts_with("llmgw: .env: "), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn serve_help_lists_the_settings_with_their_defaults() {
+    let out = llmgw().args(["serve", "--help"]).output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "DATABASE_URL",
+        "LLMGW_GATEWAY_ADDR [default: 127.0.0.1:8080]",
+        "LLMGW_UPSTREAM_CA_FILE",
+        "LLMGW_LOG_FORMAT [default: pretty]",
+        ".env",
+    ] {
+        assert!(help.contains(needle), "{needle} missing:\n{help}");
+    }
+}
+
+#[test]
+fn bad_ca_file_is_refused_before_the_embedded_cluster_starts() {
+    if !have_postgres_binaries() {
+        return;
+    }
+    let dir = temp_dir("badca");
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, "this is not a certificate\n").unwrap();
+    let data = dir.join("data");
+    let out = llmgw()
+        .arg("serve")
+        .env("LLMGW_DATA_DIR", &data)
+        .env("LLMGW_UPSTREAM_CA_FILE", &ca)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("LLMGW_UPSTREAM_CA_FILE"), "{err}");
+    assert!(
+        !data.join("pgdata").exists(),
+        "the cluster was started: {err}"
+    );
+    assert_eq!(processes_under(&dir), Vec::<String>::new());
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn a_start_that_fails_after_the_embedded_cluster_started_stops_it() {
+    if !have_postgres_binaries() {
+        return;
+    }
+    let dir = temp_dir("busyport");
+    // The gateway's port is taken: the cluster is up and migrated before binding fails.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let out = llmgw()
+        .arg("serve")
+        .env("LLMGW_DATA_DIR", &dir)
+        .env("LLMGW_GATEWAY_ADDR", format!("127.0.0.1:{port}"))
+        .env(
+            "LLMGW_API_ADDR",
+            format!("127.0.0.1:{}", common::free_port()),
+        )
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("cannot listen on 127.0.0.1:{port}")),
+        "{err}"
+    );
+    assert!(
+        dir.join("pgdata").exists(),
+        "the cluster never started: {err}"
+    );
+    assert!(!dir.join("pgdata").join("postmaster.pid").exists(), "{err}");
+    assert_eq!(processes_under(&dir), Vec::<String>::new(), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Listeners given as `localhost:PORT`; the logs (stderr is a pipe, not a
+/// terminal) carry no colour escapes and no PostgreSQL notice of the
+/// migrations table that already exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn localhost_listeners_and_plain_logs() {
+    let t = TestDb::new().await;
+    let upstream = MockUpstream::start().await;
+    let cmd = common::llmgw_against(&t, &upstream);
+    let running = tokio::task::spawn_blocking(move || Running::start_on_host(cmd, "localhost"))
+        .await
+        .unwrap();
+    assert!(running.gateway.starts_with("http://localhost:"));
+    let r = reqwest::get(format!("{}/readyz", running.api))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (status, logs) = tokio::task::spawn_blocking(move || running.terminate())
+        .await
+        .unwrap();
+    assert!(status.success(), "{logs}");
+    assert!(logs.contains("listening"), "{logs}");
+    assert!(
+        !logs.contains("\x1b["),
+        "ANSI escapes in piped logs:\n{logs}"
+    );
+    assert!(!logs.contains("already exists"), "{logs}");
+}

@@ -63,12 +63,21 @@ impl Running {
         Self::spawn(cmd, &["serve", "--only", "gateway"])
     }
 
-    fn spawn(mut cmd: Command, args: &[&str]) -> Self {
+    /// `llmgw serve` with both listeners given as `{host}:{port}` (e.g. `localhost`).
+    pub fn start_on_host(cmd: Command, host: &str) -> Self {
+        Self::spawn_on(cmd, &["serve"], host)
+    }
+
+    fn spawn(cmd: Command, args: &[&str]) -> Self {
+        Self::spawn_on(cmd, args, "127.0.0.1")
+    }
+
+    fn spawn_on(mut cmd: Command, args: &[&str], host: &str) -> Self {
         let only_gateway = args.contains(&"--only");
         let (gw, api) = (free_port(), free_port());
         cmd.args(args)
-            .env("LLMGW_GATEWAY_ADDR", format!("127.0.0.1:{gw}"))
-            .env("LLMGW_API_ADDR", format!("127.0.0.1:{api}"))
+            .env("LLMGW_GATEWAY_ADDR", format!("{host}:{gw}"))
+            .env("LLMGW_API_ADDR", format!("{host}:{api}"))
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().unwrap();
@@ -85,8 +94,8 @@ impl Running {
         let me = Self {
             child,
             logs,
-            gateway: format!("http://127.0.0.1:{gw}"),
-            api: format!("http://127.0.0.1:{api}"),
+            gateway: format!("http://{host}:{gw}"),
+            api: format!("http://{host}:{api}"),
         };
         me.wait_healthy(only_gateway);
         me
