@@ -103,7 +103,7 @@ async fn document_states_the_validators_rules() {
         roles
     );
     assert_eq!(
-        schema(&doc, "MemberAdd")["properties"]["role"]["enum"],
+        schema(&doc, "Invite")["properties"]["role"]["enum"],
         roles
     );
     assert_eq!(schema(&doc, "Org")["properties"]["role"]["enum"], roles);
