@@ -40,7 +40,7 @@ const SWEEP_EVERY: u64 = 4096;
 const MAX_FORWARDED_HOPS: usize = 16;
 
 /// `LLMGW_TRUSTED_PROXIES`: peers whose `X-Forwarded-For` names the client.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TrustedProxies(Vec<IpNet>);
 
 impl TrustedProxies {
