@@ -87,9 +87,29 @@ enum UserCommand {
     },
 }
 
+/// actix-http reports a client's malformed or oversized request head at
+/// error level from inside its HTTP/1 decoder and dispatcher, before any of
+/// our code runs; it is the client's mistake, not the server's, so those
+/// lines are not shown unless `RUST_LOG` names `actix_http` itself (the
+/// gateway logs its own relay failures).
+const QUIET_CLIENT_ERRORS: [&str; 2] = [
+    "actix_http::h1::decoder=off",
+    "actix_http::h1::dispatcher=off",
+];
+
 fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let spec = std::env::var("RUST_LOG").unwrap_or_default();
+    let mut filter = tracing_subscriber::EnvFilter::try_new(&spec)
+        .ok()
+        .filter(|_| !spec.trim().is_empty())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
+    if !spec.contains("actix_http") {
+        for quiet in QUIET_CLIENT_ERRORS {
+            if let Ok(d) = quiet.parse() {
+                filter = filter.add_directive(d);
+            }
+        }
+    }
     // Colour only a terminal: escapes in a log file or a collector are noise.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

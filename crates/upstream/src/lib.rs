@@ -384,10 +384,8 @@ mod tests {
         let off = UpstreamClient::new(&UpstreamConfig::default()).unwrap();
         let e = off.check(&http).unwrap_err();
         assert!(matches!(e, Refused::PlainHttp));
-        assert!(
-            e.to_string().contains("LLMGW_UPSTREAM_ALLOW_HTTP=true"),
-            "{e}"
-        );
+        let told = UpstreamFailure::from(&e).to_string();
+        assert!(told.contains("LLMGW_UPSTREAM_ALLOW_HTTP=true"), "{told}");
         let on = UpstreamClient::new(&UpstreamConfig {
             allow_http: true,
             ..UpstreamConfig::default()

@@ -102,10 +102,7 @@ async fn document_states_the_validators_rules() {
         schema(&doc, "MemberPatch")["properties"]["role"]["enum"],
         roles
     );
-    assert_eq!(
-        schema(&doc, "Invite")["properties"]["role"]["enum"],
-        roles
-    );
+    assert_eq!(schema(&doc, "Invite")["properties"]["role"]["enum"], roles);
     assert_eq!(schema(&doc, "Org")["properties"]["role"]["enum"], roles);
     let expires = &schema(&doc, "ApiKeyCreate")["properties"]["expires_at"];
     assert_eq!(expires["format"], "date-time");
