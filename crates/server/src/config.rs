@@ -52,6 +52,10 @@ pub struct Config {
     pub log_batch_size: usize,
     pub log_flush_interval: Duration,
     pub trusted_proxies: api::TrustedProxies,
+    /// `LLMGW_PUBLIC_URL`: where browsers reach the API listener (no trailing `/`).
+    pub public_url: Option<String>,
+    /// `LLMGW_PASSWORD_LOGIN` and the `LLMGW_OIDC_*` settings.
+    pub sso: api::SsoConfig,
 }
 
 impl std::fmt::Debug for Config {
@@ -156,6 +160,77 @@ fn session_idle(env: Env) -> Result<Duration, ConfigError> {
     Ok(Duration::from_secs(60 * minutes))
 }
 
+fn public_url(env: Env) -> Result<Option<String>, ConfigError> {
+    let Some(url) = get(env, "LLMGW_PUBLIC_URL") else {
+        return Ok(None);
+    };
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"));
+    let ok = rest.is_some_and(|r| {
+        let host = r.split('/').next().unwrap_or("");
+        !host.is_empty() && !r.contains(['?', '#', '@', ' '])
+    });
+    if !ok {
+        return Err(ConfigError {
+            var: "LLMGW_PUBLIC_URL",
+            message: format!(
+                "expected an http(s) URL such as https://llmgw.example.com, got {url:?}"
+            ),
+        });
+    }
+    Ok(Some(url.trim_end_matches('/').to_owned()))
+}
+
+fn sso(env: Env, public_url: Option<&str>) -> Result<api::SsoConfig, ConfigError> {
+    let password_login = flag(env, "LLMGW_PASSWORD_LOGIN", true)?;
+    let auto_create = flag(env, "LLMGW_OIDC_AUTO_CREATE", true)?;
+    let Some(issuer) = get(env, "LLMGW_OIDC_ISSUER") else {
+        if !password_login {
+            return Err(ConfigError {
+                var: "LLMGW_PASSWORD_LOGIN",
+                message: "false needs LLMGW_OIDC_ISSUER: nobody could sign in otherwise".into(),
+            });
+        }
+        return Ok(api::SsoConfig::default());
+    };
+    if !(issuer.starts_with("https://") || issuer.starts_with("http://")) {
+        return Err(ConfigError {
+            var: "LLMGW_OIDC_ISSUER",
+            message: format!("expected the issuer's https URL, got {issuer:?}"),
+        });
+    }
+    let client_id = get(env, "LLMGW_OIDC_CLIENT_ID").ok_or_else(|| ConfigError {
+        var: "LLMGW_OIDC_CLIENT_ID",
+        message: "required when LLMGW_OIDC_ISSUER is set".into(),
+    })?;
+    let public_url = public_url.ok_or_else(|| ConfigError {
+        var: "LLMGW_PUBLIC_URL",
+        message: "required when LLMGW_OIDC_ISSUER is set (the redirect URI is {LLMGW_PUBLIC_URL}/api/v1/auth/oidc/callback)".into(),
+    })?;
+    let ca_file = get(env, "LLMGW_OIDC_CA_FILE").map(PathBuf::from);
+    if let Some(p) = &ca_file {
+        if !p.is_file() {
+            return Err(ConfigError {
+                var: "LLMGW_OIDC_CA_FILE",
+                message: format!("{} is not a readable file", p.display()),
+            });
+        }
+    }
+    Ok(api::SsoConfig {
+        password_login,
+        oidc: Some(api::OidcConfig {
+            issuer,
+            client_id,
+            client_secret: get(env, "LLMGW_OIDC_CLIENT_SECRET").map(secrecy::SecretString::from),
+            public_url: public_url.to_owned(),
+            auto_create,
+            ca_file,
+            timeout: Duration::from_secs(10),
+        }),
+    })
+}
+
 impl Config {
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(&|k| std::env::var(k).ok())
@@ -209,6 +284,8 @@ impl Config {
                 });
             }
         }
+        let public_url = public_url(env)?;
+        let sso = sso(env, public_url.as_deref())?;
         let default_workers = std::thread::available_parallelism().map_or(2, |n| n.get());
         Ok(Self {
             database_url,
@@ -264,6 +341,8 @@ impl Config {
                 var: "LLMGW_TRUSTED_PROXIES",
                 message,
             })?,
+            public_url,
+            sso,
         })
     }
 }
@@ -329,6 +408,25 @@ mod tests {
         .unwrap();
         let dbg = format!("{c:?}");
         assert!(!dbg.contains("hunter2") && !dbg.contains("AAAA"), "{dbg}");
+    }
+
+    #[test]
+    fn oidc_needs_a_public_url_and_a_client_id() {
+        let issuer = ("LLMGW_OIDC_ISSUER", "https://id.example.com");
+        let id = ("LLMGW_OIDC_CLIENT_ID", "llmgw");
+        assert_eq!(cfg(&[issuer]).unwrap_err().var, "LLMGW_OIDC_CLIENT_ID");
+        let e = cfg(&[issuer, id]).unwrap_err();
+        assert_eq!(e.var, "LLMGW_PUBLIC_URL", "{e}");
+        let c = cfg(&[issuer, id, ("LLMGW_PUBLIC_URL", "https://gw.example.com/")]).unwrap();
+        let oidc = c.sso.oidc.expect("oidc configured");
+        assert_eq!(oidc.public_url, "https://gw.example.com");
+        assert!(oidc.auto_create && c.sso.password_login);
+        let e = cfg(&[("LLMGW_PASSWORD_LOGIN", "false")]).unwrap_err();
+        assert_eq!(e.var, "LLMGW_PASSWORD_LOGIN");
+        assert_eq!(
+            cfg(&[("LLMGW_PUBLIC_URL", "ftp://x")]).unwrap_err().var,
+            "LLMGW_PUBLIC_URL"
+        );
     }
 
     #[test]
