@@ -55,6 +55,8 @@ const LINK_MAX: usize = 1_000;
 const LINK_ATTEMPTS: u8 = 3;
 /// The discovery document and JWKS are fetched on first use and kept this long.
 const METADATA_TTL: Duration = Duration::from_secs(15 * 60);
+/// A link form holds an id and a password: nothing bigger is read.
+const LINK_BODY_MAX: usize = 8 * 1024;
 /// Longest `login_hint` passed on to the issuer.
 const LOGIN_HINT_MAX: usize = 320;
 
@@ -683,9 +685,19 @@ async fn create_account(
 pub async fn link(
     state: web::Data<State>,
     req: HttpRequest,
-    body: web::Bytes,
+    mut payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
+    use futures_util::StreamExt as _;
     state.sso.oidc()?;
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk =
+            chunk.map_err(|_| ApiError::BadRequest("the request body could not be read".into()))?;
+        if body.len() + chunk.len() > LINK_BODY_MAX {
+            return Err(ApiError::PayloadTooLarge(LINK_BODY_MAX));
+        }
+        body.extend_from_slice(&chunk);
+    }
     Ok(match link_inner(&state, &req, &body).await {
         Ok(page) | Err(page) => page.into_response(),
     })
