@@ -173,6 +173,45 @@ impl<T> Bounded<T> {
 struct Pending {
     nonce: Nonce,
     verifier: PkceCodeVerifier,
+    /// The [`BROWSER_COOKIE`] of the browser that started the sign-in.
+    browser: String,
+}
+
+/// Binds a sign-in to the browser that started it, so a callback URL
+/// passed to someone else cannot sign them in to the sender's account
+/// (login CSRF). SameSite=Lax, unlike the session cookie, so it comes back
+/// on the issuer's top-level redirect; scoped to the SSO routes.
+const BROWSER_COOKIE: &str = "llmgw_oidc";
+
+fn browser_cookie(value: &str, secure: bool) -> String {
+    let secure = if secure { "; Secure" } else { "" };
+    format!(
+        "{BROWSER_COOKIE}={value}; HttpOnly; SameSite=Lax; Path=/api/v1/auth/oidc; Max-Age={}{secure}",
+        PENDING_TTL.as_secs()
+    )
+}
+
+/// The value of cookie `name`, if the request carries exactly one.
+fn cookie<'a>(req: &'a HttpRequest, name: &str) -> Option<&'a str> {
+    let mut found = None;
+    for h in req.headers().get_all(header::COOKIE) {
+        for pair in h.to_str().ok()?.split(';') {
+            if let Some((k, v)) = pair.trim().split_once('=') {
+                if k == name {
+                    if found.is_some() {
+                        return None;
+                    }
+                    found = Some(v);
+                }
+            }
+        }
+    }
+    found
+}
+
+/// A browser id we made: 48 alphanumerics after the prefix.
+fn valid_browser_id(v: &str) -> bool {
+    v.len() <= 64 && v.len() >= 48 && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
 struct PendingLink {
@@ -495,11 +534,28 @@ pub async fn start(state: web::Data<State>, req: HttpRequest) -> Result<HttpResp
         auth = auth.add_extra_param("login_hint", h.clone());
     }
     let (url, csrf, nonce): (Url, CsrfToken, Nonce) = auth.url();
-    oidc.lock_pending()
-        .insert(csrf.secret().clone(), Pending { nonce, verifier })?;
+    // Sign-ins started in several tabs of one browser share its id.
+    let browser = cookie(&req, BROWSER_COOKIE)
+        .filter(|v| valid_browser_id(v))
+        .map_or_else(
+            || SessionToken::generate().expose_secret().to_owned(),
+            str::to_owned,
+        );
+    oidc.lock_pending().insert(
+        csrf.secret().clone(),
+        Pending {
+            nonce,
+            verifier,
+            browser: browser.clone(),
+        },
+    )?;
     Ok(HttpResponse::Found()
         .insert_header((header::LOCATION, url.as_str()))
         .insert_header((header::CACHE_CONTROL, "no-store"))
+        .insert_header((
+            header::SET_COOKIE,
+            browser_cookie(&browser, oidc.secure_cookie),
+        ))
         .finish())
 }
 
@@ -535,6 +591,13 @@ async fn finish(state: &State, req: &HttpRequest) -> Result<Page, Page> {
             "This sign-in is unknown, was already used or has expired. Start again.",
         ));
     };
+    if cookie(req, BROWSER_COOKIE) != Some(pending.browser.as_str()) {
+        return Err(Page::error(
+            StatusCode::BAD_REQUEST,
+            "Sign-in started elsewhere",
+            "This sign-in was started in another browser. Start again here.",
+        ));
+    }
     let Some(code) = query.get("code") else {
         return Err(Page::error(
             StatusCode::BAD_REQUEST,

@@ -490,6 +490,23 @@ async fn a_tampered_or_swapped_state_is_refused() {
 }
 
 #[tokio::test]
+async fn a_callback_url_opened_in_another_browser_signs_nobody_in() {
+    let Some(app) = App::start(default_settings()).await else {
+        return;
+    };
+    // The attacker signs in at the issuer as themselves and hands the
+    // callback URL to the victim (login CSRF).
+    let mut attacker = app.browser();
+    let auth = attacker.start("verified:attacker@example.com").await;
+    let back = attacker.at_issuer(auth).await;
+    let page = app.browser().callback(&back).await;
+    assert_eq!(page.status, 400, "{}", page.html);
+    assert!(page.html.contains("another browser"), "{}", page.html);
+    assert!(page.set_cookie.is_none());
+    assert_eq!(app.count("SELECT count(*) FROM sessions").await, 0);
+}
+
+#[tokio::test]
 async fn a_tampered_nonce_is_refused() {
     let Some(app) = App::start(default_settings()).await else {
         return;
