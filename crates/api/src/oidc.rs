@@ -505,6 +505,10 @@ fn query_pairs(raw: &str) -> HashMap<String, String> {
 /// `GET /api/v1/auth/oidc/start[?login_hint=…]`: 302 to the issuer.
 pub async fn start(state: web::Data<State>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
     let oidc = state.sso.oidc()?;
+    // Each start holds an entry for minutes: an address gets the login budget.
+    state
+        .throttle
+        .check_address(client_ip(&req, &state.cfg.trusted_proxies))?;
     let query = query_pairs(req.query_string());
     let hint = match query.get("login_hint") {
         Some(h) if h.is_empty() || h.len() > LOGIN_HINT_MAX => {
@@ -574,9 +578,12 @@ async fn finish(state: &State, req: &HttpRequest) -> Result<Page, Page> {
     // Whatever the issuer said, a state is used once.
     let pending = query.get("state").and_then(|s| oidc.lock_pending().take(s));
     if let Some(err) = query.get("error") {
+        // Anyone can craft this URL: what is shown of it stays short.
+        let short = |v: &str| v.chars().take(200).collect::<String>();
+        let err = short(err);
         let detail = query
             .get("error_description")
-            .map(|d| format!(" ({d})"))
+            .map(|d| format!(" ({})", short(d)))
             .unwrap_or_default();
         return Err(Page::error(
             StatusCode::BAD_REQUEST,

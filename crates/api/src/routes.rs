@@ -262,7 +262,7 @@ pub fn routes() -> Vec<Route> {
             query: &[],
             body: None,
             ok: (302, None),
-            errors: &[404, 422],
+            errors: &[404, 422, 429],
             handler: |r| r.to(oidc::start),
         },
         Route {
