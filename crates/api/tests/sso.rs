@@ -74,9 +74,20 @@ async fn start_provider(ca: &TestCa, redirect_uri: &str) -> Provider {
         .arg(&key)
         .arg(redirect_uri)
         .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .expect("start node");
+    // Its errors reach the test output; its development-mode warnings do not.
+    let stderr = child.stderr.take().expect("stderr");
+    tokio::spawn(async move {
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if !line.starts_with("oidc-provider WARNING") {
+                eprintln!("oidc-provider: {line}");
+            }
+        }
+    });
     let stdout = child.stdout.take().expect("stdout");
     let mut lines = tokio::io::BufReader::new(stdout).lines();
     let port = tokio::time::timeout(Duration::from_secs(30), async {
@@ -504,6 +515,34 @@ async fn a_callback_url_opened_in_another_browser_signs_nobody_in() {
     assert!(page.html.contains("another browser"), "{}", page.html);
     assert!(page.set_cookie.is_none());
     assert_eq!(app.count("SELECT count(*) FROM sessions").await, 0);
+}
+
+#[tokio::test]
+async fn a_refusal_at_the_issuer_is_shown_and_uses_up_the_state() {
+    let Some(app) = App::start(default_settings()).await else {
+        return;
+    };
+    let mut b = app.browser();
+    let auth = b.start("verified:no@example.com").await;
+    let url = Url::parse_with_params(
+        &format!("{}/api/v1/auth/oidc/callback", app.base),
+        [
+            ("error", "access_denied"),
+            ("error_description", "<b>denied</b>"),
+            ("state", &param(&auth, "state")),
+        ],
+    )
+    .expect("url");
+    let page = b.callback(&url).await;
+    assert_eq!(page.status, 400, "{}", page.html);
+    assert!(
+        page.html.contains("access_denied") && page.html.contains("&lt;b&gt;"),
+        "{}",
+        page.html
+    );
+    // The state is gone: the genuine answer can no longer complete it.
+    let back = b.at_issuer(auth).await;
+    assert_eq!(b.callback(&back).await.status, 400);
 }
 
 #[tokio::test]
