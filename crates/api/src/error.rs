@@ -54,6 +54,10 @@ pub enum ApiError {
     Forbidden(Role),
     #[error("signup is disabled on this server")]
     SignupDisabled,
+    #[error("password sign-in is disabled on this server; sign in with single sign-on")]
+    PasswordLoginDisabled,
+    #[error("single sign-on is not configured on this server")]
+    SsoNotConfigured,
     #[error("not found")]
     NotFound,
     #[error("no such route")]
@@ -123,6 +127,13 @@ pub const INVALID_CREDENTIALS: ErrorKind = kind(
 );
 pub const FORBIDDEN: ErrorKind = kind(403, "forbidden", "your role in the organization is too low");
 pub const SIGNUP_DISABLED: ErrorKind = kind(403, "signup_disabled", "LLMGW_ALLOW_SIGNUP=false");
+pub const PASSWORD_LOGIN_DISABLED: ErrorKind = kind(
+    403,
+    "password_login_disabled",
+    "LLMGW_PASSWORD_LOGIN=false: sign in with single sign-on",
+);
+pub const SSO_NOT_CONFIGURED: ErrorKind =
+    kind(404, "sso_not_configured", "LLMGW_OIDC_ISSUER is not set");
 pub const NOT_FOUND: ErrorKind = kind(
     404,
     "not_found",
@@ -175,6 +186,8 @@ pub const ALL_KINDS: &[ErrorKind] = &[
     INVALID_CREDENTIALS,
     FORBIDDEN,
     SIGNUP_DISABLED,
+    PASSWORD_LOGIN_DISABLED,
+    SSO_NOT_CONFIGURED,
     NOT_FOUND,
     ROUTE_NOT_FOUND,
     METHOD_NOT_ALLOWED,
@@ -197,6 +210,8 @@ impl ApiError {
             Self::InvalidCredentials => INVALID_CREDENTIALS,
             Self::Forbidden(_) => FORBIDDEN,
             Self::SignupDisabled => SIGNUP_DISABLED,
+            Self::PasswordLoginDisabled => PASSWORD_LOGIN_DISABLED,
+            Self::SsoNotConfigured => SSO_NOT_CONFIGURED,
             Self::NotFound => NOT_FOUND,
             Self::RouteNotFound => ROUTE_NOT_FOUND,
             Self::MethodNotAllowed(_) => METHOD_NOT_ALLOWED,

@@ -21,11 +21,13 @@ mod extract;
 mod handlers;
 mod input;
 mod middleware;
+mod oidc;
 mod openapi;
 mod routes;
 mod throttle;
 
 pub use error::{ApiError, FieldError};
+pub use oidc::{session_cookie, OidcConfig, SsoConfig, SsoConfigError};
 pub use throttle::TrustedProxies;
 
 /// Settings of the API listener.
@@ -64,6 +66,7 @@ pub(crate) struct State {
     /// Where every argon2 computation runs: bounded threads and memory.
     pub passwords: storage::secrets::PasswordPool,
     pub throttle: throttle::AuthThrottle,
+    pub sso: oidc::Sso,
 }
 
 /// The settings API, ready to be mounted on an actix-web `App`.
@@ -76,6 +79,19 @@ impl Api {
     /// Starts the password-hashing threads; panics if the OS refuses them
     /// (only at startup, when nothing else could run either).
     pub fn new(db: storage::Db, cfg: ApiConfig) -> Self {
+        Self::build(db, cfg, oidc::Sso::disabled())
+    }
+
+    /// The API with single sign-on settings (`LLMGW_OIDC_*`, `LLMGW_PASSWORD_LOGIN`).
+    pub fn with_sso(
+        db: storage::Db,
+        cfg: ApiConfig,
+        sso: SsoConfig,
+    ) -> Result<Self, SsoConfigError> {
+        Ok(Self::build(db, cfg, oidc::Sso::new(sso)?))
+    }
+
+    fn build(db: storage::Db, cfg: ApiConfig, sso: oidc::Sso) -> Self {
         let openapi = openapi::document(&routes::routes()).to_string();
         let workers = std::thread::available_parallelism()
             .map_or(1, |n| n.get())
@@ -90,6 +106,7 @@ impl Api {
                 openapi,
                 passwords,
                 throttle: throttle::AuthThrottle::new(),
+                sso,
             }),
         }
     }

@@ -11,6 +11,7 @@ use crate::handlers::{
     api_keys, auth, invitations, members, ops, orgs, providers, sessions, usage,
 };
 use crate::input::{GROUP_BY_NAMES, LOG_PAGE_MAX, PAGE_MAX, STATUS_MAX, STATUS_MIN};
+use crate::oidc;
 
 /// Who may call a route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -256,8 +257,47 @@ pub fn routes() -> Vec<Route> {
             query: &[],
             body: Some("Login"),
             ok: (200, Some("Session")),
-            errors: &[401, 429],
+            errors: &[401, 403, 429],
             handler: |r| r.to(auth::login),
+        },
+        Route {
+            method: Method::GET,
+            path: "/api/v1/auth/oidc/start",
+            operation_id: "oidcStart",
+            tag: "auth",
+            summary: "Single sign-on: 302 to the OpenID provider (optional `login_hint` is passed on); 404 sso_not_configured without LLMGW_OIDC_ISSUER; an HTML 502 page when the issuer cannot be reached",
+            access: Access::Public,
+            query: &[],
+            body: None,
+            ok: (302, None),
+            errors: &[404, 422, 429],
+            handler: |r| r.to(oidc::start),
+        },
+        Route {
+            method: Method::GET,
+            path: "/api/v1/auth/oidc/callback",
+            operation_id: "oidcCallback",
+            tag: "auth",
+            summary: "Single sign-on: the provider's redirect back (`code`, `state`); answers an HTML page that sets the session cookie, or an HTML 400/403/502 page saying why not",
+            access: Access::Public,
+            query: &[],
+            body: None,
+            ok: (200, None),
+            errors: &[404],
+            handler: |r| r.to(oidc::callback),
+        },
+        Route {
+            method: Method::POST,
+            path: "/api/v1/auth/oidc/link",
+            operation_id: "oidcLink",
+            tag: "auth",
+            summary: "Single sign-on: link the identity to the existing account with the same verified email once its password is re-entered (form: `link_id`, `password`); answers an HTML page (200 signed in; 400/401/422/429 saying why not)",
+            access: Access::Public,
+            query: &[],
+            body: None,
+            ok: (200, None),
+            errors: &[404, 413],
+            handler: |r| r.to(oidc::link),
         },
         Route {
             method: Method::POST,

@@ -43,6 +43,13 @@ pub const SETTINGS: &[Setting] = &[
     s("LLMGW_API_BODY_TIMEOUT_MS", "10000", "Longest time a settings API client may take to send a request body, milliseconds."),
     s("LLMGW_API_MAX_CONNECTIONS", "256", "Most connections the settings API holds open at once."),
     s("LLMGW_ALLOW_SIGNUP", "true", "Allow anyone to sign up on the settings API."),
+    s("LLMGW_PUBLIC_URL", "", "Where browsers reach the API listener (the admin UI), e.g. https://llmgw.example.com. Required with single sign-on; an https URL makes the session cookie Secure."),
+    s("LLMGW_OIDC_ISSUER", "", "Single sign-on by OpenID Connect (authorization code + PKCE): the issuer URL turns it on; register {LLMGW_PUBLIC_URL}/api/v1/auth/oidc/callback as the redirect URI."),
+    s("LLMGW_OIDC_CLIENT_ID", "", "The client id registered with the issuer (required with LLMGW_OIDC_ISSUER)."),
+    s("LLMGW_OIDC_CLIENT_SECRET", "", "The client secret registered with the issuer."),
+    s("LLMGW_OIDC_CA_FILE", "", "PEM file of extra root certificates trusted for the issuer's TLS (an internal CA)."),
+    s("LLMGW_OIDC_AUTO_CREATE", "true", "A first SSO sign-in with a verified email creates an account (false: existing accounts only)."),
+    s("LLMGW_PASSWORD_LOGIN", "true", "Password login and signup (false: single sign-on only; needs LLMGW_OIDC_ISSUER)."),
     s("LLMGW_SESSION_TTL_HOURS", "168", "Settings API session lifetime, hours (at most 8784)."),
     s("LLMGW_SESSION_IDLE_MINUTES", "720", "A settings API session unused for this long ends, minutes."),
     s("LLMGW_LOG_FORMAT", "pretty", "Log format: json or pretty (coloured only on a terminal). The Docker image sets json."),
@@ -175,6 +182,10 @@ pub struct Config {
     pub log_batch_size: usize,
     pub log_flush_interval: Duration,
     pub trusted_proxies: api::TrustedProxies,
+    /// `LLMGW_PUBLIC_URL`: where browsers reach the API listener (no trailing `/`).
+    pub public_url: Option<String>,
+    /// `LLMGW_PASSWORD_LOGIN` and the `LLMGW_OIDC_*` settings.
+    pub sso: api::SsoConfig,
 }
 
 impl std::fmt::Debug for Config {
@@ -279,6 +290,77 @@ fn session_idle(env: Env) -> Result<Duration, ConfigError> {
     Ok(Duration::from_secs(60 * minutes))
 }
 
+fn public_url(env: Env) -> Result<Option<String>, ConfigError> {
+    let Some(url) = get(env, "LLMGW_PUBLIC_URL") else {
+        return Ok(None);
+    };
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"));
+    let ok = rest.is_some_and(|r| {
+        let host = r.split('/').next().unwrap_or("");
+        !host.is_empty() && !r.contains(['?', '#', '@', ' '])
+    });
+    if !ok {
+        return Err(ConfigError {
+            var: "LLMGW_PUBLIC_URL",
+            message: format!(
+                "expected an http(s) URL such as https://llmgw.example.com, got {url:?}"
+            ),
+        });
+    }
+    Ok(Some(url.trim_end_matches('/').to_owned()))
+}
+
+fn sso(env: Env, public_url: Option<&str>) -> Result<api::SsoConfig, ConfigError> {
+    let password_login = flag(env, "LLMGW_PASSWORD_LOGIN", true)?;
+    let auto_create = flag(env, "LLMGW_OIDC_AUTO_CREATE", true)?;
+    let Some(issuer) = get(env, "LLMGW_OIDC_ISSUER") else {
+        if !password_login {
+            return Err(ConfigError {
+                var: "LLMGW_PASSWORD_LOGIN",
+                message: "false needs LLMGW_OIDC_ISSUER: nobody could sign in otherwise".into(),
+            });
+        }
+        return Ok(api::SsoConfig::default());
+    };
+    if !(issuer.starts_with("https://") || issuer.starts_with("http://")) {
+        return Err(ConfigError {
+            var: "LLMGW_OIDC_ISSUER",
+            message: format!("expected the issuer's https URL, got {issuer:?}"),
+        });
+    }
+    let client_id = get(env, "LLMGW_OIDC_CLIENT_ID").ok_or_else(|| ConfigError {
+        var: "LLMGW_OIDC_CLIENT_ID",
+        message: "required when LLMGW_OIDC_ISSUER is set".into(),
+    })?;
+    let public_url = public_url.ok_or_else(|| ConfigError {
+        var: "LLMGW_PUBLIC_URL",
+        message: "required when LLMGW_OIDC_ISSUER is set (the redirect URI is {LLMGW_PUBLIC_URL}/api/v1/auth/oidc/callback)".into(),
+    })?;
+    let ca_file = get(env, "LLMGW_OIDC_CA_FILE").map(PathBuf::from);
+    if let Some(p) = &ca_file {
+        if !p.is_file() {
+            return Err(ConfigError {
+                var: "LLMGW_OIDC_CA_FILE",
+                message: format!("{} is not a readable file", p.display()),
+            });
+        }
+    }
+    Ok(api::SsoConfig {
+        password_login,
+        oidc: Some(api::OidcConfig {
+            issuer,
+            client_id,
+            client_secret: get(env, "LLMGW_OIDC_CLIENT_SECRET").map(secrecy::SecretString::from),
+            public_url: public_url.to_owned(),
+            auto_create,
+            ca_file,
+            timeout: Duration::from_secs(10),
+        }),
+    })
+}
+
 impl Config {
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(&|k| std::env::var(k).ok())
@@ -332,6 +414,8 @@ impl Config {
                 });
             }
         }
+        let public_url = public_url(env)?;
+        let sso = sso(env, public_url.as_deref())?;
         let default_workers = std::thread::available_parallelism().map_or(2, |n| n.get());
         Ok(Self {
             database_url,
@@ -370,6 +454,8 @@ impl Config {
                 var: "LLMGW_TRUSTED_PROXIES",
                 message,
             })?,
+            public_url,
+            sso,
         })
     }
 }
@@ -543,6 +629,25 @@ mod tests {
             assert_eq!(e.var, "LLMGW_API_ADDR");
             assert!(e.message.contains("IP:port"), "{e}");
         }
+    }
+
+    #[test]
+    fn oidc_needs_a_public_url_and_a_client_id() {
+        let issuer = ("LLMGW_OIDC_ISSUER", "https://id.example.com");
+        let id = ("LLMGW_OIDC_CLIENT_ID", "llmgw");
+        assert_eq!(cfg(&[issuer]).unwrap_err().var, "LLMGW_OIDC_CLIENT_ID");
+        let e = cfg(&[issuer, id]).unwrap_err();
+        assert_eq!(e.var, "LLMGW_PUBLIC_URL", "{e}");
+        let c = cfg(&[issuer, id, ("LLMGW_PUBLIC_URL", "https://gw.example.com/")]).unwrap();
+        let oidc = c.sso.oidc.expect("oidc configured");
+        assert_eq!(oidc.public_url, "https://gw.example.com");
+        assert!(oidc.auto_create && c.sso.password_login);
+        let e = cfg(&[("LLMGW_PASSWORD_LOGIN", "false")]).unwrap_err();
+        assert_eq!(e.var, "LLMGW_PASSWORD_LOGIN");
+        assert_eq!(
+            cfg(&[("LLMGW_PUBLIC_URL", "ftp://x")]).unwrap_err().var,
+            "LLMGW_PUBLIC_URL"
+        );
     }
 
     #[test]

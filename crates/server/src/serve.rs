@@ -164,7 +164,7 @@ async fn run(
         gateway = Some(gw);
     }
     if only != Some(Listener::Gateway) {
-        let api = api::Api::new(
+        let api = api::Api::with_sso(
             db.clone(),
             api::ApiConfig {
                 allow_signup: cfg.allow_signup,
@@ -176,7 +176,19 @@ async fn run(
                 upstream: upstream.clone(),
                 trusted_proxies: cfg.trusted_proxies.clone(),
             },
-        );
+            cfg.sso.clone(),
+        )
+        .map_err(|e| e.to_string())?;
+        if let Some(url) = &cfg.public_url {
+            tracing::info!(public_url = %url, "browsers reach the API listener here");
+        }
+        if let Some(oidc) = &cfg.sso.oidc {
+            tracing::info!(
+                issuer = %oidc.issuer,
+                redirect_uri = %format!("{}/api/v1/auth/oidc/callback", oidc.public_url),
+                "single sign-on by OpenID Connect is on"
+            );
+        }
         // HTTP/1 only: nothing on the API needs HTTP/2, and h2c would let
         // one connection run any number of logins at once.
         let limits = Limits {

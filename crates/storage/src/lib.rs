@@ -10,6 +10,7 @@ pub mod db;
 pub mod domain;
 pub mod embedded;
 pub mod error;
+pub mod identities;
 pub mod invitations;
 pub mod logs;
 pub mod orgs;

@@ -17,6 +17,19 @@ pub fn spawn_http<F>(configure: F) -> (String, actix_web::dev::ServerHandle)
 where
     F: Fn(&mut actix_web::web::ServiceConfig) + Clone + Send + 'static,
 {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).expect("bind test server");
+    spawn_http_on(listener, configure)
+}
+
+/// [`spawn_http`] on a listener bound beforehand, for a server that must
+/// know its own URL when it is configured.
+pub fn spawn_http_on<F>(
+    listener: std::net::TcpListener,
+    configure: F,
+) -> (String, actix_web::dev::ServerHandle)
+where
+    F: Fn(&mut actix_web::web::ServiceConfig) + Clone + Send + 'static,
+{
     let server =
         actix_web::HttpServer::new(move || actix_web::App::new().configure(configure.clone()))
             .workers(2)
@@ -27,8 +40,8 @@ where
                     let _ = tcp.set_nodelay(true);
                 }
             })
-            .bind(("127.0.0.1", 0))
-            .expect("bind test server");
+            .listen(listener)
+            .expect("listen on the test server's socket");
     let port = server.addrs()[0].port();
     let server = server.run();
     let handle = server.handle();

@@ -15,18 +15,18 @@ use crate::State;
 
 /// A new session; the only answer that carries a session token.
 #[derive(Serialize)]
-struct NewSession {
-    token: String,
-    expires_at: DateTime<Utc>,
-    user: User,
+pub(crate) struct NewSession {
+    pub token: String,
+    pub expires_at: DateTime<Utc>,
+    pub user: User,
 }
 
-fn session_expiry(state: &State) -> Result<DateTime<Utc>, ApiError> {
+pub(crate) fn session_expiry(state: &State) -> Result<DateTime<Utc>, ApiError> {
     let ttl = chrono::Duration::from_std(state.cfg.session_ttl).map_err(ApiError::internal)?;
     Ok(Utc::now() + ttl)
 }
 
-async fn start_session(state: &State, user: User) -> Result<NewSession, ApiError> {
+pub(crate) async fn start_session(state: &State, user: User) -> Result<NewSession, ApiError> {
     let token = SessionToken::generate();
     let expires_at = session_expiry(state)?;
     state
@@ -53,6 +53,9 @@ pub async fn signup(
     req: HttpRequest,
     input: Input<Signup>,
 ) -> Result<HttpResponse, ApiError> {
+    if !state.sso.password_login {
+        return Err(ApiError::PasswordLoginDisabled);
+    }
     if !state.cfg.allow_signup {
         return Err(ApiError::SignupDisabled);
     }
@@ -84,6 +87,9 @@ pub async fn login(
     req: HttpRequest,
     input: Input<Login>,
 ) -> Result<HttpResponse, ApiError> {
+    if !state.sso.password_login {
+        return Err(ApiError::PasswordLoginDisabled);
+    }
     throttle_address(&state, &req)?;
     let Login { email, password } = input.into_inner()?;
     // Reserved before the lookup, for known and unknown emails alike: a
