@@ -91,8 +91,29 @@ impl std::fmt::Debug for OidcConfig {
     }
 }
 
+/// Settings compare by value (configuration tests); the secret is compared
+/// like any other field, never printed.
+impl PartialEq for OidcConfig {
+    fn eq(&self, o: &Self) -> bool {
+        use secrecy::ExposeSecret;
+        self.issuer == o.issuer
+            && self.client_id == o.client_id
+            && self
+                .client_secret
+                .as_ref()
+                .map(|s| s.expose_secret().to_owned())
+                == o.client_secret
+                    .as_ref()
+                    .map(|s| s.expose_secret().to_owned())
+            && self.public_url == o.public_url
+            && self.auto_create == o.auto_create
+            && self.ca_file == o.ca_file
+            && self.timeout == o.timeout
+    }
+}
+
 /// How people sign in.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SsoConfig {
     /// `LLMGW_PASSWORD_LOGIN`: false answers 403 `password_login_disabled`
     /// on login and signup.
