@@ -13,6 +13,7 @@ use storage::{Db, StorageError};
 use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
 
+use crate::error::ErrorClass;
 use crate::metrics::Metrics;
 
 /// The sending side, shared by every request.
@@ -343,10 +344,10 @@ impl LogGuard {
     }
 
     /// The request ended (well or not) before the client went away.
-    pub fn finish(&mut self, status: u16, error_class: Option<&str>) {
+    pub fn finish(&mut self, status: u16, error_class: Option<ErrorClass>) {
         self.row.status_code = status.clamp(100, 599) as i16;
         if let Some(c) = error_class {
-            self.row.error_class = Some(c.to_owned());
+            self.row.error_class = Some(c.as_str().to_owned());
         }
         self.row.latency_ms = self.elapsed_ms();
         self.finished = true;
@@ -368,11 +369,13 @@ impl Drop for LogGuard {
             self.row.latency_ms = self.elapsed_ms();
             // Unfinished during the drain: most likely cut by the end of the grace period.
             let why = if self.queue.stopping.load(Relaxed) {
-                "shutdown"
+                ErrorClass::Shutdown
             } else {
-                "client_canceled"
+                ErrorClass::ClientCanceled
             };
-            self.row.error_class.get_or_insert_with(|| why.to_owned());
+            self.row
+                .error_class
+                .get_or_insert_with(|| why.as_str().to_owned());
             self.metrics.streams_canceled.fetch_add(1, Relaxed);
         }
         let row = std::mem::replace(&mut self.row, empty_row());
