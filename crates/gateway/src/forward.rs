@@ -22,9 +22,10 @@ use bytes::Bytes;
 use reqwest::header as rq;
 use upstream::{FailureClass, UpstreamFailure};
 
+use crate::cache::ProviderEntry;
 use crate::collect::{read_capped, UpstreamBody};
 use crate::error::{ErrorClass, ErrorNote, GatewayError};
-use crate::route::Route;
+use crate::route::{Route, CHAT};
 use crate::state::State;
 use crate::usage::{usage_of, LogGuard};
 
@@ -38,55 +39,87 @@ pub(crate) enum Answer {
     Stream {
         status: u16,
         upstream: reqwest::Response,
+        /// The gateway asked for usage the client did not: withhold it.
+        strip_usage: bool,
     },
 }
 
 /// Sends the routed request upstream and reads a non-streamed answer whole.
+/// A provider that refuses the `stream_options.include_usage` the gateway
+/// added (a 400 naming `stream_options`) is asked again without it, once, and
+/// not asked again by this process.
 pub(crate) async fn forward(
     gw: &State,
     route: Route,
     log: &mut LogGuard,
 ) -> Result<Answer, GatewayError> {
-    let Route {
-        provider,
-        stream,
-        body,
-    } = route;
-    let mut rb = gw
-        .client
-        .http()
-        .post(provider.chat_url.clone())
-        .header(rq::AUTHORIZATION, provider.auth.clone())
-        .header(
-            rq::CONTENT_TYPE,
-            rq::HeaderValue::from_static("application/json"),
-        )
-        .header(
-            rq::ACCEPT,
-            rq::HeaderValue::from_static(if stream {
-                "text/event-stream"
-            } else {
-                "application/json"
-            }),
-        );
-    if let Ok(id) = rq::HeaderValue::from_str(&log.row.request_id) {
-        rb = rb.header(UPSTREAM_REQUEST_ID.clone(), id);
-    }
-    let rb = rb.body(body);
+    let mut ask_usage = route.ask_usage;
+    let provider = &route.provider;
+    let stream = route.stream;
     let timeout = gw.client.timeout();
     let request_id = log.row.request_id.clone();
     let fail = |e: reqwest::Error| classify(&e, &provider.name, timeout, &request_id);
+    let send = |body: Bytes| {
+        let mut rb = gw
+            .client
+            .http()
+            .post(provider.chat_url.clone())
+            .header(rq::AUTHORIZATION, provider.auth.clone())
+            .header(
+                rq::CONTENT_TYPE,
+                rq::HeaderValue::from_static("application/json"),
+            )
+            .header(
+                rq::ACCEPT,
+                rq::HeaderValue::from_static(if stream {
+                    "text/event-stream"
+                } else {
+                    "application/json"
+                }),
+            );
+        if let Ok(id) = rq::HeaderValue::from_str(&request_id) {
+            rb = rb.header(UPSTREAM_REQUEST_ID.clone(), id);
+        }
+        let rb = rb.body(body);
+        async move {
+            if stream {
+                // Streams: the timeout bounds the wait for the head, then each silence.
+                match tokio::time::timeout(timeout, rb.send()).await {
+                    Ok(r) => r.map_err(fail),
+                    Err(_) => Err(timed_out(&provider.name, timeout)),
+                }
+            } else {
+                rb.timeout(timeout).send().await.map_err(fail)
+            }
+        }
+    };
     // Non-streamed answers: the timeout bounds the whole exchange, body included.
     let deadline = tokio::time::Instant::now() + timeout;
-    let upstream = if stream {
-        // Streams: the timeout bounds the wait for the head, then each silence.
-        match tokio::time::timeout(timeout, rb.send()).await {
-            Ok(r) => r.map_err(fail)?,
-            Err(_) => return Err(timed_out(&provider.name, timeout)),
+    let mut upstream = send(route.body()).await?;
+    if ask_usage && upstream.status() == reqwest::StatusCode::BAD_REQUEST {
+        log.set_ttfb();
+        let headers = upstream.headers().clone();
+        let bytes = read_whole(
+            gw,
+            &provider.name,
+            upstream,
+            tokio::time::Instant::now() + timeout,
+            &fail,
+        )
+        .await?;
+        if !bytes.windows(14).any(|w| w == b"stream_options") {
+            return Ok(Answer::Full(full_answer(
+                provider, log, 400, &headers, bytes,
+            )));
         }
-    } else {
-        rb.timeout(timeout).send().await.map_err(fail)?
-    };
+        tracing::info!(
+            provider = %provider.name,
+            "the provider refuses stream_options.include_usage; asking again without it"
+        );
+        gw.remember_stream_usage_refused(provider.id, CHAT);
+        ask_usage = false;
+        upstream = send(route.splice.apply(&route.raw, false)).await?;
+    }
     let status = upstream.status().as_u16();
     if (300..400).contains(&status) {
         return Err(GatewayError::UpstreamRedirect {
@@ -99,31 +132,58 @@ pub(crate) async fn forward(
     // buffered whole, and its usage read from its events.
     if success && (stream || is_event_stream(upstream.headers())) {
         log.row.streamed = true;
-        return Ok(Answer::Stream { status, upstream });
+        return Ok(Answer::Stream {
+            status,
+            upstream,
+            strip_usage: ask_usage,
+        });
     }
     log.set_ttfb();
     gw.metrics.upstream_ttfb.observe(log.elapsed());
-    let mut res =
-        HttpResponse::build(StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY));
-    relay_headers(upstream.headers(), &mut res);
+    let headers = upstream.headers().clone();
     // An error answer to a stream request gets a fresh timeout for its body.
     let deadline = if stream {
         tokio::time::Instant::now() + timeout
     } else {
         deadline
     };
-    let bytes =
-        match tokio::time::timeout_at(deadline, read_capped(upstream, gw.max_response)).await {
-            Ok(Ok(b)) => b,
-            Ok(Err(UpstreamBody::Failed(e))) => return Err(fail(e)),
-            Ok(Err(UpstreamBody::TooLarge)) => {
-                return Err(GatewayError::UpstreamTooLarge {
-                    provider: provider.name.clone(),
-                    limit: gw.max_response,
-                })
-            }
-            Err(_) => return Err(timed_out(&provider.name, timeout)),
-        };
+    let bytes = read_whole(gw, &provider.name, upstream, deadline, &fail).await?;
+    Ok(Answer::Full(full_answer(
+        provider, log, status, &headers, bytes,
+    )))
+}
+
+/// A non-streamed upstream body, within the response cap and `deadline`.
+async fn read_whole(
+    gw: &State,
+    provider: &str,
+    upstream: reqwest::Response,
+    deadline: tokio::time::Instant,
+    fail: &impl Fn(reqwest::Error) -> GatewayError,
+) -> Result<Bytes, GatewayError> {
+    match tokio::time::timeout_at(deadline, read_capped(upstream, gw.max_response)).await {
+        Ok(Ok(b)) => Ok(b),
+        Ok(Err(UpstreamBody::Failed(e))) => Err(fail(e)),
+        Ok(Err(UpstreamBody::TooLarge)) => Err(GatewayError::UpstreamTooLarge {
+            provider: provider.to_owned(),
+            limit: gw.max_response,
+        }),
+        Err(_) => Err(timed_out(provider, gw.client.timeout())),
+    }
+}
+
+/// The client's answer to a body read whole; the row is finished with its usage or class.
+fn full_answer(
+    provider: &ProviderEntry,
+    log: &mut LogGuard,
+    status: u16,
+    headers: &rq::HeaderMap,
+    bytes: Bytes,
+) -> HttpResponse {
+    let success = (200..300).contains(&status);
+    let mut res =
+        HttpResponse::build(StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY));
+    relay_headers(headers, &mut res);
     let bytes = if success {
         bytes
     } else {
@@ -149,7 +209,7 @@ pub(crate) async fn forward(
         res.extensions_mut()
             .insert(ErrorNote { code, detail: None });
     }
-    Ok(Answer::Full(res))
+    res
 }
 
 pub(crate) fn timed_out(provider: &str, after: Duration) -> GatewayError {

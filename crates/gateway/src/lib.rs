@@ -119,6 +119,7 @@ impl Gateway {
             shutdown,
             tasks: Mutex::new(Vec::new()),
             writer: Mutex::new(None),
+            refuses_stream_usage: Mutex::new(Default::default()),
         });
         let writer = Writer::new(
             db,

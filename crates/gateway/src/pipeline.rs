@@ -49,7 +49,11 @@ pub(crate) async fn chat_completions(
     };
     match answer.await {
         Ok(Answer::Full(res)) => Ok(res),
-        Ok(Answer::Stream { status, upstream }) => {
+        Ok(Answer::Stream {
+            status,
+            upstream,
+            strip_usage,
+        }) => {
             let mut res =
                 HttpResponse::build(StatusCode::from_u16(status).unwrap_or(StatusCode::OK));
             relay_headers(upstream.headers(), &mut res);
@@ -60,6 +64,7 @@ pub(crate) async fn chat_completions(
                 gw.metrics.clone(),
                 gw.client.timeout(),
                 status,
+                strip_usage,
             );
             Ok(res.streaming(stream))
         }

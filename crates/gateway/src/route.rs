@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::body::ChatRequest;
+use crate::body::{ChatRequest, Splice};
 use crate::cache::ProviderEntry;
 use crate::error::GatewayError;
 use crate::state::State;
@@ -17,9 +17,23 @@ pub(crate) struct Route {
     pub provider: Arc<ProviderEntry>,
     /// The client asked for `"stream": true`.
     pub stream: bool,
-    /// The client's body with only `model` replaced.
-    pub body: Bytes,
+    /// The client's body, as received.
+    pub raw: Bytes,
+    /// How the body is rewritten for the upstream.
+    pub splice: Splice,
+    /// The gateway asks for `stream_options.include_usage` on the client's behalf.
+    pub ask_usage: bool,
 }
+
+impl Route {
+    /// The body the upstream gets.
+    pub fn body(&self) -> Bytes {
+        self.splice.apply(&self.raw, self.ask_usage)
+    }
+}
+
+/// The endpoint name under which a refused `stream_options` is remembered.
+pub(crate) const CHAT: &str = "chat/completions";
 
 /// Routes a chat request's body; the row learns the models and provider as they are known.
 pub(crate) async fn route(
@@ -68,9 +82,12 @@ pub(crate) async fn route(
             failure,
         });
     }
+    let ask_usage = chat.can_ask_usage() && !gw.refuses_stream_usage(provider.id, CHAT);
     Ok(Route {
         stream: chat.stream,
-        body: chat.rewrite(raw),
+        splice: chat.splice(),
+        raw: raw.clone(),
+        ask_usage,
         provider,
     })
 }

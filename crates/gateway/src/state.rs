@@ -1,12 +1,14 @@
 //! What every request handler shares: the database, the upstream client,
 //! the caches, the usage queue and the metrics.
 
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use storage::Db;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use uuid::Uuid;
 
 use crate::cache::{KeyCache, ProviderCache};
 use crate::metrics::Metrics;
@@ -29,9 +31,27 @@ pub(crate) struct State {
     pub shutdown: watch::Sender<bool>,
     pub tasks: Mutex<Vec<JoinHandle<()>>>,
     pub writer: Mutex<Option<JoinHandle<()>>>,
+    /// Providers (by id) and endpoints that answered 400 to `stream_options.include_usage`.
+    pub refuses_stream_usage: Mutex<HashSet<(Uuid, &'static str)>>,
 }
 
 impl State {
+    /// Whether this provider refused `stream_options.include_usage` on this endpoint.
+    pub fn refuses_stream_usage(&self, provider: Uuid, endpoint: &'static str) -> bool {
+        self.refuses_stream_usage
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&(provider, endpoint))
+    }
+
+    /// Remembers (for the life of the process) that this provider refuses the field.
+    pub fn remember_stream_usage_refused(&self, provider: Uuid, endpoint: &'static str) {
+        self.refuses_stream_usage
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((provider, endpoint));
+    }
+
     /// Empties every cache (a missed notification could have left any entry stale).
     pub fn flush_caches(&self) {
         self.keys.flush();

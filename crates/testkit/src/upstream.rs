@@ -323,6 +323,11 @@ async fn handle(req: HttpRequest, body: Bytes, state: web::Data<State>) -> HttpR
         return res;
     }
     if streamed {
+        if let Some(res) = scripted_stream(&model, &body, &usage) {
+            return res;
+        }
+    }
+    if streamed {
         let (delay, count) = match model
             .strip_prefix("slowstream-")
             .and_then(|c| c.parse::<u64>().ok())
@@ -345,6 +350,67 @@ async fn handle(req: HttpRequest, body: Bytes, state: web::Data<State>) -> HttpR
             .streaming(stream);
     }
     HttpResponse::Ok().json(completion(&model, &usage))
+}
+
+/// Streams that honour `stream_options.include_usage` as real servers do, by model name:
+/// `oai` (OpenAI: `"usage":null` on every chunk, then a usage-only chunk),
+/// `llamacpp` (usage on the last content chunk), `strict` (as `oai`, but a
+/// 400 naming `stream_options` when the field is sent, as some servers answer).
+fn scripted_stream(model: &str, body: &Value, usage: &Value) -> Option<HttpResponse> {
+    use futures_util::stream::{self, StreamExt};
+    if !matches!(model, "oai" | "llamacpp" | "strict") {
+        return None;
+    }
+    if model == "strict" && body.get("stream_options").is_some() {
+        return Some(HttpResponse::BadRequest().json(json!({"error": {
+            "message": "Unrecognized request argument supplied: stream_options",
+            "type": "invalid_request_error", "param": "stream_options", "code": null}})));
+    }
+    let include = body["stream_options"]["include_usage"] == json!(true);
+    let chunk = |choices: Value, usage: Option<&Value>| {
+        let mut c = json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk",
+            "created": 1_700_000_000, "model": model, "choices": choices});
+        if let Some(u) = usage {
+            c["usage"] = u.clone();
+        }
+        c
+    };
+    let null = include
+        .then_some(&Value::Null)
+        .filter(|_| model != "llamacpp");
+    let mut events: Vec<Value> = (0..3)
+        .map(|i| {
+            chunk(
+                json!([{"index": 0, "delta": {"content": format!("tok{i} ")}, "finish_reason": null}]),
+                null,
+            )
+        })
+        .collect();
+    let last = json!([{"index": 0, "delta": {}, "finish_reason": "stop"}]);
+    match (include, model) {
+        (true, "llamacpp") => events.push(chunk(last, Some(usage))),
+        (true, _) => {
+            events.push(chunk(last, null));
+            events.push(chunk(json!([]), Some(usage)));
+        }
+        (false, _) => events.push(chunk(last, None)),
+    }
+    let mut chunks: Vec<Bytes> = Vec::new();
+    for e in events {
+        let text = format!("data: {e}\n\n");
+        // One event split across two chunks, as TCP may deliver it.
+        let (a, b) = text.split_at(text.len() / 2);
+        chunks.push(Bytes::from(a.to_owned()));
+        chunks.push(Bytes::from(b.to_owned()));
+    }
+    chunks.push(Bytes::from_static(b"data: [DONE]\n\n"));
+    Some(
+        HttpResponse::Ok()
+            .content_type("text/event-stream")
+            .streaming(
+                stream::iter(chunks.into_iter().map(Ok::<_, actix_web::Error>)).boxed_local(),
+            ),
+    )
 }
 
 fn completion(model: &str, usage: &Value) -> Value {

@@ -1,7 +1,8 @@
 //! Stage 4: relaying an upstream event stream as it arrives, composed of
 //! small wrappers around the upstream body, innermost first:
 //! [`IdleTimeout`] (a silent upstream is cut), [`UsageTap`] (the `usage` is
-//! read from the events), [`ErrorEvent`] (a fault becomes a last
+//! read from the events, and withheld when the gateway asked for it on the
+//! client's behalf), [`ErrorEvent`] (a fault becomes a last
 //! OpenAI-shaped event). [`Relay`] on the outside finishes the usage row.
 //!
 //! Dropped early (the client went away), the relay drops the upstream
@@ -33,7 +34,7 @@ type UpstreamBody = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
 
 /// The relayed body handed to actix.
 pub(crate) struct Relay {
-    inner: ErrorEvent<UsageTap<IdleTimeout<UpstreamBody>>>,
+    inner: ErrorEvent<UsageTap<IdleTimeout<UpstreamBody>, idle::Fault<reqwest::Error>>>,
     log: LogGuard,
     metrics: Arc<Metrics>,
     status: u16,
@@ -48,13 +49,14 @@ impl Relay {
         metrics: Arc<Metrics>,
         idle_timeout: Duration,
         status: u16,
+        strip_usage: bool,
     ) -> Self {
         let body: UpstreamBody = Box::pin(upstream.bytes_stream());
         let provider = log.row.provider_name.clone().unwrap_or_default();
         let request_id = log.row.request_id.clone();
         Self {
             inner: ErrorEvent::new(
-                UsageTap::new(IdleTimeout::new(body, idle_timeout)),
+                UsageTap::new(IdleTimeout::new(body, idle_timeout), strip_usage),
                 provider,
                 idle_timeout,
                 request_id,
