@@ -75,7 +75,7 @@ pub enum GatewayError {
     UpstreamRedirect { provider: String, status: u16 },
     #[error("the provider `{0}` has an unusable configuration; an admin should check its base URL and token")]
     ProviderMisconfigured(String),
-    #[error("unknown route: the gateway serves POST /v1/chat/completions and GET /v1/models")]
+    #[error("unknown route: the gateway serves POST /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/moderations, /v1/rerank, /v1/images/generations, /v1/responses and GET /v1/models")]
     NotFound,
     #[error("method not allowed on this route")]
     MethodNotAllowed,

@@ -25,7 +25,7 @@ use upstream::{FailureClass, UpstreamFailure};
 use crate::cache::ProviderEntry;
 use crate::collect::{read_capped, UpstreamBody};
 use crate::error::{ErrorClass, ErrorNote, GatewayError};
-use crate::route::{Route, CHAT};
+use crate::route::Route;
 use crate::state::State;
 use crate::usage::{usage_of, LogGuard};
 
@@ -59,11 +59,14 @@ pub(crate) async fn forward(
     let timeout = gw.client.timeout();
     let request_id = log.row.request_id.clone();
     let fail = |e: reqwest::Error| classify(&e, &provider.name, timeout, &request_id);
+    let url = provider
+        .url(route.endpoint)
+        .ok_or_else(|| GatewayError::ProviderMisconfigured(provider.name.clone()))?;
     let send = |body: Bytes| {
         let mut rb = gw
             .client
             .http()
-            .post(provider.chat_url.clone())
+            .post(url.clone())
             .header(rq::AUTHORIZATION, provider.auth.clone())
             .header(
                 rq::CONTENT_TYPE,
@@ -116,7 +119,7 @@ pub(crate) async fn forward(
             provider = %provider.name,
             "the provider refuses stream_options.include_usage; asking again without it"
         );
-        gw.remember_stream_usage_refused(provider.id, CHAT);
+        gw.remember_stream_usage_refused(provider.id, route.endpoint.path());
         ask_usage = false;
         upstream = send(route.splice.apply(&route.raw, false)).await?;
     }

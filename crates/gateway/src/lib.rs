@@ -7,6 +7,7 @@ mod authenticate;
 pub mod body;
 mod cache;
 mod collect;
+mod endpoint;
 mod error;
 mod forward;
 mod listen;
@@ -23,13 +24,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use actix_web::dev::Service;
-use actix_web::web;
+use actix_web::{web, HttpRequest};
 use storage::Db;
 use tokio::sync::watch;
 
 pub use error::{ErrorClass, GatewayError};
 
 use cache::{KeyCache, ProviderCache};
+use endpoint::Endpoint;
 use metrics::Metrics;
 use observe::{healthz, metrics_text, nosniff, observe, readyz};
 use route::{method_not_allowed, not_found};
@@ -156,17 +158,23 @@ impl Gateway {
         let mut scope = web::scope("")
             .wrap_fn(observe)
             .service(
-                web::resource("/v1/chat/completions")
-                    .route(web::post().to(pipeline::chat_completions))
-                    .default_service(web::to(method_not_allowed)),
-            )
-            .service(
                 web::resource("/v1/models")
                     .route(web::get().to(models::list_models))
                     .default_service(web::to(method_not_allowed)),
             )
             .route("/healthz", web::get().to(healthz))
             .route("/readyz", web::get().to(readyz));
+        for endpoint in Endpoint::ALL {
+            scope = scope.service(
+                web::resource(format!("/v1/{}", endpoint.path()))
+                    .route(web::post().to(
+                        move |req: HttpRequest, payload: web::Payload, gw: web::Data<State>| {
+                            pipeline::proxy(endpoint, req, payload, gw)
+                        },
+                    ))
+                    .default_service(web::to(method_not_allowed)),
+            );
+        }
         if self.inner.metrics_on_gateway {
             scope = scope.route("/metrics", web::get().to(metrics_text));
         }

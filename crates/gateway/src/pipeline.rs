@@ -1,4 +1,4 @@
-//! `POST /v1/chat/completions` as its pipeline: authenticate → collect the
+//! `POST /v1/chat/completions` (and every JSON endpoint) as its pipeline: authenticate → collect the
 //! body → route → forward → relay; observation wraps it all (`observe`).
 //!
 //! Client input: any `content-type` is accepted when the body is a JSON
@@ -16,6 +16,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 
 use crate::authenticate::authenticate;
 use crate::collect::read_body;
+use crate::endpoint::Endpoint;
 use crate::error::GatewayError;
 use crate::forward::{forward, relay_headers, Answer};
 use crate::observe::request_id;
@@ -24,7 +25,9 @@ use crate::route::route;
 use crate::state::State;
 use crate::usage::LogGuard;
 
-pub(crate) async fn chat_completions(
+/// Any JSON endpoint of [`Endpoint::ALL`], proxied to the same path upstream.
+pub(crate) async fn proxy(
+    endpoint: Endpoint,
     req: HttpRequest,
     payload: web::Payload,
     gw: web::Data<State>,
@@ -37,13 +40,14 @@ pub(crate) async fn chat_completions(
         request_id(&req),
         key.org_id,
         key.id,
+        endpoint.path(),
         start,
     );
     let answer = async {
         let raw = tokio::time::timeout(gw.body_timeout, read_body(&req, payload, gw.max_body))
             .await
             .map_err(|_| GatewayError::BodyTimeout(gw.body_timeout))??;
-        let routed = route(&gw, &raw, key.org_id, &mut log).await?;
+        let routed = route(&gw, endpoint, &raw, key.org_id, &mut log).await?;
         drop(raw);
         forward(&gw, routed, &mut log).await
     };

@@ -1,4 +1,5 @@
-//! Stage 2: which provider a request goes to. The body's `model` is split
+//! Stage 2: which provider a request goes to (any JSON endpoint: they all
+//! carry `model`). The body's `model` is split
 //! at its first `/` into `{customName}/{modelName}`, the org's provider is
 //! looked up (cached), and the body is rewritten with `{modelName}`.
 
@@ -8,12 +9,14 @@ use bytes::Bytes;
 
 use crate::body::{ChatRequest, Splice};
 use crate::cache::ProviderEntry;
+use crate::endpoint::Endpoint;
 use crate::error::GatewayError;
 use crate::state::State;
 use crate::usage::LogGuard;
 
 /// A routed request: the provider it goes to and the body it gets.
 pub(crate) struct Route {
+    pub endpoint: Endpoint,
     pub provider: Arc<ProviderEntry>,
     /// The client asked for `"stream": true`.
     pub stream: bool,
@@ -32,12 +35,10 @@ impl Route {
     }
 }
 
-/// The endpoint name under which a refused `stream_options` is remembered.
-pub(crate) const CHAT: &str = "chat/completions";
-
-/// Routes a chat request's body; the row learns the models and provider as they are known.
+/// Routes a request's body; the row learns the models and provider as they are known.
 pub(crate) async fn route(
     gw: &State,
+    endpoint: Endpoint,
     raw: &Bytes,
     org: uuid::Uuid,
     log: &mut LogGuard,
@@ -82,8 +83,11 @@ pub(crate) async fn route(
             failure,
         });
     }
-    let ask_usage = chat.can_ask_usage() && !gw.refuses_stream_usage(provider.id, CHAT);
+    let ask_usage = endpoint.asks_stream_usage()
+        && chat.can_ask_usage()
+        && !gw.refuses_stream_usage(provider.id, endpoint.path());
     Ok(Route {
+        endpoint,
         stream: chat.stream,
         splice: chat.splice(),
         raw: raw.clone(),

@@ -273,6 +273,9 @@ async fn handle(req: HttpRequest, body: Bytes, state: web::Data<State>) -> HttpR
             .collect();
         return HttpResponse::Ok().json(json!({"object": "list", "data": data}));
     }
+    if let Some(res) = other_endpoint(path, &body) {
+        return res;
+    }
     if !path.ends_with("/v1/chat/completions") {
         return HttpResponse::NotFound().json(json!({"error": {"message": "no such route"}}));
     }
@@ -411,6 +414,55 @@ fn scripted_stream(model: &str, body: &Value, usage: &Value) -> Option<HttpRespo
                 stream::iter(chunks.into_iter().map(Ok::<_, actix_web::Error>)).boxed_local(),
             ),
     )
+}
+
+/// Answers of the JSON endpoints beside chat, each with the usage shape its API has.
+fn other_endpoint(path: &str, body: &[u8]) -> Option<HttpResponse> {
+    let endpoint = path.rsplit_once("/v1/")?.1;
+    let body: Value = serde_json::from_slice(body).unwrap_or_default();
+    let model = body["model"].clone();
+    let answer = match endpoint {
+        "completions" => json!({"id": "cmpl-mock", "object": "text_completion", "model": model,
+            "choices": [{"index": 0, "text": "echo", "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 4, "completion_tokens": 1, "total_tokens": 5}}),
+        "embeddings" => json!({"object": "list", "model": model,
+            "data": [{"object": "embedding", "index": 0, "embedding": [0.5, -0.25]}],
+            "usage": {"prompt_tokens": 6, "total_tokens": 6}}),
+        "moderations" => json!({"id": "modr-mock", "model": model,
+            "results": [{"flagged": false, "categories": {}, "category_scores": {}}]}),
+        "rerank" => json!({"id": "rerank-mock", "model": model,
+            "results": [{"index": 0, "relevance_score": 0.9}], "usage": {"total_tokens": 9}}),
+        "images/generations" => json!({"created": 1_700_000_000,
+            "data": [{"b64_json": "aGVsbG8="}],
+            "usage": {"input_tokens": 7, "output_tokens": 100, "total_tokens": 107}}),
+        "responses" if body["stream"] == json!(true) => {
+            let usage = json!({"input_tokens": 8, "output_tokens": 3, "total_tokens": 11});
+            let events = [
+                json!({"type": "response.created", "response": {"id": "resp-mock", "model": model, "usage": null}}),
+                json!({"type": "response.output_text.delta", "delta": "hi"}),
+                json!({"type": "response.completed", "response": {"id": "resp-mock", "model": model, "usage": usage}}),
+            ];
+            let text: String = events
+                .iter()
+                .map(|e| {
+                    format!(
+                        "event: {}\ndata: {e}\n\n",
+                        e["type"].as_str().unwrap_or_default()
+                    )
+                })
+                .collect();
+            return Some(
+                HttpResponse::Ok()
+                    .content_type("text/event-stream")
+                    .body(text),
+            );
+        }
+        "responses" => json!({"id": "resp-mock", "object": "response", "model": model,
+            "output": [{"type": "message", "content": [{"type": "output_text", "text": "hi"}]}],
+            "usage": {"input_tokens": 8, "output_tokens": 3, "total_tokens": 11}}),
+        _ => return None,
+    };
+    Some(HttpResponse::Ok().json(answer))
 }
 
 fn completion(model: &str, usage: &Value) -> Value {
