@@ -53,7 +53,7 @@ pub(crate) async fn forward(
     route: Route,
     log: &mut LogGuard,
 ) -> Result<Answer, GatewayError> {
-    let mut ask_usage = route.ask_usage;
+    let mut ask_usage = route.asks_usage();
     let provider = &route.provider;
     let stream = route.stream;
     let timeout = gw.client.timeout();
@@ -98,7 +98,7 @@ pub(crate) async fn forward(
     };
     // Non-streamed answers: the timeout bounds the whole exchange, body included.
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut upstream = send(route.body()).await?;
+    let mut upstream = send(route.body.clone()).await?;
     if ask_usage && upstream.status() == reqwest::StatusCode::BAD_REQUEST {
         log.set_ttfb();
         let headers = upstream.headers().clone();
@@ -121,7 +121,11 @@ pub(crate) async fn forward(
         );
         gw.remember_stream_usage_refused(provider.id, route.endpoint.path());
         ask_usage = false;
-        upstream = send(route.splice.apply(&route.raw, false)).await?;
+        let (raw, splice) = route
+            .without_usage
+            .as_ref()
+            .ok_or_else(|| GatewayError::ProviderMisconfigured(provider.name.clone()))?;
+        upstream = send(splice.apply(raw, false)).await?;
     }
     let status = upstream.status().as_u16();
     if (300..400).contains(&status) {

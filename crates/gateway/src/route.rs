@@ -20,18 +20,17 @@ pub(crate) struct Route {
     pub provider: Arc<ProviderEntry>,
     /// The client asked for `"stream": true`.
     pub stream: bool,
-    /// The client's body, as received.
-    pub raw: Bytes,
-    /// How the body is rewritten for the upstream.
-    pub splice: Splice,
-    /// The gateway asks for `stream_options.include_usage` on the client's behalf.
-    pub ask_usage: bool,
+    /// The body the upstream gets first.
+    pub body: Bytes,
+    /// When `body` asks for usage on the client's behalf: the client's body
+    /// and its edits, to ask again without (kept only then: a body is held once otherwise).
+    pub without_usage: Option<(Bytes, Splice)>,
 }
 
 impl Route {
-    /// The body the upstream gets.
-    pub fn body(&self) -> Bytes {
-        self.splice.apply(&self.raw, self.ask_usage)
+    /// The gateway asks for `stream_options.include_usage` on the client's behalf.
+    pub fn asks_usage(&self) -> bool {
+        self.without_usage.is_some()
     }
 }
 
@@ -86,12 +85,12 @@ pub(crate) async fn route(
     let ask_usage = endpoint.asks_stream_usage()
         && chat.can_ask_usage()
         && !gw.refuses_stream_usage(provider.id, endpoint.path());
+    let splice = chat.splice();
     Ok(Route {
         endpoint,
         stream: chat.stream,
-        splice: chat.splice(),
-        raw: raw.clone(),
-        ask_usage,
+        body: splice.apply(raw, ask_usage),
+        without_usage: ask_usage.then(|| (raw.clone(), splice)),
         provider,
     })
 }
