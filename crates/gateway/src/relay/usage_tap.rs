@@ -250,6 +250,17 @@ impl StripUsage {
             pos += line.len() + 1;
         }
         let (at, json) = data?;
+        // Fast path for OpenAI's null on every chunk, last member of the object:
+        // an unescaped `,"` is never inside a string, and the final `}` closes the top level.
+        const NULL_LAST: &[u8] = b",\"usage\":null}";
+        let trimmed = json.trim_ascii_end();
+        if trimmed.ends_with(NULL_LAST) {
+            let cut = at + trimmed.len() - NULL_LAST.len();
+            let mut out = Vec::with_capacity(event.len());
+            out.extend_from_slice(&event[..cut]);
+            out.extend_from_slice(&event[cut + NULL_LAST.len() - 1..]);
+            return Some(out);
+        }
         if json.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
             return None;
         }
@@ -472,5 +483,16 @@ data: [DONE]\n\n";
         assert_eq!(out.len(), 7 + 2 * MAX_HELD_EVENT + 3 + 14);
         assert!(out.ends_with(b"\"\n\ndata: [DONE]\n\n"));
         assert_eq!(s.usage().and_then(|u| u.total_tokens), Some(3));
+    }
+
+    #[test]
+    fn a_trailing_usage_null_is_cut_without_touching_a_nested_one() {
+        let asked = b"data: {\"choices\":[{\"delta\":{\"usage\":null}}],\"usage\":null}\n\n";
+        let (out, usage) = strip_all(asked, 0);
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            "data: {\"choices\":[{\"delta\":{\"usage\":null}}]}\n\n"
+        );
+        assert!(usage.is_none());
     }
 }
