@@ -19,6 +19,27 @@ struct Peek<'a> {
     model: Option<&'a RawValue>,
     #[serde(borrow, default)]
     stream: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    stream_options: Option<&'a RawValue>,
+}
+
+/// The members of `stream_options` the gateway edits.
+#[derive(Deserialize)]
+struct StreamOptions<'a> {
+    #[serde(borrow, default, deserialize_with = "present")]
+    include_usage: Option<&'a RawValue>,
+}
+
+/// A member that is present, `null` included (`Option` alone reads `null` as absent).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
+}
+
+/// One byte range of the body replaced by fixed text.
+#[derive(Debug, Clone)]
+struct Edit {
+    span: Range<usize>,
+    text: &'static str,
 }
 
 /// A parsed chat request: where `model` sits in the body and how it splits.
@@ -30,7 +51,11 @@ pub struct ChatRequest<'a> {
     split: usize,
     /// Byte range of the `model` JSON string (quotes included) in the body.
     span: Range<usize>,
+    /// The raw `model` string holds escapes.
+    model_raw_escaped: bool,
     pub stream: bool,
+    /// How to make a streamed body ask for usage, when it does not already.
+    usage_edit: Option<Edit>,
 }
 
 impl<'a> ChatRequest<'a> {
@@ -66,12 +91,25 @@ impl<'a> ChatRequest<'a> {
             Some("true") => true,
             Some(_) => return Err(GatewayError::StreamNotBool(model.into_owned())),
         };
+        let usage_edit = if stream {
+            usage_edit(body, peek.stream_options)
+        } else {
+            None
+        };
         Ok(Self {
+            model_raw_escaped: text.contains('\\'),
             model,
             split,
             span,
             stream,
+            usage_edit,
         })
+    }
+
+    /// A streamed request that does not ask for `stream_options.include_usage`
+    /// (and whose `stream_options`, if any, is an object or null, so the field can be added).
+    pub fn can_ask_usage(&self) -> bool {
+        self.usage_edit.is_some()
     }
 
     /// `{customName}`.
@@ -86,20 +124,104 @@ impl<'a> ChatRequest<'a> {
 
     /// The client's body with only the `model` value replaced by `{modelName}`.
     pub fn rewrite(&self, body: &[u8]) -> Bytes {
-        let raw = &body[self.span.clone()];
-        let mut out = Vec::with_capacity(body.len());
-        out.extend_from_slice(&body[..self.span.start]);
-        if raw.contains(&b'\\') {
+        self.splice().apply(body, false)
+    }
+
+    /// The edits [`ChatRequest::rewrite`] makes, owning no part of the body
+    /// (so the body can be rewritten again, differently, after it is parsed).
+    pub fn splice(&self) -> Splice {
+        let raw = &self.model_raw_escaped;
+        let model = if *raw {
             // Escapes: re-encode the decoded name (a JSON string cannot fail to serialize).
             let encoded = serde_json::to_string(self.upstream_model()).unwrap_or_default();
-            out.extend_from_slice(encoded.as_bytes());
+            (self.span.clone(), encoded.into_bytes())
         } else {
             // No escapes: the raw bytes are the name; drop `{customName}/` after the quote.
-            out.push(b'"');
-            out.extend_from_slice(&raw[1 + self.split..]);
+            let start = self.span.start + 1;
+            (start..start + self.split, Vec::new())
+        };
+        Splice {
+            model,
+            usage: self.usage_edit.clone(),
         }
-        out.extend_from_slice(&body[self.span.end..]);
+    }
+}
+
+/// How a body is rewritten: its `model`, and optionally `stream_options.include_usage`.
+#[derive(Debug, Clone)]
+pub struct Splice {
+    model: (Range<usize>, Vec<u8>),
+    usage: Option<Edit>,
+}
+
+impl Splice {
+    /// `body` (the one parsed) with `model` replaced and, when `ask_usage`
+    /// and the request did not ask already, `stream_options.include_usage: true`.
+    pub fn apply(&self, body: &[u8], ask_usage: bool) -> Bytes {
+        let model = (self.model.0.clone(), self.model.1.as_slice());
+        let usage = self
+            .usage
+            .as_ref()
+            .filter(|_| ask_usage)
+            .map(|e| (e.span.clone(), e.text.as_bytes()));
+        let mut edits = [Some(model), usage];
+        edits.sort_by_key(|e| e.as_ref().map_or(usize::MAX, |(r, _)| r.start));
+        let mut out = Vec::with_capacity(body.len() + 48);
+        let mut at = 0;
+        for (range, text) in edits.into_iter().flatten() {
+            out.extend_from_slice(&body[at..range.start]);
+            out.extend_from_slice(text);
+            at = range.end;
+        }
+        out.extend_from_slice(&body[at..]);
         Bytes::from(out)
+    }
+}
+
+/// Where `stream_options.include_usage: true` goes in `body`, `None` when the
+/// client asked for it already or `stream_options` is not an object or null
+/// (the upstream judges that). An existing object is edited in place.
+fn usage_edit(body: &[u8], options: Option<&RawValue>) -> Option<Edit> {
+    let offset = |raw: &RawValue| raw.get().as_ptr() as usize - body.as_ptr() as usize;
+    let Some(options) = options else {
+        // Parsed as an object, so the body has a `{` (and `model` after it).
+        let open = body.iter().position(|b| *b == b'{')?;
+        return Some(Edit {
+            span: open + 1..open + 1,
+            text: "\"stream_options\":{\"include_usage\":true},",
+        });
+    };
+    let text = options.get();
+    let start = offset(options);
+    if text == "null" {
+        return Some(Edit {
+            span: start..start + text.len(),
+            text: "{\"include_usage\":true}",
+        });
+    }
+    if !text.starts_with('{') {
+        return None;
+    }
+    // Duplicated members are refused here as in the body: left to the upstream.
+    let parsed: StreamOptions<'_> = serde_json::from_str(text).ok()?;
+    match parsed.include_usage.map(|v| (v, v.get())) {
+        Some((_, "true")) => None,
+        Some((v, "false" | "null")) => {
+            let at = offset(v);
+            Some(Edit {
+                span: at..at + v.get().len(),
+                text: "true",
+            })
+        }
+        Some(_) => None,
+        None if text[1..text.len() - 1].trim().is_empty() => Some(Edit {
+            span: start..start + text.len(),
+            text: "{\"include_usage\":true}",
+        }),
+        None => Some(Edit {
+            span: start + 1..start + 1,
+            text: "\"include_usage\":true,",
+        }),
     }
 }
 
@@ -110,6 +232,73 @@ mod tests {
     fn rewrite(body: &str) -> String {
         let req = ChatRequest::parse(body.as_bytes()).unwrap();
         String::from_utf8(req.rewrite(body.as_bytes()).to_vec()).unwrap()
+    }
+
+    fn asking_usage(body: &str) -> Option<String> {
+        let req = ChatRequest::parse(body.as_bytes()).unwrap();
+        req.can_ask_usage().then(|| {
+            let out = req.splice().apply(body.as_bytes(), true);
+            String::from_utf8(out.to_vec()).unwrap()
+        })
+    }
+
+    #[test]
+    fn a_stream_is_made_to_ask_for_usage_once_and_in_place() {
+        let cases = [
+            (
+                r#"{"model":"p/m","stream":true}"#,
+                Some(r#"{"stream_options":{"include_usage":true},"model":"m","stream":true}"#),
+            ),
+            (
+                r#"{"model":"p/m","stream":true,"stream_options":null}"#,
+                Some(r#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#),
+            ),
+            (
+                r#"{"model":"p/m","stream":true,"stream_options":{ }}"#,
+                Some(r#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#),
+            ),
+            (
+                r#"{"stream_options":{"x":1},"model":"p/m","stream":true}"#,
+                Some(
+                    r#"{"stream_options":{"include_usage":true,"x":1},"model":"m","stream":true}"#,
+                ),
+            ),
+            (
+                r#"{"model":"p/m","stream_options":{"include_usage": false ,"x":1},"stream":true}"#,
+                Some(
+                    r#"{"model":"m","stream_options":{"include_usage": true ,"x":1},"stream":true}"#,
+                ),
+            ),
+            (
+                r#"{"model":"p/m","stream":true,"stream_options":{"include_usage":null}}"#,
+                Some(r#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#),
+            ),
+            (
+                r#"{"model":"p/m","stream":true,"stream_options":{"include_usage":true}}"#,
+                None,
+            ),
+            (
+                r#"{"model":"p/m","stream":true,"stream_options":"odd"}"#,
+                None,
+            ),
+            (r#"{"model":"p/m","stream":false}"#, None),
+            (r#"{"model":"p/m"}"#, None),
+        ];
+        for (body, want) in cases {
+            let got = asking_usage(body);
+            assert_eq!(got.as_deref(), want, "{body}");
+            if let Some(got) = got {
+                let v: serde_json::Value = serde_json::from_str(&got).unwrap();
+                assert_eq!(v["stream_options"]["include_usage"], true, "{got}");
+            }
+        }
+        // Without asking, the body is the plain rewrite.
+        let body = r#"{"model":"p/m","stream":true,"stream_options":{"x":1}}"#;
+        let req = ChatRequest::parse(body.as_bytes()).unwrap();
+        assert_eq!(
+            req.splice().apply(body.as_bytes(), false),
+            req.rewrite(body.as_bytes())
+        );
     }
 
     #[test]

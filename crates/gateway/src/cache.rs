@@ -25,6 +25,7 @@ use storage::{CacheEvent, Db};
 use tokio::sync::{OnceCell, Semaphore};
 use uuid::Uuid;
 
+use crate::endpoint::Endpoint;
 use crate::error::GatewayError;
 use crate::metrics::Metrics;
 
@@ -259,6 +260,14 @@ impl std::fmt::Debug for ProviderEntry {
 impl ProviderEntry {
     /// Values only this provider's upstream may see (its token), to redact
     /// from anything relayed back.
+    /// Where an endpoint's requests go (`None` if the base URL cannot take the path).
+    pub fn url(&self, endpoint: Endpoint) -> Option<reqwest::Url> {
+        match endpoint {
+            Endpoint::ChatCompletions => Some(self.chat_url.clone()),
+            e => reqwest::Url::parse(&self.base_url.endpoint(e.path())).ok(),
+        }
+    }
+
     pub fn secrets(&self) -> impl Iterator<Item = &[u8]> {
         self.auth.as_bytes().strip_prefix(b"Bearer ").into_iter()
     }

@@ -75,161 +75,293 @@ pub enum GatewayError {
     UpstreamRedirect { provider: String, status: u16 },
     #[error("the provider `{0}` has an unusable configuration; an admin should check its base URL and token")]
     ProviderMisconfigured(String),
-    #[error("unknown route: the gateway serves POST /v1/chat/completions and GET /v1/models")]
+    #[error("unknown route: the gateway serves POST /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/moderations, /v1/rerank, /v1/images/generations, /v1/responses and GET /v1/models")]
     NotFound,
     #[error("method not allowed on this route")]
     MethodNotAllowed,
 }
 
 impl GatewayError {
-    fn kind(&self) -> (StatusCode, &'static str, Option<&'static str>, &'static str) {
+    fn kind(&self) -> (StatusCode, &'static str, Option<&'static str>, ErrorClass) {
         use GatewayError::*;
         match self {
             MissingKey | InvalidKey => (
                 StatusCode::UNAUTHORIZED,
                 "invalid_request_error",
                 None,
-                "invalid_api_key",
+                ErrorClass::InvalidApiKey,
             ),
             RevokedKey => (
                 StatusCode::UNAUTHORIZED,
                 "invalid_request_error",
                 None,
-                "api_key_revoked",
+                ErrorClass::ApiKeyRevoked,
             ),
             ExpiredKey => (
                 StatusCode::UNAUTHORIZED,
                 "invalid_request_error",
                 None,
-                "api_key_expired",
+                ErrorClass::ApiKeyExpired,
             ),
             Unavailable => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "service_unavailable",
                 None,
-                "gateway_unavailable",
+                ErrorClass::GatewayUnavailable,
             ),
             InvalidJson(_) => (
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
                 None,
-                "invalid_json",
+                ErrorClass::InvalidJson,
             ),
             StreamNotBool(_) => (
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
                 Some("stream"),
-                "invalid_type",
+                ErrorClass::InvalidType,
             ),
             MissingModel | ModelNotString | ModelWithoutProvider(_) => (
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
                 Some("model"),
-                "invalid_model",
+                ErrorClass::InvalidModel,
             ),
             ModelNotFound { .. } => (
                 StatusCode::NOT_FOUND,
                 "invalid_request_error",
                 Some("model"),
-                "model_not_found",
+                ErrorClass::ModelNotFound,
             ),
             ProviderInactive(_) => (
                 StatusCode::FORBIDDEN,
                 "permission_error",
                 Some("model"),
-                "provider_inactive",
+                ErrorClass::ProviderInactive,
             ),
             PayloadTooLarge(_) => (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "invalid_request_error",
                 None,
-                "request_too_large",
+                ErrorClass::RequestTooLarge,
             ),
             BadBody(_) => (
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
                 None,
-                "invalid_body",
+                ErrorClass::InvalidBody,
             ),
             BodyTimeout(_) => (
                 StatusCode::REQUEST_TIMEOUT,
                 "invalid_request_error",
                 None,
-                "request_timeout",
+                ErrorClass::RequestTimeout,
             ),
             UpstreamTooLarge { .. } => (
                 StatusCode::BAD_GATEWAY,
                 "upstream_error",
                 None,
-                "upstream_response_too_large",
+                ErrorClass::UpstreamResponseTooLarge,
             ),
             UpstreamForbidden { .. } => (
                 StatusCode::BAD_GATEWAY,
                 "upstream_error",
                 None,
-                "upstream_address_not_allowed",
+                ErrorClass::UpstreamAddressNotAllowed,
             ),
             UpstreamUnreachable { .. } => (
                 StatusCode::BAD_GATEWAY,
                 "upstream_error",
                 None,
-                "upstream_unreachable",
+                ErrorClass::UpstreamUnreachable,
             ),
             UpstreamTls { .. } => (
                 StatusCode::BAD_GATEWAY,
                 "upstream_error",
                 None,
-                "upstream_tls_error",
+                ErrorClass::UpstreamTlsError,
             ),
             UpstreamTimeout { .. } => (
                 StatusCode::GATEWAY_TIMEOUT,
                 "upstream_error",
                 None,
-                "upstream_timeout",
+                ErrorClass::UpstreamTimeout,
             ),
             UpstreamRedirect { .. } => (
                 StatusCode::BAD_GATEWAY,
                 "upstream_error",
                 None,
-                "upstream_redirect",
+                ErrorClass::UpstreamRedirect,
             ),
             ProviderMisconfigured(_) => (
                 StatusCode::BAD_GATEWAY,
                 "upstream_error",
                 None,
-                "provider_misconfigured",
+                ErrorClass::ProviderMisconfigured,
             ),
             NotFound => (
                 StatusCode::NOT_FOUND,
                 "invalid_request_error",
                 None,
-                "unknown_url",
+                ErrorClass::UnknownUrl,
             ),
             MethodNotAllowed => (
                 StatusCode::METHOD_NOT_ALLOWED,
                 "invalid_request_error",
                 None,
-                "method_not_allowed",
+                ErrorClass::MethodNotAllowed,
             ),
         }
     }
 
     /// The stable code, also written to `request_logs.error_class`.
     pub fn code(&self) -> &'static str {
+        self.kind().3.as_str()
+    }
+
+    /// The class written to `request_logs.error_class`.
+    pub(crate) fn class(&self) -> ErrorClass {
         self.kind().3
     }
 
     /// Which upstream failure this is, for the metric.
-    pub(crate) fn upstream_kind(&self) -> Option<&'static str> {
+    pub(crate) fn upstream_kind(&self) -> Option<UpstreamErrorKind> {
         use GatewayError::*;
         Some(match self {
-            UpstreamForbidden { .. } => "forbidden_address",
-            UpstreamUnreachable { .. } => "connect",
-            UpstreamTls { .. } => "tls",
-            UpstreamTimeout { .. } => "timeout",
-            UpstreamRedirect { .. } => "redirect",
+            UpstreamForbidden { .. } => UpstreamErrorKind::ForbiddenAddress,
+            UpstreamUnreachable { .. } => UpstreamErrorKind::Connect,
+            UpstreamTls { .. } => UpstreamErrorKind::Tls,
+            UpstreamTimeout { .. } => UpstreamErrorKind::Timeout,
+            UpstreamRedirect { .. } => UpstreamErrorKind::Redirect,
             _ => return None,
         })
+    }
+}
+
+/// Every value `request_logs.error_class` (and the log line's `error`) can hold:
+/// the codes of [`GatewayError`] and the classes of answers relayed imperfectly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// `invalid_api_key`
+    InvalidApiKey,
+    /// `api_key_revoked`
+    ApiKeyRevoked,
+    /// `api_key_expired`
+    ApiKeyExpired,
+    /// `gateway_unavailable`
+    GatewayUnavailable,
+    /// `invalid_json`
+    InvalidJson,
+    /// `invalid_type`
+    InvalidType,
+    /// `invalid_model`
+    InvalidModel,
+    /// `model_not_found`
+    ModelNotFound,
+    /// `provider_inactive`
+    ProviderInactive,
+    /// `request_too_large`
+    RequestTooLarge,
+    /// `invalid_body`
+    InvalidBody,
+    /// `request_timeout`
+    RequestTimeout,
+    /// `upstream_response_too_large`
+    UpstreamResponseTooLarge,
+    /// `upstream_address_not_allowed`
+    UpstreamAddressNotAllowed,
+    /// `upstream_unreachable`
+    UpstreamUnreachable,
+    /// `upstream_tls_error`
+    UpstreamTlsError,
+    /// `upstream_timeout`
+    UpstreamTimeout,
+    /// `upstream_redirect`
+    UpstreamRedirect,
+    /// `provider_misconfigured`
+    ProviderMisconfigured,
+    /// `unknown_url`
+    UnknownUrl,
+    /// `method_not_allowed`
+    MethodNotAllowed,
+    /// `upstream_status`: the upstream answered with an error status (relayed as sent).
+    UpstreamStatus,
+    /// `upstream_invalid_json`: a success whose body is not JSON: relayed, no tokens counted.
+    UpstreamInvalidJson,
+    /// `upstream_stream_error`: the upstream broke off a stream after its head.
+    UpstreamStreamError,
+    /// `client_canceled`: the client went away before the answer ended.
+    ClientCanceled,
+    /// `shutdown`: the request was cut by the end of the shutdown grace period.
+    Shutdown,
+}
+
+impl ErrorClass {
+    pub fn as_str(self) -> &'static str {
+        use ErrorClass::*;
+        match self {
+            InvalidApiKey => "invalid_api_key",
+            ApiKeyRevoked => "api_key_revoked",
+            ApiKeyExpired => "api_key_expired",
+            GatewayUnavailable => "gateway_unavailable",
+            InvalidJson => "invalid_json",
+            InvalidType => "invalid_type",
+            InvalidModel => "invalid_model",
+            ModelNotFound => "model_not_found",
+            ProviderInactive => "provider_inactive",
+            RequestTooLarge => "request_too_large",
+            InvalidBody => "invalid_body",
+            RequestTimeout => "request_timeout",
+            UpstreamResponseTooLarge => "upstream_response_too_large",
+            UpstreamAddressNotAllowed => "upstream_address_not_allowed",
+            UpstreamUnreachable => "upstream_unreachable",
+            UpstreamTlsError => "upstream_tls_error",
+            UpstreamTimeout => "upstream_timeout",
+            UpstreamRedirect => "upstream_redirect",
+            ProviderMisconfigured => "provider_misconfigured",
+            UnknownUrl => "unknown_url",
+            MethodNotAllowed => "method_not_allowed",
+            UpstreamStatus => "upstream_status",
+            UpstreamInvalidJson => "upstream_invalid_json",
+            UpstreamStreamError => "upstream_stream_error",
+            ClientCanceled => "client_canceled",
+            Shutdown => "shutdown",
+        }
+    }
+}
+
+/// The `kind` label of `llmgw_gateway_upstream_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum UpstreamErrorKind {
+    Connect,
+    Tls,
+    Timeout,
+    ForbiddenAddress,
+    Redirect,
+    /// A stream broken off or gone silent after its head.
+    Stream,
+}
+
+impl UpstreamErrorKind {
+    /// Every kind, in the order `/metrics` lists them.
+    pub const ALL: [Self; 6] = [
+        Self::Connect,
+        Self::Tls,
+        Self::Timeout,
+        Self::ForbiddenAddress,
+        Self::Redirect,
+        Self::Stream,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Connect => "connect",
+            Self::Tls => "tls",
+            Self::Timeout => "timeout",
+            Self::ForbiddenAddress => "forbidden_address",
+            Self::Redirect => "redirect",
+            Self::Stream => "stream",
+        }
     }
 }
 
@@ -237,7 +369,7 @@ impl GatewayError {
 /// response's extensions from the handler to the middleware.
 #[derive(Debug, Clone)]
 pub(crate) struct ErrorNote {
-    pub code: &'static str,
+    pub code: ErrorClass,
     pub detail: Option<String>,
 }
 
@@ -254,7 +386,8 @@ impl ResponseError for GatewayError {
     }
 
     fn error_response(&self) -> HttpResponse {
-        let (status, kind, param, code) = self.kind();
+        let (status, kind, param, class) = self.kind();
+        let code = class.as_str();
         let message = self.to_string();
         let mut res = HttpResponse::build(status)
             .insert_header((
@@ -263,7 +396,10 @@ impl ResponseError for GatewayError {
             ))
             .body(error_body(&message, kind, param, code));
         let detail = (status.is_server_error()).then_some(message);
-        res.extensions_mut().insert(ErrorNote { code, detail });
+        res.extensions_mut().insert(ErrorNote {
+            code: class,
+            detail,
+        });
         res
     }
 }

@@ -5,6 +5,8 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
+use crate::error::UpstreamErrorKind;
+
 /// Upper bounds of the latency buckets, in microseconds.
 const BUCKETS_US: [u64; 18] = [
     500,
@@ -25,15 +27,6 @@ const BUCKETS_US: [u64; 18] = [
     60_000_000,
     120_000_000,
     300_000_000,
-];
-
-pub(crate) const UPSTREAM_ERROR_KINDS: [&str; 6] = [
-    "connect",
-    "tls",
-    "timeout",
-    "forbidden_address",
-    "redirect",
-    "stream",
 ];
 
 #[derive(Default)]
@@ -82,7 +75,7 @@ pub(crate) struct Metrics {
     status: Box<[AtomicU64; 500]>,
     pub latency: Histogram,
     pub upstream_ttfb: Histogram,
-    upstream_errors: [AtomicU64; UPSTREAM_ERROR_KINDS.len()],
+    upstream_errors: [AtomicU64; UpstreamErrorKind::ALL.len()],
     pub key_hits: AtomicU64,
     pub key_misses: AtomicU64,
     pub provider_hits: AtomicU64,
@@ -127,10 +120,8 @@ impl Metrics {
         self.latency.observe(latency);
     }
 
-    pub fn upstream_error(&self, kind: &str) {
-        if let Some(i) = UPSTREAM_ERROR_KINDS.iter().position(|k| *k == kind) {
-            self.upstream_errors[i].fetch_add(1, Relaxed);
-        }
+    pub fn upstream_error(&self, kind: UpstreamErrorKind) {
+        self.upstream_errors[kind as usize].fetch_add(1, Relaxed);
     }
 
     /// Prometheus text exposition format (0.0.4).
@@ -170,10 +161,11 @@ impl Metrics {
             out,
             "# HELP llmgw_gateway_upstream_errors_total Upstream calls that failed, by kind.\n# TYPE llmgw_gateway_upstream_errors_total counter"
         );
-        for (kind, c) in UPSTREAM_ERROR_KINDS.iter().zip(&self.upstream_errors) {
+        for (kind, c) in UpstreamErrorKind::ALL.iter().zip(&self.upstream_errors) {
             let _ = writeln!(
                 out,
-                "llmgw_gateway_upstream_errors_total{{kind=\"{kind}\"}} {}",
+                "llmgw_gateway_upstream_errors_total{{kind=\"{}\"}} {}",
+                kind.as_str(),
                 c.load(Relaxed)
             );
         }

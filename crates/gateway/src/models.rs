@@ -14,10 +14,11 @@ use bytes::Bytes;
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
+use crate::authenticate::authenticate;
 use crate::cache::ProviderEntry;
+use crate::collect::{read_capped, UpstreamBody};
 use crate::error::GatewayError;
-use crate::proxy::{authenticate, read_capped, UpstreamBody};
-use crate::Inner;
+use crate::state::State;
 
 /// Longest wait for one provider's model list.
 const PER_PROVIDER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -107,7 +108,7 @@ fn json(body: Bytes) -> HttpResponse {
 
 pub(crate) async fn list_models(
     req: HttpRequest,
-    gw: web::Data<Inner>,
+    gw: web::Data<State>,
 ) -> Result<HttpResponse, GatewayError> {
     let key = authenticate(&gw, &req).await?;
     if let Some(body) = gw.models.get(key.org_id) {

@@ -13,11 +13,15 @@ use storage::{Db, StorageError};
 use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
 
+use crate::error::ErrorClass;
+
+/// A usage row and the endpoint it is for.
+pub(crate) type Queued = (RequestLog, &'static str);
 use crate::metrics::Metrics;
 
 /// The sending side, shared by every request.
 pub(crate) struct UsageQueue {
-    tx: mpsc::Sender<RequestLog>,
+    tx: mpsc::Sender<Queued>,
     closed: AtomicBool,
     /// Set when shutdown begins: requests dropped from now on were cut by it.
     stopping: AtomicBool,
@@ -31,7 +35,7 @@ pub(crate) struct UsageQueue {
 }
 
 impl UsageQueue {
-    pub fn new(capacity: usize, metrics: Arc<Metrics>) -> (Arc<Self>, mpsc::Receiver<RequestLog>) {
+    pub fn new(capacity: usize, metrics: Arc<Metrics>) -> (Arc<Self>, mpsc::Receiver<Queued>) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let q = Arc::new(Self {
             tx,
@@ -47,7 +51,7 @@ impl UsageQueue {
     }
 
     /// Queues a row without waiting; a full or closed queue drops it, counted.
-    pub fn push(&self, row: RequestLog) {
+    pub fn push(&self, row: Queued) {
         if self.closed.load(Relaxed) {
             self.dropped(1, "the gateway is shutting down");
             return;
@@ -103,7 +107,7 @@ pub(crate) struct WriterConfig {
 
 pub(crate) struct Writer {
     db: Db,
-    rx: mpsc::Receiver<RequestLog>,
+    rx: mpsc::Receiver<Queued>,
     queue: Arc<UsageQueue>,
     cfg: WriterConfig,
     shutdown: watch::Receiver<bool>,
@@ -115,7 +119,7 @@ pub(crate) struct Writer {
 impl Writer {
     pub fn new(
         db: Db,
-        rx: mpsc::Receiver<RequestLog>,
+        rx: mpsc::Receiver<Queued>,
         queue: Arc<UsageQueue>,
         cfg: WriterConfig,
         shutdown: watch::Receiver<bool>,
@@ -147,7 +151,7 @@ impl Writer {
 
     pub async fn run(mut self) {
         let batch = self.cfg.batch_size.max(1);
-        let mut buf: Vec<RequestLog> = Vec::with_capacity(batch);
+        let mut buf: Vec<Queued> = Vec::with_capacity(batch);
         // The writer drains on a timer and never waits on the channel: a
         // waiting receiver would be woken by every row, and that wake-up (a
         // cross-thread context switch) would be paid on the request path.
@@ -187,7 +191,7 @@ impl Writer {
     }
 
     /// Writes one batch, retrying while the database is unreachable.
-    async fn write(&mut self, rows: &mut Vec<RequestLog>) {
+    async fn write(&mut self, rows: &mut Vec<Queued>) {
         if rows.is_empty() {
             return;
         }
@@ -195,7 +199,7 @@ impl Writer {
         self.queue.in_hand.store(n, Relaxed);
         let mut backoff = Duration::from_millis(100);
         loop {
-            match bounded_write(self.db.insert_request_logs(rows)).await {
+            match bounded_write(self.db.insert_request_logs_at(rows)).await {
                 Ok(()) => {
                     self.queue.metrics.rows_written.fetch_add(n, Relaxed);
                     break;
@@ -239,12 +243,14 @@ impl Writer {
                     // The batch was refused as a whole: find the rows at fault.
                     tracing::error!(rows = n, error = ?e, "usage batch refused; writing rows one by one");
                     for row in rows.iter() {
-                        match bounded_write(self.db.insert_request_logs(std::slice::from_ref(row)))
-                            .await
+                        match bounded_write(
+                            self.db.insert_request_logs_at(std::slice::from_ref(row)),
+                        )
+                        .await
                         {
                             Ok(()) => self.queue.metrics.rows_written.fetch_add(1, Relaxed),
                             Err(e) => {
-                                tracing::error!(request_id = %row.request_id, error = ?e, "usage row refused");
+                                tracing::error!(request_id = %row.0.request_id, error = ?e, "usage row refused");
                                 self.queue.metrics.rows_failed.fetch_add(1, Relaxed)
                             }
                         };
@@ -253,7 +259,7 @@ impl Writer {
                 }
             }
         }
-        for row in rows.iter() {
+        for (row, _) in rows.iter() {
             if let Some(key) = row.api_key_id {
                 let t = self.touches.entry(key).or_insert(row.created_at);
                 *t = (*t).max(row.created_at);
@@ -298,6 +304,8 @@ pub(crate) struct LogGuard {
     queue: Arc<UsageQueue>,
     metrics: Arc<Metrics>,
     pub row: RequestLog,
+    /// `request_logs.endpoint`: the path after `/v1/`.
+    pub endpoint: &'static str,
     start: Instant,
     finished: bool,
 }
@@ -309,6 +317,7 @@ impl LogGuard {
         request_id: String,
         org_id: Uuid,
         api_key_id: Uuid,
+        endpoint: &'static str,
         start: Instant,
     ) -> Self {
         queue.pending.fetch_add(1, Relaxed);
@@ -325,6 +334,7 @@ impl LogGuard {
                 created_at: Utc::now(),
                 ..empty_row()
             },
+            endpoint,
             start,
             finished: false,
         }
@@ -343,10 +353,10 @@ impl LogGuard {
     }
 
     /// The request ended (well or not) before the client went away.
-    pub fn finish(&mut self, status: u16, error_class: Option<&str>) {
+    pub fn finish(&mut self, status: u16, error_class: Option<ErrorClass>) {
         self.row.status_code = status.clamp(100, 599) as i16;
         if let Some(c) = error_class {
-            self.row.error_class = Some(c.to_owned());
+            self.row.error_class = Some(c.as_str().to_owned());
         }
         self.row.latency_ms = self.elapsed_ms();
         self.finished = true;
@@ -368,15 +378,17 @@ impl Drop for LogGuard {
             self.row.latency_ms = self.elapsed_ms();
             // Unfinished during the drain: most likely cut by the end of the grace period.
             let why = if self.queue.stopping.load(Relaxed) {
-                "shutdown"
+                ErrorClass::Shutdown
             } else {
-                "client_canceled"
+                ErrorClass::ClientCanceled
             };
-            self.row.error_class.get_or_insert_with(|| why.to_owned());
+            self.row
+                .error_class
+                .get_or_insert_with(|| why.as_str().to_owned());
             self.metrics.streams_canceled.fetch_add(1, Relaxed);
         }
         let row = std::mem::replace(&mut self.row, empty_row());
-        self.queue.push(row);
+        self.queue.push((row, self.endpoint));
         self.queue.pending.fetch_sub(1, Relaxed);
     }
 }
@@ -404,12 +416,13 @@ fn empty_row() -> RequestLog {
     }
 }
 
-/// OpenAI's `usage` object (fields we record).
+/// OpenAI's `usage` object (fields we record). The Responses API names the
+/// same counts `input_tokens` and `output_tokens`.
 #[derive(Debug, Default, Clone, Copy, serde::Deserialize)]
 pub(crate) struct Usage {
-    #[serde(default)]
+    #[serde(default, alias = "input_tokens")]
     pub prompt_tokens: Option<i64>,
-    #[serde(default)]
+    #[serde(default, alias = "output_tokens")]
     pub completion_tokens: Option<i64>,
     #[serde(default)]
     pub total_tokens: Option<i64>,
@@ -419,9 +432,19 @@ pub(crate) struct Usage {
 struct WithUsage {
     #[serde(default)]
     usage: Option<Usage>,
+    /// A streamed Responses API event (`response.completed`) carries it here.
+    #[serde(default)]
+    response: Option<Nested>,
+}
+
+#[derive(serde::Deserialize)]
+struct Nested {
+    #[serde(default)]
+    usage: Option<Usage>,
 }
 
 /// The `usage` of a JSON answer or SSE chunk, if it has one.
 pub(crate) fn usage_of(json: &[u8]) -> Option<Usage> {
-    serde_json::from_slice::<WithUsage>(json).ok()?.usage
+    let w = serde_json::from_slice::<WithUsage>(json).ok()?;
+    w.usage.or_else(|| w.response?.usage)
 }

@@ -105,7 +105,10 @@ async fn x_api_key_header_and_client_request_id_are_accepted() {
 async fn stream_round_trip_relays_sse_and_logs_usage() {
     let env = Env::new().await;
     let resp = env
-        .chat(&json!({"model": "mycompany/meta-llama/Llama-3-8B", "stream": true, "messages": messages()}))
+        .chat(
+            &json!({"model": "mycompany/meta-llama/Llama-3-8B", "stream": true,
+            "stream_options": {"include_usage": true}, "messages": messages()}),
+        )
         .await;
     assert_eq!(resp.status(), 200);
     assert!(resp.headers()["content-type"]

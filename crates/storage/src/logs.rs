@@ -67,23 +67,35 @@ pub struct UsageRow {
 }
 
 impl Db {
-    /// Writes many rows in one statement.
+    /// Writes many rows in one statement (`endpoint` left NULL).
     pub async fn insert_request_logs(&self, rows: &[RequestLog]) -> Result<()> {
+        let rows: Vec<(&RequestLog, Option<&str>)> = rows.iter().map(|r| (r, None)).collect();
+        self.insert_logs(&rows).await
+    }
+
+    /// Writes many rows in one statement, each with its `endpoint` (the path after `/v1/`).
+    pub async fn insert_request_logs_at(&self, rows: &[(RequestLog, &str)]) -> Result<()> {
+        let rows: Vec<(&RequestLog, Option<&str>)> =
+            rows.iter().map(|(r, e)| (r, Some(*e))).collect();
+        self.insert_logs(&rows).await
+    }
+
+    async fn insert_logs(&self, rows: &[(&RequestLog, Option<&str>)]) -> Result<()> {
         if rows.is_empty() {
             return Ok(());
         }
         macro_rules! col {
             ($f:ident) => {
-                rows.iter().map(|r| r.$f.clone()).collect::<Vec<_>>()
+                rows.iter().map(|(r, _)| r.$f.clone()).collect::<Vec<_>>()
             };
         }
         sqlx::query(
             "INSERT INTO request_logs (id, request_id, org_id, api_key_id, provider_key_id, provider_name,
                 requested_model, upstream_model, status_code, streamed, canceled, prompt_tokens,
-                completion_tokens, total_tokens, latency_ms, ttfb_ms, error_class, created_at)
+                completion_tokens, total_tokens, latency_ms, ttfb_ms, error_class, created_at, endpoint)
              SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::uuid[], $5::uuid[], $6::text[],
                 $7::text[], $8::text[], $9::int2[], $10::bool[], $11::bool[], $12::int8[], $13::int8[],
-                $14::int8[], $15::int4[], $16::int4[], $17::text[], $18::timestamptz[])
+                $14::int8[], $15::int4[], $16::int4[], $17::text[], $18::timestamptz[], $19::text[])
              ON CONFLICT DO NOTHING",
         )
         .bind(col!(id))
@@ -104,6 +116,7 @@ impl Db {
         .bind(col!(ttfb_ms))
         .bind(col!(error_class))
         .bind(col!(created_at))
+        .bind(rows.iter().map(|(_, e)| *e).collect::<Vec<_>>())
         .execute(&self.pool)
         .await?;
         Ok(())

@@ -273,6 +273,9 @@ async fn handle(req: HttpRequest, body: Bytes, state: web::Data<State>) -> HttpR
             .collect();
         return HttpResponse::Ok().json(json!({"object": "list", "data": data}));
     }
+    if let Some(res) = other_endpoint(path, &body) {
+        return res;
+    }
     if !path.ends_with("/v1/chat/completions") {
         return HttpResponse::NotFound().json(json!({"error": {"message": "no such route"}}));
     }
@@ -323,6 +326,11 @@ async fn handle(req: HttpRequest, body: Bytes, state: web::Data<State>) -> HttpR
         return res;
     }
     if streamed {
+        if let Some(res) = scripted_stream(&model, &body, &usage) {
+            return res;
+        }
+    }
+    if streamed {
         let (delay, count) = match model
             .strip_prefix("slowstream-")
             .and_then(|c| c.parse::<u64>().ok())
@@ -345,6 +353,116 @@ async fn handle(req: HttpRequest, body: Bytes, state: web::Data<State>) -> HttpR
             .streaming(stream);
     }
     HttpResponse::Ok().json(completion(&model, &usage))
+}
+
+/// Streams that honour `stream_options.include_usage` as real servers do, by model name:
+/// `oai` (OpenAI: `"usage":null` on every chunk, then a usage-only chunk),
+/// `llamacpp` (usage on the last content chunk), `strict` (as `oai`, but a
+/// 400 naming `stream_options` when the field is sent, as some servers answer).
+fn scripted_stream(model: &str, body: &Value, usage: &Value) -> Option<HttpResponse> {
+    use futures_util::stream::{self, StreamExt};
+    if !matches!(model, "oai" | "llamacpp" | "strict") {
+        return None;
+    }
+    if model == "strict" && body.get("stream_options").is_some() {
+        return Some(HttpResponse::BadRequest().json(json!({"error": {
+            "message": "Unrecognized request argument supplied: stream_options",
+            "type": "invalid_request_error", "param": "stream_options", "code": null}})));
+    }
+    let include = body["stream_options"]["include_usage"] == json!(true);
+    let chunk = |choices: Value, usage: Option<&Value>| {
+        let mut c = json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk",
+            "created": 1_700_000_000, "model": model, "choices": choices});
+        if let Some(u) = usage {
+            c["usage"] = u.clone();
+        }
+        c
+    };
+    let null = include
+        .then_some(&Value::Null)
+        .filter(|_| model != "llamacpp");
+    let mut events: Vec<Value> = (0..3)
+        .map(|i| {
+            chunk(
+                json!([{"index": 0, "delta": {"content": format!("tok{i} ")}, "finish_reason": null}]),
+                null,
+            )
+        })
+        .collect();
+    let last = json!([{"index": 0, "delta": {}, "finish_reason": "stop"}]);
+    match (include, model) {
+        (true, "llamacpp") => events.push(chunk(last, Some(usage))),
+        (true, _) => {
+            events.push(chunk(last, null));
+            events.push(chunk(json!([]), Some(usage)));
+        }
+        (false, _) => events.push(chunk(last, None)),
+    }
+    let mut chunks: Vec<Bytes> = Vec::new();
+    for e in events {
+        let text = format!("data: {e}\n\n");
+        // One event split across two chunks, as TCP may deliver it.
+        let (a, b) = text.split_at(text.len() / 2);
+        chunks.push(Bytes::from(a.to_owned()));
+        chunks.push(Bytes::from(b.to_owned()));
+    }
+    chunks.push(Bytes::from_static(b"data: [DONE]\n\n"));
+    Some(
+        HttpResponse::Ok()
+            .content_type("text/event-stream")
+            .streaming(
+                stream::iter(chunks.into_iter().map(Ok::<_, actix_web::Error>)).boxed_local(),
+            ),
+    )
+}
+
+/// Answers of the JSON endpoints beside chat, each with the usage shape its API has.
+fn other_endpoint(path: &str, body: &[u8]) -> Option<HttpResponse> {
+    let endpoint = path.rsplit_once("/v1/")?.1;
+    let body: Value = serde_json::from_slice(body).unwrap_or_default();
+    let model = body["model"].clone();
+    let answer = match endpoint {
+        "completions" => json!({"id": "cmpl-mock", "object": "text_completion", "model": model,
+            "choices": [{"index": 0, "text": "echo", "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 4, "completion_tokens": 1, "total_tokens": 5}}),
+        "embeddings" => json!({"object": "list", "model": model,
+            "data": [{"object": "embedding", "index": 0, "embedding": [0.5, -0.25]}],
+            "usage": {"prompt_tokens": 6, "total_tokens": 6}}),
+        "moderations" => json!({"id": "modr-mock", "model": model,
+            "results": [{"flagged": false, "categories": {}, "category_scores": {}}]}),
+        "rerank" => json!({"id": "rerank-mock", "model": model,
+            "results": [{"index": 0, "relevance_score": 0.9}], "usage": {"total_tokens": 9}}),
+        "images/generations" => json!({"created": 1_700_000_000,
+            "data": [{"b64_json": "aGVsbG8="}],
+            "usage": {"input_tokens": 7, "output_tokens": 100, "total_tokens": 107}}),
+        "responses" if body["stream"] == json!(true) => {
+            let usage = json!({"input_tokens": 8, "output_tokens": 3, "total_tokens": 11});
+            let events = [
+                json!({"type": "response.created", "response": {"id": "resp-mock", "model": model, "usage": null}}),
+                json!({"type": "response.output_text.delta", "delta": "hi"}),
+                json!({"type": "response.completed", "response": {"id": "resp-mock", "model": model, "usage": usage}}),
+            ];
+            let text: String = events
+                .iter()
+                .map(|e| {
+                    format!(
+                        "event: {}\ndata: {e}\n\n",
+                        e["type"].as_str().unwrap_or_default()
+                    )
+                })
+                .collect();
+            return Some(
+                HttpResponse::Ok()
+                    .content_type("text/event-stream")
+                    .body(text),
+            );
+        }
+        "responses" => json!({"id": "resp-mock", "object": "response", "model": model,
+            "output": [{"type": "message", "content": [{"type": "output_text", "text": "hi"}]}],
+            "usage": {"input_tokens": 8, "output_tokens": 3, "total_tokens": 11}}),
+        _ => return None,
+    };
+    Some(HttpResponse::Ok().json(answer))
 }
 
 fn completion(model: &str, usage: &Value) -> Value {

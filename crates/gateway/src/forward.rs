@@ -1,0 +1,321 @@
+//! Stage 3: the upstream call. No client header is forwarded (so never its
+//! key, cookies or hop-by-hop headers): the upstream gets `content-type`,
+//! `accept`, `x-request-id` and `Authorization: Bearer {provider token}`.
+//! Back to the client go the upstream's status, body, `content-type`,
+//! `retry-after` and `x-ratelimit-*`.
+//!
+//! Each fault is bounded: no head within the upstream timeout ⇒ 504; a
+//! non-streamed body not complete within it ⇒ 504; broken mid-body ⇒ 502; a
+//! non-streamed body over `max_response_bytes` ⇒ 502
+//! `upstream_response_too_large` (never held whole). A 200 whose body is not
+//! JSON is relayed as sent, logged with no tokens and `error_class =
+//! upstream_invalid_json`. A success answered as `text/event-stream` is
+//! handed to the relay even when `stream` was not asked for. An error body
+//! that echoes the provider's token gets `[redacted]` in its place.
+
+use std::time::Duration;
+
+use actix_web::http::header as ax;
+use actix_web::http::StatusCode;
+use actix_web::HttpResponse;
+use bytes::Bytes;
+use reqwest::header as rq;
+use upstream::{FailureClass, UpstreamFailure};
+
+use crate::cache::ProviderEntry;
+use crate::collect::{read_capped, UpstreamBody};
+use crate::error::{ErrorClass, ErrorNote, GatewayError};
+use crate::route::Route;
+use crate::state::State;
+use crate::usage::{usage_of, LogGuard};
+
+static UPSTREAM_REQUEST_ID: rq::HeaderName = rq::HeaderName::from_static("x-request-id");
+
+/// What the upstream answered.
+pub(crate) enum Answer {
+    /// Read whole (or an error status): ready for the client, row finished.
+    Full(HttpResponse),
+    /// A successful event stream, its body still to be relayed.
+    Stream {
+        status: u16,
+        upstream: reqwest::Response,
+        /// The gateway asked for usage the client did not: withhold it.
+        strip_usage: bool,
+    },
+}
+
+/// Sends the routed request upstream and reads a non-streamed answer whole.
+/// A provider that refuses the `stream_options.include_usage` the gateway
+/// added (a 400 naming `stream_options`) is asked again without it, once, and
+/// not asked again by this process.
+pub(crate) async fn forward(
+    gw: &State,
+    route: Route,
+    log: &mut LogGuard,
+) -> Result<Answer, GatewayError> {
+    let mut ask_usage = route.asks_usage();
+    let provider = &route.provider;
+    let stream = route.stream;
+    let timeout = gw.client.timeout();
+    let request_id = log.row.request_id.clone();
+    let fail = |e: reqwest::Error| classify(&e, &provider.name, timeout, &request_id);
+    let url = provider
+        .url(route.endpoint)
+        .ok_or_else(|| GatewayError::ProviderMisconfigured(provider.name.clone()))?;
+    let send = |body: Bytes| {
+        let mut rb = gw
+            .client
+            .http()
+            .post(url.clone())
+            .header(rq::AUTHORIZATION, provider.auth.clone())
+            .header(
+                rq::CONTENT_TYPE,
+                rq::HeaderValue::from_static("application/json"),
+            )
+            .header(
+                rq::ACCEPT,
+                rq::HeaderValue::from_static(if stream {
+                    "text/event-stream"
+                } else {
+                    "application/json"
+                }),
+            );
+        if let Ok(id) = rq::HeaderValue::from_str(&request_id) {
+            rb = rb.header(UPSTREAM_REQUEST_ID.clone(), id);
+        }
+        let rb = rb.body(body);
+        async move {
+            if stream {
+                // Streams: the timeout bounds the wait for the head, then each silence.
+                match tokio::time::timeout(timeout, rb.send()).await {
+                    Ok(r) => r.map_err(fail),
+                    Err(_) => Err(timed_out(&provider.name, timeout)),
+                }
+            } else {
+                rb.timeout(timeout).send().await.map_err(fail)
+            }
+        }
+    };
+    // Non-streamed answers: the timeout bounds the whole exchange, body included.
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut upstream = send(route.body.clone()).await?;
+    if ask_usage && upstream.status() == reqwest::StatusCode::BAD_REQUEST {
+        log.set_ttfb();
+        let headers = upstream.headers().clone();
+        let bytes = read_whole(
+            gw,
+            &provider.name,
+            upstream,
+            tokio::time::Instant::now() + timeout,
+            &fail,
+        )
+        .await?;
+        if !bytes.windows(14).any(|w| w == b"stream_options") {
+            return Ok(Answer::Full(full_answer(
+                provider, log, 400, &headers, bytes,
+            )));
+        }
+        tracing::info!(
+            provider = %provider.name,
+            "the provider refuses stream_options.include_usage; asking again without it"
+        );
+        gw.remember_stream_usage_refused(provider.id, route.endpoint.path());
+        ask_usage = false;
+        let (raw, splice) = route
+            .without_usage
+            .as_ref()
+            .ok_or_else(|| GatewayError::ProviderMisconfigured(provider.name.clone()))?;
+        upstream = send(splice.apply(raw, false)).await?;
+    }
+    let status = upstream.status().as_u16();
+    if (300..400).contains(&status) {
+        return Err(GatewayError::UpstreamRedirect {
+            provider: provider.name.clone(),
+            status,
+        });
+    }
+    let success = (200..300).contains(&status);
+    // An SSE answer is relayed as a stream whatever the request said: never
+    // buffered whole, and its usage read from its events.
+    if success && (stream || is_event_stream(upstream.headers())) {
+        log.row.streamed = true;
+        return Ok(Answer::Stream {
+            status,
+            upstream,
+            strip_usage: ask_usage,
+        });
+    }
+    log.set_ttfb();
+    gw.metrics.upstream_ttfb.observe(log.elapsed());
+    let headers = upstream.headers().clone();
+    // An error answer to a stream request gets a fresh timeout for its body.
+    let deadline = if stream {
+        tokio::time::Instant::now() + timeout
+    } else {
+        deadline
+    };
+    let bytes = read_whole(gw, &provider.name, upstream, deadline, &fail).await?;
+    Ok(Answer::Full(full_answer(
+        provider, log, status, &headers, bytes,
+    )))
+}
+
+/// A non-streamed upstream body, within the response cap and `deadline`.
+async fn read_whole(
+    gw: &State,
+    provider: &str,
+    upstream: reqwest::Response,
+    deadline: tokio::time::Instant,
+    fail: &impl Fn(reqwest::Error) -> GatewayError,
+) -> Result<Bytes, GatewayError> {
+    match tokio::time::timeout_at(deadline, read_capped(upstream, gw.max_response)).await {
+        Ok(Ok(b)) => Ok(b),
+        Ok(Err(UpstreamBody::Failed(e))) => Err(fail(e)),
+        Ok(Err(UpstreamBody::TooLarge)) => Err(GatewayError::UpstreamTooLarge {
+            provider: provider.to_owned(),
+            limit: gw.max_response,
+        }),
+        Err(_) => Err(timed_out(provider, gw.client.timeout())),
+    }
+}
+
+/// The client's answer to a body read whole; the row is finished with its usage or class.
+fn full_answer(
+    provider: &ProviderEntry,
+    log: &mut LogGuard,
+    status: u16,
+    headers: &rq::HeaderMap,
+    bytes: Bytes,
+) -> HttpResponse {
+    let success = (200..300).contains(&status);
+    let mut res =
+        HttpResponse::build(StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY));
+    relay_headers(headers, &mut res);
+    let bytes = if success {
+        bytes
+    } else {
+        // Error bodies are relayed, but never with the provider's own secret in them.
+        redact(bytes, provider.secrets())
+    };
+    let error_class = if !success {
+        Some(ErrorClass::UpstreamStatus)
+    } else if let Some(u) = usage_of(&bytes) {
+        log.set_usage(u);
+        None
+    } else if serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_err() {
+        // Relayed as sent (the client may know what to do with it), but
+        // flagged: no tokens could be counted for this answer.
+        Some(ErrorClass::UpstreamInvalidJson)
+    } else {
+        // Valid JSON without `usage`: some servers omit it; nothing is wrong.
+        None
+    };
+    log.finish(status, error_class);
+    let mut res = res.body(bytes);
+    if let Some(code) = error_class {
+        res.extensions_mut()
+            .insert(ErrorNote { code, detail: None });
+    }
+    res
+}
+
+pub(crate) fn timed_out(provider: &str, after: Duration) -> GatewayError {
+    GatewayError::UpstreamTimeout {
+        provider: provider.to_owned(),
+        after,
+    }
+}
+
+/// Upstream headers a client needs: the content type and rate-limit advice.
+pub(crate) fn relay_headers(from: &rq::HeaderMap, to: &mut actix_web::HttpResponseBuilder) {
+    for (k, v) in from {
+        let name = k.as_str();
+        if name == "content-type" || name == "retry-after" || name.starts_with("x-ratelimit-") {
+            if let (Ok(k), Ok(v)) = (
+                ax::HeaderName::from_bytes(name.as_bytes()),
+                ax::HeaderValue::from_bytes(v.as_bytes()),
+            ) {
+                to.append_header((k, v));
+            }
+        }
+    }
+}
+
+fn is_event_stream(headers: &rq::HeaderMap) -> bool {
+    headers
+        .get(rq::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|m| m.trim().eq_ignore_ascii_case("text/event-stream"))
+}
+
+/// Shortest secret worth redacting: replacing every occurrence of a one- or
+/// two-letter "token" would garble the body and protect nothing.
+const MIN_REDACTED_LEN: usize = 4;
+
+/// `body` with every occurrence of each secret, raw or as JSON escapes it
+/// (`\/`, `\"`, `\\`), replaced by `[redacted]`.
+fn redact<'a>(body: Bytes, secrets: impl Iterator<Item = &'a [u8]>) -> Bytes {
+    let mut out: Option<Vec<u8>> = None;
+    for secret in secrets.filter(|s| s.len() >= MIN_REDACTED_LEN) {
+        let mut forms = vec![secret.to_vec()];
+        if let Ok(text) = std::str::from_utf8(secret) {
+            if let Ok(json) = serde_json::to_string(text) {
+                forms.push(json.as_bytes()[1..json.len() - 1].to_vec());
+            }
+            forms.push(text.replace('/', "\\/").into_bytes());
+        }
+        for form in forms {
+            let cur = out.as_deref().unwrap_or(&body);
+            if let Some(replaced) = replace_all(cur, &form, b"[redacted]") {
+                out = Some(replaced);
+            }
+        }
+    }
+    out.map(Bytes::from).unwrap_or(body)
+}
+
+/// `hay` with every `needle` replaced, `None` when there is none.
+fn replace_all(hay: &[u8], needle: &[u8], with: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut rest = hay;
+    let mut found = false;
+    while let Some(i) = rest.windows(needle.len()).position(|w| w == needle) {
+        found = true;
+        out.extend_from_slice(&rest[..i]);
+        out.extend_from_slice(with);
+        rest = &rest[i + needle.len()..];
+    }
+    found.then(|| {
+        out.extend_from_slice(rest);
+        out
+    })
+}
+
+/// Maps a failed upstream call to the gateway's answer: the client gets the
+/// class and hint only; the cause chain (which may name addresses) is logged.
+pub(crate) fn classify(
+    e: &reqwest::Error,
+    provider: &str,
+    timeout: Duration,
+    request_id: &str,
+) -> GatewayError {
+    let failure = UpstreamFailure::of(e);
+    tracing::warn!(
+        request_id,
+        provider,
+        class = %failure.class,
+        error = %upstream::error_chain(e),
+        "upstream call failed"
+    );
+    let provider = provider.to_owned();
+    match failure.class {
+        FailureClass::AddressNotAllowed => GatewayError::UpstreamForbidden { provider, failure },
+        FailureClass::TlsUntrusted
+        | FailureClass::TlsWrongHost
+        | FailureClass::TlsExpired
+        | FailureClass::Tls => GatewayError::UpstreamTls { provider, failure },
+        _ if e.is_timeout() && !e.is_connect() => timed_out(&provider, timeout),
+        _ => GatewayError::UpstreamUnreachable { provider, failure },
+    }
+}

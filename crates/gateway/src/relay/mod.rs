@@ -1,0 +1,112 @@
+//! Stage 4: relaying an upstream event stream as it arrives, composed of
+//! small wrappers around the upstream body, innermost first:
+//! [`IdleTimeout`] (a silent upstream is cut), [`UsageTap`] (the `usage` is
+//! read from the events, and withheld when the gateway asked for it on the
+//! client's behalf), [`ErrorEvent`] (a fault becomes a last
+//! OpenAI-shaped event). [`Relay`] on the outside finishes the usage row.
+//!
+//! Dropped early (the client went away), the relay drops the upstream
+//! response, which closes that request, and its row says canceled. A stream
+//! that breaks or falls silent keeps status 200 in its row, with
+//! `error_class` `upstream_stream_error` or `upstream_timeout`.
+
+mod error_event;
+mod idle;
+mod usage_tap;
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::Stream;
+
+use crate::metrics::Metrics;
+use crate::usage::LogGuard;
+
+use error_event::ErrorEvent;
+use idle::IdleTimeout;
+use usage_tap::UsageTap;
+
+type UpstreamBody = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
+
+/// The relayed body handed to actix.
+pub(crate) struct Relay {
+    inner: ErrorEvent<UsageTap<IdleTimeout<UpstreamBody>, idle::Fault<reqwest::Error>>>,
+    log: LogGuard,
+    metrics: Arc<Metrics>,
+    status: u16,
+    first: bool,
+    done: bool,
+}
+
+impl Relay {
+    pub fn new(
+        upstream: reqwest::Response,
+        log: LogGuard,
+        metrics: Arc<Metrics>,
+        idle_timeout: Duration,
+        status: u16,
+        strip_usage: bool,
+    ) -> Self {
+        let body: UpstreamBody = Box::pin(upstream.bytes_stream());
+        let provider = log.row.provider_name.clone().unwrap_or_default();
+        let request_id = log.row.request_id.clone();
+        Self {
+            inner: ErrorEvent::new(
+                UsageTap::new(IdleTimeout::new(body, idle_timeout), strip_usage),
+                provider,
+                idle_timeout,
+                request_id,
+            ),
+            log,
+            metrics,
+            status,
+            first: true,
+            done: false,
+        }
+    }
+
+    fn finish(&mut self) {
+        self.done = true;
+        if let Some(u) = self.inner.get_ref().usage() {
+            self.log.set_usage(u);
+        }
+        let class = self.inner.fault().map(|f| {
+            self.metrics.upstream_error(f.kind);
+            f.class
+        });
+        self.log.finish(self.status, class);
+    }
+}
+
+impl Stream for Relay {
+    type Item = Result<Bytes, Infallible>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut this.inner).poll_next(cx) {
+            Poll::Ready(Some(chunk)) => {
+                if this.inner.fault().is_some() {
+                    // The error event: the row is complete even if the client leaves now.
+                    this.finish();
+                } else if this.first {
+                    this.first = false;
+                    this.log.set_ttfb();
+                    this.metrics.upstream_ttfb.observe(this.log.elapsed());
+                }
+                Poll::Ready(Some(chunk))
+            }
+            Poll::Ready(None) => {
+                this.finish();
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! Stage 2: which provider a request goes to (any JSON endpoint: they all
+//! carry `model`). The body's `model` is split
+//! at its first `/` into `{customName}/{modelName}`, the org's provider is
+//! looked up (cached), and the body is rewritten with `{modelName}`.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::body::{ChatRequest, Splice};
+use crate::cache::ProviderEntry;
+use crate::endpoint::Endpoint;
+use crate::error::GatewayError;
+use crate::state::State;
+use crate::usage::LogGuard;
+
+/// A routed request: the provider it goes to and the body it gets.
+pub(crate) struct Route {
+    pub endpoint: Endpoint,
+    pub provider: Arc<ProviderEntry>,
+    /// The client asked for `"stream": true`.
+    pub stream: bool,
+    /// The body the upstream gets first.
+    pub body: Bytes,
+    /// When `body` asks for usage on the client's behalf: the client's body
+    /// and its edits, to ask again without (kept only then: a body is held once otherwise).
+    pub without_usage: Option<(Bytes, Splice)>,
+}
+
+impl Route {
+    /// The gateway asks for `stream_options.include_usage` on the client's behalf.
+    pub fn asks_usage(&self) -> bool {
+        self.without_usage.is_some()
+    }
+}
+
+/// Routes a request's body; the row learns the models and provider as they are known.
+pub(crate) async fn route(
+    gw: &State,
+    endpoint: Endpoint,
+    raw: &Bytes,
+    org: uuid::Uuid,
+    log: &mut LogGuard,
+) -> Result<Route, GatewayError> {
+    // JSON is UTF-8; the parser does not check the strings it only skips.
+    if std::str::from_utf8(raw).is_err() {
+        return Err(GatewayError::InvalidJson(
+            "the request body is not valid UTF-8".to_owned(),
+        ));
+    }
+    let chat = ChatRequest::parse(raw).inspect_err(|e| {
+        // Not routable, but the row still says what was asked for.
+        if let GatewayError::ModelWithoutProvider(m) | GatewayError::StreamNotBool(m) = e {
+            log.row.requested_model = Some(storable(m));
+        }
+    })?;
+    let provider_name = chat.provider();
+    log.row.requested_model = Some(storable(chat.model.as_ref()));
+    log.row.provider_name = Some(storable(provider_name));
+    log.row.upstream_model = Some(storable(chat.upstream_model()));
+    log.row.streamed = chat.stream;
+    let not_found = || GatewayError::ModelNotFound {
+        model: chat.model.as_ref().to_owned(),
+        provider: provider_name.to_owned(),
+    };
+    // Provider names are ^[a-z]+$: anything else cannot exist (and is not worth a lookup).
+    if provider_name.len() > 64 || !provider_name.bytes().all(|b| b.is_ascii_lowercase()) {
+        return Err(not_found());
+    }
+    let provider = gw
+        .providers
+        .get(&gw.db, &gw.client, &gw.metrics, org, provider_name)
+        .await?
+        .ok_or_else(not_found)?;
+    log.row.provider_key_id = Some(provider.id);
+    if !provider.active {
+        return Err(GatewayError::ProviderInactive(provider.name.clone()));
+    }
+    if let Some(failure) = provider.refused {
+        return Err(GatewayError::UpstreamForbidden {
+            provider: provider.name.clone(),
+            failure,
+        });
+    }
+    let ask_usage = endpoint.asks_stream_usage()
+        && chat.can_ask_usage()
+        && !gw.refuses_stream_usage(provider.id, endpoint.path());
+    let splice = chat.splice();
+    Ok(Route {
+        endpoint,
+        stream: chat.stream,
+        body: splice.apply(raw, ask_usage),
+        without_usage: ask_usage.then(|| (raw.clone(), splice)),
+        provider,
+    })
+}
+
+/// A client-chosen string as a usage row may hold it: PostgreSQL text refuses
+/// NUL, and one refused row would send a whole batch down the slow path.
+fn storable(s: &str) -> String {
+    const MAX: usize = 512;
+    let mut end = s.len().min(MAX);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].replace('\0', "\u{fffd}")
+}
+
+/// Fallback for paths the gateway does not serve.
+pub(crate) async fn not_found() -> Result<actix_web::HttpResponse, GatewayError> {
+    Err(GatewayError::NotFound)
+}
+
+/// Fallback for a served path called with the wrong method.
+pub(crate) async fn method_not_allowed() -> Result<actix_web::HttpResponse, GatewayError> {
+    Err(GatewayError::MethodNotAllowed)
+}
