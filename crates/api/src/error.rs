@@ -54,6 +54,10 @@ pub enum ApiError {
     Forbidden(Role),
     #[error("signup is disabled on this server")]
     SignupDisabled,
+    #[error(
+        "cross-site request refused: a browser session only accepts requests from its own pages"
+    )]
+    CsrfFailed,
     #[error("not found")]
     NotFound,
     #[error("no such route")]
@@ -123,6 +127,11 @@ pub const INVALID_CREDENTIALS: ErrorKind = kind(
 );
 pub const FORBIDDEN: ErrorKind = kind(403, "forbidden", "your role in the organization is too low");
 pub const SIGNUP_DISABLED: ErrorKind = kind(403, "signup_disabled", "LLMGW_ALLOW_SIGNUP=false");
+pub const CSRF_FAILED: ErrorKind = kind(
+    403,
+    "csrf_failed",
+    "a cookie-authenticated unsafe request (or a login/signup) came from another origin",
+);
 pub const NOT_FOUND: ErrorKind = kind(
     404,
     "not_found",
@@ -175,6 +184,7 @@ pub const ALL_KINDS: &[ErrorKind] = &[
     INVALID_CREDENTIALS,
     FORBIDDEN,
     SIGNUP_DISABLED,
+    CSRF_FAILED,
     NOT_FOUND,
     ROUTE_NOT_FOUND,
     METHOD_NOT_ALLOWED,
@@ -197,6 +207,7 @@ impl ApiError {
             Self::InvalidCredentials => INVALID_CREDENTIALS,
             Self::Forbidden(_) => FORBIDDEN,
             Self::SignupDisabled => SIGNUP_DISABLED,
+            Self::CsrfFailed => CSRF_FAILED,
             Self::NotFound => NOT_FOUND,
             Self::RouteNotFound => ROUTE_NOT_FOUND,
             Self::MethodNotAllowed(_) => METHOD_NOT_ALLOWED,

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use actix_web::web;
 
+mod browser;
 mod error;
 mod extract;
 mod handlers;
@@ -25,6 +26,7 @@ mod openapi;
 mod routes;
 mod throttle;
 
+pub use browser::BrowserConfig;
 pub use error::{ApiError, FieldError};
 pub use throttle::TrustedProxies;
 
@@ -48,6 +50,8 @@ pub struct ApiConfig {
     pub upstream: upstream::UpstreamClient,
     /// `LLMGW_TRUSTED_PROXIES`: peers whose `X-Forwarded-For` names the client.
     pub trusted_proxies: TrustedProxies,
+    /// The admin UI's and browser sessions' settings.
+    pub browser: BrowserConfig,
 }
 
 /// Password-hashing threads: one per core, at most this many (19 MiB each).
@@ -104,8 +108,9 @@ impl Api {
             .app_data(error::json_config(self.state.cfg.max_body_bytes))
             .app_data(error::path_config())
             .app_data(error::query_config());
-        let scope = routes::register(scope, &routes::routes())
-            .default_service(web::to(handlers::ops::route_not_found))
+        let scope = handlers::ui::register(routes::register(scope, &routes::routes()))
+            .default_service(web::to(handlers::ui::fallback))
+            .wrap(actix_web::middleware::from_fn(browser::csrf))
             .wrap(actix_web::middleware::from_fn(middleware::body_deadline))
             .wrap(actix_web::middleware::from_fn(middleware::request_id));
         cfg.service(scope);

@@ -7,7 +7,7 @@ use actix_web::{web, HttpResponse, Scope};
 use storage::domain::{Role, PROVIDER_NAME_MAX_LEN, PROVIDER_NAME_PATTERN};
 
 use crate::error::ApiError;
-use crate::handlers::{api_keys, auth, members, ops, orgs, providers, sessions, usage};
+use crate::handlers::{api_keys, auth, members, ops, orgs, providers, sessions, ui, usage};
 use crate::input::{GROUP_BY_NAMES, LOG_PAGE_MAX, PAGE_MAX, STATUS_MAX, STATUS_MIN};
 
 /// Who may call a route.
@@ -250,6 +250,19 @@ pub fn routes() -> Vec<Route> {
             ok: (200, Some("Session")),
             errors: &[401, 429],
             handler: |r| r.to(auth::login),
+        },
+        Route {
+            method: Method::GET,
+            path: "/api/v1/auth/config",
+            operation_id: "authConfig",
+            tag: "auth",
+            summary: "How this server signs people in (password, SSO, signup) and the gateway URL the admin UI shows",
+            access: Access::Public,
+            query: &[],
+            body: None,
+            ok: (200, Some("AuthConfig")),
+            errors: &[],
+            handler: |r| r.to(ui::auth_config),
         },
         Route {
             method: Method::POST,

@@ -52,6 +52,10 @@ pub struct Config {
     pub log_batch_size: usize,
     pub log_flush_interval: Duration,
     pub trusted_proxies: api::TrustedProxies,
+    /// `LLMGW_PUBLIC_URL`: where browsers reach the API listener (cookie `Secure` when https).
+    pub public_url: Option<String>,
+    /// `LLMGW_GATEWAY_PUBLIC_URL`: the gateway URL shown in the admin UI's quick start.
+    pub gateway_public_url: Option<String>,
 }
 
 impl std::fmt::Debug for Config {
@@ -106,6 +110,25 @@ fn flag(env: Env, var: &'static str, default: bool) -> Result<bool, ConfigError>
             message: format!("expected true or false, got {v:?}"),
         }),
     }
+}
+
+/// An `http(s)://host[:port][/path]` URL, without its trailing `/`.
+fn public_url(env: Env, var: &'static str) -> Result<Option<String>, ConfigError> {
+    let Some(v) = get(env, var) else {
+        return Ok(None);
+    };
+    let bad = |message: &str| ConfigError {
+        var,
+        message: format!("{message}, got {v:?}"),
+    };
+    let url = url::Url::parse(&v).map_err(|_| bad("expected an http(s) URL"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(bad("expected an http(s) URL with a host"));
+    }
+    if url.query().is_some() || url.fragment().is_some() || !url.username().is_empty() {
+        return Err(bad("expected no user, query or fragment"));
+    }
+    Ok(Some(v.trim_end_matches('/').to_owned()))
 }
 
 fn millis(env: Env, var: &'static str, default_ms: u64) -> Result<Duration, ConfigError> {
@@ -264,6 +287,8 @@ impl Config {
                 var: "LLMGW_TRUSTED_PROXIES",
                 message,
             })?,
+            public_url: public_url(env, "LLMGW_PUBLIC_URL")?,
+            gateway_public_url: public_url(env, "LLMGW_GATEWAY_PUBLIC_URL")?,
         })
     }
 }

@@ -161,6 +161,11 @@ pub async fn serve(cfg: Config, only: Option<Listener>) -> Result<(), String> {
                 allow_private: cfg.allow_private,
                 upstream: upstream.clone(),
                 trusted_proxies: cfg.trusted_proxies.clone(),
+                browser: api::BrowserConfig {
+                    public_url: cfg.public_url.clone(),
+                    gateway_public_url: cfg.gateway_public_url.clone(),
+                    ..Default::default()
+                },
             },
         );
         // HTTP/1 only: nothing on the API needs HTTP/2, and h2c would let
