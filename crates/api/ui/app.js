@@ -98,6 +98,8 @@ function form(fields, submitLabel, fn, extra) {
 const val = (f) => f.input.value.trim();
 
 function table(headers, rows, caption) {
+  // Each cell carries its column's name, shown beside it when the phone layout stacks the rows.
+  for (const r of rows) [...r.children].forEach((c, i) => c.setAttribute('data-label', headers[i] || ''));
   return h('div.table-wrap', { role: 'region', 'aria-label': caption, tabindex: '0' },
     h('table', h('caption.sr', caption), h('thead', h('tr', headers.map((x) => h('th', { scope: 'col' }, x)))),
       h('tbody', rows.length ? rows : h('tr', h('td', { colspan: headers.length }, 'Nothing yet.')))));
@@ -129,8 +131,14 @@ async function render() {
   document.title = `${page.title} · llmgw`;
   renderChrome(path);
   const main = $('#main');
+  const t0 = performance.now();
+  document.body.dataset.busy = path;
   main.replaceChildren(h('h1', page.title));
   try { await page.render(main); } catch (e) { main.append(h('p.form-err', { role: 'alert' }, e.message)); }
+  // For the browser test: which page is on screen and how long it took to render.
+  document.body.dataset.page = path;
+  document.body.dataset.renderMs = String(Math.round(performance.now() - t0));
+  if (document.body.dataset.busy === path) delete document.body.dataset.busy;
   if (render.moved) main.focus(); // after navigation, not on first load
   render.moved = true;
 }
@@ -344,8 +352,7 @@ async function apiKeys(main) {
 function dayIso(d) { return d.toISOString().slice(0, 10); }
 async function usage(main) {
   const now = new Date();
-  const keys = (await api('GET', orgPath('/api-keys?limit=100'))).data;
-  const provs = (await api('GET', orgPath('/provider-keys?limit=100'))).data;
+  const [keys, provs] = (await Promise.all([api('GET', orgPath('/api-keys?limit=100')), api('GET', orgPath('/provider-keys?limit=100'))])).map((r) => r.data);
   const keyName = Object.fromEntries(keys.map((k) => [k.id, k.name]));
   const st = usage.state || (usage.state = { from: dayIso(new Date(now - 13 * 864e5)), to: dayIso(now), model: '', provider: '', api_key_id: '', endpoint: '' });
   const f = {
@@ -367,7 +374,7 @@ async function usage(main) {
     const range = { from: new Date(st.from + 'T00:00:00Z').toISOString(), to: new Date(st.to + 'T23:59:59Z').toISOString() };
     const q = Object.assign({ group_by: 'day' }, range, { model: st.model, provider: st.provider, api_key_id: st.api_key_id, endpoint: st.endpoint });
     charts.replaceChildren(h('p', 'Loading…'));
-    try {
+    const chart = (async () => { try {
       const rows = (await api('GET', orgPath('/usage' + qs(q)))).data;
       const by = Object.fromEntries(rows.map((r) => [r.key, r]));
       const days = [];
@@ -377,12 +384,12 @@ async function usage(main) {
       charts.replaceChildren(
         h('p.summary', `${fmtNum(total)} requests, ${fmtNum(rows.reduce((a, r) => a + r.errors, 0))} errors, ${fmtNum(rows.reduce((a, r) => a + r.total_tokens, 0))} tokens in this window.`),
         barChart('Requests per day', pick('requests'), 'c-req'), barChart('Errors per day', pick('errors'), 'c-err'), barChart('Tokens per day', pick('total_tokens'), 'c-tok'));
-    } catch (e) { charts.replaceChildren(h('p.form-err', { role: 'alert' }, e.message)); }
-    await pageList(logsSec, (cursor) => orgPath('/logs' + qs({ limit: 20, cursor, provider: st.provider, api_key_id: st.api_key_id, from: range.from, to: range.to })),
+    } catch (e) { charts.replaceChildren(h('p.form-err', { role: 'alert' }, e.message)); } })();
+    await Promise.all([chart, pageList(logsSec, (cursor) => orgPath('/logs' + qs({ limit: 20, cursor, provider: st.provider, api_key_id: st.api_key_id, from: range.from, to: range.to })),
       ['Time', 'Model', 'Provider', 'Key', 'Status', 'Tokens', 'Latency'], (l) => h('tr', h('td', fmtTime(l.created_at)), h('td', l.requested_model || '—'), h('td', l.provider_name || '—'),
-        h('td', keyName[l.api_key_id] || '—'), h('td', h('span.badge.' + (l.status_code < 400 ? 'active' : 'inactive'), String(l.status_code))), h('td', fmtNum(l.total_tokens)), h('td', `${l.latency_ms} ms`)), 'Request logs');
-    if (auditSec) await pageList(auditSec, (cursor) => orgPath('/audit-log' + qs({ limit: 20, cursor })), ['Time', 'Action', 'Target', 'Details'],
-      (a) => h('tr', h('td', fmtTime(a.created_at)), h('td', a.action), h('td', a.target_type), h('td', h('code.details', JSON.stringify(a.details)))), 'Audit log');
+        h('td', keyName[l.api_key_id] || '—'), h('td', h('span.badge.' + (l.status_code < 400 ? 'active' : 'inactive'), String(l.status_code))), h('td', fmtNum(l.total_tokens)), h('td', `${l.latency_ms} ms`)), 'Request logs'),
+      auditSec && pageList(auditSec, (cursor) => orgPath('/audit-log' + qs({ limit: 20, cursor })), ['Time', 'Action', 'Target', 'Details'],
+        (a) => h('tr', h('td', fmtTime(a.created_at)), h('td', a.action), h('td', a.target_type), h('td', h('code.details', JSON.stringify(a.details)))), 'Audit log')]);
   }
   await draw();
 }
@@ -404,7 +411,7 @@ async function pageList(sec, pathFor, heads, row, caption) {
 
 // A bar chart drawn as SVG, with the numbers also in a visually hidden table.
 function barChart(title, points, cls) {
-  const W = 600, H = 160, pad = 28;
+  const W = 400, H = 130, pad = 26;
   const max = Math.max(1, ...points.map((p) => p[1]));
   const bw = (W - pad) / Math.max(points.length, 1);
   const NS = 'http://www.w3.org/2000/svg';
@@ -418,7 +425,7 @@ function barChart(title, points, cls) {
     const bh = (v / max) * (H - 10);
     const r = add('rect', { x: pad + i * bw + 1, y: H - bh, width: Math.max(bw - 2, 1), height: bh, class: 'bar', 'data-day': d, 'data-value': v });
     const t = document.createElementNS(NS, 'title'); t.textContent = `${d}: ${fmtNum(v)}`; r.append(t);
-    if (points.length <= 16 || i % Math.ceil(points.length / 8) === 0) add('text', { x: pad + i * bw + bw / 2, y: H + 14, class: 'lbl', 'text-anchor': 'middle' }, d.slice(5));
+    if (i % Math.ceil(points.length / 5) === 0) add('text', { x: pad + i * bw + bw / 2, y: H + 14, class: 'lbl', 'text-anchor': 'middle' }, d.slice(5));
   });
   const data = h('table.sr', h('caption', title), h('tbody', points.filter((p) => p[1]).map(([d, v]) => h('tr', h('th', d), h('td', String(v))))));
   return h('figure.chart-box', h('figcaption', title), svg, data);
@@ -427,6 +434,7 @@ function barChart(title, points, cls) {
 // ---------- members & invitations ----------
 async function members(main) {
   const list = (await api('GET', orgPath('/members?limit=100'))).data;
+  const pend = h('section', { 'aria-labelledby': 'pend-h' }, h('h2#pend-h', 'Pending invitations'));
   const rows = list.map((m) => {
     const me = m.user_id === S.user.id;
     const role = isOwner() ? h('select', { 'aria-label': `Role of ${m.email}`, onchange: async (e) => {
@@ -458,7 +466,6 @@ async function members(main) {
         await pending();
       } else { toast(`${val(f.email)} added.`); render(); }
     })));
-  const pend = h('section', { 'aria-labelledby': 'pend-h' }, h('h2#pend-h', 'Pending invitations'));
   main.append(pend);
   async function pending() {
     await pageList(pend, (c) => orgPath('/invitations' + qs({ cursor: c })), ['Email', 'Role', 'Expires', ''],
