@@ -37,7 +37,15 @@ class ApiError extends Error {
   }
 }
 
+// GETs started ahead (while a page waits for another answer), each used once.
+const prefetched = new Map();
+function prefetch(path) { if (!prefetched.has(path)) prefetched.set(path, api('GET', path).then((v) => ({ v }), (e) => ({ e }))); }
+
 async function api(method, path, body) {
+  if (method === 'GET' && prefetched.has(path)) {
+    const r = await prefetched.get(path); prefetched.delete(path);
+    if (r.e) throw r.e; return r.v;
+  }
   const opt = { method, headers: { accept: 'application/json' }, credentials: 'same-origin' };
   if (body !== undefined) { opt.headers['content-type'] = 'application/json'; opt.body = JSON.stringify(body); }
   let res;
@@ -352,9 +360,15 @@ async function apiKeys(main) {
 function dayIso(d) { return d.toISOString().slice(0, 10); }
 async function usage(main) {
   const now = new Date();
+  const st = usage.state || (usage.state = { from: dayIso(new Date(now - 13 * 864e5)), to: dayIso(now), model: '', provider: '', api_key_id: '', endpoint: '' });
+  const range = () => ({ from: new Date(st.from + 'T00:00:00Z').toISOString(), to: new Date(st.to + 'T23:59:59Z').toISOString() });
+  const usagePath = () => orgPath('/usage' + qs(Object.assign({ group_by: 'day' }, range(), { model: st.model, provider: st.provider, api_key_id: st.api_key_id, endpoint: st.endpoint })));
+  const logsPath = (cursor) => orgPath('/logs' + qs(Object.assign({ limit: 20, cursor, provider: st.provider, api_key_id: st.api_key_id }, range())));
+  const auditPath = (cursor) => orgPath('/audit-log' + qs({ limit: 20, cursor }));
+  // The page's data arrives in one round trip, not two.
+  prefetch(usagePath()); prefetch(logsPath(undefined)); if (canAdmin()) prefetch(auditPath(undefined));
   const [keys, provs] = (await Promise.all([api('GET', orgPath('/api-keys?limit=100')), api('GET', orgPath('/provider-keys?limit=100'))])).map((r) => r.data);
   const keyName = Object.fromEntries(keys.map((k) => [k.id, k.name]));
-  const st = usage.state || (usage.state = { from: dayIso(new Date(now - 13 * 864e5)), to: dayIso(now), model: '', provider: '', api_key_id: '', endpoint: '' });
   const f = {
     from: field('From', { type: 'date', value: st.from }),
     to: field('To', { type: 'date', value: st.to }),
@@ -371,24 +385,23 @@ async function usage(main) {
   const auditSec = canAdmin() ? h('section', { 'aria-labelledby': 'audit-h' }, h('h2#audit-h', 'Audit log')) : null;
   main.append(logsSec, auditSec);
   async function draw() {
-    const range = { from: new Date(st.from + 'T00:00:00Z').toISOString(), to: new Date(st.to + 'T23:59:59Z').toISOString() };
-    const q = Object.assign({ group_by: 'day' }, range, { model: st.model, provider: st.provider, api_key_id: st.api_key_id, endpoint: st.endpoint });
+    const win = range();
     charts.replaceChildren(h('p', 'Loading…'));
     const chart = (async () => { try {
-      const rows = (await api('GET', orgPath('/usage' + qs(q)))).data;
+      const rows = (await api('GET', usagePath())).data;
       const by = Object.fromEntries(rows.map((r) => [r.key, r]));
       const days = [];
-      for (let d = new Date(range.from); d <= new Date(range.to); d = new Date(+d + 864e5)) days.push(dayIso(d));
+      for (let d = new Date(win.from); d <= new Date(win.to); d = new Date(+d + 864e5)) days.push(dayIso(d));
       const pick = (k) => days.map((d) => [d, by[d] ? by[d][k] : 0]);
       const total = rows.reduce((a, r) => a + r.requests, 0);
       charts.replaceChildren(
         h('p.summary', `${fmtNum(total)} requests, ${fmtNum(rows.reduce((a, r) => a + r.errors, 0))} errors, ${fmtNum(rows.reduce((a, r) => a + r.total_tokens, 0))} tokens in this window.`),
         barChart('Requests per day', pick('requests'), 'c-req'), barChart('Errors per day', pick('errors'), 'c-err'), barChart('Tokens per day', pick('total_tokens'), 'c-tok'));
     } catch (e) { charts.replaceChildren(h('p.form-err', { role: 'alert' }, e.message)); } })();
-    await Promise.all([chart, pageList(logsSec, (cursor) => orgPath('/logs' + qs({ limit: 20, cursor, provider: st.provider, api_key_id: st.api_key_id, from: range.from, to: range.to })),
+    await Promise.all([chart, pageList(logsSec, logsPath,
       ['Time', 'Model', 'Provider', 'Key', 'Status', 'Tokens', 'Latency'], (l) => h('tr', h('td', fmtTime(l.created_at)), h('td', l.requested_model || '—'), h('td', l.provider_name || '—'),
         h('td', keyName[l.api_key_id] || '—'), h('td', h('span.badge.' + (l.status_code < 400 ? 'active' : 'inactive'), String(l.status_code))), h('td', fmtNum(l.total_tokens)), h('td', `${l.latency_ms} ms`)), 'Request logs'),
-      auditSec && pageList(auditSec, (cursor) => orgPath('/audit-log' + qs({ limit: 20, cursor })), ['Time', 'Action', 'Target', 'Details'],
+      auditSec && pageList(auditSec, auditPath, ['Time', 'Action', 'Target', 'Details'],
         (a) => h('tr', h('td', fmtTime(a.created_at)), h('td', a.action), h('td', a.target_type), h('td', h('code.details', JSON.stringify(a.details)))), 'Audit log')]);
   }
   await draw();
@@ -433,6 +446,7 @@ function barChart(title, points, cls) {
 
 // ---------- members & invitations ----------
 async function members(main) {
+  if (isOwner()) prefetch(orgPath('/invitations'));
   const list = (await api('GET', orgPath('/members?limit=100'))).data;
   const pend = h('section', { 'aria-labelledby': 'pend-h' }, h('h2#pend-h', 'Pending invitations'));
   const rows = list.map((m) => {
