@@ -318,11 +318,28 @@ mod tests {
     }
 
     #[test]
+    fn public_urls_lose_their_trailing_slash() {
+        let c = cfg(&[
+            ("LLMGW_PUBLIC_URL", "https://llmgw.example.com/"),
+            ("LLMGW_GATEWAY_PUBLIC_URL", "http://127.0.0.1:8080"),
+        ])
+        .unwrap();
+        assert_eq!(c.public_url.as_deref(), Some("https://llmgw.example.com"));
+        assert_eq!(
+            c.gateway_public_url.as_deref(),
+            Some("http://127.0.0.1:8080")
+        );
+        assert!(cfg(&[]).unwrap().public_url.is_none());
+    }
+
+    #[test]
     fn bad_values_name_their_variable() {
         for (var, val) in [
             ("LLMGW_GATEWAY_ADDR", "nope"),
             ("LLMGW_UPSTREAM_ALLOW_PRIVATE", "maybe"),
             ("LLMGW_MAX_BODY_BYTES", "-1"),
+            ("LLMGW_PUBLIC_URL", "llmgw.example.com"),
+            ("LLMGW_GATEWAY_PUBLIC_URL", "ftp://gw.example.com"),
             ("LLMGW_MAX_BODY_BYTES", "0"),
             ("LLMGW_SESSION_TTL_HOURS", "3000000000"),
             ("LLMGW_SESSION_IDLE_MINUTES", "0"),
