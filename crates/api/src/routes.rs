@@ -74,6 +74,11 @@ impl Route {
     /// Every error status the route can answer, ascending.
     pub fn error_statuses(&self) -> Vec<u16> {
         let mut s = vec![500, 503];
+        // A browser's cookie-authenticated write (or login/signup) from another
+        // origin gets 403 `csrf_failed` (crate::browser).
+        if !matches!(self.method, Method::GET | Method::HEAD) {
+            s.push(403);
+        }
         if self.body.is_some() {
             s.extend([400, 408, 413, 422]);
         }

@@ -5,7 +5,8 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, execFileSync } from 'node:child_process';
-import { createServer } from 'node:http';
+import { createServer } from 'node:https';
+import os from 'node:os';
 import { createRequire } from 'node:module';
 import net from 'node:net';
 import fs from 'node:fs';
@@ -24,7 +25,7 @@ const PASSWORD = 'correct horse battery staple';
 const UPSTREAM_TOKEN = 'sk-upstream-secret-9876';
 const VIEWPORTS = { laptop: { width: 1280, height: 800 }, phone: { width: 390, height: 844 } };
 
-let server, upstream, browser, api, gateway, dbName, dbUrl;
+let server, upstream, browser, api, gateway, dbName, dbUrl, tls, upstreamUrl;
 const logs = [];
 
 function freePort() {
@@ -35,9 +36,23 @@ function freePort() {
   });
 }
 
-// An OpenAI-compatible upstream that checks it gets the provider's token.
-function startUpstream() {
-  const srv = createServer((req, res) => {
+// A throwaway CA and a certificate for 127.0.0.1 signed by it; llmgw trusts
+// the CA through LLMGW_UPSTREAM_CA_FILE, as an operator with an internal CA would.
+function makeCerts() {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'llmgw-ui-tls-'));
+  const f = (n) => path.join(dir, n);
+  const ssl = (...args) => execFileSync('openssl', args, { stdio: ['ignore', 'ignore', 'pipe'] });
+  const ec = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes'];
+  ssl('req', '-x509', ...ec, '-keyout', f('ca.key'), '-out', f('ca.pem'), '-days', '2', '-subj', '/CN=llmgw ui test CA');
+  ssl('req', ...ec, '-keyout', f('leaf.key'), '-out', f('leaf.csr'), '-subj', '/CN=127.0.0.1');
+  fs.writeFileSync(f('ext'), 'subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n');
+  ssl('x509', '-req', '-in', f('leaf.csr'), '-CA', f('ca.pem'), '-CAkey', f('ca.key'), '-CAcreateserial', '-out', f('leaf.pem'), '-days', '2', '-extfile', f('ext'));
+  return { dir, ca: f('ca.pem'), key: fs.readFileSync(f('leaf.key')), cert: fs.readFileSync(f('leaf.pem')) };
+}
+
+// An OpenAI-compatible HTTPS upstream that checks it gets the provider's token.
+function startUpstream(tls) {
+  const srv = createServer({ key: tls.key, cert: tls.cert }, (req, res) => {
     let body = '';
     req.on('data', (c) => { body += c; if (body.length > 1e6) req.destroy(); });
     req.on('end', () => {
@@ -71,7 +86,9 @@ before(async () => {
   execFileSync('psql', [PG, '-q', '-c', `CREATE DATABASE ${dbName}`]);
   const u = new URL(PG); u.pathname = '/' + dbName; dbUrl = u.toString();
   const key = execFileSync(BIN, ['keys', 'generate'], { encoding: 'utf8' }).trim();
-  upstream = await startUpstream();
+  tls = makeCerts();
+  upstream = await startUpstream(tls);
+  upstreamUrl = `https://127.0.0.1:${upstream.address().port}`;
   const [apiPort, gwPort] = [await freePort(), await freePort()];
   api = `http://127.0.0.1:${apiPort}`;
   gateway = `http://127.0.0.1:${gwPort}`;
@@ -81,7 +98,7 @@ before(async () => {
       LLMGW_ENCRYPTION_KEYS: key.includes(':') ? key : `1:${key}`,
       LLMGW_API_ADDR: `127.0.0.1:${apiPort}`, LLMGW_GATEWAY_ADDR: `127.0.0.1:${gwPort}`,
       LLMGW_GATEWAY_PUBLIC_URL: gateway,
-      LLMGW_UPSTREAM_ALLOW_PRIVATE: 'true', LLMGW_UPSTREAM_ALLOW_HTTP: 'true',
+      LLMGW_UPSTREAM_ALLOW_PRIVATE: 'true', LLMGW_UPSTREAM_ALLOW_HTTP: 'true', LLMGW_UPSTREAM_CA_FILE: tls.ca,
       LLMGW_LOG_FORMAT: 'pretty', RUST_LOG: 'warn',
     },
     stdio: ['ignore', 'pipe', 'pipe'],
@@ -100,6 +117,7 @@ after(async () => {
   if (browser) await browser.close();
   if (server) { server.kill('SIGTERM'); await new Promise((r) => { server.once('exit', r); setTimeout(r, 5000); }); }
   if (upstream) upstream.close();
+  if (tls) fs.rmSync(tls.dir, { recursive: true, force: true });
   if (dbName) { try { execFileSync('psql', [PG, '-q', '-c', `DROP DATABASE IF EXISTS ${dbName} WITH (FORCE)`]); } catch (e) { /* best effort */ } }
 });
 
@@ -178,7 +196,7 @@ test('a new admin adds a provider in the UI, then calls the gateway with a key m
 
   // A name that breaks the rule is refused with the rule itself, before anything is sent.
   await page.getByLabel('Name', { exact: true }).fill('MyCompany');
-  await page.getByLabel('Base URL').fill(`http://127.0.0.1:${upstream.address().port}`);
+  await page.getByLabel('Base URL').fill(upstreamUrl);
   await page.getByLabel('API token').fill(UPSTREAM_TOKEN);
   await page.getByRole('button', { name: 'Add provider' }).click();
   const nameField = page.locator('.field', { has: page.getByLabel('Name', { exact: true }) });
@@ -186,19 +204,19 @@ test('a new admin adds a provider in the UI, then calls the gateway with a key m
   assert.equal(await page.getByLabel('Name', { exact: true }).getAttribute('aria-invalid'), 'true');
   // A /v1 suffix is refused with its hint.
   await page.getByLabel('Name', { exact: true }).fill('mycompany');
-  await page.getByLabel('Base URL').fill(`http://127.0.0.1:${upstream.address().port}/v1`);
+  await page.getByLabel('Base URL').fill(`${upstreamUrl}/v1`);
   await page.getByRole('button', { name: 'Add provider' }).click();
   await page.locator('.err', { hasText: 'Leave out the /v1 suffix' }).waitFor();
-  await page.getByLabel('Base URL').fill(`http://127.0.0.1:${upstream.address().port}`);
+  await page.getByLabel('Base URL').fill(upstreamUrl);
   await page.getByRole('button', { name: 'Add provider' }).click();
   const row = page.locator('tr[data-provider="mycompany"]');
   await row.waitFor();
-  assert.match(await row.innerText(), /mycompany[\s\S]*127\.0\.0\.1[\s\S]*••••9876[\s\S]*active/);
+  assert.match(await row.innerText(), /mycompany[\s\S]*https:\/\/127\.0\.0\.1[\s\S]*••••9876[\s\S]*active/);
   assert.ok(!(await page.content()).includes(UPSTREAM_TOKEN), 'the token came back to the page');
 
   // The server's own refusal (a duplicate name) is shown inline.
   await page.getByLabel('Name', { exact: true }).fill('mycompany');
-  await page.getByLabel('Base URL').fill(`http://127.0.0.1:${upstream.address().port}`);
+  await page.getByLabel('Base URL').fill(upstreamUrl);
   await page.getByLabel('API token').fill(UPSTREAM_TOKEN);
   await page.getByRole('button', { name: 'Add provider' }).click();
   await page.locator('form .form-err', { hasText: 'already exists' }).waitFor();

@@ -15,6 +15,7 @@ fi
 command -v chromium >/dev/null || missing chromium
 command -v node >/dev/null || missing node
 command -v psql >/dev/null || missing psql
+command -v openssl >/dev/null || missing openssl
 [ -d node_modules/playwright-core ] && [ -d node_modules/axe-core ] || npm ci --no-audit --no-fund
 BIN="${LLMGW_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/debug/llmgw}"
 [ -x "$BIN" ] || (cd "$ROOT" && cargo build -p server --bin llmgw)
