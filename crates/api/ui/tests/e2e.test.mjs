@@ -228,6 +228,19 @@ test('a new admin adds a provider in the UI, then calls the gateway with a key m
   await shoot(page, 'providers');
   await axeCheck(page, 'providers');
 
+  // Editing the base URL asks for the token again; disable and enable flip the status.
+  await row.getByRole('button', { name: 'Edit' }).click();
+  const edit = page.locator('section.edit');
+  await edit.getByLabel('Base URL').fill(`${upstreamUrl}/other`);
+  await edit.getByRole('button', { name: 'Save changes' }).click();
+  await edit.locator('.err', { hasText: 'Enter the token again' }).waitFor();
+  await axeCheck(page, 'provider edit');
+  await edit.getByRole('button', { name: 'Cancel' }).click();
+  await row.getByRole('button', { name: 'Disable' }).click();
+  await page.locator('tr[data-provider="mycompany"] .badge', { hasText: 'inactive' }).waitFor();
+  await page.locator('tr[data-provider="mycompany"]').getByRole('button', { name: 'Enable' }).click();
+  await page.locator('tr[data-provider="mycompany"] .badge', { hasText: /^active$/ }).waitFor();
+
   // An API key is shown once.
   timings.keys = await open(page, '/keys', 'API keys');
   await page.getByLabel('Name', { exact: true }).fill('backend');
