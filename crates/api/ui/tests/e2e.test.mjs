@@ -339,6 +339,9 @@ test('a member sees no create or delete controls, and the API refuses them anywa
   }
   await member.locator('main h1', { hasText: 'Quick start' }).waitFor();
   await member.setViewportSize(VIEWPORTS.laptop);
+  await open(member, '/invitations', 'My invitations');
+  await shoot(member, 'invitations');
+  await axeCheck(member, 'my invitations');
   await open(member, '/providers', 'Providers');
   await member.locator('tr[data-provider="mycompany"]').waitFor();
   for (const name of ['Add provider', 'Delete', 'Edit', 'Disable', 'Test connection']) {
@@ -350,7 +353,7 @@ test('a member sees no create or delete controls, and the API refuses them anywa
   await open(member, '/members', 'Members');
   assert.equal(await member.getByRole('button', { name: 'Send invitation' }).count(), 0);
   assert.equal(await member.getByRole('button', { name: 'Remove' }).count(), 0);
-  await shoot(member, 'member-providers');
+  await shoot(member, 'member-members');
 
   // The API refuses the member too, and a cross-site POST with the member's cookie is refused.
   const orgs = await (await fetch(`${api}/api/v1/orgs`, { headers: { authorization: `Bearer ${memberToken}` } })).json();
