@@ -58,6 +58,10 @@ pub enum ApiError {
     PasswordLoginDisabled,
     #[error("single sign-on is not configured on this server")]
     SsoNotConfigured,
+    #[error(
+        "cross-site request refused: a browser session only accepts requests from its own pages"
+    )]
+    CsrfFailed,
     #[error("not found")]
     NotFound,
     #[error("no such route")]
@@ -134,6 +138,11 @@ pub const PASSWORD_LOGIN_DISABLED: ErrorKind = kind(
 );
 pub const SSO_NOT_CONFIGURED: ErrorKind =
     kind(404, "sso_not_configured", "LLMGW_OIDC_ISSUER is not set");
+pub const CSRF_FAILED: ErrorKind = kind(
+    403,
+    "csrf_failed",
+    "a cookie-authenticated unsafe request (or a login/signup) came from another origin",
+);
 pub const NOT_FOUND: ErrorKind = kind(
     404,
     "not_found",
@@ -188,6 +197,7 @@ pub const ALL_KINDS: &[ErrorKind] = &[
     SIGNUP_DISABLED,
     PASSWORD_LOGIN_DISABLED,
     SSO_NOT_CONFIGURED,
+    CSRF_FAILED,
     NOT_FOUND,
     ROUTE_NOT_FOUND,
     METHOD_NOT_ALLOWED,
@@ -212,6 +222,7 @@ impl ApiError {
             Self::SignupDisabled => SIGNUP_DISABLED,
             Self::PasswordLoginDisabled => PASSWORD_LOGIN_DISABLED,
             Self::SsoNotConfigured => SSO_NOT_CONFIGURED,
+            Self::CsrfFailed => CSRF_FAILED,
             Self::NotFound => NOT_FOUND,
             Self::RouteNotFound => ROUTE_NOT_FOUND,
             Self::MethodNotAllowed(_) => METHOD_NOT_ALLOWED,

@@ -30,8 +30,18 @@ fn state(req: &HttpRequest) -> Result<web::Data<State>, ApiError> {
         .ok_or_else(|| ApiError::internal("api state is not registered"))
 }
 
-/// The token of `Authorization: Bearer <token>`.
+/// The session token: `Authorization: Bearer <token>` when the header is
+/// present (the cookie is then ignored, valid bearer or not), else the
+/// `llmgw_session` cookie, which [`crate::browser::csrf`] has vetted for
+/// unsafe methods.
 fn bearer(req: &HttpRequest) -> Option<SessionToken> {
+    match req.headers().get(header::AUTHORIZATION) {
+        Some(_) => bearer_header(req),
+        None => crate::browser::cookie_token(req),
+    }
+}
+
+fn bearer_header(req: &HttpRequest) -> Option<SessionToken> {
     let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.trim().split_once(' ')?;
     let token = token.trim();

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use actix_web::web;
 
+mod browser;
 mod error;
 mod extract;
 mod handlers;
@@ -26,8 +27,9 @@ mod openapi;
 mod routes;
 mod throttle;
 
+pub use browser::BrowserConfig;
 pub use error::{ApiError, FieldError};
-pub use oidc::{session_cookie, OidcConfig, SsoConfig, SsoConfigError};
+pub use oidc::{OidcConfig, SsoConfig, SsoConfigError};
 pub use throttle::TrustedProxies;
 
 /// Settings of the API listener.
@@ -50,6 +52,8 @@ pub struct ApiConfig {
     pub upstream: upstream::UpstreamClient,
     /// `LLMGW_TRUSTED_PROXIES`: peers whose `X-Forwarded-For` names the client.
     pub trusted_proxies: TrustedProxies,
+    /// The admin UI's and browser sessions' settings.
+    pub browser: BrowserConfig,
 }
 
 /// Password-hashing threads: one per core, at most this many (19 MiB each).
@@ -121,8 +125,9 @@ impl Api {
             .app_data(error::json_config(self.state.cfg.max_body_bytes))
             .app_data(error::path_config())
             .app_data(error::query_config());
-        let scope = routes::register(scope, &routes::routes())
-            .default_service(web::to(handlers::ops::route_not_found))
+        let scope = handlers::ui::register(routes::register(scope, &routes::routes()))
+            .default_service(web::to(handlers::ui::fallback))
+            .wrap(actix_web::middleware::from_fn(browser::csrf))
             .wrap(actix_web::middleware::from_fn(middleware::body_deadline))
             .wrap(actix_web::middleware::from_fn(middleware::request_id));
         cfg.service(scope);

@@ -138,15 +138,6 @@ pub struct SsoConfigError {
     pub message: String,
 }
 
-/// The `Set-Cookie` value of a browser session.
-pub fn session_cookie(token: &str, max_age: Duration, secure: bool) -> String {
-    let secure = if secure { "; Secure" } else { "" };
-    format!(
-        "llmgw_session={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}{secure}",
-        max_age.as_secs()
-    )
-}
-
 /// Entries that expire, at most `max` of them.
 struct Bounded<T> {
     entries: HashMap<String, (Instant, T)>,
@@ -423,7 +414,7 @@ impl Page {
         }
     }
 
-    fn signed_in(state: &State, oidc: &Oidc, session: &NewSession) -> Self {
+    fn signed_in(state: &State, session: &NewSession) -> Self {
         Self {
             status: StatusCode::OK,
             title: "Signed in".to_owned(),
@@ -432,10 +423,10 @@ impl Page {
                 escape(&session.user.email)
             ),
             refresh_to_root: true,
-            cookie: Some(session_cookie(
+            cookie: Some(crate::browser::set_cookie(
+                &state.cfg.browser,
                 &session.token,
-                state.cfg.session_ttl,
-                oidc.secure_cookie,
+                state.cfg.session_ttl.as_secs().min(i64::MAX as u64) as i64,
             )),
         }
     }
@@ -684,7 +675,7 @@ async fn finish(state: &State, req: &HttpRequest) -> Result<Page, Page> {
     let db_err = |e: storage::StorageError| Page::from(ApiError::from(e));
     if let Some(user) = state.db.user_by_identity(&identity).await.map_err(db_err)? {
         let session = crate::handlers::auth::start_session(state, user).await?;
-        return Ok(Page::signed_in(state, oidc, &session));
+        return Ok(Page::signed_in(state, &session));
     }
 
     let verified = claims.email_verified() == Some(true);
@@ -734,7 +725,7 @@ async fn finish(state: &State, req: &HttpRequest) -> Result<Page, Page> {
             "There is no llmgw account for this email address, and this server does not create accounts on single sign-on. Ask an administrator for an invitation.",
         )),
         Err(storage::StorageError::NotFound) => {
-            create_account(state, oidc, &email, &identity).await
+            create_account(state, &email, &identity).await
         }
         Err(e) => Err(db_err(e)),
     }
@@ -742,7 +733,6 @@ async fn finish(state: &State, req: &HttpRequest) -> Result<Page, Page> {
 
 async fn create_account(
     state: &State,
-    oidc: &Oidc,
     email: &Email,
     identity: &Identity<'_>,
 ) -> Result<Page, Page> {
@@ -768,7 +758,7 @@ async fn create_account(
         expires_at,
         user,
     };
-    Ok(Page::signed_in(state, oidc, &session))
+    Ok(Page::signed_in(state, &session))
 }
 
 /// `POST /api/v1/auth/oidc/link` (form: `link_id`, `password`): links the
@@ -889,7 +879,7 @@ async fn link_inner(state: &State, req: &HttpRequest, body: &[u8]) -> Result<Pag
             email: pending.email.clone(),
         },
     };
-    Ok(Page::signed_in(state, oidc, &session))
+    Ok(Page::signed_in(state, &session))
 }
 
 #[cfg(test)]
@@ -908,16 +898,6 @@ mod tests {
         m.insert("a".into(), 1).unwrap();
         m.insert("b".into(), 2).unwrap();
         assert_eq!(m.take("b"), None, "expired");
-    }
-
-    #[test]
-    fn cookie_is_strict_http_only_and_secure_on_https() {
-        let c = session_cookie("t", Duration::from_secs(60), true);
-        assert_eq!(
-            c,
-            "llmgw_session=t; HttpOnly; SameSite=Strict; Path=/; Max-Age=60; Secure"
-        );
-        assert!(!session_cookie("t", Duration::from_secs(60), false).contains("Secure"));
     }
 
     #[test]

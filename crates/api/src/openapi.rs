@@ -227,6 +227,16 @@ fn schemas() -> Value {
             json!({"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}}),
         ),
         (
+            "AuthConfig",
+            json!({
+                "type": "object", "required": ["password_login", "sso", "signup", "allow_http", "gateway_public_url"],
+                "properties": {"password_login": {"type": "boolean"}, "sso": {"type": "boolean"},
+                               "signup": {"type": "boolean", "description": "LLMGW_ALLOW_SIGNUP"},
+                               "allow_http": {"type": "boolean", "description": "LLMGW_UPSTREAM_ALLOW_HTTP: plain-http base URLs accepted"},
+                               "gateway_public_url": {"type": "string", "nullable": true, "description": "LLMGW_GATEWAY_PUBLIC_URL"}},
+            }),
+        ),
+        (
             "Signup",
             json!({
                 "type": "object", "additionalProperties": false, "required": ["email", "password"],

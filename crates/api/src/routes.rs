@@ -8,7 +8,7 @@ use storage::domain::{Role, PROVIDER_NAME_MAX_LEN, PROVIDER_NAME_PATTERN};
 
 use crate::error::ApiError;
 use crate::handlers::{
-    api_keys, auth, invitations, members, ops, orgs, providers, sessions, usage,
+    api_keys, auth, invitations, members, ops, orgs, providers, sessions, ui, usage,
 };
 use crate::input::{GROUP_BY_NAMES, LOG_PAGE_MAX, PAGE_MAX, STATUS_MAX, STATUS_MIN};
 use crate::oidc;
@@ -77,6 +77,11 @@ impl Route {
     /// Every error status the route can answer, ascending.
     pub fn error_statuses(&self) -> Vec<u16> {
         let mut s = vec![500, 503];
+        // A browser's cookie-authenticated write (or login/signup) from another
+        // origin gets 403 `csrf_failed` (crate::browser).
+        if !matches!(self.method, Method::GET | Method::HEAD) {
+            s.push(403);
+        }
         if self.body.is_some() {
             s.extend([400, 408, 413, 422]);
         }
@@ -298,6 +303,19 @@ pub fn routes() -> Vec<Route> {
             ok: (200, None),
             errors: &[404, 413],
             handler: |r| r.to(oidc::link),
+        },
+        Route {
+            method: Method::GET,
+            path: "/api/v1/auth/config",
+            operation_id: "authConfig",
+            tag: "auth",
+            summary: "How this server signs people in (password, SSO, signup) and the gateway URL the admin UI shows",
+            access: Access::Public,
+            query: &[],
+            body: None,
+            ok: (200, Some("AuthConfig")),
+            errors: &[],
+            handler: |r| r.to(ui::auth_config),
         },
         Route {
             method: Method::POST,

@@ -160,6 +160,12 @@ impl App {
                 allow_private: false,
                 upstream,
                 trusted_proxies: api::TrustedProxies::default(),
+                browser: api::BrowserConfig {
+                    public_url: Some(base.clone()),
+                    gateway_public_url: None,
+                    password_login: s.password_login,
+                    sso: true,
+                },
             },
             SsoConfig {
                 password_login: s.password_login,

@@ -44,6 +44,7 @@ pub const SETTINGS: &[Setting] = &[
     s("LLMGW_API_MAX_CONNECTIONS", "256", "Most connections the settings API holds open at once."),
     s("LLMGW_ALLOW_SIGNUP", "true", "Allow anyone to sign up on the settings API."),
     s("LLMGW_PUBLIC_URL", "", "Where browsers reach the API listener (the admin UI), e.g. https://llmgw.example.com. Required with single sign-on; an https URL makes the session cookie Secure."),
+    s("LLMGW_GATEWAY_PUBLIC_URL", "", "The gateway URL the admin UI shows in its quick start (e.g. https://llm.example.com). Unset: the UI guesses it from its own address."),
     s("LLMGW_OIDC_ISSUER", "", "Single sign-on by OpenID Connect (authorization code + PKCE): the issuer URL turns it on; register {LLMGW_PUBLIC_URL}/api/v1/auth/oidc/callback as the redirect URI."),
     s("LLMGW_OIDC_CLIENT_ID", "", "The client id registered with the issuer (required with LLMGW_OIDC_ISSUER)."),
     s("LLMGW_OIDC_CLIENT_SECRET", "", "The client secret registered with the issuer."),
@@ -182,8 +183,11 @@ pub struct Config {
     pub log_batch_size: usize,
     pub log_flush_interval: Duration,
     pub trusted_proxies: api::TrustedProxies,
-    /// `LLMGW_PUBLIC_URL`: where browsers reach the API listener (no trailing `/`).
+    /// `LLMGW_PUBLIC_URL`: where browsers reach the API listener (no trailing `/`;
+    /// cookie `Secure` when https).
     pub public_url: Option<String>,
+    /// `LLMGW_GATEWAY_PUBLIC_URL`: the gateway URL shown in the admin UI's quick start.
+    pub gateway_public_url: Option<String>,
     /// `LLMGW_PASSWORD_LOGIN` and the `LLMGW_OIDC_*` settings.
     pub sso: api::SsoConfig,
 }
@@ -242,6 +246,25 @@ fn flag(env: Env, var: &'static str, default: bool) -> Result<bool, ConfigError>
     }
 }
 
+/// An `http(s)://host[:port][/path]` URL, without its trailing `/`.
+fn public_url(env: Env, var: &'static str) -> Result<Option<String>, ConfigError> {
+    let Some(v) = get(env, var) else {
+        return Ok(None);
+    };
+    let bad = |message: &str| ConfigError {
+        var,
+        message: format!("{message}, got {v:?}"),
+    };
+    let url = url::Url::parse(&v).map_err(|_| bad("expected an http(s) URL"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(bad("expected an http(s) URL with a host"));
+    }
+    if url.query().is_some() || url.fragment().is_some() || !url.username().is_empty() {
+        return Err(bad("expected no user, query or fragment"));
+    }
+    Ok(Some(v.trim_end_matches('/').to_owned()))
+}
+
 fn millis(env: Env, var: &'static str, default_ms: u64) -> Result<Duration, ConfigError> {
     let ms: u64 = parse(env, var, default_ms, "a whole number of milliseconds")?;
     if ms == 0 {
@@ -288,28 +311,6 @@ fn session_idle(env: Env) -> Result<Duration, ConfigError> {
         });
     }
     Ok(Duration::from_secs(60 * minutes))
-}
-
-fn public_url(env: Env) -> Result<Option<String>, ConfigError> {
-    let Some(url) = get(env, "LLMGW_PUBLIC_URL") else {
-        return Ok(None);
-    };
-    let rest = url
-        .strip_prefix("https://")
-        .or_else(|| url.strip_prefix("http://"));
-    let ok = rest.is_some_and(|r| {
-        let host = r.split('/').next().unwrap_or("");
-        !host.is_empty() && !r.contains(['?', '#', '@', ' '])
-    });
-    if !ok {
-        return Err(ConfigError {
-            var: "LLMGW_PUBLIC_URL",
-            message: format!(
-                "expected an http(s) URL such as https://llmgw.example.com, got {url:?}"
-            ),
-        });
-    }
-    Ok(Some(url.trim_end_matches('/').to_owned()))
 }
 
 fn sso(env: Env, public_url: Option<&str>) -> Result<api::SsoConfig, ConfigError> {
@@ -414,8 +415,8 @@ impl Config {
                 });
             }
         }
-        let public_url = public_url(env)?;
-        let sso = sso(env, public_url.as_deref())?;
+        let api_public_url = public_url(env, "LLMGW_PUBLIC_URL")?;
+        let sso = sso(env, api_public_url.as_deref())?;
         let default_workers = std::thread::available_parallelism().map_or(2, |n| n.get());
         Ok(Self {
             database_url,
@@ -454,7 +455,8 @@ impl Config {
                 var: "LLMGW_TRUSTED_PROXIES",
                 message,
             })?,
-            public_url,
+            public_url: api_public_url,
+            gateway_public_url: public_url(env, "LLMGW_GATEWAY_PUBLIC_URL")?,
             sso,
         })
     }
@@ -485,11 +487,28 @@ mod tests {
     }
 
     #[test]
+    fn public_urls_lose_their_trailing_slash() {
+        let c = cfg(&[
+            ("LLMGW_PUBLIC_URL", "https://llmgw.example.com/"),
+            ("LLMGW_GATEWAY_PUBLIC_URL", "http://127.0.0.1:8080"),
+        ])
+        .unwrap();
+        assert_eq!(c.public_url.as_deref(), Some("https://llmgw.example.com"));
+        assert_eq!(
+            c.gateway_public_url.as_deref(),
+            Some("http://127.0.0.1:8080")
+        );
+        assert!(cfg(&[]).unwrap().public_url.is_none());
+    }
+
+    #[test]
     fn bad_values_name_their_variable() {
         for (var, val) in [
             ("LLMGW_GATEWAY_ADDR", "nope"),
             ("LLMGW_UPSTREAM_ALLOW_PRIVATE", "maybe"),
             ("LLMGW_MAX_BODY_BYTES", "-1"),
+            ("LLMGW_PUBLIC_URL", "llmgw.example.com"),
+            ("LLMGW_GATEWAY_PUBLIC_URL", "ftp://gw.example.com"),
             ("LLMGW_MAX_BODY_BYTES", "0"),
             ("LLMGW_SESSION_TTL_HOURS", "3000000000"),
             ("LLMGW_SESSION_IDLE_MINUTES", "0"),

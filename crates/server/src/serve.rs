@@ -175,6 +175,12 @@ async fn run(
                 allow_private: cfg.allow_private,
                 upstream: upstream.clone(),
                 trusted_proxies: cfg.trusted_proxies.clone(),
+                browser: api::BrowserConfig {
+                    public_url: cfg.public_url.clone(),
+                    gateway_public_url: cfg.gateway_public_url.clone(),
+                    password_login: cfg.sso.password_login,
+                    sso: cfg.sso.oidc.is_some(),
+                },
             },
             cfg.sso.clone(),
         )

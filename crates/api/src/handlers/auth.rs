@@ -1,5 +1,6 @@
 //! Accounts and sessions.
 
+use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -7,6 +8,7 @@ use storage::accounts::User;
 use storage::domain::Email;
 use storage::secrets::SessionToken;
 
+use crate::browser;
 use crate::error::ApiError;
 use crate::extract::{Input, Session};
 use crate::input::{Login, Signup};
@@ -19,6 +21,20 @@ pub(crate) struct NewSession {
     pub token: String,
     pub expires_at: DateTime<Utc>,
     pub user: User,
+}
+
+/// The JSON answer plus the browser's `llmgw_session` cookie with the same token.
+fn session_answer(
+    state: &State,
+    mut res: actix_web::HttpResponseBuilder,
+    session: NewSession,
+) -> HttpResponse {
+    let max_age = state.cfg.session_ttl.as_secs().min(i64::MAX as u64) as i64;
+    res.insert_header((
+        header::SET_COOKIE,
+        browser::set_cookie(&state.cfg.browser, &session.token, max_age),
+    ))
+    .json(session)
 }
 
 pub(crate) fn session_expiry(state: &State) -> Result<DateTime<Utc>, ApiError> {
@@ -72,11 +88,12 @@ pub async fn signup(
         .db
         .create_user_with_session(&email, &hash, &token.digest(), expires_at)
         .await?;
-    Ok(HttpResponse::Created().json(NewSession {
+    let session = NewSession {
         token: token.expose_secret().to_owned(),
         expires_at,
         user,
-    }))
+    };
+    Ok(session_answer(&state, HttpResponse::Created(), session))
 }
 
 /// Unknown email, malformed email and wrong password all take a full argon2
@@ -114,14 +131,22 @@ pub async fn login(
     };
     let ok = slot.verify(hash, password).await?;
     match user {
-        Some(user) if ok => Ok(HttpResponse::Ok().json(start_session(&state, user).await?)),
+        Some(user) if ok => {
+            let session = start_session(&state, user).await?;
+            Ok(session_answer(&state, HttpResponse::Ok(), session))
+        }
         _ => Err(ApiError::InvalidCredentials),
     }
 }
 
 pub async fn logout(state: web::Data<State>, session: Session) -> Result<HttpResponse, ApiError> {
     state.db.delete_session(&session.token_digest).await?;
-    Ok(HttpResponse::NoContent().finish())
+    Ok(HttpResponse::NoContent()
+        .insert_header((
+            header::SET_COOKIE,
+            browser::clear_cookie(&state.cfg.browser),
+        ))
+        .finish())
 }
 
 pub async fn me(session: Session) -> HttpResponse {

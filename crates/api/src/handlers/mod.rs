@@ -11,6 +11,7 @@ pub mod ops;
 pub mod orgs;
 pub mod providers;
 pub mod sessions;
+pub mod ui;
 pub mod usage;
 
 /// `{"data":[…],"next_cursor":…}`.

@@ -58,6 +58,7 @@ pub struct Opts {
     pub body_timeout: Duration,
     pub ca_file: Option<PathBuf>,
     pub trusted_proxies: api::TrustedProxies,
+    pub browser: api::BrowserConfig,
 }
 
 impl Default for Opts {
@@ -72,6 +73,7 @@ impl Default for Opts {
             body_timeout: Duration::from_secs(10),
             ca_file: None,
             trusted_proxies: api::TrustedProxies::default(),
+            browser: api::BrowserConfig::default(),
         }
     }
 }
@@ -158,6 +160,7 @@ impl TestApp {
                 allow_private: opts.allow_private,
                 upstream,
                 trusted_proxies: opts.trusted_proxies.clone(),
+                browser: opts.browser.clone(),
             },
         );
         let (base, handle) = spawn_http(move |cfg| api.configure(cfg));

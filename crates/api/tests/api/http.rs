@@ -21,6 +21,7 @@ const EXPECTED: &[(&str, &str)] = &[
     ("GET", "/api/v1/auth/oidc/start"),
     ("GET", "/api/v1/auth/oidc/callback"),
     ("POST", "/api/v1/auth/oidc/link"),
+    ("GET", "/api/v1/auth/config"),
     ("POST", "/api/v1/auth/logout"),
     ("GET", "/api/v1/me"),
     ("DELETE", "/api/v1/me/sessions"),
@@ -205,7 +206,10 @@ async fn client_mistakes_get_4xx_in_the_error_shape() {
     unknown_route.expect(404);
     assert_eq!(unknown_route.code(), "route_not_found");
     assert!(unknown_route.error_fields().is_empty());
-    app.call(Method::GET, "/", None, None).await.expect(404);
+    // Outside /api a GET is the admin UI's page; other methods stay JSON 404.
+    let not_ui = app.call(Method::POST, "/", None, None).await;
+    not_ui.expect(404);
+    assert_eq!(not_ui.code(), "route_not_found");
     let wrong_method = app
         .call(Method::PUT, "/api/v1/orgs", Some(&token), None)
         .await;
@@ -301,6 +305,7 @@ async fn database_outage_answers_503() {
             allow_private: false,
             upstream,
             trusted_proxies: api::TrustedProxies::default(),
+            browser: api::BrowserConfig::default(),
         },
     );
     let (base, handle) = testkit::spawn_http(move |cfg| api.configure(cfg));

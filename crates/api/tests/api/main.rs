@@ -4,6 +4,7 @@
 mod accounts;
 mod api_keys;
 mod bola;
+mod browser;
 mod helpers;
 mod http;
 mod members;

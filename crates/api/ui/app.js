@@ -1,0 +1,536 @@
+// llmgw admin UI: a small client of the settings API (/api/v1), no build step.
+// Every value from the server is put in the page as text (never as HTML), and
+// the session lives in the HttpOnly `llmgw_session` cookie, out of this script's reach.
+'use strict';
+
+const S = { cfg: null, user: null, orgs: [], org: null, lastTests: {} };
+const $ = (sel, root) => (root || document).querySelector(sel);
+const ROLES = ['member', 'admin', 'owner'];
+const NAME_RULE = 'Lowercase letters a–z only, at most 64 (e.g. mycompany). Not MyCompany, my-company, my_company or 123test.';
+
+// h('tag.class#id', {attrs, on*: handlers}, ...children): builds elements; strings become text nodes.
+function h(spec, attrs, ...kids) {
+  const [, tag, rest] = spec.match(/^([a-z0-9]+)(.*)$/);
+  const el = document.createElement(tag);
+  for (const m of rest.matchAll(/([.#])([\w-]+)/g)) {
+    if (m[1] === '.') el.classList.add(m[2]); else el.id = m[2];
+  }
+  if (attrs && (typeof attrs !== 'object' || attrs instanceof Node || Array.isArray(attrs))) { kids.unshift(attrs); attrs = null; }
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === null || v === undefined || v === false) continue;
+    if (k.startsWith('on')) el.addEventListener(k.slice(2), v);
+    else if (k === 'text') el.textContent = v;
+    else el.setAttribute(k, v === true ? '' : v);
+  }
+  for (const k of kids.flat(Infinity)) {
+    if (k === null || k === undefined || k === false) continue;
+    el.append(k instanceof Node ? k : document.createTextNode(String(k)));
+  }
+  return el;
+}
+
+class ApiError extends Error {
+  constructor(status, body) {
+    const e = (body && body.error) || {};
+    super(e.message || `request failed (${status})`);
+    this.status = status; this.code = e.code || ''; this.details = e.details || [];
+  }
+}
+
+// GETs started ahead (while a page waits for another answer), each used once.
+const prefetched = new Map();
+function prefetch(path) { if (!prefetched.has(path)) prefetched.set(path, api('GET', path).then((v) => ({ v }), (e) => ({ e }))); }
+
+async function api(method, path, body) {
+  if (method === 'GET' && prefetched.has(path)) {
+    const r = await prefetched.get(path); prefetched.delete(path);
+    if (r.e) throw r.e; return r.v;
+  }
+  const opt = { method, headers: { accept: 'application/json' }, credentials: 'same-origin' };
+  if (body !== undefined) { opt.headers['content-type'] = 'application/json'; opt.body = JSON.stringify(body); }
+  let res;
+  try { res = await fetch('/api/v1' + path, opt); } catch (e) { throw new ApiError(0, { error: { message: 'The server cannot be reached.' } }); }
+  let data = null;
+  if (res.status !== 204) { try { data = await res.json(); } catch (e) { data = null; } }
+  if (!res.ok) {
+    const err = new ApiError(res.status, data);
+    if (res.status === 401 && S.user && !path.startsWith('/auth/')) { S.user = null; go('/signin'); }
+    throw err;
+  }
+  return data;
+}
+const orgPath = (p) => `/orgs/${S.org.id}${p}`;
+const qs = (o) => { const u = new URLSearchParams(); for (const [k, v] of Object.entries(o)) if (v !== '' && v !== null && v !== undefined) u.set(k, v); const s = u.toString(); return s ? '?' + s : ''; };
+
+function toast(msg) { const t = $('#toast'); t.textContent = msg; t.classList.add('on'); clearTimeout(toast.t); toast.t = setTimeout(() => t.classList.remove('on'), 4000); }
+const fmtTime = (t) => (t ? new Date(t).toLocaleString() : '—');
+const fmtNum = (n) => (n === null || n === undefined ? '—' : Number(n).toLocaleString());
+const canAdmin = () => S.org && (S.org.role === 'admin' || S.org.role === 'owner');
+const isOwner = () => S.org && S.org.role === 'owner';
+
+// A labelled input with its hint and error line, tied together for screen readers.
+let fieldSeq = 0;
+function field(label, attrs, hint) {
+  const id = 'f' + (++fieldSeq);
+  const a = Object.assign({}, attrs, { id, options: null, type: attrs.type === 'select' ? null : attrs.type, 'aria-describedby': `${id}-h ${id}-e` });
+  const input = h(attrs.type === 'select' ? 'select' : 'input', a, attrs.options || []);
+  const wrap = h('div.field', h('label', { for: id }, label), input, h('small.hint', { id: id + '-h' }, hint || ''), h('small.err', { id: id + '-e', 'aria-live': 'polite' }));
+  wrap.input = input;
+  wrap.setError = (msg) => { wrap.querySelector('.err').textContent = msg || ''; if (msg) input.setAttribute('aria-invalid', 'true'); else input.removeAttribute('aria-invalid'); };
+  return wrap;
+}
+const opt = (value, label, selected) => h('option', { value, selected: !!selected }, label);
+
+// A form whose submit runs `fn`; the server's refusal appears next to the fields it names, or above the button.
+function form(fields, submitLabel, fn, extra) {
+  const err = h('p.form-err', { role: 'alert' });
+  const btn = h('button.primary', { type: 'submit' }, submitLabel);
+  const f = h('form', { novalidate: true }, Object.values(fields), extra || null, err, btn);
+  f.addEventListener('submit', async (ev) => {
+    ev.preventDefault();
+    err.textContent = '';
+    Object.values(fields).forEach((x) => x.setError(''));
+    btn.disabled = true;
+    try { await fn(); } catch (e) {
+      let named = false;
+      for (const d of e.details || []) {
+        if (fields[d.field]) { fields[d.field].setError(d.message); named = true; }
+      }
+      err.textContent = named ? 'The server refused some fields; see the messages above.' : e.message;
+      const bad = f.querySelector('[aria-invalid]');
+      if (bad) bad.focus();
+    } finally { btn.disabled = false; }
+  });
+  return f;
+}
+const val = (f) => f.input.value.trim();
+
+function table(headers, rows, caption) {
+  // Each cell carries its column's name, shown beside it when the phone layout stacks the rows.
+  for (const r of rows) [...r.children].forEach((c, i) => c.setAttribute('data-label', headers[i] || ''));
+  return h('div.table-wrap', { role: 'region', 'aria-label': caption, tabindex: '0' },
+    h('table', h('caption.sr', caption), h('thead', h('tr', headers.map((x) => h('th', { scope: 'col' }, x)))),
+      h('tbody', rows.length ? rows : h('tr', h('td', { colspan: headers.length }, 'Nothing yet.')))));
+}
+
+// ---------- routing ----------
+const PAGES = {
+  '/signin': { title: 'Sign in', render: signIn, public: true },
+  '/signup': { title: 'Sign up', render: signUp, public: true },
+  '/quickstart': { title: 'Quick start', render: quickStart },
+  '/providers': { title: 'Providers', render: providers },
+  '/keys': { title: 'API keys', render: apiKeys },
+  '/usage': { title: 'Usage', render: usage },
+  '/members': { title: 'Members', render: members },
+  '/org': { title: 'Organization', render: orgSettings },
+  '/invitations': { title: 'My invitations', render: myInvitations, noOrg: true },
+};
+const NAV = ['/quickstart', '/providers', '/keys', '/usage', '/members', '/org', '/invitations'];
+function go(path) { if (location.hash !== '#' + path) location.hash = '#' + path; else render(); }
+function currentPath() { const p = location.hash.slice(1); return PAGES[p] ? p : null; }
+
+async function render() {
+  if (location.hash && !location.hash.startsWith('#/')) return; // the skip link
+  let path = currentPath();
+  if (!S.user) { if (!path || !PAGES[path].public) path = '/signin'; } else if (!path || PAGES[path].public) path = S.org ? '/quickstart' : '/org';
+  if ('#' + path !== location.hash) { history.replaceState(null, '', '#' + path); }
+  const page = PAGES[path];
+  if (S.user && !S.org && !page.noOrg && path !== '/org') return go('/org');
+  document.title = `${page.title} · llmgw`;
+  renderChrome(path);
+  const main = $('#main');
+  const t0 = performance.now();
+  document.body.dataset.busy = path;
+  main.replaceChildren(h('h1', page.title));
+  try { await page.render(main); } catch (e) { main.append(h('p.form-err', { role: 'alert' }, e.message)); }
+  // For the browser test: which page is on screen and how long it took to render.
+  document.body.dataset.page = path;
+  document.body.dataset.renderMs = String(Math.round(performance.now() - t0));
+  if (document.body.dataset.busy === path) delete document.body.dataset.busy;
+  if (render.moved) main.focus(); // after navigation, not on first load
+  render.moved = true;
+}
+
+function renderChrome(path) {
+  const top = $('#top'); const nav = $('#nav');
+  const kids = [h('a.brand', { href: '#/quickstart' }, 'llmgw')];
+  if (S.user) {
+    const sel = h('select#org-switch', { 'aria-label': 'Organization', onchange: (e) => { selectOrg(e.target.value); render(); } },
+      S.orgs.map((o) => opt(o.id, `${o.name} (${o.role})`, S.org && o.id === S.org.id)),
+      S.orgs.length ? null : opt('', 'No organization'));
+    kids.push(h('div.who', sel, h('span.email', S.user.email), h('button.link', { type: 'button', onclick: signOut }, 'Sign out')));
+  }
+  top.replaceChildren(...kids);
+  nav.hidden = !S.user;
+  nav.replaceChildren(h('ul', NAV.map((p) => h('li', h('a', { href: '#' + p, 'aria-current': p === path ? 'page' : null }, PAGES[p].title)))));
+}
+
+function selectOrg(id) {
+  S.org = S.orgs.find((o) => o.id === id) || S.orgs[0] || null;
+  if (S.org) localStorage.setItem('llmgw.org', S.org.id);
+}
+async function loadOrgs() {
+  S.orgs = (await api('GET', '/orgs?limit=100')).data;
+  selectOrg((S.org && S.org.id) || localStorage.getItem('llmgw.org'));
+}
+
+// ---------- sign in / up / out ----------
+function authForm(main, signup) {
+  const c = S.cfg || {};
+  if (c.password_login !== false) {
+    const f = {
+      email: field('Email', { type: 'email', name: 'email', autocomplete: 'email', required: true }),
+      password: field('Password', { type: 'password', name: 'password', autocomplete: signup ? 'new-password' : 'current-password', required: true }, signup ? 'At least 12 characters.' : ''),
+    };
+    main.append(form(f, signup ? 'Create account' : 'Sign in', async () => {
+      const r = await api('POST', signup ? '/auth/signup' : '/auth/login', { email: val(f.email), password: f.password.input.value });
+      S.user = r.user; S.org = null;
+      await loadOrgs();
+      go(S.org ? '/quickstart' : '/org');
+    }));
+  }
+  if (c.sso) main.append(h('p', h('a.button', { href: '/api/v1/auth/oidc/start' }, 'Sign in with SSO')));
+  if (signup) main.append(h('p', 'Have an account? ', h('a', { href: '#/signin' }, 'Sign in')));
+  else if (c.signup && c.password_login !== false) main.append(h('p', 'New here? ', h('a', { href: '#/signup' }, 'Create an account')));
+}
+function signIn(main) { authForm(main, false); }
+function signUp(main) { if (S.cfg && !S.cfg.signup) { main.append(h('p', 'Sign-up is disabled on this server; ask an administrator for an account.')); return; } authForm(main, true); }
+async function signOut() {
+  try { await api('POST', '/auth/logout'); } catch (e) { /* the session is gone either way */ }
+  S.user = null; S.org = null; S.orgs = [];
+  go('/signin');
+}
+
+// ---------- organization ----------
+function orgSettings(main) {
+  if (S.org) {
+    const f = { name: field('Name', { name: 'name', value: S.org.name, required: true, readonly: !canAdmin() }) };
+    main.append(h('section', { 'aria-labelledby': 'rename-h' }, h('h2#rename-h', `Current: ${S.org.name}`),
+      h('p', `Your role: ${S.org.role}.`),
+      canAdmin() ? form(f, 'Rename', async () => {
+        const o = await api('PATCH', orgPath(''), { name: val(f.name) });
+        Object.assign(S.org, { name: o.name }); toast('Organization renamed.'); render();
+      }) : null));
+  } else main.append(h('p', 'You are not in any organization yet. Create one, or accept an invitation under ', h('a', { href: '#/invitations' }, 'My invitations'), '.'));
+  const f = { name: field('Organization name', { name: 'name', required: true }) };
+  main.append(h('section', { 'aria-labelledby': 'create-h' }, h('h2#create-h', 'Create an organization'),
+    form(f, 'Create organization', async () => {
+      const o = await api('POST', '/orgs', { name: val(f.name) });
+      await loadOrgs(); selectOrg(o.id); toast(`Created ${o.name}.`); go('/providers');
+    })));
+}
+
+// ---------- providers ----------
+function providerRules(f, editing) {
+  const errs = {};
+  const name = val(f.name);
+  if (!editing || name) {
+    if (!/^[a-z]+$/.test(name) || name.length > 64) errs.name = NAME_RULE;
+  }
+  const url = val(f.base_url);
+  if (!editing || url) {
+    let u = null;
+    try { u = new URL(url); } catch (e) { u = null; }
+    const http = S.cfg && S.cfg.allow_http;
+    if (!u || !u.host) errs.base_url = 'Enter a full URL, e.g. https://llm.example.com';
+    else if (u.protocol !== 'https:' && !(http && u.protocol === 'http:')) errs.base_url = http ? 'Use an https:// or http:// URL.' : 'Use an https:// URL (plain http is off on this server).';
+    else if (u.username || u.password || u.search || u.hash) errs.base_url = 'No user, query string or fragment.';
+    else if (/\/v1\/?$/.test(u.pathname)) errs.base_url = 'Leave out the /v1 suffix: the gateway appends /v1/chat/completions itself.';
+  }
+  if (f.token && !editing && !f.token.input.value.trim()) errs.token = 'The provider’s API token is required.';
+  return errs;
+}
+function showRules(f, errs) {
+  for (const k of Object.keys(f)) f[k].setError(errs[k] || '');
+  const first = Object.keys(errs)[0];
+  if (first) { f[first].input.focus(); const e = new Error('Fix the highlighted fields.'); e.details = []; throw e; }
+}
+
+async function providers(main) {
+  const list = (await api('GET', orgPath('/provider-keys?limit=100'))).data;
+  S.lastTests = JSON.parse(sessionStorage.getItem('llmgw.tests') || '{}');
+  const rows = list.map((p) => {
+    const t = S.lastTests[p.id];
+    const testCell = h('td.test', t ? testText(t) : 'Not tested');
+    const actions = canAdmin() ? h('div.actions',
+      h('button', { type: 'button', onclick: () => testProvider(p, testCell) }, 'Test connection'),
+      h('button', { type: 'button', onclick: () => editProvider(main, p) }, 'Edit'),
+      h('button', { type: 'button', onclick: async () => { await api('PATCH', orgPath(`/provider-keys/${p.id}`), { status: p.status === 'active' ? 'inactive' : 'active' }); toast(`${p.name} ${p.status === 'active' ? 'disabled' : 'enabled'}.`); render(); } }, p.status === 'active' ? 'Disable' : 'Enable'),
+      h('button.danger', { type: 'button', onclick: async () => { if (!confirm(`Delete provider ${p.name}? Requests for ${p.name}/… will fail.`)) return; await api('DELETE', orgPath(`/provider-keys/${p.id}`)); toast(`Deleted ${p.name}.`); render(); } }, 'Delete')) : null;
+    return h('tr', { 'data-provider': p.name }, h('th', { scope: 'row' }, p.name), h('td.url', p.base_url), h('td', '••••' + p.token_hint),
+      h('td', h('span.badge.' + p.status, p.status)), testCell, canAdmin() ? h('td', actions) : null);
+  });
+  const headers = ['Name', 'Base URL', 'Token', 'Status', 'Last test'].concat(canAdmin() ? ['Actions'] : []);
+  main.append(table(headers, rows, 'Providers'));
+  if (!canAdmin()) { main.append(h('p.note', 'Your role (member) can read providers; admins add and change them.')); return; }
+  const f = {
+    name: field('Name', { name: 'name', autocomplete: 'off', required: true, pattern: '[a-z]+', maxlength: '64', spellcheck: 'false' }, NAME_RULE + ' Clients call models as name/model.'),
+    base_url: field('Base URL', { name: 'base_url', type: 'url', required: true, placeholder: 'https://llm.example.com', spellcheck: 'false' },
+      `${S.cfg && S.cfg.allow_http ? 'https:// (or http://, allowed on this server)' : 'https:// only'}; no /v1 at the end — https://api.example.com is called as https://api.example.com/v1/chat/completions.`),
+    token: field('API token', { name: 'token', type: 'password', autocomplete: 'off', required: true }, 'Write-only: stored encrypted, never shown again (only its last 4 characters).'),
+  };
+  main.append(h('section', { 'aria-labelledby': 'add-h' }, h('h2#add-h', 'Add a provider'),
+    form(f, 'Add provider', async () => {
+      showRules(f, providerRules(f, false));
+      const p = await api('POST', orgPath('/provider-keys'), { name: val(f.name), base_url: val(f.base_url), token: f.token.input.value.trim() });
+      toast(`Added ${p.name}.`); render();
+    })));
+}
+
+function testText(t) {
+  if (!t.reachable) return `Unreachable${t.status ? ` (HTTP ${t.status})` : ''}${t.error ? ': ' + t.error : ''} · ${fmtTime(t.at)}`;
+  return `Reachable · ${t.latency_ms} ms · ${t.model_count ?? '?'} models · ${fmtTime(t.at)}`;
+}
+async function testProvider(p, cell) {
+  cell.textContent = 'Testing…';
+  try {
+    const t = await api('POST', orgPath(`/provider-keys/${p.id}/test`));
+    t.at = new Date().toISOString();
+    S.lastTests[p.id] = t; sessionStorage.setItem('llmgw.tests', JSON.stringify(S.lastTests));
+    cell.textContent = testText(t);
+    toast(`${p.name}: ${testText(t)}`);
+  } catch (e) { cell.textContent = 'Test failed: ' + e.message; }
+}
+
+function editProvider(main, p) {
+  const f = {
+    name: field('Name', { name: 'name', value: p.name, required: true, spellcheck: 'false' }, NAME_RULE),
+    base_url: field('Base URL', { name: 'base_url', type: 'url', value: p.base_url, spellcheck: 'false' }, 'Changing the host, scheme or port needs the token again.'),
+    token: field('New API token', { name: 'token', type: 'password', autocomplete: 'off' }, 'Leave empty to keep the current token (unless the base URL changes).'),
+  };
+  f.base_url.input.addEventListener('input', () => {
+    const changed = val(f.base_url) !== p.base_url;
+    f.token.input.required = changed;
+    f.token.querySelector('.hint').textContent = changed ? 'Required: the stored token is only ever sent to the URL it was saved with.' : 'Leave empty to keep the current token.';
+  });
+  const dlg = h('section.edit', { 'aria-labelledby': 'edit-h' }, h('h2#edit-h', `Edit ${p.name}`),
+    form(f, 'Save changes', async () => {
+      const body = {};
+      if (val(f.name) !== p.name) body.name = val(f.name);
+      if (val(f.base_url) !== p.base_url) body.base_url = val(f.base_url);
+      if (f.token.input.value.trim()) body.token = f.token.input.value.trim();
+      const errs = providerRules(f, true);
+      if (!('name' in body)) delete errs.name;
+      if (!('base_url' in body)) delete errs.base_url;
+      if (body.base_url && !body.token) errs.token = 'Enter the token again: the base URL changed.';
+      showRules(f, errs);
+      if (!Object.keys(body).length) { toast('Nothing changed.'); return; }
+      await api('PATCH', orgPath(`/provider-keys/${p.id}`), body);
+      toast(`Saved ${body.name || p.name}.`); render();
+    }, h('button', { type: 'button', onclick: () => dlg.remove() }, 'Cancel')));
+  const old = $('section.edit', main); if (old) old.remove();
+  main.insertBefore(dlg, main.children[1]);
+  f.name.input.focus();
+}
+
+// ---------- API keys ----------
+async function apiKeys(main) {
+  const list = (await api('GET', orgPath('/api-keys?limit=100'))).data;
+  const rows = list.map((k) => h('tr', { 'data-key': k.name }, h('th', { scope: 'row' }, k.name), h('td', h('code', k.prefix + '…')),
+    h('td', fmtTime(k.created_at)), h('td', fmtTime(k.last_used_at)), h('td', k.expires_at ? fmtTime(k.expires_at) : 'Never'),
+    h('td', k.revoked_at ? h('span.badge.inactive', 'revoked') : h('span.badge.active', 'active')),
+    canAdmin() ? h('td', k.revoked_at ? '' : h('button.danger', { type: 'button', onclick: async () => {
+      if (!confirm(`Revoke the key ${k.name}? Clients using it stop working within a second.`)) return;
+      await api('DELETE', orgPath(`/api-keys/${k.id}`)); toast(`Revoked ${k.name}.`); render();
+    } }, 'Revoke')) : null));
+  const heads = ['Name', 'Key', 'Created', 'Last used', 'Expires', 'Status'].concat(canAdmin() ? ['Actions'] : []);
+  const slot = h('div');
+  main.append(slot, table(heads, rows, 'API keys'));
+  if (!canAdmin()) { main.append(h('p.note', 'Admins create and revoke API keys.')); return; }
+  const f = {
+    name: field('Name', { name: 'name', required: true, autocomplete: 'off' }, 'What it is for, e.g. "backend prod".'),
+    expires_at: field('Expires on (optional)', { name: 'expires_at', type: 'date' }),
+  };
+  main.append(h('section', { 'aria-labelledby': 'newkey-h' }, h('h2#newkey-h', 'Create an API key'),
+    form(f, 'Create key', async () => {
+      const body = { name: val(f.name) };
+      if (val(f.expires_at)) body.expires_at = new Date(val(f.expires_at) + 'T23:59:59Z').toISOString();
+      const k = await api('POST', orgPath('/api-keys'), body);
+      await render();
+      const out = h('input#new-key.mono', { readonly: true, value: k.key, 'aria-label': 'New API key', size: '60' });
+      const box = h('div.secret', { role: 'alert' }, h('h2', `Key “${k.name}” created`),
+        h('p.warn', 'Copy it now: it is shown only once and cannot be recovered.'),
+        h('div.row', out, h('button', { type: 'button', onclick: async () => { try { await navigator.clipboard.writeText(k.key); toast('Copied.'); } catch (e) { out.select(); toast('Press Ctrl+C to copy.'); } } }, 'Copy')));
+      $('#main').insertBefore(box, $('#main').children[1]);
+      out.focus(); out.select();
+    })));
+}
+
+// ---------- usage ----------
+function dayIso(d) { return d.toISOString().slice(0, 10); }
+async function usage(main) {
+  const now = new Date();
+  const st = usage.state || (usage.state = { from: dayIso(new Date(now - 13 * 864e5)), to: dayIso(now), model: '', provider: '', api_key_id: '', endpoint: '' });
+  const range = () => ({ from: new Date(st.from + 'T00:00:00Z').toISOString(), to: new Date(st.to + 'T23:59:59Z').toISOString() });
+  const usagePath = () => orgPath('/usage' + qs(Object.assign({ group_by: 'day' }, range(), { model: st.model, provider: st.provider, api_key_id: st.api_key_id, endpoint: st.endpoint })));
+  const logsPath = (cursor) => orgPath('/logs' + qs(Object.assign({ limit: 20, cursor, provider: st.provider, api_key_id: st.api_key_id }, range())));
+  const auditPath = (cursor) => orgPath('/audit-log' + qs({ limit: 20, cursor }));
+  // The page's data arrives in one round trip, not two.
+  prefetch(usagePath()); prefetch(logsPath(undefined)); if (canAdmin()) prefetch(auditPath(undefined));
+  const [keys, provs] = (await Promise.all([api('GET', orgPath('/api-keys?limit=100')), api('GET', orgPath('/provider-keys?limit=100'))])).map((r) => r.data);
+  const keyName = Object.fromEntries(keys.map((k) => [k.id, k.name]));
+  const f = {
+    from: field('From', { type: 'date', value: st.from }),
+    to: field('To', { type: 'date', value: st.to }),
+    provider: field('Provider', { type: 'select', options: [opt('', 'All')].concat(provs.map((p) => opt(p.name, p.name, p.name === st.provider))) }),
+    api_key_id: field('API key', { type: 'select', options: [opt('', 'All')].concat(keys.map((k) => opt(k.id, k.name, k.id === st.api_key_id))) }),
+    model: field('Model', { value: st.model, placeholder: 'mycompany/llama' }),
+    endpoint: field('Endpoint', { value: st.endpoint, placeholder: 'chat/completions' }),
+  };
+  const charts = h('div.charts');
+  const filters = form(f, 'Apply', async () => { for (const k of Object.keys(f)) st[k] = val(f[k]); await draw(); });
+  filters.classList.add('filters');
+  main.append(h('section', { 'aria-label': 'Filters' }, filters), charts);
+  const logsSec = h('section', { 'aria-labelledby': 'logs-h' }, h('h2#logs-h', 'Request logs'));
+  const auditSec = canAdmin() ? h('section', { 'aria-labelledby': 'audit-h' }, h('h2#audit-h', 'Audit log')) : null;
+  main.append(logsSec, auditSec);
+  async function draw() {
+    const win = range();
+    charts.replaceChildren(h('p', 'Loading…'));
+    const chart = (async () => { try {
+      const rows = (await api('GET', usagePath())).data;
+      const by = Object.fromEntries(rows.map((r) => [r.key, r]));
+      const days = [];
+      for (let d = new Date(win.from); d <= new Date(win.to); d = new Date(+d + 864e5)) days.push(dayIso(d));
+      const pick = (k) => days.map((d) => [d, by[d] ? by[d][k] : 0]);
+      const total = rows.reduce((a, r) => a + r.requests, 0);
+      charts.replaceChildren(
+        h('p.summary', `${fmtNum(total)} requests, ${fmtNum(rows.reduce((a, r) => a + r.errors, 0))} errors, ${fmtNum(rows.reduce((a, r) => a + r.total_tokens, 0))} tokens in this window.`),
+        barChart('Requests per day', pick('requests'), 'c-req'), barChart('Errors per day', pick('errors'), 'c-err'), barChart('Tokens per day', pick('total_tokens'), 'c-tok'));
+    } catch (e) { charts.replaceChildren(h('p.form-err', { role: 'alert' }, e.message)); } })();
+    await Promise.all([chart, pageList(logsSec, logsPath,
+      ['Time', 'Model', 'Provider', 'Key', 'Status', 'Tokens', 'Latency'], (l) => h('tr', h('td', fmtTime(l.created_at)), h('td', l.requested_model || '—'), h('td', l.provider_name || '—'),
+        h('td', keyName[l.api_key_id] || '—'), h('td', h('span.badge.' + (l.status_code < 400 ? 'active' : 'inactive'), String(l.status_code))), h('td', fmtNum(l.total_tokens)), h('td', `${l.latency_ms} ms`)), 'Request logs'),
+      auditSec && pageList(auditSec, auditPath, ['Time', 'Action', 'Target', 'Details'],
+        (a) => h('tr', h('td', fmtTime(a.created_at)), h('td', a.action), h('td', a.target_type), h('td', h('code.details', JSON.stringify(a.details)))), 'Audit log')]);
+  }
+  await draw();
+}
+
+// A cursor-paginated table: "Newer" goes back through the cursors seen.
+async function pageList(sec, pathFor, heads, row, caption) {
+  const stack = [null];
+  const body = h('div');
+  const heading = sec.firstChild;
+  sec.replaceChildren(heading, body);
+  async function show() {
+    const page = await api('GET', pathFor(stack[stack.length - 1]));
+    const prev = h('button', { type: 'button', disabled: stack.length < 2, onclick: () => { stack.pop(); show(); } }, 'Newer');
+    const next = h('button', { type: 'button', disabled: !page.next_cursor, onclick: () => { stack.push(page.next_cursor); show(); } }, 'Older');
+    body.replaceChildren(table(heads, page.data.map(row), caption), h('div.pager', prev, h('span', `Page ${stack.length}`), next));
+  }
+  try { await show(); } catch (e) { body.replaceChildren(h('p.form-err', { role: 'alert' }, e.message)); }
+}
+
+// A bar chart drawn as SVG, with the numbers also in a visually hidden table.
+function barChart(title, points, cls) {
+  const W = 400, H = 130, pad = 26;
+  const max = Math.max(1, ...points.map((p) => p[1]));
+  const bw = (W - pad) / Math.max(points.length, 1);
+  const NS = 'http://www.w3.org/2000/svg';
+  const svg = document.createElementNS(NS, 'svg');
+  svg.setAttribute('viewBox', `0 0 ${W} ${H + 20}`); svg.setAttribute('class', 'chart ' + cls); svg.setAttribute('aria-hidden', 'true');
+  const add = (tag, attrs, text) => { const e = document.createElementNS(NS, tag); for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v); if (text !== undefined) e.textContent = text; svg.append(e); return e; };
+  add('line', { x1: pad, y1: H, x2: W, y2: H, class: 'axis' });
+  add('text', { x: 0, y: 12, class: 'lbl' }, fmtNum(max));
+  add('text', { x: 0, y: H, class: 'lbl' }, '0');
+  points.forEach(([d, v], i) => {
+    const bh = (v / max) * (H - 10);
+    const r = add('rect', { x: pad + i * bw + 1, y: H - bh, width: Math.max(bw - 2, 1), height: bh, class: 'bar', 'data-day': d, 'data-value': v });
+    const t = document.createElementNS(NS, 'title'); t.textContent = `${d}: ${fmtNum(v)}`; r.append(t);
+    if (i % Math.ceil(points.length / 5) === 0) add('text', { x: pad + i * bw + bw / 2, y: H + 14, class: 'lbl', 'text-anchor': 'middle' }, d.slice(5));
+  });
+  const data = h('table.sr', h('caption', title), h('tbody', points.filter((p) => p[1]).map(([d, v]) => h('tr', h('th', d), h('td', String(v))))));
+  return h('figure.chart-box', h('figcaption', title), svg, data);
+}
+
+// ---------- members & invitations ----------
+async function members(main) {
+  if (isOwner()) prefetch(orgPath('/invitations'));
+  const list = (await api('GET', orgPath('/members?limit=100'))).data;
+  const pend = h('section', { 'aria-labelledby': 'pend-h' }, h('h2#pend-h', 'Pending invitations'));
+  const rows = list.map((m) => {
+    const me = m.user_id === S.user.id;
+    const role = isOwner() ? h('select', { 'aria-label': `Role of ${m.email}`, onchange: async (e) => {
+      try { await api('PATCH', orgPath(`/members/${m.user_id}`), { role: e.target.value }); toast(`${m.email} is now ${e.target.value}.`); } catch (err) { toast(err.message); e.target.value = m.role; }
+    } }, ROLES.map((r) => opt(r, r, r === m.role))) : m.role;
+    const remove = (isOwner() || me) ? h('button.danger', { type: 'button', onclick: async () => {
+      if (!confirm(me ? `Leave ${S.org.name}? Your API keys in it are revoked.` : `Remove ${m.email}? Their API keys in ${S.org.name} are revoked.`)) return;
+      const r = await api('DELETE', orgPath(`/members/${m.user_id}`));
+      toast(`${me ? 'Left' : 'Removed ' + m.email}${r && r.revoked_api_keys !== undefined ? `; ${r.revoked_api_keys} API keys revoked` : ''}.`);
+      if (me) { await loadOrgs(); go('/org'); } else render();
+    } }, me ? 'Leave' : 'Remove') : null;
+    return h('tr', h('th', { scope: 'row' }, m.email + (me ? ' (you)' : '')), h('td', role), h('td', fmtTime(m.created_at)), h('td', remove));
+  });
+  main.append(table(['Email', 'Role', 'Member since', ''], rows, 'Members'));
+  if (!isOwner()) { main.append(h('p.note', 'Owners invite members and change roles.')); return; }
+  const slot = h('div');
+  const f = {
+    email: field('Email', { type: 'email', name: 'email', required: true, autocomplete: 'off' }),
+    role: field('Role', { type: 'select', name: 'role', options: ROLES.map((r) => opt(r, r, r === 'member')) }, 'member: reads; admin: manages providers and keys; owner: also members.'),
+  };
+  main.append(h('section', { 'aria-labelledby': 'inv-h' }, h('h2#inv-h', 'Invite someone'), slot,
+    form(f, 'Send invitation', async () => {
+      const inv = await api('POST', orgPath('/members'), { email: val(f.email), role: f.role.input.value });
+      if (inv && inv.token) {
+        slot.replaceChildren(h('div.secret', { role: 'alert' }, h('p', `Invitation for ${inv.email} (${inv.role}). Pass this one-time token on; it is shown only now:`),
+          h('input#invite-token.mono', { readonly: true, value: inv.token, 'aria-label': 'Invitation token', size: '50' }),
+          h('p.hint', 'They sign in as that email, open “My invitations” and paste it.')));
+        $('#invite-token').select();
+        await pending();
+      } else { toast(`${val(f.email)} added.`); render(); }
+    })));
+  main.append(pend);
+  async function pending() {
+    await pageList(pend, (c) => orgPath('/invitations' + qs({ cursor: c })), ['Email', 'Role', 'Expires', ''],
+      (i) => h('tr', h('td', i.email), h('td', i.role), h('td', fmtTime(i.expires_at)), h('td', h('button.danger', { type: 'button', onclick: async () => {
+        if (!confirm(`Cancel the invitation for ${i.email}?`)) return; await api('DELETE', orgPath(`/invitations/${i.id}`)); pending();
+      } }, 'Cancel'))), 'Pending invitations');
+  }
+  await pending();
+}
+
+async function myInvitations(main) {
+  let list = [];
+  try { list = (await api('GET', '/me/invitations')).data; } catch (e) { main.append(h('p.form-err', { role: 'alert' }, e.message)); }
+  main.append(h('p', `Invitations for ${S.user.email}. Paste the token the inviter gave you.`));
+  if (!list.length) main.append(h('p', 'No pending invitations.'));
+  for (const inv of list) {
+    const f = { token: field('Invitation token', { name: 'token', autocomplete: 'off', required: true, spellcheck: 'false' }) };
+    main.append(h('section.card', { 'aria-label': `Invitation to ${inv.org_name || inv.org_id}` }, h('h2', `Join ${inv.org_name || 'an organization'} as ${inv.role}`),
+      h('p.hint', `Expires ${fmtTime(inv.expires_at)}`),
+      form(f, 'Accept', async () => {
+        const org = await api('POST', `/me/invitations/${inv.id}/accept`, { token: val(f.token) });
+        await loadOrgs(); selectOrg(org.id); toast(`You joined ${org.name}.`); go('/quickstart');
+      })));
+  }
+}
+
+// ---------- quick start ----------
+async function quickStart(main) {
+  const provs = (await api('GET', orgPath('/provider-keys?limit=100'))).data.filter((p) => p.status === 'active');
+  const gw = (S.cfg && S.cfg.gateway_public_url) || `${location.protocol}//${location.hostname}:8080`;
+  const name = provs.length ? provs[0].name : 'mycompany';
+  const model = `${name}/MODEL_NAME`;
+  main.append(h('ol.steps',
+    h('li', provs.length ? ['Providers: ', h('strong', provs.map((p) => p.name).join(', ')), ' ready. '] : ['Add a provider under ', h('a', { href: '#/providers' }, 'Providers'), ' (a name like mycompany, its base URL and token).']),
+    h('li', 'Create a gateway key under ', h('a', { href: '#/keys' }, 'API keys'), ' and export it as LLMGW_API_KEY.'),
+    h('li', `Call the gateway with "model": "${name}/<model>". Replace MODEL_NAME with a model your provider serves.`)));
+  if (!(S.cfg && S.cfg.gateway_public_url)) main.append(h('p.note', `Gateway URL guessed as ${gw}; the operator sets LLMGW_GATEWAY_PUBLIC_URL to show the real one.`));
+  const curl = `curl ${gw}/v1/chat/completions \\\n  -H "Authorization: Bearer $LLMGW_API_KEY" \\\n  -H "Content-Type: application/json" \\\n  -d '{"model": "${model}", "messages": [{"role": "user", "content": "Hello"}]}'`;
+  const py = `import os\nfrom openai import OpenAI\n\nclient = OpenAI(base_url="${gw}/v1", api_key=os.environ["LLMGW_API_KEY"])\nresp = client.chat.completions.create(\n    model="${model}",\n    messages=[{"role": "user", "content": "Hello"}],\n)\nprint(resp.choices[0].message.content)`;
+  for (const [title, code] of [['curl', curl], ['OpenAI Python SDK', py]]) {
+    main.append(h('section', { 'aria-label': title }, h('h2', title), h('pre', h('code', code)),
+      h('button', { type: 'button', onclick: () => navigator.clipboard.writeText(code).then(() => toast('Copied.'), () => toast('Select the text to copy.')) }, `Copy ${title}`)));
+  }
+}
+
+// ---------- start ----------
+async function start() {
+  try { S.cfg = await api('GET', '/auth/config'); } catch (e) { S.cfg = { password_login: true, sso: false, signup: true }; }
+  try { S.user = await api('GET', '/me'); await loadOrgs(); } catch (e) { S.user = null; }
+  window.addEventListener('hashchange', render);
+  await render();
+  document.body.dataset.ready = 'true';
+}
+start();
