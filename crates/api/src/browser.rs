@@ -24,7 +24,11 @@ use crate::error::ApiError;
 pub const COOKIE: &str = "llmgw_session";
 
 /// Routes that start a session: checked even without a cookie (login CSRF).
-const SESSION_STARTERS: &[&str] = &["/api/v1/auth/login", "/api/v1/auth/signup"];
+const SESSION_STARTERS: &[&str] = &[
+    "/api/v1/auth/login",
+    "/api/v1/auth/signup",
+    "/api/v1/auth/oidc/link",
+];
 
 /// What the browser part of the API needs to know.
 #[derive(Debug, Clone)]

@@ -440,11 +440,7 @@ pub struct LogQuery {
 impl FromFields for LogQuery {
     fn from_fields(f: &mut Fields) -> Option<Self> {
         let api_key_id = f.optional("api_key_id", parse_uuid("api_key_id"));
-        let provider = f.optional("provider", |s| {
-            storage::domain::ProviderName::parse(s)
-                .map(|n| n.as_str().to_owned())
-                .map_err(|e| ValidationError::new("provider", e.message))
-        });
+        let provider = f.optional("provider", parse_provider);
         let status = f.optional("status", |s| match s.parse::<u16>() {
             Ok(n) if (STATUS_MIN..=STATUS_MAX).contains(&n) => Ok(n as i16),
             _ => Err(ValidationError::new(
@@ -471,22 +467,46 @@ impl FromFields for LogQuery {
     }
 }
 
+fn parse_provider(s: &str) -> Result<String, ValidationError> {
+    storage::domain::ProviderName::parse(s)
+        .map(|n| n.as_str().to_owned())
+        .map_err(|e| ValidationError::new("provider", e.message))
+}
+
+/// Longest `model` and `endpoint` filter values, in characters.
+pub const FILTER_MAX_LEN: usize = 512;
+
+/// A free-text filter value: what it names is compared, never interpreted.
+fn parse_filter_text(field: &'static str) -> impl Fn(&str) -> Result<String, ValidationError> {
+    move |s| {
+        if s.is_empty() || s.chars().count() > FILTER_MAX_LEN {
+            return Err(ValidationError::new(
+                field,
+                format!("{field} must be 1 to {FILTER_MAX_LEN} characters"),
+            ));
+        }
+        Ok(s.to_owned())
+    }
+}
+
 /// `GET /orgs/{org_id}/usage`.
 pub struct UsageQuery {
     pub from: DateTime<Utc>,
     pub to: DateTime<Utc>,
     pub group_by: GroupBy,
+    pub filter: storage::logs::UsageFilter,
 }
 
 /// Window when `from` is not given.
 pub const DEFAULT_USAGE_DAYS: i64 = 30;
 
 /// The `group_by` values, in the order the document lists them.
-pub const GROUP_BY: [(&str, GroupBy); 4] = [
+pub const GROUP_BY: [(&str, GroupBy); 5] = [
     ("day", GroupBy::Day),
     ("model", GroupBy::Model),
     ("provider", GroupBy::Provider),
     ("api_key", GroupBy::ApiKey),
+    ("endpoint", GroupBy::Endpoint),
 ];
 
 /// The names of [`GROUP_BY`], for the document.
@@ -524,6 +544,10 @@ impl FromFields for UsageQuery {
                     )
                 })
         });
+        let model = f.optional("model", parse_filter_text("model"));
+        let provider = f.optional("provider", parse_provider);
+        let api_key_id = f.optional("api_key_id", parse_uuid("api_key_id"));
+        let endpoint = f.optional("endpoint", parse_filter_text("endpoint"));
         let to = to?.unwrap_or_else(Utc::now);
         let from = from?.unwrap_or(to - chrono::Duration::days(DEFAULT_USAGE_DAYS));
         check_window(f, from, to)?;
@@ -531,6 +555,12 @@ impl FromFields for UsageQuery {
             from,
             to,
             group_by: group_by?.unwrap_or(GroupBy::Day),
+            filter: storage::logs::UsageFilter {
+                model: model?,
+                provider_name: provider?,
+                api_key_id: api_key_id?,
+                endpoint: endpoint?,
+            },
         })
     }
 }

@@ -32,7 +32,9 @@ fn param_schema(ty: ParamType) -> Value {
         ParamType::Integer { min, max } => {
             json!({"type": "integer", "minimum": min, "maximum": max})
         }
-        ParamType::Text => json!({"type": "string"}),
+        ParamType::Text { max_len } => {
+            json!({"type": "string", "minLength": 1, "maxLength": max_len})
+        }
         ParamType::Pattern { pattern, max_len } => {
             json!({"type": "string", "pattern": pattern, "maxLength": max_len})
         }

@@ -10,7 +10,9 @@ use crate::error::ApiError;
 use crate::handlers::{
     api_keys, auth, invitations, members, ops, orgs, providers, sessions, ui, usage,
 };
-use crate::input::{GROUP_BY_NAMES, LOG_PAGE_MAX, PAGE_MAX, STATUS_MAX, STATUS_MIN};
+use crate::input::{
+    FILTER_MAX_LEN, GROUP_BY_NAMES, LOG_PAGE_MAX, PAGE_MAX, STATUS_MAX, STATUS_MIN,
+};
 use crate::oidc;
 
 /// Who may call a route.
@@ -32,9 +34,10 @@ pub enum ParamType {
         min: u32,
         max: u32,
     },
-    /// Free text that no rule constrains (no route has one today).
-    #[allow(dead_code)]
-    Text,
+    /// Free text of 1 to `max_len` bytes, compared, never interpreted.
+    Text {
+        max_len: usize,
+    },
     /// A string matching `pattern`, at most `max_len` characters.
     Pattern {
         pattern: &'static str,
@@ -169,7 +172,7 @@ const LOG_QUERY: [Param; 7] = [
     },
 ];
 
-const USAGE_QUERY: [Param; 3] = [
+const USAGE_QUERY: [Param; 7] = [
     Param {
         name: "from",
         ty: ParamType::DateTime,
@@ -184,6 +187,29 @@ const USAGE_QUERY: [Param; 3] = [
         name: "group_by",
         ty: ParamType::Enum(&GROUP_BY_NAMES),
         description: "bucket (default `day`, UTC)",
+    },
+    Param {
+        name: "model",
+        ty: ParamType::Text { max_len: FILTER_MAX_LEN },
+        description: "only requests for this `{customName}/{modelName}`",
+    },
+    Param {
+        name: "provider",
+        ty: ParamType::Pattern {
+            pattern: PROVIDER_NAME_PATTERN,
+            max_len: PROVIDER_NAME_MAX_LEN,
+        },
+        description: "only requests routed to this provider name",
+    },
+    Param {
+        name: "api_key_id",
+        ty: ParamType::Uuid,
+        description: "only requests made with this API key",
+    },
+    Param {
+        name: "endpoint",
+        ty: ParamType::Text { max_len: FILTER_MAX_LEN },
+        description: "only requests to this endpoint (the path after /v1/, e.g. `chat/completions`, `embeddings`)",
     },
 ];
 

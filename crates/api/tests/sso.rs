@@ -396,6 +396,8 @@ impl Browser {
         let req = self
             .http
             .post(url.clone())
+            // A browser sends its page's origin with a form POST.
+            .header("origin", &self.base)
             .header("content-type", "application/x-www-form-urlencoded")
             .body(
                 reqwest::Url::parse_with_params(

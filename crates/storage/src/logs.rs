@@ -48,6 +48,18 @@ pub enum GroupBy {
     Model,
     Provider,
     ApiKey,
+    Endpoint,
+}
+
+/// Which requests the usage sums count (`None`: all).
+#[derive(Debug, Clone, Default)]
+pub struct UsageFilter {
+    /// The requested `{customName}/{modelName}`.
+    pub model: Option<String>,
+    pub provider_name: Option<String>,
+    pub api_key_id: Option<Uuid>,
+    /// The path after `/v1/` (`chat/completions`, `embeddings`, …).
+    pub endpoint: Option<String>,
 }
 
 /// One aggregated usage bucket.
@@ -166,6 +178,7 @@ impl Db {
         from: DateTime<Utc>,
         to: DateTime<Utc>,
         group_by: GroupBy,
+        filter: &UsageFilter,
     ) -> Result<Vec<UsageRow>> {
         let key = match group_by {
             GroupBy::Day => {
@@ -174,6 +187,7 @@ impl Db {
             GroupBy::Model => "requested_model",
             GroupBy::Provider => "provider_name",
             GroupBy::ApiKey => "api_key_id::text",
+            GroupBy::Endpoint => "endpoint",
         };
         Ok(sqlx::query_as::<_, UsageRow>(&format!(
             "SELECT {key} AS key,
@@ -188,11 +202,19 @@ impl Db {
                 percentile_cont(0.95) WITHIN GROUP (ORDER BY latency_ms) AS p95_latency_ms
              FROM request_logs
              WHERE org_id = $1 AND created_at >= $2 AND created_at < $3
+               AND ($4::text IS NULL OR requested_model = $4)
+               AND ($5::text IS NULL OR provider_name = $5)
+               AND ($6::uuid IS NULL OR api_key_id = $6)
+               AND ($7::text IS NULL OR endpoint = $7)
              GROUP BY 1 ORDER BY 1"
         ))
         .bind(org_id)
         .bind(from)
         .bind(to)
+        .bind(filter.model.as_deref())
+        .bind(filter.provider_name.as_deref())
+        .bind(filter.api_key_id)
+        .bind(filter.endpoint.as_deref())
         .fetch_all(&self.pool)
         .await?)
     }

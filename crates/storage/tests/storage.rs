@@ -6,7 +6,7 @@ use storage::accounts::User;
 use storage::api_keys::KeyState;
 use storage::domain::{BaseUrl, Email, ProviderName, ProviderStatus, Role};
 use storage::invitations::InvitationToken;
-use storage::logs::{GroupBy, LogFilter, RequestLog};
+use storage::logs::{GroupBy, LogFilter, RequestLog, UsageFilter};
 use storage::providers::ProviderPatch;
 use storage::secrets::{hash_password, ApiKeySecret, ProviderToken};
 use storage::{Actor, Keyring, StorageError};
@@ -750,6 +750,7 @@ async fn request_logs_batch_insert_list_and_usage() {
             now - Duration::hours(1),
             now + Duration::hours(1),
             GroupBy::Model,
+            &UsageFilter::default(),
         )
         .await
         .unwrap();
@@ -766,6 +767,7 @@ async fn request_logs_batch_insert_list_and_usage() {
             now - Duration::hours(1),
             now + Duration::hours(1),
             GroupBy::Day,
+            &UsageFilter::default(),
         )
         .await
         .unwrap();
@@ -1048,6 +1050,13 @@ async fn removal_racing_key_creation_leaves_no_key_of_a_non_member() {
     let (mut created, mut refused) = (0, 0);
     for _ in 0..30 {
         join(&t, org, owner, admin, "admin@example.com", Role::Admin).await;
+        // One key made before the race, so every round has a key the removal
+        // must revoke whatever the scheduling (a loaded machine can make the
+        // removal win every race).
+        t.db.create_api_key(org, Actor(Some(admin)), "before", None)
+            .await
+            .unwrap();
+        created += 1;
         let creators: Vec<_> = (0..3)
             .map(|i| {
                 let db = t.db.clone();

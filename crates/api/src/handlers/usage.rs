@@ -2,12 +2,11 @@
 
 use actix_web::{web, HttpResponse};
 use serde_json::json;
-use storage::logs::GroupBy;
 
 use super::List;
 use crate::error::ApiError;
 use crate::extract::{role, OrgAccess, Query};
-use crate::input::{LogQuery, PageQuery, UsageQuery, PAGE_MAX};
+use crate::input::{LogQuery, PageQuery, UsageQuery, GROUP_BY, PAGE_MAX};
 use crate::State;
 
 pub async fn logs(
@@ -36,14 +35,12 @@ pub async fn usage(
     let q = query.into_inner()?;
     let rows = state
         .db
-        .usage(access.org_id(), q.from, q.to, q.group_by)
+        .usage(access.org_id(), q.from, q.to, q.group_by, &q.filter)
         .await?;
-    let group_by = match q.group_by {
-        GroupBy::Day => "day",
-        GroupBy::Model => "model",
-        GroupBy::Provider => "provider",
-        GroupBy::ApiKey => "api_key",
-    };
+    let group_by = GROUP_BY
+        .iter()
+        .find(|(_, g)| *g == q.group_by)
+        .map_or("day", |(name, _)| *name);
     Ok(HttpResponse::Ok()
         .json(json!({"from": q.from, "to": q.to, "group_by": group_by, "data": rows})))
 }

@@ -422,3 +422,81 @@ async fn usage_counts_answers_that_had_no_token_counts() {
         "integer"
     );
 }
+
+#[tokio::test]
+async fn usage_filters_by_model_provider_key_and_endpoint_and_groups_by_endpoint() {
+    let Seeded {
+        app,
+        fx,
+        key1,
+        key2,
+    } = seed().await;
+    let org: Uuid = fx.id.parse().unwrap();
+    let d1 = Utc.with_ymd_and_hms(2025, 3, 1, 12, 0, 0).unwrap();
+    let embeddings = [
+        (row(org, key2, "internal", "bge", 200, 10, d1), "embeddings"),
+        (row(org, key2, "internal", "bge", 200, 10, d1), "embeddings"),
+    ];
+    app.db.db.insert_request_logs_at(&embeddings).await.unwrap();
+    let base = format!(
+        "/api/v1/orgs/{}/usage?from=2025-03-01T00:00:00Z&to=2025-03-03T00:00:00Z",
+        fx.id
+    );
+    let total = |q: String| {
+        let app = &app;
+        let url = format!("{base}&{q}");
+        let token = fx.member.clone();
+        async move {
+            let r = app.get(&url, &token).await;
+            r.expect(200);
+            r.body["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d["requests"].as_i64().unwrap())
+                .sum::<i64>()
+        }
+    };
+    assert_eq!(total("model=mycompany/llama".into()).await, 2);
+    assert_eq!(total("provider=internal".into()).await, 5);
+    assert_eq!(total(format!("api_key_id={key1}")).await, 3);
+    assert_eq!(
+        total(format!("api_key_id={key2}&endpoint=embeddings")).await,
+        2
+    );
+    assert_eq!(
+        total("provider=mycompany&model=internal/qwen".into()).await,
+        0,
+        "filters combine"
+    );
+    // Another org's key id filters this org's rows to nothing.
+    assert_eq!(total(format!("api_key_id={}", Uuid::new_v4())).await, 0);
+
+    let r = app
+        .get(&format!("{base}&group_by=endpoint"), &fx.member)
+        .await;
+    r.expect(200);
+    assert_eq!(r.body["group_by"], "endpoint");
+    let by: Vec<(Option<String>, i64)> = r.body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["key"].as_str().map(str::to_owned),
+                d["requests"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert!(by.contains(&(Some("embeddings".into()), 2)), "{by:?}");
+
+    for q in [
+        "model=",
+        "provider=Bad-Name",
+        "api_key_id=nope",
+        "endpoint=",
+    ] {
+        let r = app.get(&format!("{base}&{q}"), &fx.member).await;
+        r.expect(422);
+    }
+}
