@@ -81,6 +81,8 @@ signup = call("POST", "/api/v1/auth/signup", body={"email": "st@example.com", "p
 token, user = signup["token"], signup["user"]["id"]
 # logout ends the session it is called with: it gets a session of its own.
 logout = call("POST", "/api/v1/auth/login", body={"email": "st@example.com", "password": password})["token"]
+# Signing out everywhere ends every session of its caller: another account's.
+everywhere = call("POST", "/api/v1/auth/signup", body={"email": "st-other@example.com", "password": password})["token"]
 org = call("POST", "/api/v1/orgs", token, {"name": "schemathesis"})["id"]
 spare_org = call("POST", "/api/v1/orgs", token, {"name": "deleted by schemathesis"})["id"]
 def provider(name):
@@ -97,6 +99,7 @@ def op(ids, **params):
 with open(config, "w") as f:
     f.write(f'headers = {{ Authorization = "Bearer {token}" }}\ncache = {{ enabled = false }}\n\n')
     f.write(f'[[operations]]\ninclude-operation-id = "logout"\nheaders = {{ Authorization = "Bearer {logout}" }}\n\n')
+    f.write(f'[[operations]]\ninclude-operation-id = "signOutEverywhere"\nheaders = {{ Authorization = "Bearer {everywhere}" }}\n\n')
     f.write(op(["getOrg", "renameOrg", "listMembers", "addMember", "listProviderKeys",
                 "createProviderKey", "listApiKeys", "createApiKey", "listLogs", "usage", "auditLog"],
                org_id=org))
