@@ -47,6 +47,26 @@ pub(crate) async fn insert_user(
     .await?)
 }
 
+/// Stores a session by the digest of its token, on a caller's connection or
+/// transaction.
+pub(crate) async fn insert_session(
+    conn: &mut sqlx::PgConnection,
+    user_id: Uuid,
+    token_digest: &[u8; 32],
+    expires_at: DateTime<Utc>,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO sessions (id, token_digest, user_id, expires_at) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(Uuid::new_v4())
+    .bind(&token_digest[..])
+    .bind(user_id)
+    .bind(expires_at)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 impl Db {
     /// Creates a user; `Conflict` when the email is taken (case-insensitive).
     pub async fn create_user(&self, email: &Email, password_hash: &str) -> Result<User> {
@@ -102,16 +122,8 @@ impl Db {
         token_digest: &[u8; 32],
         expires_at: DateTime<Utc>,
     ) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO sessions (id, token_digest, user_id, expires_at) VALUES ($1, $2, $3, $4)",
-        )
-        .bind(Uuid::new_v4())
-        .bind(&token_digest[..])
-        .bind(user_id)
-        .bind(expires_at)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        let mut conn = self.pool.acquire().await?;
+        insert_session(&mut conn, user_id, token_digest, expires_at).await
     }
 
     /// The user of a session that has neither expired nor gone unused for

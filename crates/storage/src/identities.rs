@@ -3,7 +3,7 @@
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use crate::accounts::{insert_user, User};
+use crate::accounts::{insert_session, insert_user, User};
 use crate::db::Db;
 use crate::domain::Email;
 use crate::error::Result;
@@ -29,24 +29,6 @@ async fn insert_identity(
     .bind(id.subject)
     .bind(user_id)
     .bind(id.email)
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
-async fn insert_session(
-    conn: &mut sqlx::PgConnection,
-    user_id: Uuid,
-    token_digest: &[u8; 32],
-    expires_at: DateTime<Utc>,
-) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO sessions (id, token_digest, user_id, expires_at) VALUES ($1, $2, $3, $4)",
-    )
-    .bind(Uuid::new_v4())
-    .bind(&token_digest[..])
-    .bind(user_id)
-    .bind(expires_at)
     .execute(conn)
     .await?;
     Ok(())

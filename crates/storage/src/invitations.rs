@@ -3,11 +3,7 @@
 //! email and present the one-time token the inviter passed on. The token is
 //! stored as its SHA-256 digest, like API keys and session tokens.
 
-use std::fmt;
-
 use chrono::{DateTime, Duration, Utc};
-use rand::distributions::{Alphanumeric, DistString};
-use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 use serde_json::json;
 use sqlx::PgConnection;
@@ -19,39 +15,10 @@ use crate::db::Db;
 use crate::domain::{Email, Role};
 use crate::error::{Result, StorageError};
 use crate::orgs::{lock_org, member_in, org_in, Org};
-use crate::secrets::sha256;
+pub use crate::secrets::InvitationToken;
 
 /// How long an invitation can be accepted.
 pub const INVITATION_TTL: Duration = Duration::days(7);
-
-/// An invitation's one-time token: `llmgwi_` followed by 43 base62 characters (> 256 bits).
-pub struct InvitationToken(SecretString);
-
-impl fmt::Debug for InvitationToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("InvitationToken([REDACTED])")
-    }
-}
-
-impl InvitationToken {
-    pub fn generate() -> Self {
-        let random = Alphanumeric.sample_string(&mut rand::rngs::OsRng, 43);
-        Self(SecretString::from(format!("llmgwi_{random}")))
-    }
-
-    /// Wraps a token presented by a client (not validated: lookup decides).
-    pub fn from_presented(raw: &str) -> Self {
-        Self(SecretString::from(raw.to_owned()))
-    }
-
-    pub fn expose_secret(&self) -> &str {
-        self.0.expose_secret()
-    }
-
-    pub fn digest(&self) -> [u8; 32] {
-        sha256(self.0.expose_secret())
-    }
-}
 
 /// A pending invitation (never its token).
 #[derive(Debug, Clone, Serialize)]

@@ -118,33 +118,54 @@ impl ApiKeySecret {
     }
 }
 
-/// A login session's bearer token; stored as its SHA-256 digest.
-pub struct SessionToken(SecretString);
+/// A random bearer token stored only as its SHA-256 digest: `$prefix`
+/// followed by `$len` base62 characters.
+macro_rules! digest_token {
+    ($(#[$doc:meta])* $name:ident, $prefix:literal, $len:literal) => {
+        $(#[$doc])*
+        pub struct $name(SecretString);
 
-impl fmt::Debug for SessionToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("SessionToken([REDACTED])")
-    }
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(concat!(stringify!($name), "([REDACTED])"))
+            }
+        }
+
+        impl $name {
+            pub fn generate() -> Self {
+                let random = Alphanumeric.sample_string(&mut rand::rngs::OsRng, $len);
+                Self(SecretString::from(format!(concat!($prefix, "{}"), random)))
+            }
+
+            /// Wraps a token presented by a client (not validated: lookup decides).
+            pub fn from_presented(raw: &str) -> Self {
+                Self(SecretString::from(raw.to_owned()))
+            }
+
+            pub fn expose_secret(&self) -> &str {
+                self.0.expose_secret()
+            }
+
+            pub fn digest(&self) -> [u8; 32] {
+                digest(self.0.expose_secret())
+            }
+        }
+    };
 }
 
-impl SessionToken {
-    pub fn generate() -> Self {
-        let random = Alphanumeric.sample_string(&mut rand::rngs::OsRng, 48);
-        Self(SecretString::from(format!("llmgws_{random}")))
-    }
+digest_token!(
+    /// A login session's bearer token; stored as its SHA-256 digest.
+    SessionToken,
+    "llmgws_",
+    48
+);
 
-    pub fn from_presented(raw: &str) -> Self {
-        Self(SecretString::from(raw.to_owned()))
-    }
-
-    pub fn expose_secret(&self) -> &str {
-        self.0.expose_secret()
-    }
-
-    pub fn digest(&self) -> [u8; 32] {
-        digest(self.0.expose_secret())
-    }
-}
+digest_token!(
+    /// An invitation's one-time token: `llmgwi_` followed by 43 base62 characters (> 256 bits).
+    InvitationToken,
+    "llmgwi_",
+    43
+);
 
 /// SHA-256 of an arbitrary presented secret (for lookups by digest).
 pub fn sha256(value: &str) -> [u8; 32] {
