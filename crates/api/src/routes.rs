@@ -129,20 +129,25 @@ const PAGE: [Param; 2] = [
     },
 ];
 
+/// Filters the request log and the usage report share.
+const API_KEY_FILTER: Param = Param {
+    name: "api_key_id",
+    ty: ParamType::Uuid,
+    description: "only requests made with this API key",
+};
+
+const PROVIDER_FILTER: Param = Param {
+    name: "provider",
+    ty: ParamType::Pattern {
+        pattern: PROVIDER_NAME_PATTERN,
+        max_len: PROVIDER_NAME_MAX_LEN,
+    },
+    description: "only requests routed to this provider name",
+};
+
 const LOG_QUERY: [Param; 7] = [
-    Param {
-        name: "api_key_id",
-        ty: ParamType::Uuid,
-        description: "only requests made with this API key",
-    },
-    Param {
-        name: "provider",
-        ty: ParamType::Pattern {
-            pattern: PROVIDER_NAME_PATTERN,
-            max_len: PROVIDER_NAME_MAX_LEN,
-        },
-        description: "only requests routed to this provider name",
-    },
+    API_KEY_FILTER,
+    PROVIDER_FILTER,
     Param {
         name: "status",
         ty: ParamType::Integer {
@@ -193,19 +198,8 @@ const USAGE_QUERY: [Param; 7] = [
         ty: ParamType::Text { max_len: FILTER_MAX_LEN },
         description: "only requests for this `{customName}/{modelName}`",
     },
-    Param {
-        name: "provider",
-        ty: ParamType::Pattern {
-            pattern: PROVIDER_NAME_PATTERN,
-            max_len: PROVIDER_NAME_MAX_LEN,
-        },
-        description: "only requests routed to this provider name",
-    },
-    Param {
-        name: "api_key_id",
-        ty: ParamType::Uuid,
-        description: "only requests made with this API key",
-    },
+    PROVIDER_FILTER,
+    API_KEY_FILTER,
     Param {
         name: "endpoint",
         ty: ParamType::Text { max_len: FILTER_MAX_LEN },

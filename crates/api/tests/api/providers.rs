@@ -271,12 +271,7 @@ async fn duplicate_names_conflict_even_when_concurrent() {
 #[tokio::test]
 async fn private_upstreams_are_accepted_when_allowed_and_tested() {
     let upstream = MockUpstream::start().await;
-    let app = TestApp::spawn_with(Opts {
-        allow_private: true,
-        ca_file: Some(upstream.ca.ca_file.clone()),
-        ..Opts::default()
-    })
-    .await;
+    let app = spawn_trusting(&upstream).await;
     let (admin, _) = app.signup("ivy@example.com").await;
     let org = app.create_org(&admin, "I").await;
     let secret = "sk-upstream-secret-9876";
@@ -606,14 +601,7 @@ async fn ssrf_refusals_and_test_failures_name_no_address_and_no_cause_chain() {
 /// control and asks for a connectivity test, hoping the stored token follows.
 #[tokio::test]
 async fn base_url_cannot_be_redirected_without_the_token() {
-    let legit = MockUpstream::start().await;
-    let attacker = MockUpstream::start_with_ca(legit.ca.clone()).await;
-    let app = TestApp::spawn_with(Opts {
-        allow_private: true,
-        ca_file: Some(legit.ca.ca_file.clone()),
-        ..Opts::default()
-    })
-    .await;
+    let (legit, attacker, app) = legit_and_attacker().await;
     let (admin, _) = app.signup("mallory@example.com").await;
     let org = app.create_org(&admin, "M").await;
     let secret = "sk-write-only-provider-token-5150";
@@ -690,14 +678,7 @@ async fn base_url_cannot_be_redirected_without_the_token() {
 /// so the connectivity test sends nothing anywhere.
 #[tokio::test]
 async fn base_url_rewritten_in_sql_fails_closed_in_the_test() {
-    let legit = MockUpstream::start().await;
-    let attacker = MockUpstream::start_with_ca(legit.ca.clone()).await;
-    let app = TestApp::spawn_with(Opts {
-        allow_private: true,
-        ca_file: Some(legit.ca.ca_file.clone()),
-        ..Opts::default()
-    })
-    .await;
+    let (legit, attacker, app) = legit_and_attacker().await;
     let (admin, _) = app.signup("eve@example.com").await;
     let org = app.create_org(&admin, "E").await;
     let secret = "sk-sql-rewrite-target-token-77";
@@ -760,4 +741,23 @@ async fn base_url_rewritten_in_sql_fails_closed_in_the_test() {
     .expect(200);
     assert_eq!(attacker.seen().len(), 0, "saving contacts nobody");
     app.assert_never_disclosed(secret);
+}
+
+/// An app that accepts private upstreams and trusts `upstream`'s CA.
+async fn spawn_trusting(upstream: &MockUpstream) -> TestApp {
+    TestApp::spawn_with(Opts {
+        allow_private: true,
+        ca_file: Some(upstream.ca.ca_file.clone()),
+        ..Opts::default()
+    })
+    .await
+}
+
+/// A legitimate upstream, an attacker's upstream under the same CA, and an
+/// app that trusts both.
+async fn legit_and_attacker() -> (MockUpstream, MockUpstream, TestApp) {
+    let legit = MockUpstream::start().await;
+    let attacker = MockUpstream::start_with_ca(legit.ca.clone()).await;
+    let app = spawn_trusting(&legit).await;
+    (legit, attacker, app)
 }
