@@ -211,16 +211,10 @@ async fn last_seen_age(app: &TestApp, token: &str) -> f64 {
 }
 
 async fn login(app: &TestApp, email: &str) -> String {
-    let r = app
-        .call(
-            Method::POST,
-            "/api/v1/auth/login",
-            None,
-            Some(json!({"email": email, "password": PASSWORD})),
-        )
-        .await;
-    r.expect(200);
-    r.body["token"].as_str().unwrap().to_owned()
+    app.login(email).await.body["token"]
+        .as_str()
+        .unwrap()
+        .to_owned()
 }
 
 #[tokio::test]

@@ -28,16 +28,7 @@ fn cookie_of(r: &Resp) -> String {
 
 async fn login(app: &TestApp, email: &str) -> Resp {
     app.signup(email).await;
-    let r = app
-        .call(
-            Method::POST,
-            "/api/v1/auth/login",
-            None,
-            Some(json!({"email": email, "password": PASSWORD})),
-        )
-        .await;
-    r.expect(200);
-    r
+    app.login(email).await
 }
 
 #[tokio::test]

@@ -234,6 +234,20 @@ impl TestApp {
         self.call(Method::DELETE, path, Some(token), None).await
     }
 
+    /// Logs `email` in with the test password; the 200 response.
+    pub async fn login(&self, email: &str) -> Resp {
+        let r = self
+            .call(
+                Method::POST,
+                "/api/v1/auth/login",
+                None,
+                Some(json!({"email": email, "password": PASSWORD})),
+            )
+            .await;
+        r.expect(200);
+        r
+    }
+
     /// Signs up `email`; returns (session token, user id).
     pub async fn signup(&self, email: &str) -> (String, String) {
         let r = self
