@@ -8,7 +8,6 @@ use common::*;
 use gateway::Gateway;
 use serde_json::{json, Value};
 use storage::Actor;
-use testkit::{MockUpstream, TestCa};
 use uuid::Uuid;
 
 #[tokio::test]
@@ -373,15 +372,7 @@ async fn unreachable_upstream_is_502() {
 #[tokio::test]
 async fn untrusted_certificate_is_502() {
     let env = Env::new().await;
-    // Signed by a CA the gateway was not told about.
-    let stranger = MockUpstream::start_with_ca(std::sync::Arc::new(TestCa::new())).await;
-    add_provider(env.db(), env.org.id, "stranger", &stranger.base_url).await;
-    let (msg, code) = openai_error(
-        env.chat(&json!({"model": "stranger/x", "messages": messages()}))
-            .await,
-        502,
-    )
-    .await;
+    let (stranger, msg, code) = chat_to_untrusted_upstream(&env).await;
     assert_eq!(code, "upstream_tls_error");
     assert!(msg.to_lowercase().contains("certificate"), "{msg}");
     assert!(stranger.seen().is_empty());

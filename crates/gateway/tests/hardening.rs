@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use storage::domain::{BaseUrl, ProviderName};
 use storage::secrets::ProviderToken;
 use storage::Actor;
-use testkit::{MockUpstream, TestCa, TestDb};
+use testkit::{MockUpstream, TestDb};
 
 #[tokio::test]
 async fn stream_that_is_not_a_boolean_is_400_and_never_reaches_the_upstream() {
@@ -151,14 +151,7 @@ async fn every_gateway_response_says_nosniff() {
 #[tokio::test]
 async fn untrusted_certificate_502_gives_the_ca_hint_and_no_cause_chain() {
     let env = Env::new().await;
-    let stranger = MockUpstream::start_with_ca(std::sync::Arc::new(TestCa::new())).await;
-    add_provider(env.db(), env.org.id, "stranger", &stranger.base_url).await;
-    let (msg, code) = openai_error(
-        env.chat(&json!({"model": "stranger/x", "messages": messages()}))
-            .await,
-        502,
-    )
-    .await;
+    let (_stranger, msg, code) = chat_to_untrusted_upstream(&env).await;
     assert_eq!(code, "upstream_tls_error");
     assert_eq!(
         msg,

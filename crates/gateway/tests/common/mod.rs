@@ -280,6 +280,20 @@ pub fn messages() -> Value {
 }
 
 /// Asserts OpenAI's error shape and returns `(message, code)`.
+/// A chat to a provider `stranger` whose certificate is signed by a CA the
+/// gateway was not told about; the upstream and the 502's (message, code).
+pub async fn chat_to_untrusted_upstream(env: &Env) -> (MockUpstream, String, String) {
+    let stranger = MockUpstream::start_with_ca(Arc::new(testkit::TestCa::new())).await;
+    add_provider(env.db(), env.org.id, "stranger", &stranger.base_url).await;
+    let (msg, code) = openai_error(
+        env.chat(&json!({"model": "stranger/x", "messages": messages()}))
+            .await,
+        502,
+    )
+    .await;
+    (stranger, msg, code)
+}
+
 pub async fn openai_error(resp: reqwest::Response, status: u16) -> (String, String) {
     assert_eq!(resp.status().as_u16(), status);
     assert!(resp.headers().contains_key("x-request-id"));
