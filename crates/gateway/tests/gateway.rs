@@ -346,18 +346,7 @@ async fn upstream_error_statuses_pass_through_unchanged() {
 #[tokio::test]
 async fn unreachable_upstream_is_502() {
     let env = Env::new().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    add_provider(
-        env.db(),
-        env.org.id,
-        "closed",
-        &format!("https://127.0.0.1:{port}"),
-    )
-    .await;
+    add_closed_port_provider(&env, "closed").await;
     let (msg, code) = openai_error(
         env.chat(&json!({"model": "closed/x", "messages": messages()}))
             .await,
@@ -513,18 +502,7 @@ async fn models_lists_every_active_provider_and_skips_failing_ones() {
         &format!("{}/beta", env.upstream.base_url),
     )
     .await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    add_provider(
-        env.db(),
-        env.org.id,
-        "broken",
-        &format!("https://127.0.0.1:{port}"),
-    )
-    .await;
+    add_closed_port_provider(&env, "broken").await;
     let off = add_provider(env.db(), env.org.id, "off", &env.upstream.base_url).await;
     deactivate(env.db(), env.org.id, off).await;
     let resp = env

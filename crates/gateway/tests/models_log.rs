@@ -31,18 +31,7 @@ async fn a_failing_provider_is_logged_with_its_class_and_the_rest_listed() {
         .with_writer(move || sink.clone())
         .init();
     let env = Env::new().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    add_provider(
-        env.db(),
-        env.org.id,
-        "broken",
-        &format!("https://127.0.0.1:{port}"),
-    )
-    .await;
+    add_closed_port_provider(&env, "broken").await;
     let resp = env
         .http
         .get(format!("{}/v1/models", env.url))

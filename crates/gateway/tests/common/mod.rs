@@ -294,6 +294,22 @@ pub async fn chat_to_untrusted_upstream(env: &Env) -> (MockUpstream, String, Str
     (stranger, msg, code)
 }
 
+/// Adds a provider at a local port nothing listens on (bound, then released).
+pub async fn add_closed_port_provider(env: &Env, name: &str) -> Uuid {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    add_provider(
+        env.db(),
+        env.org.id,
+        name,
+        &format!("https://127.0.0.1:{port}"),
+    )
+    .await
+}
+
 pub async fn openai_error(resp: reqwest::Response, status: u16) -> (String, String) {
     assert_eq!(resp.status().as_u16(), status);
     assert!(resp.headers().contains_key("x-request-id"));
