@@ -81,6 +81,18 @@ async fn run(script: &PathBuf, running: &Running, upstream: &MockUpstream) -> Ou
     cmd.output().await.expect("run bash")
 }
 
+/// GETs `url` with the session `bearer` and parses the JSON body.
+async fn get_json(http: &reqwest::Client, url: &str, bearer: &str) -> Value {
+    http.get(url)
+        .bearer_auth(bearer)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 fn text(out: &Output) -> String {
     format!(
         "status {}\n--- stdout\n{}\n--- stderr\n{}",
@@ -172,30 +184,15 @@ async fn readme_walkthrough_ends_in_an_answer_and_runs_again() {
         .await
         .unwrap();
     let bearer = session["token"].as_str().expect("login").to_owned();
-    let orgs: Value = http
-        .get(format!("{api}/orgs"))
-        .bearer_auth(&bearer)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let orgs: Value = get_json(&http, &format!("{api}/orgs"), &bearer).await;
     let org = orgs["data"][0]["id"].as_str().unwrap().to_owned();
     assert_eq!(
         orgs["data"].as_array().unwrap().len(),
         1,
         "re-runs reuse the org"
     );
-    let providers: Value = http
-        .get(format!("{api}/orgs/{org}/provider-keys"))
-        .bearer_auth(&bearer)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let providers: Value =
+        get_json(&http, &format!("{api}/orgs/{org}/provider-keys"), &bearer).await;
     assert_eq!(providers["data"].as_array().unwrap().len(), 1);
     let id = providers["data"][0]["id"].as_str().unwrap();
     let report: Value = http
