@@ -12,6 +12,7 @@ use storage::domain::{
 use storage::secrets::{MAX_TOKEN_LEN, TOKEN_PATTERN};
 
 use crate::error::ALL_KINDS;
+use crate::handlers::providers::TEST_MODELS_SHOWN;
 use crate::input::{
     GROUP_BY_NAMES, LOGIN_PASSWORD_MAX_CHARS, PASSWORD_MAX_CHARS, PASSWORD_MIN_CHARS,
 };
@@ -376,11 +377,13 @@ fn schemas() -> Value {
         (
             "ProviderTest",
             json!({
-                "type": "object", "required": ["reachable", "status", "latency_ms", "model_count", "error"],
+                "type": "object", "required": ["reachable", "status", "latency_ms", "model_count", "models", "error"],
                 "properties": {"reachable": {"type": "boolean"},
                                "status": {"type": "integer", "nullable": true, "description": "the provider's HTTP status"},
                                "latency_ms": int,
                                "model_count": {"type": "integer", "nullable": true},
+                               "models": {"type": "array", "items": {"type": "string"}, "maxItems": TEST_MODELS_SHOWN,
+                                          "description": "the first model ids the provider lists"},
                                "error": str_or_null},
             }),
         ),

@@ -279,7 +279,9 @@ async function providers(main) {
 
 function testText(t) {
   if (!t.reachable) return `Unreachable${t.status ? ` (HTTP ${t.status})` : ''}${t.error ? ': ' + t.error : ''} · ${fmtTime(t.at)}`;
-  return `Reachable · ${t.latency_ms} ms · ${t.model_count ?? '?'} models · ${fmtTime(t.at)}`;
+  const names = (t.models || []).slice(0, 5).join(', ');
+  const more = (t.model_count || 0) > 5 ? ', …' : '';
+  return `Reachable · ${t.latency_ms} ms · ${t.model_count ?? '?'} models${names ? ` (${names}${more})` : ''} · ${fmtTime(t.at)}`;
 }
 async function testProvider(p, cell) {
   cell.textContent = 'Testing…';

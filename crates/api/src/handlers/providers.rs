@@ -106,6 +106,9 @@ impl From<UpstreamFailure> for ApiError {
 /// The test's answer for a token that cannot be opened; nothing was sent.
 const UNDECRYPTABLE: &str = "the stored token cannot be decrypted for this provider and base URL, so it was not sent: save the token again";
 
+/// How many model ids a connectivity test reports.
+pub const TEST_MODELS_SHOWN: usize = 50;
+
 /// Longest wait for the provider's answer in a connectivity test.
 const TEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most bytes of a `/v1/models` answer read to count the models.
@@ -122,6 +125,8 @@ pub struct TestReport {
     pub latency_ms: u64,
     /// Entries in the `data` array of a successful `/v1/models` answer.
     pub model_count: Option<usize>,
+    /// The first [`TEST_MODELS_SHOWN`] model ids of that answer.
+    pub models: Vec<String>,
     /// Why the test failed; never holds the token.
     pub error: Option<String>,
 }
@@ -144,6 +149,7 @@ pub async fn test(
                 status: None,
                 latency_ms: 0,
                 model_count: None,
+                models: Vec::new(),
                 error: Some(UNDECRYPTABLE.to_owned()),
             }));
         }
@@ -160,6 +166,7 @@ async fn probe(client: &UpstreamClient, p: &ProviderWithToken) -> TestReport {
         status: None,
         latency_ms: start.elapsed().as_millis() as u64,
         model_count: None,
+        models: Vec::new(),
         error: Some(failure.to_string()),
     };
     if let Err(e) = client.check(base_url) {
@@ -189,11 +196,22 @@ async fn probe(client: &UpstreamClient, p: &ProviderWithToken) -> TestReport {
         }
         body.extend_from_slice(&chunk);
     }
-    let model_count = status
+    let listed = status
         .is_success()
         .then(|| serde_json::from_slice::<serde_json::Value>(&body).ok())
+        .flatten();
+    let data = listed
+        .as_ref()
+        .and_then(|v| v.get("data"))
+        .and_then(|d| d.as_array());
+    let model_count = data.map(Vec::len);
+    let models = data
+        .into_iter()
         .flatten()
-        .and_then(|v| v.get("data").and_then(|d| d.as_array()).map(Vec::len));
+        .filter_map(|m| m.get("id").and_then(|id| id.as_str()))
+        .take(TEST_MODELS_SHOWN)
+        .map(str::to_owned)
+        .collect();
     let error = if !status.is_success() {
         Some(UpstreamFailure::status(status.as_u16()).to_string())
     } else if model_count.is_none() {
@@ -206,6 +224,7 @@ async fn probe(client: &UpstreamClient, p: &ProviderWithToken) -> TestReport {
         status: Some(status.as_u16()),
         latency_ms,
         model_count,
+        models,
         error,
     }
 }

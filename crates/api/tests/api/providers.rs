@@ -292,6 +292,7 @@ async fn private_upstreams_are_accepted_when_allowed_and_tested() {
     assert_eq!(report.body["reachable"], true, "{}", report.text);
     assert_eq!(report.body["status"], 200);
     assert_eq!(report.body["model_count"], 2);
+    assert_eq!(report.body["models"], json!(["model-a", "model-b"]));
     assert!(report.body["latency_ms"].as_u64().is_some());
     assert_eq!(report.body["error"], json!(null));
     let seen = upstream.seen();

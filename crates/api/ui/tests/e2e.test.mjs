@@ -224,7 +224,7 @@ test('a new admin adds a provider in the UI, then calls the gateway with a key m
   // Test connection: reachable, latency, model count.
   await row.getByRole('button', { name: 'Test connection' }).click();
   await row.locator('td.test', { hasText: 'Reachable' }).waitFor();
-  assert.match(await row.locator('td.test').innerText(), /Reachable · \d+ ms · 2 models/);
+  assert.match(await row.locator('td.test').innerText(), /Reachable · \d+ ms · 2 models \(llama, qwen\)/);
   await shoot(page, 'providers');
   await axeCheck(page, 'providers');
 
