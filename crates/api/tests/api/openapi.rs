@@ -129,7 +129,7 @@ async fn document_states_the_validators_rules() {
     let usage = "/api/v1/orgs/{org_id}/usage";
     assert_eq!(
         query_param(&doc, usage, "group_by")["enum"],
-        json!(["day", "model", "provider", "api_key"])
+        json!(["day", "model", "provider", "api_key", "endpoint"])
     );
     for path in [usage, logs] {
         let from = doc["paths"][path]["get"]["parameters"]
