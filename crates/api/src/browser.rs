@@ -88,21 +88,30 @@ pub fn clear_cookie(cfg: &BrowserConfig) -> String {
 
 /// The session token of the `llmgw_session` cookie, if any.
 pub fn cookie_token(req: &HttpRequest) -> Option<SessionToken> {
-    cookie_value(req).map(|t| SessionToken::from_presented(&t))
+    cookie(req, COOKIE).map(SessionToken::from_presented)
 }
 
-fn cookie_value(req: &HttpRequest) -> Option<String> {
-    req.headers()
-        .get_all(header::COOKIE)
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(name, value)| *name == COOKIE && !value.is_empty())
-        .map(|(_, value)| value.to_owned())
+/// The value of cookie `name`, if the request carries exactly one non-empty
+/// one (two are ambiguous: which was set by us is unknown).
+pub(crate) fn cookie<'a>(req: &'a HttpRequest, name: &str) -> Option<&'a str> {
+    let mut found = None;
+    for h in req.headers().get_all(header::COOKIE) {
+        for pair in h.to_str().ok()?.split(';') {
+            if let Some((k, v)) = pair.trim().split_once('=') {
+                if k == name && !v.is_empty() {
+                    if found.is_some() {
+                        return None;
+                    }
+                    found = Some(v);
+                }
+            }
+        }
+    }
+    found
 }
 
 fn has_cookie(req: &ServiceRequest) -> bool {
-    cookie_value(req.request()).is_some()
+    cookie(req.request(), COOKIE).is_some()
 }
 
 fn is_unsafe(m: &Method) -> bool {

@@ -203,24 +203,6 @@ fn browser_cookie(value: &str, secure: bool) -> String {
     )
 }
 
-/// The value of cookie `name`, if the request carries exactly one.
-fn cookie<'a>(req: &'a HttpRequest, name: &str) -> Option<&'a str> {
-    let mut found = None;
-    for h in req.headers().get_all(header::COOKIE) {
-        for pair in h.to_str().ok()?.split(';') {
-            if let Some((k, v)) = pair.trim().split_once('=') {
-                if k == name {
-                    if found.is_some() {
-                        return None;
-                    }
-                    found = Some(v);
-                }
-            }
-        }
-    }
-    found
-}
-
 /// A browser id we made: 48 alphanumerics after the prefix.
 fn valid_browser_id(v: &str) -> bool {
     v.len() <= 64 && v.len() >= 48 && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
@@ -551,7 +533,7 @@ pub async fn start(state: web::Data<State>, req: HttpRequest) -> Result<HttpResp
     }
     let (url, csrf, nonce): (Url, CsrfToken, Nonce) = auth.url();
     // Sign-ins started in several tabs of one browser share its id.
-    let browser = cookie(&req, BROWSER_COOKIE)
+    let browser = crate::browser::cookie(&req, BROWSER_COOKIE)
         .filter(|v| valid_browser_id(v))
         .map_or_else(
             || SessionToken::generate().expose_secret().to_owned(),
@@ -610,7 +592,7 @@ async fn finish(state: &State, req: &HttpRequest) -> Result<Page, Page> {
             "This sign-in is unknown, was already used or has expired. Start again.",
         ));
     };
-    if cookie(req, BROWSER_COOKIE) != Some(pending.browser.as_str()) {
+    if crate::browser::cookie(req, BROWSER_COOKIE) != Some(pending.browser.as_str()) {
         return Err(Page::error(
             StatusCode::BAD_REQUEST,
             "Sign-in started elsewhere",

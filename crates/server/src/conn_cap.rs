@@ -11,6 +11,7 @@ use std::task::{Context, Poll};
 
 use actix_web::body::{BodySize, BoxBody, EitherBody, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::Version;
 use actix_web::middleware::Next;
 use actix_web::web::Bytes;
 use actix_web::HttpResponse;
@@ -30,14 +31,15 @@ impl Drop for Slot {
     }
 }
 
-/// The response body, holding its connection slot until it is sent or dropped.
-pub struct Held {
-    body: BoxBody,
-    _slot: Slot,
+/// The response body, holding its connection slot (HTTP/2 only) until it is
+/// sent or dropped. Generic over the inner body, so no request pays for a box.
+pub struct Held<B> {
+    body: B,
+    _slot: Option<Slot>,
 }
 
-impl MessageBody for Held {
-    type Error = Box<dyn std::error::Error>;
+impl<B: MessageBody + Unpin> MessageBody for Held<B> {
+    type Error = B::Error;
 
     fn size(&self) -> BodySize {
         self.body.size()
@@ -51,13 +53,19 @@ impl MessageBody for Held {
     }
 }
 
-pub async fn limit(
+pub async fn limit<B: MessageBody + Unpin + 'static>(
     req: ServiceRequest,
-    next: Next<impl MessageBody + 'static>,
-) -> Result<ServiceResponse<EitherBody<Held, BoxBody>>, actix_web::Error> {
-    let Some(counter) = req.conn_data::<InFlight>().map(|c| c.0.clone()) else {
+    next: Next<B>,
+) -> Result<ServiceResponse<EitherBody<Held<B>, BoxBody>>, actix_web::Error> {
+    // HTTP/1 serves one request of a connection at a time: nothing to count.
+    let counter = (req.version() == Version::HTTP_2)
+        .then(|| req.conn_data::<InFlight>().map(|c| c.0.clone()))
+        .flatten();
+    let Some(counter) = counter else {
         let res = next.call(req).await?;
-        return Ok(res.map_into_boxed_body().map_into_right_body());
+        return Ok(res
+            .map_body(|_, body| Held { body, _slot: None })
+            .map_into_left_body());
     };
     let slot = Slot(counter.clone());
     if counter.fetch_add(1, Ordering::AcqRel) >= MAX_IN_FLIGHT_PER_CONNECTION {
@@ -78,7 +86,9 @@ pub async fn limit(
     }
     let res = next.call(req).await?;
     Ok(res
-        .map_into_boxed_body()
-        .map_body(|_, body| Held { body, _slot: slot })
+        .map_body(|_, body| Held {
+            body,
+            _slot: Some(slot),
+        })
         .map_into_left_body())
 }
