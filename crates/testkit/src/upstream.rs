@@ -506,8 +506,12 @@ pub fn multipart_fields(content_type: &str, body: &[u8]) -> Vec<(String, Option<
         let Some(end) = find(content, next.as_bytes()) else {
             break;
         };
+        let disposition = head
+            .lines()
+            .find(|l| l.to_ascii_lowercase().starts_with("content-disposition:"))
+            .unwrap_or_default();
         let param = |key: &str| {
-            head.split(';').find_map(|p| {
+            disposition.split(';').find_map(|p| {
                 p.trim()
                     .strip_prefix(key)
                     .and_then(|v| v.strip_prefix('='))
