@@ -130,7 +130,7 @@ impl Upload {
 
     /// The upstream's `content-length`: the client's, less the removed `{customName}/`.
     pub fn length(&self) -> Option<u64> {
-        self.declared.map(|n| n - self.split as u64)
+        self.declared.map(|n| n.saturating_sub(self.split as u64))
     }
 
     /// The upstream's body, and the pump that feeds it the rest of the
