@@ -1,5 +1,6 @@
 //! An audio upload near the body limit, against the real binary: with
-//! `model` first the file streams through, so llmgw's memory stays flat.
+//! `model` first the file streams through, so llmgw's memory stays flat;
+//! with `model` last it is held (once), which shows the probe can see it.
 
 mod common;
 
@@ -16,17 +17,26 @@ use common::{llmgw_against, provision, rss_kib, Running};
 const BOUNDARY: &str = "llmgw-rss-boundary-5f1c";
 const MIB: usize = 1024 * 1024;
 
-/// A transcription upload of a `size`-byte file, `model` first, sent in
-/// 64 KiB pieces with a pause between them (a slow client).
-fn slow_upload(size: usize) -> (reqwest::Body, usize) {
-    let head = format!(
-        "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nmycompany/whisper-1\r\n\
-         --{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"long.wav\"\r\nContent-Type: audio/wav\r\n\r\n"
-    );
-    let tail = format!("\r\n--{BOUNDARY}--\r\n");
+const MODEL_PART: &str =
+    "Content-Disposition: form-data; name=\"model\"\r\n\r\nmycompany/whisper-1\r\n";
+const FILE_HEAD: &str = "Content-Disposition: form-data; name=\"file\"; filename=\"long.wav\"\r\nContent-Type: audio/wav\r\n\r\n";
+
+/// A transcription upload of a `size`-byte file, `model` first (or last),
+/// sent in 64 KiB pieces with a pause between them (a slow client).
+fn slow_upload(size: usize, model_first: bool) -> (reqwest::Body, usize) {
+    let (head, tail) = if model_first {
+        (
+            format!("--{BOUNDARY}\r\n{MODEL_PART}--{BOUNDARY}\r\n{FILE_HEAD}"),
+            format!("\r\n--{BOUNDARY}--\r\n"),
+        )
+    } else {
+        (
+            format!("--{BOUNDARY}\r\n{FILE_HEAD}"),
+            format!("\r\n--{BOUNDARY}\r\n{MODEL_PART}--{BOUNDARY}--\r\n"),
+        )
+    };
     let piece = 64 * 1024;
     let pieces = size / piece;
-    let total = head.len() + pieces * piece + tail.len();
     let body = futures_util::stream::iter(
         std::iter::once(head.into_bytes())
             .chain((0..pieces).map(move |i| vec![(i % 251) as u8; piece]))
@@ -81,12 +91,12 @@ async fn a_streamed_upload_near_the_body_limit_keeps_rss_flat() {
             .send()
     };
     // Warm up: the first request sets up connections, TLS and caches.
-    let (small, _) = slow_upload(256 * 1024);
+    let (small, _) = slow_upload(256 * 1024, true);
     assert_eq!(send(small).await.unwrap().status(), 200);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let idle = rss_kib(pid);
 
-    let (body, file) = slow_upload(9 * MIB);
+    let (body, file) = slow_upload(9 * MIB, true);
     let (peak, resp) = peak_during(pid, send(body)).await;
     let resp = resp.unwrap();
     assert_eq!(resp.status(), 200);
@@ -105,6 +115,19 @@ async fn a_streamed_upload_near_the_body_limit_keeps_rss_flat() {
     assert!(
         grown < 3 * 1024,
         "RSS grew by {grown} KiB during a {file}-byte streamed upload"
+    );
+
+    // The same file with `model` last must be held: the probe sees that.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let idle = rss_kib(pid);
+    let (body, _) = slow_upload(9 * MIB, false);
+    let (peak, resp) = peak_during(pid, send(body)).await;
+    assert_eq!(resp.unwrap().status(), 200);
+    let held = peak.saturating_sub(idle);
+    eprintln!("model last: +{held} KiB");
+    assert!(
+        held > 4 * 1024,
+        "an upload held whole grew RSS by only {held} KiB: the probe is blind"
     );
     let (status, ..) = running.terminate();
     assert!(status.success());
