@@ -425,3 +425,59 @@ async fn speech_errors_are_relayed_and_a_missing_model_is_400() {
     assert_eq!(rows.len(), 2);
     env.stop().await;
 }
+
+#[tokio::test]
+async fn a_speech_client_that_leaves_cancels_the_upstream_and_its_row_says_so() {
+    let env = Env::new().await;
+    let mut resp = env
+        .http
+        .post(format!("{}/v1/audio/speech", env.url))
+        .bearer_auth(&env.org.key)
+        .json_body(&json!({"model": "mycompany/tts-1", "input": "a long story"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(!resp.chunk().await.unwrap().unwrap().is_empty());
+    drop(resp);
+    // The gateway notices at its next write, and drops the upstream's answer.
+    eventually("the relay ends", || env.gw.in_flight() == 0).await;
+    let rows = env.rows().await;
+    assert_eq!(rows.len(), 1);
+    assert!(rows[0].streamed && rows[0].canceled, "{:?}", rows[0]);
+    assert_eq!(rows[0].error_class.as_deref(), Some("client_canceled"));
+    assert!(rows[0].ttfb_ms.is_some());
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_streamed_upload_slower_than_the_body_timeout_is_408() {
+    let env = Env::with(Opts {
+        client_body_timeout: Duration::from_millis(400),
+        ..Opts::default()
+    })
+    .await;
+    let body = multipart(&[
+        ("model", None, b"mycompany/whisper-1"),
+        ("file", Some("slow.wav"), &audio(64 * 1024)),
+    ]);
+    // Routed at once, then 16 pieces 50 ms apart: the body takes 800 ms.
+    let resp = upload(
+        &env,
+        "transcriptions",
+        chunked(body, 4096, Duration::from_millis(50)),
+    )
+    .await;
+    let (_, code) = openai_error(resp, 408).await;
+    assert_eq!(code, "request_timeout");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        env.upstream.seen().is_empty(),
+        "the cut upload was not answered"
+    );
+    let rows = env.rows().await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].status_code, 408);
+    assert_eq!(rows[0].provider_name.as_deref(), Some("mycompany"));
+    env.stop().await;
+}
