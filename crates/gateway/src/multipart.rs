@@ -273,12 +273,12 @@ impl ModelScan {
                     if rest.len() < 2 {
                         return Scan::More;
                     }
+                    // The block's length, its last line's CRLF included (0: no headers).
                     let end = if rest.starts_with(b"\r\n") {
-                        // A part without headers.
-                        Some(0)
+                        0
                     } else {
                         match find(buf, b"\r\n\r\n", from.max(at)) {
-                            Ok(i) => Some(i + 2 - at),
+                            Ok(i) => i + 2 - at,
                             Err(from) => {
                                 if buf.len() - at > MAX_PART_HEADERS {
                                     return Scan::Invalid(
@@ -290,7 +290,6 @@ impl ModelScan {
                             }
                         }
                     };
-                    let end = end.unwrap_or_default();
                     if end > MAX_PART_HEADERS {
                         return Scan::Invalid("a multipart part's headers are too long");
                     }
