@@ -80,9 +80,8 @@ impl<'a> ChatRequest<'a> {
         let start = text.as_ptr() as usize - body.as_ptr() as usize;
         let span = start..start + text.len();
         debug_assert_eq!(&body[span.clone()], text.as_bytes());
-        let split = match model.find('/') {
-            Some(i) if i > 0 && i + 1 < model.len() => i + 1,
-            _ => return Err(GatewayError::ModelWithoutProvider(model.into_owned())),
+        let Some(split) = split_model(&model) else {
+            return Err(GatewayError::ModelWithoutProvider(model.into_owned()));
         };
         // Anything but a boolean or null would be read differently by the
         // gateway and the upstream (`"true"`, `1`): OpenAI refuses it too.
@@ -144,6 +143,15 @@ impl<'a> ChatRequest<'a> {
             model,
             usage: self.usage_edit.clone(),
         }
+    }
+}
+
+/// Byte length of `{customName}/` in a model `{customName}/{modelName}`
+/// (split at the first `/`; neither side empty), `None` when it names no provider.
+pub fn split_model(model: &str) -> Option<usize> {
+    match model.find('/') {
+        Some(i) if i > 0 && i + 1 < model.len() => Some(i + 1),
+        _ => None,
     }
 }
 

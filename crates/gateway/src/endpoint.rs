@@ -1,5 +1,6 @@
-//! The OpenAI JSON endpoints the gateway proxies, each routed alike by the
-//! body's `{customName}/{modelName}` to `{base}/v1/{path}`.
+//! The OpenAI endpoints the gateway proxies, each routed alike by the
+//! body's `{customName}/{modelName}` to `{base}/v1/{path}`: the JSON ones
+//! ([`Endpoint::ALL`]) and the multipart audio uploads ([`Endpoint::UPLOADS`]).
 
 /// One proxied endpoint; its [`Endpoint::path`] is `request_logs.endpoint`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -11,11 +12,17 @@ pub(crate) enum Endpoint {
     Rerank,
     ImagesGenerations,
     Responses,
+    /// JSON in, audio bytes out (streamed back).
+    AudioSpeech,
+    /// Multipart in.
+    AudioTranscriptions,
+    /// Multipart in.
+    AudioTranslations,
 }
 
 impl Endpoint {
     /// Every JSON endpoint, as the router registers them.
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 8] = [
         Self::ChatCompletions,
         Self::Completions,
         Self::Embeddings,
@@ -23,7 +30,11 @@ impl Endpoint {
         Self::Rerank,
         Self::ImagesGenerations,
         Self::Responses,
+        Self::AudioSpeech,
     ];
+
+    /// The multipart uploads, routed by their `model` field.
+    pub const UPLOADS: [Self; 2] = [Self::AudioTranscriptions, Self::AudioTranslations];
 
     /// The path after `/v1/`, the same for the client and the upstream.
     pub fn path(self) -> &'static str {
@@ -35,6 +46,9 @@ impl Endpoint {
             Self::Rerank => "rerank",
             Self::ImagesGenerations => "images/generations",
             Self::Responses => "responses",
+            Self::AudioSpeech => "audio/speech",
+            Self::AudioTranscriptions => "audio/transcriptions",
+            Self::AudioTranslations => "audio/translations",
         }
     }
 
@@ -43,5 +57,10 @@ impl Endpoint {
     /// carries it in `response.completed`).
     pub fn asks_stream_usage(self) -> bool {
         matches!(self, Self::ChatCompletions | Self::Completions)
+    }
+
+    /// A successful answer is not JSON but bytes relayed as they arrive (speech audio).
+    pub fn streams_bytes(self) -> bool {
+        matches!(self, Self::AudioSpeech)
     }
 }

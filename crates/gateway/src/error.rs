@@ -46,6 +46,10 @@ pub enum GatewayError {
     PayloadTooLarge(usize),
     #[error("the request body could not be read: {0}")]
     BadBody(String),
+    #[error("{0}")]
+    InvalidMultipart(String),
+    #[error("the `model` field is sent more than once; send it once, of the form {MODEL_FORMAT}")]
+    DuplicateModel,
     #[error("the request body did not arrive within {} ms", .0.as_millis())]
     BodyTimeout(Duration),
     // Upstream failures say only what `UpstreamFailure` says (a class and a
@@ -75,7 +79,7 @@ pub enum GatewayError {
     UpstreamRedirect { provider: String, status: u16 },
     #[error("the provider `{0}` has an unusable configuration; an admin should check its base URL and token")]
     ProviderMisconfigured(String),
-    #[error("unknown route: the gateway serves POST /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/moderations, /v1/rerank, /v1/images/generations, /v1/responses and GET /v1/models")]
+    #[error("unknown route: the gateway serves POST /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/moderations, /v1/rerank, /v1/images/generations, /v1/responses, /v1/audio/speech, /v1/audio/transcriptions, /v1/audio/translations and GET /v1/models")]
     NotFound,
     #[error("method not allowed on this route")]
     MethodNotAllowed,
@@ -121,7 +125,7 @@ impl GatewayError {
                 Some("stream"),
                 ErrorClass::InvalidType,
             ),
-            MissingModel | ModelNotString | ModelWithoutProvider(_) => (
+            MissingModel | ModelNotString | ModelWithoutProvider(_) | DuplicateModel => (
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
                 Some("model"),
@@ -145,7 +149,7 @@ impl GatewayError {
                 None,
                 ErrorClass::RequestTooLarge,
             ),
-            BadBody(_) => (
+            BadBody(_) | InvalidMultipart(_) => (
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
                 None,

@@ -12,6 +12,11 @@
 //! upstream_invalid_json`. A success answered as `text/event-stream` is
 //! handed to the relay even when `stream` was not asked for. An error body
 //! that echoes the provider's token gets `[redacted]` in its place.
+//!
+//! Audio: speech answers (bytes, not JSON) are handed on as a stream like
+//! SSE; an upload ([`forward_upload`]) streams the client's multipart body
+//! and is answered like a JSON request, its text answers (`response_format`
+//! `text`, `srt`, `vtt`) relayed as sent without a class.
 
 use std::time::Duration;
 
@@ -24,6 +29,7 @@ use upstream::{FailureClass, UpstreamFailure};
 
 use crate::cache::ProviderEntry;
 use crate::collect::{read_capped, UpstreamBody};
+use crate::endpoint::Endpoint;
 use crate::error::{ErrorClass, ErrorNote, GatewayError};
 use crate::route::Route;
 use crate::state::State;
@@ -42,6 +48,29 @@ pub(crate) enum Answer {
         /// The gateway asked for usage the client did not: withhold it.
         strip_usage: bool,
     },
+    /// A successful answer of bytes (speech audio), still to be relayed as it arrives.
+    Bytes {
+        status: u16,
+        upstream: reqwest::Response,
+    },
+}
+
+/// An upstream call with the headers every one gets: the provider's token and `x-request-id`.
+fn request(
+    gw: &State,
+    url: reqwest::Url,
+    provider: &ProviderEntry,
+    request_id: &str,
+) -> reqwest::RequestBuilder {
+    let rb = gw
+        .client
+        .http()
+        .post(url)
+        .header(rq::AUTHORIZATION, provider.auth.clone());
+    match rq::HeaderValue::from_str(request_id) {
+        Ok(id) => rb.header(UPSTREAM_REQUEST_ID.clone(), id),
+        Err(_) => rb,
+    }
 }
 
 /// Sends the routed request upstream and reads a non-streamed answer whole.
@@ -56,6 +85,9 @@ pub(crate) async fn forward(
     let mut ask_usage = route.asks_usage();
     let provider = &route.provider;
     let stream = route.stream;
+    let bytes_out = route.endpoint.streams_bytes();
+    // Streams and audio bytes: the timeout bounds the head, then each silence.
+    let streamed = stream || bytes_out;
     let timeout = gw.client.timeout();
     let request_id = log.row.request_id.clone();
     let fail = |e: reqwest::Error| classify(&e, &provider.name, timeout, &request_id);
@@ -63,11 +95,7 @@ pub(crate) async fn forward(
         .url(route.endpoint)
         .ok_or_else(|| GatewayError::ProviderMisconfigured(provider.name.clone()))?;
     let send = |body: Bytes| {
-        let mut rb = gw
-            .client
-            .http()
-            .post(url.clone())
-            .header(rq::AUTHORIZATION, provider.auth.clone())
+        let rb = request(gw, url.clone(), provider, &request_id)
             .header(
                 rq::CONTENT_TYPE,
                 rq::HeaderValue::from_static("application/json"),
@@ -76,16 +104,15 @@ pub(crate) async fn forward(
                 rq::ACCEPT,
                 rq::HeaderValue::from_static(if stream {
                     "text/event-stream"
+                } else if bytes_out {
+                    "*/*"
                 } else {
                     "application/json"
                 }),
-            );
-        if let Ok(id) = rq::HeaderValue::from_str(&request_id) {
-            rb = rb.header(UPSTREAM_REQUEST_ID.clone(), id);
-        }
-        let rb = rb.body(body);
+            )
+            .body(body);
         async move {
-            if stream {
+            if streamed {
                 // Streams: the timeout bounds the wait for the head, then each silence.
                 match tokio::time::timeout(timeout, rb.send()).await {
                     Ok(r) => r.map_err(fail),
@@ -112,7 +139,7 @@ pub(crate) async fn forward(
         .await?;
         if !bytes.windows(14).any(|w| w == b"stream_options") {
             return Ok(Answer::Full(full_answer(
-                provider, log, 400, &headers, bytes,
+                provider, log, 400, &headers, bytes, false,
             )));
         }
         tracing::info!(
@@ -127,6 +154,46 @@ pub(crate) async fn forward(
             .ok_or_else(|| GatewayError::ProviderMisconfigured(provider.name.clone()))?;
         upstream = send(splice.apply(raw, false)).await?;
     }
+    let expect = Expect {
+        stream,
+        strip_usage: ask_usage,
+        bytes_out,
+        text_ok: false,
+    };
+    settle(gw, provider, log, upstream, expect, deadline, &fail).await
+}
+
+/// What a request may be answered with.
+#[derive(Clone, Copy)]
+struct Expect {
+    /// The client asked for a stream.
+    stream: bool,
+    /// The gateway asked for stream usage the client did not: withhold it.
+    strip_usage: bool,
+    /// Success is bytes to stream back (speech audio).
+    bytes_out: bool,
+    /// Success may be text, not JSON (transcriptions).
+    text_ok: bool,
+}
+
+/// What becomes of an upstream's answer once its head is in: a stream to
+/// relay, or a body read whole (within `deadline`) and the row finished.
+async fn settle(
+    gw: &State,
+    provider: &ProviderEntry,
+    log: &mut LogGuard,
+    upstream: reqwest::Response,
+    expect: Expect,
+    deadline: tokio::time::Instant,
+    fail: &impl Fn(reqwest::Error) -> GatewayError,
+) -> Result<Answer, GatewayError> {
+    let Expect {
+        stream,
+        strip_usage,
+        bytes_out,
+        text_ok,
+    } = expect;
+    let timeout = gw.client.timeout();
     let status = upstream.status().as_u16();
     if (300..400).contains(&status) {
         return Err(GatewayError::UpstreamRedirect {
@@ -142,22 +209,81 @@ pub(crate) async fn forward(
         return Ok(Answer::Stream {
             status,
             upstream,
-            strip_usage: ask_usage,
+            strip_usage,
         });
+    }
+    if success && bytes_out {
+        log.row.streamed = true;
+        return Ok(Answer::Bytes { status, upstream });
     }
     log.set_ttfb();
     gw.metrics.upstream_ttfb.observe(log.elapsed());
     let headers = upstream.headers().clone();
     // An error answer to a stream request gets a fresh timeout for its body.
-    let deadline = if stream {
+    let deadline = if stream || bytes_out {
         tokio::time::Instant::now() + timeout
     } else {
         deadline
     };
-    let bytes = read_whole(gw, &provider.name, upstream, deadline, &fail).await?;
+    let bytes = read_whole(gw, &provider.name, upstream, deadline, fail).await?;
     Ok(Answer::Full(full_answer(
-        provider, log, status, &headers, bytes,
+        provider, log, status, &headers, bytes, text_ok,
     )))
+}
+
+/// Sends a multipart upload whose body `pump` streams from the client
+/// (`body` is the upstream's end of it), and reads the answer whole. The
+/// upstream has the upstream timeout to answer once the body is all sent,
+/// and to take each piece of it. Never retried: the body is gone once sent
+/// (retries must leave uploads alone).
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn forward_upload(
+    gw: &State,
+    endpoint: Endpoint,
+    provider: &ProviderEntry,
+    content_type: rq::HeaderValue,
+    length: Option<u64>,
+    body: reqwest::Body,
+    pump: impl std::future::Future<Output = Result<(), GatewayError>>,
+    log: &mut LogGuard,
+) -> Result<Answer, GatewayError> {
+    let timeout = gw.client.timeout();
+    let request_id = log.row.request_id.clone();
+    let fail = |e: reqwest::Error| classify(&e, &provider.name, timeout, &request_id);
+    let url = provider
+        .url(endpoint)
+        .ok_or_else(|| GatewayError::ProviderMisconfigured(provider.name.clone()))?;
+    let mut rb = request(gw, url, provider, &request_id)
+        .header(rq::CONTENT_TYPE, content_type)
+        .header(rq::ACCEPT, rq::HeaderValue::from_static("*/*"));
+    if let Some(n) = length {
+        rb = rb.header(rq::CONTENT_LENGTH, n);
+    }
+    let send = rb.body(body).send();
+    tokio::pin!(send, pump);
+    let upstream = tokio::select! {
+        // The client's faults first: its 413 or 408 is the answer, and
+        // dropping `send` cuts the upload the upstream was getting.
+        biased;
+        pumped = &mut pump => {
+            pumped?;
+            match tokio::time::timeout(timeout, &mut send).await {
+                Ok(r) => r.map_err(&fail)?,
+                Err(_) => return Err(timed_out(&provider.name, timeout)),
+            }
+        }
+        // Answered before the whole upload was read (an early error status):
+        // the rest is not read, and the upstream's answer is relayed.
+        sent = &mut send => sent.map_err(&fail)?,
+    };
+    let deadline = tokio::time::Instant::now() + timeout;
+    let expect = Expect {
+        stream: false,
+        strip_usage: false,
+        bytes_out: false,
+        text_ok: true,
+    };
+    settle(gw, provider, log, upstream, expect, deadline, &fail).await
 }
 
 /// A non-streamed upstream body, within the response cap and `deadline`.
@@ -186,6 +312,7 @@ fn full_answer(
     status: u16,
     headers: &rq::HeaderMap,
     bytes: Bytes,
+    text_ok: bool,
 ) -> HttpResponse {
     let success = (200..300).contains(&status);
     let mut res =
@@ -201,6 +328,9 @@ fn full_answer(
         Some(ErrorClass::UpstreamStatus)
     } else if let Some(u) = usage_of(&bytes) {
         log.set_usage(u);
+        None
+    } else if text_ok && is_text(headers) {
+        // Said to be text (a transcription's `response_format: text`, `srt`, `vtt`): as sent.
         None
     } else if serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_err() {
         // Relayed as sent (the client may know what to do with it), but
@@ -242,11 +372,20 @@ pub(crate) fn relay_headers(from: &rq::HeaderMap, to: &mut actix_web::HttpRespon
 }
 
 fn is_event_stream(headers: &rq::HeaderMap) -> bool {
-    headers
-        .get(rq::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|m| m.trim().eq_ignore_ascii_case("text/event-stream"))
+    mime(headers).is_some_and(|m| m.eq_ignore_ascii_case("text/event-stream"))
+}
+
+/// A `text/*` answer other than an event stream (`text/plain`, `text/vtt`).
+fn is_text(headers: &rq::HeaderMap) -> bool {
+    mime(headers).is_some_and(|m| {
+        m.get(..5).is_some_and(|t| t.eq_ignore_ascii_case("text/"))
+            && !m.eq_ignore_ascii_case("text/event-stream")
+    })
+}
+
+fn mime(headers: &rq::HeaderMap) -> Option<&str> {
+    let v = headers.get(rq::CONTENT_TYPE)?.to_str().ok()?;
+    Some(v.split(';').next().unwrap_or_default().trim())
 }
 
 /// Shortest secret worth redacting: replacing every occurrence of a one- or

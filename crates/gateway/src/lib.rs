@@ -13,11 +13,13 @@ mod forward;
 mod listen;
 mod metrics;
 mod models;
+mod multipart;
 mod observe;
 mod pipeline;
 mod relay;
 mod route;
 mod state;
+mod upload;
 mod usage;
 
 use std::sync::{Arc, Mutex};
@@ -170,6 +172,17 @@ impl Gateway {
                     .route(web::post().to(
                         move |req: HttpRequest, payload: web::Payload, gw: web::Data<State>| {
                             pipeline::proxy(endpoint, req, payload, gw)
+                        },
+                    ))
+                    .default_service(web::to(method_not_allowed)),
+            );
+        }
+        for endpoint in Endpoint::UPLOADS {
+            scope = scope.service(
+                web::resource(format!("/v1/{}", endpoint.path()))
+                    .route(web::post().to(
+                        move |req: HttpRequest, payload: web::Payload, gw: web::Data<State>| {
+                            pipeline::proxy_upload(endpoint, req, payload, gw)
                         },
                     ))
                     .default_service(web::to(method_not_allowed)),

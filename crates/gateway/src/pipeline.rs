@@ -7,6 +7,11 @@
 //! `content-length`), and must arrive within `client_body_timeout` (408).
 //! Valid JSON is not depth-limited here: the parts the gateway does not route
 //! on are skipped without recursion and judged by the upstream.
+//!
+//! The audio uploads ([`proxy_upload`]) are the same pipeline with the body
+//! streamed instead of collected: authenticate → read up to the `model`
+//! field → route → forward while the rest of the body streams through
+//! (see [`crate::upload`]).
 
 use std::time::Instant;
 
@@ -18,11 +23,12 @@ use crate::authenticate::authenticate;
 use crate::collect::read_body;
 use crate::endpoint::Endpoint;
 use crate::error::GatewayError;
-use crate::forward::{forward, relay_headers, Answer};
+use crate::forward::{forward, forward_upload, relay_headers, Answer};
 use crate::observe::request_id;
-use crate::relay::Relay;
-use crate::route::route;
+use crate::relay::{RawRelay, Relay};
+use crate::route::{provider_for, route, storable};
 use crate::state::State;
+use crate::upload::Upload;
 use crate::usage::LogGuard;
 
 /// Any JSON endpoint of [`Endpoint::ALL`], proxied to the same path upstream.
@@ -51,7 +57,60 @@ pub(crate) async fn proxy(
         drop(raw);
         forward(&gw, routed, &mut log).await
     };
-    match answer.await {
+    let answer = answer.await;
+    respond(&gw, log, answer)
+}
+
+/// Any multipart upload of [`Endpoint::UPLOADS`], streamed to the same path upstream.
+pub(crate) async fn proxy_upload(
+    endpoint: Endpoint,
+    req: HttpRequest,
+    mut payload: web::Payload,
+    gw: web::Data<State>,
+) -> Result<HttpResponse, GatewayError> {
+    let start = Instant::now();
+    let key = authenticate(&gw, &req).await?;
+    let mut log = LogGuard::new(
+        gw.usage.clone(),
+        gw.metrics.clone(),
+        request_id(&req),
+        key.org_id,
+        key.id,
+        endpoint.path(),
+        start,
+    );
+    let answer = async {
+        let upload = Upload::read(&req, &mut payload, gw.max_body, gw.body_timeout, |m| {
+            log.row.requested_model = Some(storable(m));
+        })
+        .await?;
+        let provider =
+            provider_for(&gw, &upload.model, upload.provider(), key.org_id, &mut log).await?;
+        let (content_type, length) = (upload.content_type.clone(), upload.length());
+        let (body, pump) = upload.stream(payload, provider.name.clone(), gw.client.timeout());
+        forward_upload(
+            &gw,
+            endpoint,
+            &provider,
+            content_type,
+            length,
+            body,
+            pump,
+            &mut log,
+        )
+        .await
+    };
+    let answer = answer.await;
+    respond(&gw, log, answer)
+}
+
+/// The client's answer, and the row finished (or handed to the relay that finishes it).
+fn respond(
+    gw: &State,
+    mut log: LogGuard,
+    answer: Result<Answer, GatewayError>,
+) -> Result<HttpResponse, GatewayError> {
+    match answer {
         Ok(Answer::Full(res)) => Ok(res),
         Ok(Answer::Stream {
             status,
@@ -69,6 +128,19 @@ pub(crate) async fn proxy(
                 gw.client.timeout(),
                 status,
                 strip_usage,
+            );
+            Ok(res.streaming(stream))
+        }
+        Ok(Answer::Bytes { status, upstream }) => {
+            let mut res =
+                HttpResponse::build(StatusCode::from_u16(status).unwrap_or(StatusCode::OK));
+            relay_headers(upstream.headers(), &mut res);
+            let stream = RawRelay::new(
+                upstream,
+                log,
+                gw.metrics.clone(),
+                gw.client.timeout(),
+                status,
             );
             Ok(res.streaming(stream))
         }

@@ -54,13 +54,35 @@ pub(crate) async fn route(
             log.row.requested_model = Some(storable(m));
         }
     })?;
-    let provider_name = chat.provider();
-    log.row.requested_model = Some(storable(chat.model.as_ref()));
-    log.row.provider_name = Some(storable(provider_name));
-    log.row.upstream_model = Some(storable(chat.upstream_model()));
     log.row.streamed = chat.stream;
+    let provider = provider_for(gw, &chat.model, chat.provider(), org, log).await?;
+    let ask_usage = endpoint.asks_stream_usage()
+        && chat.can_ask_usage()
+        && !gw.refuses_stream_usage(provider.id, endpoint.path());
+    let splice = chat.splice();
+    Ok(Route {
+        endpoint,
+        stream: chat.stream,
+        body: splice.apply(raw, ask_usage),
+        without_usage: ask_usage.then(|| (raw.clone(), splice)),
+        provider,
+    })
+}
+
+/// The org's provider named `{customName}` of `model` (every endpoint routes
+/// through here); the row learns the models and provider as they are known.
+pub(crate) async fn provider_for(
+    gw: &State,
+    model: &str,
+    provider_name: &str,
+    org: uuid::Uuid,
+    log: &mut LogGuard,
+) -> Result<Arc<ProviderEntry>, GatewayError> {
+    log.row.requested_model = Some(storable(model));
+    log.row.provider_name = Some(storable(provider_name));
+    log.row.upstream_model = Some(storable(&model[provider_name.len() + 1..]));
     let not_found = || GatewayError::ModelNotFound {
-        model: chat.model.as_ref().to_owned(),
+        model: model.to_owned(),
         provider: provider_name.to_owned(),
     };
     // Provider names are ^[a-z]+$: anything else cannot exist (and is not worth a lookup).
@@ -82,22 +104,12 @@ pub(crate) async fn route(
             failure,
         });
     }
-    let ask_usage = endpoint.asks_stream_usage()
-        && chat.can_ask_usage()
-        && !gw.refuses_stream_usage(provider.id, endpoint.path());
-    let splice = chat.splice();
-    Ok(Route {
-        endpoint,
-        stream: chat.stream,
-        body: splice.apply(raw, ask_usage),
-        without_usage: ask_usage.then(|| (raw.clone(), splice)),
-        provider,
-    })
+    Ok(provider)
 }
 
 /// A client-chosen string as a usage row may hold it: PostgreSQL text refuses
 /// NUL, and one refused row would send a whole batch down the slow path.
-fn storable(s: &str) -> String {
+pub(crate) fn storable(s: &str) -> String {
     const MAX: usize = 512;
     let mut end = s.len().min(MAX);
     while !s.is_char_boundary(end) {

@@ -19,6 +19,12 @@
 //!   (as some servers do), raw and JSON-escaped;
 //! - `sse-always`: an SSE stream with a usage chunk whatever `stream` says.
 //!
+//! Audio: `POST …/v1/audio/transcriptions` and `/translations` read the
+//! multipart body and answer `{"text": "heard <N> bytes of <filename> as
+//! <model>", "usage": {…tokens 14/5/19}}` (`response_format=text`: that text
+//! as `text/plain`); `POST …/v1/audio/speech` streams [`speech_audio`] of its
+//! `input` as `audio/mpeg`, in [`SPEECH_CHUNKS`] chunks [`SPEECH_GAP`] apart.
+//!
 //! Any path ending in `/v1/chat/completions` or `/v1/models` is served, so
 //! base URLs with a path prefix work. A path segment before `/v1/models`
 //! picks a behaviour for the model list: `fail` (500), `slow` (1 s late),
@@ -273,6 +279,12 @@ async fn handle(req: HttpRequest, body: Bytes, state: web::Data<State>) -> HttpR
             .collect();
         return HttpResponse::Ok().json(json!({"object": "list", "data": data}));
     }
+    if path.ends_with("/v1/audio/transcriptions") || path.ends_with("/v1/audio/translations") {
+        return transcription(&req, &body);
+    }
+    if path.ends_with("/v1/audio/speech") {
+        return speech(&body);
+    }
     if let Some(res) = other_endpoint(path, &body) {
         return res;
     }
@@ -463,6 +475,133 @@ fn other_endpoint(path: &str, body: &[u8]) -> Option<HttpResponse> {
         _ => return None,
     };
     Some(HttpResponse::Ok().json(answer))
+}
+
+/// The fields of a `multipart/form-data` body: (name, filename, content).
+pub fn multipart_fields(content_type: &str, body: &[u8]) -> Vec<(String, Option<String>, Vec<u8>)> {
+    let Some(boundary) = content_type
+        .split(';')
+        .filter_map(|p| p.trim().strip_prefix("boundary="))
+        .map(|b| b.trim_matches('"'))
+        .next()
+    else {
+        return Vec::new();
+    };
+    let delim = format!("--{boundary}");
+    let mut fields = Vec::new();
+    let mut rest = body;
+    let find = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).position(|w| w == needle);
+    let Some(first) = find(rest, delim.as_bytes()) else {
+        return fields;
+    };
+    rest = &rest[first + delim.len()..];
+    let next = format!("\r\n{delim}");
+    while rest.starts_with(b"\r\n") {
+        let part = &rest[2..];
+        let Some(head_end) = find(part, b"\r\n\r\n") else {
+            break;
+        };
+        let head = String::from_utf8_lossy(&part[..head_end]).into_owned();
+        let content = &part[head_end + 4..];
+        let Some(end) = find(content, next.as_bytes()) else {
+            break;
+        };
+        let disposition = head
+            .lines()
+            .find(|l| l.to_ascii_lowercase().starts_with("content-disposition:"))
+            .unwrap_or_default();
+        let param = |key: &str| {
+            disposition.split(';').find_map(|p| {
+                p.trim()
+                    .strip_prefix(key)
+                    .and_then(|v| v.strip_prefix('='))
+                    .map(|v| v.trim_matches('"').to_owned())
+            })
+        };
+        fields.push((
+            param("name").unwrap_or_default(),
+            param("filename"),
+            content[..end].to_vec(),
+        ));
+        rest = &content[end + next.len()..];
+    }
+    fields
+}
+
+fn transcription(req: &HttpRequest, body: &[u8]) -> HttpResponse {
+    let ct = req
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let fields = multipart_fields(ct, body);
+    let text_of = |name: &str| {
+        fields
+            .iter()
+            .find(|f| f.0 == name)
+            .map(|f| String::from_utf8_lossy(&f.2).into_owned())
+    };
+    let Some(file) = fields.iter().find(|f| f.0 == "file") else {
+        return HttpResponse::BadRequest()
+            .json(json!({"error": {"message": "mock: no file field", "param": "file"}}));
+    };
+    let text = format!(
+        "heard {} bytes of {} as {}",
+        file.2.len(),
+        file.1.as_deref().unwrap_or_default(),
+        text_of("model").unwrap_or_default()
+    );
+    if text_of("response_format").as_deref() == Some("text") {
+        return HttpResponse::Ok()
+            .content_type("text/plain; charset=utf-8")
+            .body(format!("{text}\n"));
+    }
+    HttpResponse::Ok().json(json!({"text": text,
+        "usage": {"type": "tokens", "input_tokens": 14, "output_tokens": 5, "total_tokens": 19}}))
+}
+
+/// Chunks of a speech answer, each [`SPEECH_GAP`] after the one before.
+pub const SPEECH_CHUNKS: usize = 8;
+/// Time between two chunks of a speech answer.
+pub const SPEECH_GAP: Duration = Duration::from_millis(40);
+
+/// The 64 KiB the mock's `/v1/audio/speech` answers for `input` (a deterministic sequence).
+pub fn speech_audio(input: &str) -> Vec<u8> {
+    // FNV-1a of the input seeds an xorshift sequence.
+    let mut x = input.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    }) | 1;
+    (0..64 * 1024)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 32) as u8
+        })
+        .collect()
+}
+
+fn speech(body: &[u8]) -> HttpResponse {
+    use futures_util::stream::{self, StreamExt};
+    let body: Value = serde_json::from_slice(body).unwrap_or_default();
+    let Some(input) = body["input"].as_str() else {
+        return HttpResponse::BadRequest()
+            .json(json!({"error": {"message": "mock: no input", "param": "input"}}));
+    };
+    let audio = Bytes::from(speech_audio(input));
+    let size = audio.len() / SPEECH_CHUNKS;
+    let chunks = stream::iter(0..SPEECH_CHUNKS).then(move |i| {
+        let piece = audio.slice(i * size..(i + 1) * size);
+        async move {
+            if i > 0 {
+                tokio::time::sleep(SPEECH_GAP).await;
+            }
+            Ok::<_, actix_web::Error>(piece)
+        }
+    });
+    HttpResponse::Ok()
+        .content_type("audio/mpeg")
+        .streaming(chunks.boxed_local())
 }
 
 fn completion(model: &str, usage: &Value) -> Value {

@@ -22,7 +22,12 @@ pub(crate) struct StreamFault {
 }
 
 impl StreamFault {
-    fn of(fault: Fault<reqwest::Error>, provider: &str, idle: Duration, request_id: &str) -> Self {
+    pub(super) fn of(
+        fault: Fault<reqwest::Error>,
+        provider: &str,
+        idle: Duration,
+        request_id: &str,
+    ) -> Self {
         let e = match fault {
             Fault::Broken(e) => classify(&e, provider, idle, request_id),
             Fault::Idle(after) => timed_out(provider, after),

@@ -4,6 +4,8 @@
 //! read from the events, and withheld when the gateway asked for it on the
 //! client's behalf), [`ErrorEvent`] (a fault becomes a last
 //! OpenAI-shaped event). [`Relay`] on the outside finishes the usage row.
+//! Answers that are bytes, not events (speech audio), go through
+//! [`RawRelay`]: the idle timeout alone.
 //!
 //! Dropped early (the client went away), the relay drops the upstream
 //! response, which closes that request, and its row says canceled. A stream
@@ -12,6 +14,7 @@
 
 mod error_event;
 mod idle;
+mod raw;
 mod usage_tap;
 
 use std::convert::Infallible;
@@ -29,6 +32,8 @@ use crate::usage::LogGuard;
 use error_event::ErrorEvent;
 use idle::IdleTimeout;
 use usage_tap::UsageTap;
+
+pub(crate) use raw::RawRelay;
 
 type UpstreamBody = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
 
