@@ -52,7 +52,12 @@ pub(crate) async fn proxy(
         forward(&gw, routed, &mut log).await
     };
     match answer.await {
-        Ok(Answer::Full(res)) => Ok(res),
+        Ok(Answer::Full(res)) => {
+            if endpoint == Endpoint::Responses {
+                crate::responses::after_create(&gw, key.org_id, &log, &res).await;
+            }
+            Ok(res)
+        }
         Ok(Answer::Stream {
             status,
             upstream,
@@ -62,7 +67,9 @@ pub(crate) async fn proxy(
                 HttpResponse::build(StatusCode::from_u16(status).unwrap_or(StatusCode::OK));
             relay_headers(upstream.headers(), &mut res);
             res.insert_header((ax::CACHE_CONTROL, ax::HeaderValue::from_static("no-cache")));
-            let stream = Relay::new(
+            let watched = (endpoint == Endpoint::Responses)
+                .then(|| (log.row.provider_key_id, log.row.provider_name.clone()));
+            let mut stream = Relay::new(
                 upstream,
                 log,
                 gw.metrics.clone(),
@@ -70,6 +77,9 @@ pub(crate) async fn proxy(
                 status,
                 strip_usage,
             );
+            if let Some((Some(provider_id), Some(name))) = watched {
+                stream = crate::responses::watch(stream, &gw, key.org_id, provider_id, name);
+            }
             Ok(res.streaming(stream))
         }
         Err(e) => {

@@ -59,29 +59,9 @@ pub(crate) async fn route(
     log.row.provider_name = Some(storable(provider_name));
     log.row.upstream_model = Some(storable(chat.upstream_model()));
     log.row.streamed = chat.stream;
-    let not_found = || GatewayError::ModelNotFound {
-        model: chat.model.as_ref().to_owned(),
-        provider: provider_name.to_owned(),
-    };
-    // Provider names are ^[a-z]+$: anything else cannot exist (and is not worth a lookup).
-    if provider_name.len() > 64 || !provider_name.bytes().all(|b| b.is_ascii_lowercase()) {
-        return Err(not_found());
-    }
-    let provider = gw
-        .providers
-        .get(&gw.db, &gw.client, &gw.metrics, org, provider_name)
-        .await?
-        .ok_or_else(not_found)?;
+    let provider = provider_named(gw, org, chat.model.as_ref(), provider_name).await?;
     log.row.provider_key_id = Some(provider.id);
-    if !provider.active {
-        return Err(GatewayError::ProviderInactive(provider.name.clone()));
-    }
-    if let Some(failure) = provider.refused {
-        return Err(GatewayError::UpstreamForbidden {
-            provider: provider.name.clone(),
-            failure,
-        });
-    }
+    usable(&provider)?;
     let ask_usage = endpoint.asks_stream_usage()
         && chat.can_ask_usage()
         && !gw.refuses_stream_usage(provider.id, endpoint.path());
@@ -95,9 +75,46 @@ pub(crate) async fn route(
     })
 }
 
+/// The org's provider called `name` (from the cache), for a request that
+/// asked for `model`: 404 `model_not_found` when there is none.
+pub(crate) async fn provider_named(
+    gw: &State,
+    org: uuid::Uuid,
+    model: &str,
+    name: &str,
+) -> Result<Arc<ProviderEntry>, GatewayError> {
+    let not_found = || GatewayError::ModelNotFound {
+        model: model.to_owned(),
+        provider: name.to_owned(),
+    };
+    // Provider names are ^[a-z]+$: anything else cannot exist (and is not worth a lookup).
+    if name.len() > 64 || !name.bytes().all(|b| b.is_ascii_lowercase()) {
+        return Err(not_found());
+    }
+    gw.providers
+        .get(&gw.db, &gw.client, &gw.metrics, org, name)
+        .await?
+        .ok_or_else(not_found)
+}
+
+/// Whether a provider may be called now: 403 when disabled, 502 when the
+/// connect-time SSRF policy refuses its base URL.
+pub(crate) fn usable(provider: &ProviderEntry) -> Result<(), GatewayError> {
+    if !provider.active {
+        return Err(GatewayError::ProviderInactive(provider.name.clone()));
+    }
+    if let Some(failure) = provider.refused {
+        return Err(GatewayError::UpstreamForbidden {
+            provider: provider.name.clone(),
+            failure,
+        });
+    }
+    Ok(())
+}
+
 /// A client-chosen string as a usage row may hold it: PostgreSQL text refuses
 /// NUL, and one refused row would send a whole batch down the slow path.
-fn storable(s: &str) -> String {
+pub(crate) fn storable(s: &str) -> String {
     const MAX: usize = 512;
     let mut end = s.len().min(MAX);
     while !s.is_char_boundary(end) {
