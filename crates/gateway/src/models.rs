@@ -1,6 +1,8 @@
 //! `GET /v1/models`: the org's active providers' models as `{name}/{id}`;
 //! `GET /v1/models/{customName}/{modelName}`: one of them ([`retrieve_model`]).
-//! Both ask the provider through [`upstream::models`].
+//! Both ask the provider through [`upstream::models`]. Neither writes a
+//! usage row: they are lookups, not model calls (DESIGN counts no usage for
+//! them); the request metrics and the log line count them like every route.
 //!
 //! A provider that fails (unreachable, error status, not a model list, a list
 //! over [`MAX_MODELS_BYTES`]) is left out of the list and logged; the rest are listed.
