@@ -315,3 +315,40 @@ async fn the_database_refuses_a_route_to_another_orgs_provider() {
         .is_none());
     env.stop().await;
 }
+
+#[tokio::test]
+async fn a_deleted_provider_takes_its_response_routes_with_it() {
+    let (env, second) = two_providers().await;
+    let url = env.url.clone();
+    let id = create(&env, &url, "second/gpt-4.1", "bye").await;
+    let provider: uuid::Uuid =
+        sqlx::query_scalar("SELECT id FROM provider_keys WHERE org_id = $1 AND name = 'second'")
+            .bind(env.org.id)
+            .fetch_one(env.db().pool())
+            .await
+            .unwrap();
+    env.db()
+        .delete_provider_key(env.org.id, storage::Actor(None), provider)
+        .await
+        .unwrap();
+    assert!(env
+        .db()
+        .response_route(env.org.id, &id)
+        .await
+        .unwrap()
+        .is_none());
+    // The change reaches the gateway's caches through NOTIFY within moments.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let resp = call(&env, &url, &env.org.key, reqwest::Method::GET, &id).await;
+        if resp.status() == 404 {
+            let (_, code) = openai_error(resp, 404).await;
+            assert_eq!(code, "response_not_found");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still routed");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    drop(second);
+    env.stop().await;
+}
