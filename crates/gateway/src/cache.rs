@@ -237,7 +237,6 @@ pub(crate) struct ProviderEntry {
     pub active: bool,
     pub base_url: BaseUrl,
     pub chat_url: reqwest::Url,
-    pub models_url: reqwest::Url,
     /// `Bearer {token}`, marked sensitive (redacted in `Debug`).
     pub auth: HeaderValue,
     /// Set when the connect-time SSRF policy refuses this base URL.
@@ -276,9 +275,7 @@ impl ProviderEntry {
     pub fn prepare(p: ProviderWithToken, client: &upstream::UpstreamClient) -> Option<Self> {
         let base_url = p.provider.base_url;
         let chat_url = reqwest::Url::parse(&base_url.endpoint("chat/completions")).ok()?;
-        let models_url = reqwest::Url::parse(&base_url.endpoint("models")).ok()?;
-        let mut auth = HeaderValue::try_from(format!("Bearer {}", p.token.expose_secret())).ok()?;
-        auth.set_sensitive(true);
+        let auth = upstream::bearer(p.token.expose_secret())?;
         let refused = client.check(&base_url).err().map(|e| {
             tracing::info!(provider = %p.provider.name.as_str(), error = %e, "provider refused by the SSRF policy");
             upstream::UpstreamFailure::from(&e)
@@ -289,7 +286,6 @@ impl ProviderEntry {
             active: p.provider.status == ProviderStatus::Active,
             base_url,
             chat_url,
-            models_url,
             auth,
             refused,
             loaded: Instant::now(),

@@ -40,6 +40,10 @@ pub enum GatewayError {
     ModelWithoutProvider(String),
     #[error("the model `{model}` does not exist: there is no provider named `{provider}` in your organization")]
     ModelNotFound { model: String, provider: String },
+    #[error("the model `{model}` does not exist at the provider `{provider}`")]
+    UpstreamModelNotFound { model: String, provider: String },
+    #[error("no response with id `{0}` was created through this gateway by your organization")]
+    ResponseNotFound(String),
     #[error("the provider `{0}` is disabled in your organization; an admin can re-enable it")]
     ProviderInactive(String),
     #[error("the request body is larger than the gateway's limit of {0} bytes")]
@@ -79,7 +83,7 @@ pub enum GatewayError {
     UpstreamRedirect { provider: String, status: u16 },
     #[error("the provider `{0}` has an unusable configuration; an admin should check its base URL and token")]
     ProviderMisconfigured(String),
-    #[error("unknown route: the gateway serves POST /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/moderations, /v1/rerank, /v1/images/generations, /v1/responses, /v1/audio/speech, /v1/audio/transcriptions, /v1/audio/translations and GET /v1/models")]
+    #[error("unknown route: the gateway serves POST /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/moderations, /v1/rerank, /v1/images/generations, /v1/responses, /v1/audio/speech, /v1/audio/transcriptions, /v1/audio/translations, GET|DELETE /v1/responses/{{id}} (and its /cancel, /input_items), GET /v1/models and GET /v1/models/{{model}}")]
     NotFound,
     #[error("method not allowed on this route")]
     MethodNotAllowed,
@@ -131,11 +135,17 @@ impl GatewayError {
                 Some("model"),
                 ErrorClass::InvalidModel,
             ),
-            ModelNotFound { .. } => (
+            ModelNotFound { .. } | UpstreamModelNotFound { .. } => (
                 StatusCode::NOT_FOUND,
                 "invalid_request_error",
                 Some("model"),
                 ErrorClass::ModelNotFound,
+            ),
+            ResponseNotFound(_) => (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                None,
+                ErrorClass::ResponseNotFound,
             ),
             ProviderInactive(_) => (
                 StatusCode::FORBIDDEN,
@@ -262,6 +272,8 @@ pub enum ErrorClass {
     InvalidModel,
     /// `model_not_found`
     ModelNotFound,
+    /// `response_not_found`
+    ResponseNotFound,
     /// `provider_inactive`
     ProviderInactive,
     /// `request_too_large`
@@ -312,6 +324,7 @@ impl ErrorClass {
             InvalidType => "invalid_type",
             InvalidModel => "invalid_model",
             ModelNotFound => "model_not_found",
+            ResponseNotFound => "response_not_found",
             ProviderInactive => "provider_inactive",
             RequestTooLarge => "request_too_large",
             InvalidBody => "invalid_body",

@@ -341,7 +341,13 @@ fn full_answer(
         None
     };
     log.finish(status, error_class);
+    let created = (success && log.endpoint == Endpoint::Responses.path())
+        .then(|| crate::responses::created_id(&bytes))
+        .flatten();
     let mut res = res.body(bytes);
+    if let Some(id) = created {
+        res.extensions_mut().insert(crate::responses::Created(id));
+    }
     if let Some(code) = error_class {
         res.extensions_mut()
             .insert(ErrorNote { code, detail: None });
@@ -394,7 +400,7 @@ const MIN_REDACTED_LEN: usize = 4;
 
 /// `body` with every occurrence of each secret, raw or as JSON escapes it
 /// (`\/`, `\"`, `\\`), replaced by `[redacted]`.
-fn redact<'a>(body: Bytes, secrets: impl Iterator<Item = &'a [u8]>) -> Bytes {
+pub(crate) fn redact<'a>(body: Bytes, secrets: impl Iterator<Item = &'a [u8]>) -> Bytes {
     let mut out: Option<Vec<u8>> = None;
     for secret in secrets.filter(|s| s.len() >= MIN_REDACTED_LEN) {
         let mut forms = vec![secret.to_vec()];

@@ -17,6 +17,7 @@ mod multipart;
 mod observe;
 mod pipeline;
 mod relay;
+mod responses;
 mod route;
 mod state;
 mod upload;
@@ -118,6 +119,7 @@ impl Gateway {
             keys: KeyCache::new(cfg.cache_ttl),
             providers: ProviderCache::new(cfg.cache_ttl),
             models: models::ModelsCache::new(cfg.models_cache_ttl),
+            responses: responses::ResponseRoutes::new(),
             usage: usage.clone(),
             metrics,
             shutdown,
@@ -164,6 +166,12 @@ impl Gateway {
                     .route(web::get().to(models::list_models))
                     .default_service(web::to(method_not_allowed)),
             )
+            .service(
+                web::resource("/v1/models/{tail:.*}")
+                    .route(web::get().to(models::retrieve_model))
+                    .default_service(web::to(method_not_allowed)),
+            )
+            .configure(responses::configure)
             .route("/healthz", web::get().to(healthz))
             .route("/readyz", web::get().to(readyz));
         for endpoint in Endpoint::ALL {

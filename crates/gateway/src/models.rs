@@ -1,7 +1,11 @@
-//! `GET /v1/models`: the org's active providers' models as `{name}/{id}`.
+//! `GET /v1/models`: the org's active providers' models as `{name}/{id}`;
+//! `GET /v1/models/{customName}/{modelName}`: one of them ([`retrieve_model`]).
+//! Both ask the provider through [`upstream::models`]. Neither writes a
+//! usage row: they are lookups, not model calls (DESIGN counts no usage for
+//! them); the request metrics and the log line count them like every route.
 //!
 //! A provider that fails (unreachable, error status, not a model list, a list
-//! over [`MAX_LIST_BYTES`]) is left out and logged; the rest are listed.
+//! over [`MAX_MODELS_BYTES`]) is left out of the list and logged; the rest are listed.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,16 +18,16 @@ use bytes::Bytes;
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
+use actix_web::http::StatusCode;
+use upstream::body::UpstreamBody;
+use upstream::models::{ModelList, ModelsProbe, ProbeError, MAX_MODELS_BYTES, PROBE_TIMEOUT};
+
 use crate::authenticate::authenticate;
 use crate::cache::ProviderEntry;
-use crate::collect::{read_capped, UpstreamBody};
-use crate::error::GatewayError;
+use crate::error::{ErrorClass, ErrorNote, GatewayError};
+use crate::forward::{classify, redact, relay_headers};
+use crate::observe::request_id;
 use crate::state::State;
-
-/// Longest wait for one provider's model list.
-const PER_PROVIDER_TIMEOUT: Duration = Duration::from_secs(10);
-/// Largest model list read from one provider; a larger one counts as a failure.
-const MAX_LIST_BYTES: usize = 4 * 1024 * 1024;
 /// How long a list missing a failed provider is reused: long enough that a
 /// dead provider does not make every call fan out, short enough to notice it is back.
 const INCOMPLETE_TTL: Duration = Duration::from_secs(5);
@@ -149,9 +153,24 @@ fn skipped(p: &ProviderEntry, e: &reqwest::Error) {
     );
 }
 
-#[derive(serde::Deserialize)]
-struct ModelList {
-    data: Vec<Map<String, Value>>,
+/// A provider's model entry as the gateway shows it: `id` prefixed with
+/// `{name}/`, `object` and `owned_by` filled in when the provider left them out.
+fn renamed(name: &str, mut m: Map<String, Value>) -> Option<Value> {
+    let id = format!("{name}/{}", m.get("id")?.as_str()?);
+    m.insert("id".into(), Value::String(id));
+    m.entry("object")
+        .or_insert_with(|| Value::String("model".into()));
+    m.entry("owned_by")
+        .or_insert_with(|| Value::String(name.to_owned()));
+    Some(Value::Object(m))
+}
+
+fn probe<'a>(p: &'a ProviderEntry, client: &'a upstream::UpstreamClient) -> ModelsProbe<'a> {
+    ModelsProbe {
+        client,
+        base_url: &p.base_url,
+        auth: &p.auth,
+    }
 }
 
 /// One provider's models, renamed `{name}/{id}`; `None` (logged) when it fails.
@@ -160,57 +179,214 @@ async fn fetch(client: &upstream::UpstreamClient, p: ProviderEntry) -> Option<Ve
         tracing::warn!(provider = %p.name, class = %failure.class, "skipping provider in /v1/models");
         return None;
     }
-    let sent = client
-        .http()
-        .get(p.models_url.clone())
-        .header(reqwest::header::AUTHORIZATION, p.auth.clone())
-        .header(
-            reqwest::header::ACCEPT,
-            reqwest::header::HeaderValue::from_static("application/json"),
-        )
-        .timeout(client.timeout().min(PER_PROVIDER_TIMEOUT))
-        .send()
-        .await;
-    let resp = match sent {
-        Ok(r) if r.status().is_success() => r,
-        Ok(r) => {
-            let class = upstream::FailureClass::Status(r.status().as_u16());
-            tracing::warn!(provider = %p.name, %class, "skipping provider in /v1/models");
+    let answer = match probe(&p, client).list().await {
+        Ok(a) => a,
+        Err(ProbeError::Send(e)) => {
+            skipped(&p, &e);
             return None;
         }
         Err(e) => {
-            skipped(&p, &e);
+            tracing::warn!(provider = %p.name, error = %e, "skipping provider in /v1/models");
             return None;
         }
     };
-    // The request's timeout (set above) also bounds reading the body.
-    let bytes = match read_capped(resp, MAX_LIST_BYTES).await {
-        Ok(b) => b,
+    if !answer.is_success() {
+        let class = upstream::FailureClass::Status(answer.status);
+        tracing::warn!(provider = %p.name, %class, "skipping provider in /v1/models");
+        return None;
+    }
+    match &answer.body {
+        Ok(_) => {}
         Err(UpstreamBody::TooLarge) => {
-            tracing::warn!(provider = %p.name, limit = MAX_LIST_BYTES, "skipping provider in /v1/models: its list is too large");
+            tracing::warn!(provider = %p.name, limit = MAX_MODELS_BYTES, "skipping provider in /v1/models: its list is too large");
             return None;
         }
         Err(UpstreamBody::Failed(e)) => {
-            skipped(&p, &e);
+            skipped(&p, e);
             return None;
         }
-    };
-    let Ok(list) = serde_json::from_slice::<ModelList>(&bytes) else {
+    }
+    let Some(list) = answer.list() else {
         tracing::warn!(provider = %p.name, "skipping provider in /v1/models: not an OpenAI model list");
         return None;
     };
-    Some(
-        list.data
-            .into_iter()
-            .filter_map(|mut m| {
-                let id = format!("{}/{}", p.name, m.get("id")?.as_str()?);
-                m.insert("id".into(), Value::String(id));
-                m.entry("object")
-                    .or_insert_with(|| Value::String("model".into()));
-                m.entry("owned_by")
-                    .or_insert_with(|| Value::String(p.name.clone()));
-                Some(Value::Object(m))
-            })
-            .collect(),
-    )
+    Some(list.models().filter_map(|m| renamed(&p.name, m)).collect())
+}
+
+/// `GET /v1/models/{customName}/{modelName}`: one model, from the
+/// provider's `GET /v1/models/{modelName}`, its `id` prefixed back. SDKs
+/// percent-encode the `/` in the id and some do not, so the whole path
+/// tail is taken and decoded once, then split at its first `/`. A provider
+/// without that route (vLLM answers 404 or 405) is answered from its list;
+/// a model in neither is 404 `model_not_found`.
+///
+/// Like `GET /v1/models`, this writes no usage row: it is a lookup, not a
+/// model call (DESIGN's endpoint table counts no usage for it). It is
+/// counted in the request metrics and the log line like every route.
+pub(crate) async fn retrieve_model(
+    req: HttpRequest,
+    gw: web::Data<State>,
+) -> Result<HttpResponse, GatewayError> {
+    let key = authenticate(&gw, &req).await?;
+    let answer = async {
+        let tail = req
+            .uri()
+            .path()
+            .strip_prefix("/v1/models/")
+            .unwrap_or_default();
+        let model = percent_decode(tail);
+        let Some((name, upstream_model)) = model.split_once('/') else {
+            return Err(GatewayError::ModelWithoutProvider(model));
+        };
+        let p = crate::route::provider_named(&gw, key.org_id, &model, name).await?;
+        crate::route::usable(&p)?;
+        retrieve(&gw, &p, &model, upstream_model, &request_id(&req)).await
+    };
+    answer.await.inspect_err(|e| {
+        if let Some(kind) = e.upstream_kind() {
+            gw.metrics.upstream_error(kind);
+        }
+    })
+}
+
+async fn retrieve(
+    gw: &State,
+    p: &ProviderEntry,
+    model: &str,
+    upstream_model: &str,
+    request_id: &str,
+) -> Result<HttpResponse, GatewayError> {
+    let not_found = || GatewayError::UpstreamModelNotFound {
+        model: model.to_owned(),
+        provider: p.name.clone(),
+    };
+    let probe = probe(p, &gw.client);
+    let fail = |e: ProbeError| match e {
+        ProbeError::BadModel => not_found(),
+        ProbeError::BadUrl => GatewayError::ProviderMisconfigured(p.name.clone()),
+        ProbeError::Send(e) => classify(
+            &e,
+            &p.name,
+            gw.client.timeout().min(PROBE_TIMEOUT),
+            request_id,
+        ),
+    };
+    let one = probe.retrieve(upstream_model).await.map_err(fail)?;
+    if one.is_success() {
+        let body = answered_body(gw, p, one.body, request_id)?;
+        return Ok(match serde_json::from_slice::<Map<String, Value>>(&body) {
+            Ok(mut m) => {
+                m.entry("id")
+                    .or_insert_with(|| Value::String(upstream_model.to_owned()));
+                match renamed(&p.name, m) {
+                    Some(v) => json(Bytes::from(serde_json::to_vec(&v).unwrap_or_default())),
+                    None => relayed(p, one.status, &one.headers, body),
+                }
+            }
+            // Not a model object: relayed as sent, as other answers are.
+            Err(_) => relayed(p, one.status, &one.headers, body),
+        });
+    }
+    if !matches!(one.status, 404 | 405) {
+        let body = answered_body(gw, p, one.body, request_id)?;
+        return Ok(relayed(p, one.status, &one.headers, body));
+    }
+    // No retrieve route (or no such model): the list decides.
+    let all = probe.list().await.map_err(fail)?;
+    if !all.is_success() {
+        let body = answered_body(gw, p, all.body, request_id)?;
+        return Ok(relayed(p, all.status, &all.headers, body));
+    }
+    let body = answered_body(gw, p, all.body, request_id)?;
+    ModelList::parse(&body)
+        .and_then(|l| l.find(upstream_model))
+        .and_then(|m| renamed(&p.name, m))
+        .map(|v| json(Bytes::from(serde_json::to_vec(&v).unwrap_or_default())))
+        .ok_or_else(not_found)
+}
+
+/// A models answer's body, or why it could not be read.
+fn answered_body(
+    gw: &State,
+    p: &ProviderEntry,
+    body: Result<Bytes, UpstreamBody>,
+    request_id: &str,
+) -> Result<Bytes, GatewayError> {
+    body.map_err(|e| match e {
+        UpstreamBody::TooLarge => GatewayError::UpstreamTooLarge {
+            provider: p.name.clone(),
+            limit: MAX_MODELS_BYTES,
+        },
+        UpstreamBody::Failed(e) => classify(
+            &e,
+            &p.name,
+            gw.client.timeout().min(PROBE_TIMEOUT),
+            request_id,
+        ),
+    })
+}
+
+/// An upstream answer relayed as other routes relay them: its status, its
+/// content type, and an error body without the provider's token in it.
+fn relayed(
+    p: &ProviderEntry,
+    status: u16,
+    headers: &reqwest::header::HeaderMap,
+    body: Bytes,
+) -> HttpResponse {
+    let success = (200..300).contains(&status);
+    let mut res =
+        HttpResponse::build(StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY));
+    relay_headers(headers, &mut res);
+    let mut res = res.body(if success {
+        body
+    } else {
+        redact(body, p.secrets())
+    });
+    if !success {
+        res.extensions_mut().insert(ErrorNote {
+            code: ErrorClass::UpstreamStatus,
+            detail: None,
+        });
+    }
+    res
+}
+
+/// `%XX` sequences decoded once (others kept as they are); bytes that are
+/// not UTF-8 become U+FFFD (such a model cannot exist anywhere).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| char::from(c).to_digit(16).map(|d| d as u8);
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push(h << 4 | l);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percent_decoding_is_done_once_and_tolerates_stray_percents() {
+        assert_eq!(
+            percent_decode("mycompany%2Fmeta-llama%2FLlama-3"),
+            "mycompany/meta-llama/Llama-3"
+        );
+        assert_eq!(percent_decode("a/b%252F"), "a/b%2F");
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("x%4"), "x%4");
+        assert_eq!(percent_decode("x%zz%41"), "x%zzA");
+        assert_eq!(percent_decode("%ff"), "\u{fffd}");
+    }
 }

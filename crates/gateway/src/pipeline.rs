@@ -58,7 +58,7 @@ pub(crate) async fn proxy(
         forward(&gw, routed, &mut log).await
     };
     let answer = answer.await;
-    respond(&gw, log, answer)
+    respond(&gw, endpoint, key.org_id, log, answer).await
 }
 
 /// Any multipart upload of [`Endpoint::UPLOADS`], streamed to the same path upstream.
@@ -101,17 +101,24 @@ pub(crate) async fn proxy_upload(
         .await
     };
     let answer = answer.await;
-    respond(&gw, log, answer)
+    respond(&gw, endpoint, key.org_id, log, answer).await
 }
 
 /// The client's answer, and the row finished (or handed to the relay that finishes it).
-fn respond(
-    gw: &State,
+async fn respond(
+    gw: &web::Data<State>,
+    endpoint: Endpoint,
+    org: uuid::Uuid,
     mut log: LogGuard,
     answer: Result<Answer, GatewayError>,
 ) -> Result<HttpResponse, GatewayError> {
     match answer {
-        Ok(Answer::Full(res)) => Ok(res),
+        Ok(Answer::Full(res)) => {
+            if endpoint == Endpoint::Responses {
+                crate::responses::after_create(gw, org, &log, &res).await;
+            }
+            Ok(res)
+        }
         Ok(Answer::Stream {
             status,
             upstream,
@@ -121,7 +128,9 @@ fn respond(
                 HttpResponse::build(StatusCode::from_u16(status).unwrap_or(StatusCode::OK));
             relay_headers(upstream.headers(), &mut res);
             res.insert_header((ax::CACHE_CONTROL, ax::HeaderValue::from_static("no-cache")));
-            let stream = Relay::new(
+            let watched = (endpoint == Endpoint::Responses)
+                .then(|| (log.row.provider_key_id, log.row.provider_name.clone()));
+            let mut stream = Relay::new(
                 upstream,
                 log,
                 gw.metrics.clone(),
@@ -129,6 +138,9 @@ fn respond(
                 status,
                 strip_usage,
             );
+            if let Some((Some(provider_id), Some(name))) = watched {
+                stream = crate::responses::watch(stream, gw, org, provider_id, name);
+            }
             Ok(res.streaming(stream))
         }
         Ok(Answer::Bytes { status, upstream }) => {

@@ -81,20 +81,37 @@ pub(crate) async fn provider_for(
     log.row.requested_model = Some(storable(model));
     log.row.provider_name = Some(storable(provider_name));
     log.row.upstream_model = Some(storable(&model[provider_name.len() + 1..]));
+    let provider = provider_named(gw, org, model, provider_name).await?;
+    log.row.provider_key_id = Some(provider.id);
+    usable(&provider)?;
+    Ok(provider)
+}
+
+/// The org's provider called `name` (from the cache), for a request that
+/// asked for `model`: 404 `model_not_found` when there is none.
+pub(crate) async fn provider_named(
+    gw: &State,
+    org: uuid::Uuid,
+    model: &str,
+    name: &str,
+) -> Result<Arc<ProviderEntry>, GatewayError> {
     let not_found = || GatewayError::ModelNotFound {
         model: model.to_owned(),
-        provider: provider_name.to_owned(),
+        provider: name.to_owned(),
     };
     // Provider names are ^[a-z]+$: anything else cannot exist (and is not worth a lookup).
-    if provider_name.len() > 64 || !provider_name.bytes().all(|b| b.is_ascii_lowercase()) {
+    if name.len() > 64 || !name.bytes().all(|b| b.is_ascii_lowercase()) {
         return Err(not_found());
     }
-    let provider = gw
-        .providers
-        .get(&gw.db, &gw.client, &gw.metrics, org, provider_name)
+    gw.providers
+        .get(&gw.db, &gw.client, &gw.metrics, org, name)
         .await?
-        .ok_or_else(not_found)?;
-    log.row.provider_key_id = Some(provider.id);
+        .ok_or_else(not_found)
+}
+
+/// Whether a provider may be called now: 403 when disabled, 502 when the
+/// connect-time SSRF policy refuses its base URL.
+pub(crate) fn usable(provider: &ProviderEntry) -> Result<(), GatewayError> {
     if !provider.active {
         return Err(GatewayError::ProviderInactive(provider.name.clone()));
     }
@@ -104,7 +121,7 @@ pub(crate) async fn provider_for(
             failure,
         });
     }
-    Ok(provider)
+    Ok(())
 }
 
 /// A client-chosen string as a usage row may hold it: PostgreSQL text refuses

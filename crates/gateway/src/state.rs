@@ -13,6 +13,7 @@ use uuid::Uuid;
 use crate::cache::{KeyCache, ProviderCache};
 use crate::metrics::Metrics;
 use crate::models::ModelsCache;
+use crate::responses::ResponseRoutes;
 use crate::usage::UsageQueue;
 
 /// The gateway's state, one per process, behind `web::Data`.
@@ -26,6 +27,8 @@ pub(crate) struct State {
     pub keys: KeyCache,
     pub providers: ProviderCache,
     pub models: ModelsCache,
+    /// Which provider created each Responses API object this replica has seen.
+    pub responses: ResponseRoutes,
     pub usage: Arc<UsageQueue>,
     pub metrics: Arc<Metrics>,
     pub shutdown: watch::Sender<bool>,

@@ -16,6 +16,7 @@ pub mod logs;
 pub mod orgs;
 pub mod page;
 pub mod providers;
+pub mod responses;
 pub mod secrets;
 
 pub use audit::Actor;

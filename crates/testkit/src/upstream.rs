@@ -28,7 +28,14 @@
 //! Any path ending in `/v1/chat/completions` or `/v1/models` is served, so
 //! base URLs with a path prefix work. A path segment before `/v1/models`
 //! picks a behaviour for the model list: `fail` (500), `slow` (1 s late),
-//! `huge` (a 5 MiB list), `garbage` (not JSON).
+//! `huge` (a 5 MiB list), `garbage` (not JSON). `GET /v1/models/{id}`
+//! answers a listed model (404 for others, and always under a `vllm`
+//! segment, which has no such route, like vLLM).
+//!
+//! `POST /v1/responses` answers with a new id per call (`resp_<uuid>`) and
+//! stores the response: `GET|DELETE /v1/responses/{id}`, `POST
+//! /v1/responses/{id}/cancel` and `GET /v1/responses/{id}/input_items`
+//! serve stored ids (404 for others).
 //!
 //! The mock counts its open connections and unfinished response bodies, so
 //! tests can check that the gateway let go of everything a fault left open.
@@ -48,6 +55,8 @@ use crate::tls::TestCa;
 pub struct SeenRequest {
     pub method: String,
     pub path: String,
+    /// The query string as sent (without `?`), empty when none.
+    pub query: String,
     pub headers: Vec<(String, String)>,
     pub body: Bytes,
 }
@@ -71,6 +80,8 @@ struct State {
     /// Streams whose client went away before the stream ended.
     disconnects: AtomicUsize,
     models: Mutex<Vec<String>>,
+    /// Responses made by `POST /v1/responses`, by id, with their input items.
+    responses: Mutex<std::collections::HashMap<String, (Value, Vec<Value>)>>,
     /// TLS connections currently open.
     connections: Arc<AtomicUsize>,
     /// Streamed response bodies not yet finished or dropped.
@@ -237,6 +248,7 @@ async fn handle(req: HttpRequest, body: Bytes, state: web::Data<State>) -> HttpR
     state.seen.lock().unwrap().push(SeenRequest {
         method: req.method().to_string(),
         path: req.path().to_owned(),
+        query: req.query_string().to_owned(),
         headers: req
             .headers()
             .iter()
@@ -250,6 +262,12 @@ async fn handle(req: HttpRequest, body: Bytes, state: web::Data<State>) -> HttpR
         body: body.clone(),
     });
     let path = req.path();
+    if let Some((prefix, id)) = path.split_once("/v1/models/") {
+        return retrieve_model(prefix, id, &state);
+    }
+    if let Some(res) = response_follow_up(&req, &state) {
+        return res;
+    }
     if path.ends_with("/v1/models") {
         let segment = |s: &str| path.split('/').any(|p| p == s);
         if segment("fail") {
@@ -285,7 +303,7 @@ async fn handle(req: HttpRequest, body: Bytes, state: web::Data<State>) -> HttpR
     if path.ends_with("/v1/audio/speech") {
         return speech(&body);
     }
-    if let Some(res) = other_endpoint(path, &body) {
+    if let Some(res) = other_endpoint(path, &body, &state) {
         return res;
     }
     if !path.ends_with("/v1/chat/completions") {
@@ -429,7 +447,7 @@ fn scripted_stream(model: &str, body: &Value, usage: &Value) -> Option<HttpRespo
 }
 
 /// Answers of the JSON endpoints beside chat, each with the usage shape its API has.
-fn other_endpoint(path: &str, body: &[u8]) -> Option<HttpResponse> {
+fn other_endpoint(path: &str, body: &[u8], state: &State) -> Option<HttpResponse> {
     let endpoint = path.rsplit_once("/v1/")?.1;
     let body: Value = serde_json::from_slice(body).unwrap_or_default();
     let model = body["model"].clone();
@@ -447,31 +465,7 @@ fn other_endpoint(path: &str, body: &[u8]) -> Option<HttpResponse> {
         "images/generations" => json!({"created": 1_700_000_000,
             "data": [{"b64_json": "aGVsbG8="}],
             "usage": {"input_tokens": 7, "output_tokens": 100, "total_tokens": 107}}),
-        "responses" if body["stream"] == json!(true) => {
-            let usage = json!({"input_tokens": 8, "output_tokens": 3, "total_tokens": 11});
-            let events = [
-                json!({"type": "response.created", "response": {"id": "resp-mock", "model": model, "usage": null}}),
-                json!({"type": "response.output_text.delta", "delta": "hi"}),
-                json!({"type": "response.completed", "response": {"id": "resp-mock", "model": model, "usage": usage}}),
-            ];
-            let text: String = events
-                .iter()
-                .map(|e| {
-                    format!(
-                        "event: {}\ndata: {e}\n\n",
-                        e["type"].as_str().unwrap_or_default()
-                    )
-                })
-                .collect();
-            return Some(
-                HttpResponse::Ok()
-                    .content_type("text/event-stream")
-                    .body(text),
-            );
-        }
-        "responses" => json!({"id": "resp-mock", "object": "response", "model": model,
-            "output": [{"type": "message", "content": [{"type": "output_text", "text": "hi"}]}],
-            "usage": {"input_tokens": 8, "output_tokens": 3, "total_tokens": 11}}),
+        "responses" => return Some(create_response(&body, state)),
         _ => return None,
     };
     Some(HttpResponse::Ok().json(answer))
@@ -602,6 +596,104 @@ fn speech(body: &[u8]) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("audio/mpeg")
         .streaming(chunks.boxed_local())
+}
+
+/// `GET /v1/models/{id}`: the model when listed, else 404; a base URL with a
+/// `vllm` segment has no such route (404 always), as vLLM does not.
+fn retrieve_model(prefix: &str, id: &str, state: &State) -> HttpResponse {
+    let known = state.models.lock().unwrap().iter().any(|m| m == id);
+    if prefix.split('/').any(|s| s == "vllm") || !known {
+        return HttpResponse::NotFound().json(json!({"error": {
+            "message": format!("The model '{id}' does not exist"),
+            "type": "invalid_request_error", "param": "model", "code": "model_not_found"}}));
+    }
+    HttpResponse::Ok()
+        .json(json!({"id": id, "object": "model", "created": 1_700_000_000, "owned_by": "mock"}))
+}
+
+/// `POST /v1/responses`: a new `resp_<uuid>` per call, stored for the
+/// follow-ups; JSON, or with `stream` the events `response.created`, a
+/// delta and `response.completed`.
+fn create_response(body: &Value, state: &State) -> HttpResponse {
+    let model = body["model"].clone();
+    let id = format!("resp_{}", uuid::Uuid::new_v4().simple());
+    let usage = json!({"input_tokens": 8, "output_tokens": 3, "total_tokens": 11});
+    let input: Vec<Value> = match &body["input"] {
+        Value::Array(items) => items.clone(),
+        Value::Null => Vec::new(),
+        text => vec![json!({"type": "message", "role": "user",
+            "content": [{"type": "input_text", "text": text}]})],
+    };
+    let input = input
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut item)| {
+            if item.get("id").is_none() && item.is_object() {
+                item["id"] = json!(format!("msg_{i}"));
+            }
+            item
+        })
+        .collect();
+    let answer = json!({"id": id, "object": "response", "status": "completed", "model": model,
+        "output": [{"type": "message", "content": [{"type": "output_text", "text": "hi"}]}],
+        "usage": usage});
+    state
+        .responses
+        .lock()
+        .unwrap()
+        .insert(id.clone(), (answer.clone(), input));
+    if body["stream"] != json!(true) {
+        return HttpResponse::Ok().json(answer);
+    }
+    let events = [
+        json!({"type": "response.created", "response": {"id": id, "model": model, "status": "in_progress", "usage": null}}),
+        json!({"type": "response.output_text.delta", "delta": "hi"}),
+        json!({"type": "response.completed", "response": answer}),
+    ];
+    let text: String = events
+        .iter()
+        .map(|e| {
+            format!(
+                "event: {}\ndata: {e}\n\n",
+                e["type"].as_str().unwrap_or_default()
+            )
+        })
+        .collect();
+    HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .body(text)
+}
+
+/// `GET|DELETE /v1/responses/{id}`, `POST …/cancel`, `GET …/input_items`
+/// for stored responses (404 for others); `None` for other paths.
+fn response_follow_up(req: &HttpRequest, state: &State) -> Option<HttpResponse> {
+    let rest = req.path().rsplit_once("/v1/responses/")?.1;
+    let (id, action) = rest.split_once('/').unwrap_or((rest, ""));
+    let method = req.method().as_str();
+    let mut stored = state.responses.lock().unwrap();
+    let Some((response, input)) = stored.get_mut(id) else {
+        return Some(HttpResponse::NotFound().json(json!({"error": {
+            "message": format!("Response with id '{id}' not found."),
+            "type": "invalid_request_error", "param": null, "code": null}})));
+    };
+    Some(match (method, action) {
+        ("GET", "") => HttpResponse::Ok().json(response.clone()),
+        ("DELETE", "") => {
+            stored.remove(id);
+            HttpResponse::Ok().json(json!({"id": id, "object": "response", "deleted": true}))
+        }
+        ("POST", "cancel") => {
+            response["status"] = json!("cancelled");
+            HttpResponse::Ok().json(response.clone())
+        }
+        ("GET", "input_items") => HttpResponse::Ok().json(json!({"object": "list",
+            "data": input.clone(),
+            "first_id": input.first().and_then(|i| i.get("id")).cloned(),
+            "last_id": input.last().and_then(|i| i.get("id")).cloned(),
+            "has_more": false})),
+        _ => HttpResponse::MethodNotAllowed()
+            .json(json!({"error": {"message": "mock: method not allowed"}})),
+    })
 }
 
 fn completion(model: &str, usage: &Value) -> Value {

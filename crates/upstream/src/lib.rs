@@ -6,9 +6,12 @@
 //! unbypassably, when connecting: the client's resolver drops forbidden
 //! addresses, which defeats DNS rebinding. Every refusal and failure leaves
 //! this crate as an [`UpstreamFailure`] (a class and a fixed hint, safe to
-//! show a client; the detail is for the log): see [`failure`].
+//! show a client; the detail is for the log): see [`failure`]. The model
+//! routes every caller asks alike are in [`models`].
 
+pub mod body;
 pub mod failure;
+pub mod models;
 pub mod policy;
 
 use std::net::{IpAddr, SocketAddr};
@@ -24,6 +27,14 @@ pub use failure::{
     causes, error_chain, FailureClass, ForbiddenAddress, NameNotResolved, UpstreamFailure,
 };
 pub use policy::{forbidden_range, is_forbidden};
+
+/// `Authorization: Bearer {token}`, marked sensitive (redacted in `Debug`);
+/// `None` when the token cannot be a header value.
+pub fn bearer(token: &str) -> Option<reqwest::header::HeaderValue> {
+    let mut auth = reqwest::header::HeaderValue::try_from(format!("Bearer {token}")).ok()?;
+    auth.set_sensitive(true);
+    Some(auth)
+}
 
 /// How the client reaches upstreams.
 #[derive(Debug, Clone)]

@@ -2,13 +2,15 @@
 //! `token_hint` only. Base URLs pass the SSRF policy when saved; the test call
 //! goes through the SSRF-guarded client, which checks again at connect time.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use actix_web::{web, HttpResponse};
 use serde::Serialize;
 use storage::providers::ProviderWithToken;
 use storage::StorageError;
-use upstream::{UpstreamClient, UpstreamFailure};
+use upstream::body::UpstreamBody;
+use upstream::models::{ModelsProbe, ProbeError, MAX_MODELS_BYTES};
+use upstream::{FailureClass, UpstreamClient, UpstreamFailure};
 
 use super::List;
 use crate::error::ApiError;
@@ -109,11 +111,6 @@ const UNDECRYPTABLE: &str = "the stored token cannot be decrypted for this provi
 /// How many model ids a connectivity test reports.
 pub const TEST_MODELS_SHOWN: usize = 50;
 
-/// Longest wait for the provider's answer in a connectivity test.
-const TEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// Most bytes of a `/v1/models` answer read to count the models.
-const MAX_MODELS_BODY: usize = 4 * 1024 * 1024;
-
 /// What a connectivity test found.
 #[derive(Debug, Serialize, PartialEq)]
 pub struct TestReport {
@@ -173,47 +170,42 @@ async fn probe(client: &UpstreamClient, p: &ProviderWithToken) -> TestReport {
         tracing::info!(provider = %p.provider.id, error = %e, "provider test refused by the SSRF policy");
         return failed(UpstreamFailure::from(&e));
     }
-    let request = client
-        .http()
-        .get(base_url.endpoint("models"))
-        .bearer_auth(p.token.expose_secret())
-        .timeout(TEST_TIMEOUT.min(client.timeout()))
-        .send();
-    let mut resp = match request.await {
-        Ok(r) => r,
-        Err(e) => {
+    // Tokens are checked header-safe when saved.
+    let Some(auth) = upstream::bearer(p.token.expose_secret()) else {
+        return failed(FailureClass::Failed.into());
+    };
+    let probe = ModelsProbe {
+        client,
+        base_url,
+        auth: &auth,
+    };
+    let answer = match probe.list().await {
+        Ok(a) => a,
+        Err(ProbeError::Send(e)) => {
             let failure = UpstreamFailure::of(&e);
             tracing::warn!(provider = %p.provider.id, class = %failure.class, error = %upstream::error_chain(&e), "provider test failed");
             return failed(failure);
         }
-    };
-    let latency_ms = start.elapsed().as_millis() as u64;
-    let status = resp.status();
-    let mut body = Vec::new();
-    while let Ok(Some(chunk)) = resp.chunk().await {
-        if body.len() + chunk.len() > MAX_MODELS_BODY {
-            break;
+        Err(e) => {
+            tracing::warn!(provider = %p.provider.id, error = %e, "provider test failed");
+            return failed(FailureClass::Failed.into());
         }
-        body.extend_from_slice(&chunk);
-    }
-    let listed = status
-        .is_success()
-        .then(|| serde_json::from_slice::<serde_json::Value>(&body).ok())
-        .flatten();
-    let data = listed
-        .as_ref()
-        .and_then(|v| v.get("data"))
-        .and_then(|d| d.as_array());
-    let model_count = data.map(Vec::len);
-    let models = data
-        .into_iter()
-        .flatten()
-        .filter_map(|m| m.get("id").and_then(|id| id.as_str()))
+    };
+    let list = answer.list();
+    let model_count = list.as_ref().map(|l| l.data.len());
+    let models = list
+        .iter()
+        .flat_map(|l| l.ids())
         .take(TEST_MODELS_SHOWN)
         .map(str::to_owned)
         .collect();
-    let error = if !status.is_success() {
-        Some(UpstreamFailure::status(status.as_u16()).to_string())
+    let error = if !answer.is_success() {
+        Some(UpstreamFailure::status(answer.status).to_string())
+    } else if matches!(answer.body, Err(UpstreamBody::TooLarge)) {
+        Some(format!(
+            "the provider's /v1/models answer is larger than {} MiB",
+            MAX_MODELS_BYTES >> 20
+        ))
     } else if model_count.is_none() {
         Some("the provider's /v1/models answer has no `data` array".to_owned())
     } else {
@@ -221,8 +213,8 @@ async fn probe(client: &UpstreamClient, p: &ProviderWithToken) -> TestReport {
     };
     TestReport {
         reachable: true,
-        status: Some(status.as_u16()),
-        latency_ms,
+        status: Some(answer.status),
+        latency_ms: answer.latency.as_millis() as u64,
         model_count,
         models,
         error,

@@ -306,6 +306,40 @@ async fn private_upstreams_are_accepted_when_allowed_and_tested() {
     app.assert_never_disclosed(secret);
 }
 
+/// The test reads the list through the same bounded probe as the gateway:
+/// a list over its cap, or an answer that is not a list, is reported as such.
+#[tokio::test]
+async fn test_reports_a_list_too_large_or_not_a_list() {
+    let upstream = MockUpstream::start().await;
+    let app = spawn_trusting(&upstream).await;
+    let (admin, _) = app.signup("lists@example.com").await;
+    let org = app.create_org(&admin, "L").await;
+    for (name, segment, error) in [
+        ("huge", "huge", "larger than 4 MiB"),
+        ("garbage", "garbage", "has no `data` array"),
+    ] {
+        let created = app
+            .create_provider(
+                &admin,
+                &org,
+                name,
+                &format!("{}/{segment}", upstream.base_url),
+                "sk-lists-1234",
+            )
+            .await;
+        created.expect(201);
+        let report = run_test(&app, &admin, &org, &created.id()).await;
+        assert_eq!(report["reachable"], true, "{report}");
+        assert_eq!(report["status"], 200);
+        assert_eq!(report["model_count"], json!(null));
+        assert_eq!(report["models"], json!([]));
+        assert!(
+            report["error"].as_str().unwrap().contains(error),
+            "{name}: {report}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn test_reports_unreachable_and_refuses_private_addresses_at_connect_time() {
     let upstream = MockUpstream::start().await;

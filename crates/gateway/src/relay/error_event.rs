@@ -88,6 +88,10 @@ impl<S> ErrorEvent<S> {
         }
     }
 
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
     pub fn get_ref(&self) -> &S {
         &self.inner
     }

@@ -45,6 +45,10 @@ pub(crate) struct Relay {
     status: u16,
     first: bool,
     done: bool,
+    /// Told the Responses API object id once the stream carries it.
+    on_response_id: Option<Box<dyn FnOnce(String) + Send>>,
+    /// Whether the stream's usage goes on the row (not for a replay of a stored response).
+    count_usage: bool,
 }
 
 impl Relay {
@@ -71,12 +75,28 @@ impl Relay {
             status,
             first: true,
             done: false,
+            on_response_id: None,
+            count_usage: true,
         }
+    }
+
+    /// Calls `f` with the stream's Responses API object id as soon as a
+    /// chunk carrying it has been read (before that chunk is passed on).
+    pub fn on_response_id(mut self, f: impl FnOnce(String) + Send + 'static) -> Self {
+        self.inner.get_mut().watch_response_id();
+        self.on_response_id = Some(Box::new(f));
+        self
+    }
+
+    /// Leaves the stream's usage off the row: what it replays was counted when created.
+    pub fn without_usage(mut self) -> Self {
+        self.count_usage = false;
+        self
     }
 
     fn finish(&mut self) {
         self.done = true;
-        if let Some(u) = self.inner.get_ref().usage() {
+        if let Some(u) = self.inner.get_ref().usage().filter(|_| self.count_usage) {
             self.log.set_usage(u);
         }
         let class = self.inner.fault().map(|f| {
@@ -97,6 +117,14 @@ impl Stream for Relay {
         }
         match Pin::new(&mut this.inner).poll_next(cx) {
             Poll::Ready(Some(chunk)) => {
+                if this.on_response_id.is_some() {
+                    if let Some(id) = this.inner.get_ref().response_id() {
+                        let id = id.to_owned();
+                        if let Some(f) = this.on_response_id.take() {
+                            f(id);
+                        }
+                    }
+                }
                 if this.inner.fault().is_some() {
                     // The error event: the row is complete even if the client leaves now.
                     this.finish();

@@ -12,13 +12,18 @@ use serde_json::value::RawValue;
 
 use crate::usage::{usage_of, Usage};
 
-/// Finds the last `usage` in an SSE stream, reading a copy of each chunk.
+/// Finds the last `usage` in an SSE stream, reading a copy of each chunk;
+/// when asked to, also the first Responses API object id (the `response.id`
+/// of `response.created`, or of any later event that carries it).
 #[derive(Default)]
 pub(crate) struct SseUsage {
     partial: Vec<u8>,
     /// The current line outgrew the buffer: skip to its end.
     overflow: bool,
     usage: Option<Usage>,
+    /// Look for a response id (Responses API streams only: no cost elsewhere).
+    want_id: bool,
+    response_id: Option<String>,
 }
 
 const MAX_SSE_LINE: usize = 1 << 20;
@@ -56,6 +61,9 @@ impl SseUsage {
         let Some(data) = line.strip_prefix(b"data:") else {
             return;
         };
+        if self.want_id && self.response_id.is_none() {
+            self.response_id = crate::responses::streamed_id(data);
+        }
         if data.windows(7).any(|w| w == b"\"usage\"") {
             if let Some(u) = usage_of(data) {
                 self.usage = Some(u);
@@ -323,6 +331,17 @@ impl<S, E> UsageTap<S, E> {
         }
     }
 
+    /// Watches for the stream's Responses API object id (see [`SseUsage`]);
+    /// only the scanner reads it, so not with `strip` (a chat-only edit).
+    pub fn watch_response_id(&mut self) {
+        self.scanner.want_id = true;
+    }
+
+    /// The response id, once seen.
+    pub fn response_id(&self) -> Option<&str> {
+        self.scanner.response_id.as_deref()
+    }
+
     /// The last `usage` seen so far.
     pub fn usage(&self) -> Option<Usage> {
         match &self.strip {
@@ -400,6 +419,23 @@ mod tests {
                 (Some(7), Some(5), Some(12))
             );
         }
+    }
+
+    #[test]
+    fn the_response_id_is_found_in_the_first_event_that_carries_it() {
+        let stream = b"event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"id\":\"resp_1\",\"usage\":null}}\n\nevent: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"id\":\"resp_2\"}}\n\n";
+        for split in 0..stream.len() {
+            let mut s = SseUsage {
+                want_id: true,
+                ..SseUsage::default()
+            };
+            s.feed(&stream[..split]);
+            s.feed(&stream[split..]);
+            assert_eq!(s.response_id.as_deref(), Some("resp_1"), "split at {split}");
+        }
+        let mut s = SseUsage::default();
+        s.feed(stream);
+        assert_eq!(s.response_id, None, "not looked for unless asked");
     }
 
     #[test]
