@@ -604,50 +604,48 @@ fn multipart_parts(content_type: &str, body: &[u8]) -> Vec<(String, Option<Strin
         .find_map(|p| p.trim().strip_prefix("boundary="))
         .map(|b| b.trim_matches('"'))
         .unwrap_or_else(|| panic!("no boundary in {content_type}"));
+    // Every delimiter but the first follows a CRLF; the preamble is dropped.
     let delim = format!("\r\n--{boundary}");
-    // The first delimiter has no CRLF before it.
     let body = [b"\r\n".as_slice(), body].concat();
+    let mut chunks = split(&body, delim.as_bytes()).into_iter().skip(1);
     let mut parts = Vec::new();
-    let mut rest: &[u8] = &body;
     loop {
-        let Some(at) = find(rest, delim.as_bytes()) else {
-            panic!("unterminated multipart body");
-        };
-        if !parts.is_empty() || at > 0 {
-            let part = &rest[..at];
-            let split = find(part, b"\r\n\r\n").expect("part headers");
-            let headers = String::from_utf8_lossy(&part[..split]).to_ascii_lowercase();
-            let disposition = headers
-                .lines()
-                .find(|l| l.starts_with("content-disposition:"))
-                .expect("content-disposition")
-                .to_owned();
-            // Names and filenames from the original (not lowercased) header.
-            let original = String::from_utf8_lossy(&part[..split]).into_owned();
-            let line = original
-                .lines()
-                .find(|l| l.to_ascii_lowercase() == disposition)
-                .unwrap()
-                .to_owned();
-            let param = |key: &str| {
-                line.split(';')
-                    .find_map(|p| p.trim().strip_prefix(&format!("{key}=")))
-                    .map(|v| v.trim_matches('"').to_owned())
-            };
-            parts.push((
-                param("name").expect("part name"),
-                param("filename"),
-                part[split + 4..].to_vec(),
-            ));
-        }
-        rest = &rest[at + delim.len()..];
-        if rest.starts_with(b"--") {
+        let chunk = chunks.next().expect("a closing delimiter");
+        if chunk.starts_with(b"--") {
             return parts;
         }
-        rest = rest
+        let part = chunk
             .strip_prefix(b"\r\n".as_slice())
             .expect("CRLF after a delimiter");
+        let at = find(part, b"\r\n\r\n").expect("part headers");
+        let headers = String::from_utf8_lossy(&part[..at]).into_owned();
+        let disposition = headers
+            .lines()
+            .find(|l| l.to_ascii_lowercase().starts_with("content-disposition:"))
+            .expect("content-disposition");
+        let param = |key: &str| {
+            disposition
+                .split(';')
+                .find_map(|p| p.trim().strip_prefix(&format!("{key}=")))
+                .map(|v| v.trim_matches('"').to_owned())
+        };
+        parts.push((
+            param("name").expect("part name"),
+            param("filename"),
+            part[at + 4..].to_vec(),
+        ));
     }
+}
+
+/// `hay` cut at every occurrence of `needle`.
+fn split<'a>(mut hay: &'a [u8], needle: &[u8]) -> Vec<&'a [u8]> {
+    let mut pieces = Vec::new();
+    while let Some(at) = find(hay, needle) {
+        pieces.push(&hay[..at]);
+        hay = &hay[at + needle.len()..];
+    }
+    pieces.push(hay);
+    pieces
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
