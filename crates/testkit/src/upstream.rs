@@ -456,7 +456,7 @@ fn other_endpoint(path: &str, body: &[u8], state: &State) -> Option<HttpResponse
             "choices": [{"index": 0, "text": "echo", "finish_reason": "stop"}],
             "usage": {"prompt_tokens": 4, "completion_tokens": 1, "total_tokens": 5}}),
         "embeddings" => json!({"object": "list", "model": model,
-            "data": [{"object": "embedding", "index": 0, "embedding": [0.5, -0.25]}],
+            "data": [{"object": "embedding", "index": 0, "embedding": embedding_vector(&body)}],
             "usage": {"prompt_tokens": 6, "total_tokens": 6}}),
         "moderations" => json!({"id": "modr-mock", "model": model,
             "results": [{"flagged": false, "categories": {}, "category_scores": {}}]}),
@@ -694,6 +694,19 @@ fn response_follow_up(req: &HttpRequest, state: &State) -> Option<HttpResponse> 
         _ => HttpResponse::MethodNotAllowed()
             .json(json!({"error": {"message": "mock: method not allowed"}})),
     })
+}
+
+/// The mock's one embedding, `[0.5, -0.25]`, encoded as the request asks:
+/// floats, or with `"encoding_format": "base64"` the little-endian `f32`
+/// bytes in base64, as OpenAI answers (and as the official SDKs ask by default).
+fn embedding_vector(body: &Value) -> Value {
+    use base64::Engine;
+    let floats = [0.5f32, -0.25];
+    if body["encoding_format"] == json!("base64") {
+        let bytes: Vec<u8> = floats.iter().flat_map(|f| f.to_le_bytes()).collect();
+        return json!(base64::engine::general_purpose::STANDARD.encode(bytes));
+    }
+    json!(floats)
 }
 
 fn completion(model: &str, usage: &Value) -> Value {
