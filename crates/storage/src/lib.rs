@@ -1,22 +1,21 @@
-//! Storage for llmgw: PostgreSQL access (sqlx), migrations, the domain types
-//! parsed at the edge, and the handling of secrets (sealed provider tokens,
-//! digested API keys, argon2id passwords).
+//! Storage for llmgw: PostgreSQL access (sqlx) and migrations. The domain
+//! types, secrets, token envelope and cursors live in the `domain` crate
+//! (no sqlx); they are re-exported here at their old paths.
 
 pub mod accounts;
 pub mod api_keys;
 pub mod audit;
-pub mod crypto;
 pub mod db;
-pub mod domain;
 pub mod embedded;
 pub mod error;
 pub mod identities;
 pub mod invitations;
 pub mod logs;
 pub mod orgs;
-pub mod page;
 pub mod providers;
-pub mod secrets;
+
+pub use ::domain;
+pub use ::domain::{crypto, page, secrets};
 
 pub use audit::Actor;
 pub use crypto::Keyring;

@@ -1,4 +1,12 @@
-//! Input parsed once at the edge into types that cannot hold a bad value.
+//! llmgw's domain, with no database: input parsed once at the edge into
+//! types that cannot hold a bad value (here), the secrets and their one-way
+//! forms ([`secrets`]), the envelope of provider tokens at rest ([`crypto`])
+//! and list cursors ([`page`]). `storage` maps these to and from rows;
+//! `upstream`, the API and the gateway use them without linking sqlx.
+
+pub mod crypto;
+pub mod page;
+pub mod secrets;
 
 use std::fmt;
 use std::sync::OnceLock;

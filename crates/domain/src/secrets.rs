@@ -10,7 +10,7 @@ use rand::distributions::{Alphanumeric, DistString};
 pub use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 
-use crate::domain::ValidationError;
+use crate::ValidationError;
 
 /// Longest provider token, in bytes (ASCII, so characters too).
 pub const MAX_TOKEN_LEN: usize = 4096;
