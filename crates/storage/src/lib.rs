@@ -8,6 +8,7 @@ pub mod audit;
 pub mod db;
 pub mod embedded;
 pub mod error;
+pub mod events;
 pub mod identities;
 pub mod invitations;
 pub mod logs;
@@ -21,16 +22,4 @@ pub use audit::Actor;
 pub use crypto::Keyring;
 pub use db::{Db, PoolConfig, MIGRATOR};
 pub use error::{Result, StorageError};
-
-/// PostgreSQL channel on which changes to providers and API keys are announced.
-/// Payload: `{"table":"provider_keys"|"api_keys","op":"INSERT"|"UPDATE"|"DELETE","org_id":…,"id":…}`.
-pub const CACHE_CHANNEL: &str = "llmgw_cache";
-
-/// A decoded `llmgw_cache` notification.
-#[derive(Debug, Clone, serde::Deserialize, PartialEq, Eq)]
-pub struct CacheEvent {
-    pub table: String,
-    pub op: String,
-    pub org_id: uuid::Uuid,
-    pub id: uuid::Uuid,
-}
+pub use events::{CacheEvent, CacheNotice, CACHE_CHANNEL};
