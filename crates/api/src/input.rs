@@ -131,15 +131,15 @@ impl Fields {
 
 fn parse_role(field: &'static str) -> impl Fn(&str) -> Result<Role, ValidationError> {
     move |s| {
-        Role::ALL
-            .into_iter()
-            .find(|r| r.as_str() == s)
-            .ok_or_else(|| {
-                ValidationError::new(
-                    field,
-                    format!("{field} must be one of owner, admin, member"),
-                )
-            })
+        Role::parse(s).ok_or_else(|| {
+            ValidationError::new(
+                field,
+                format!(
+                    "{field} must be one of {}",
+                    Role::ALL.map(Role::as_str).join(", ")
+                ),
+            )
+        })
     }
 }
 

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use storage::domain::ProviderName;
 
 use crate::body::{ChatRequest, Splice};
 use crate::cache::ProviderEntry;
@@ -63,8 +64,8 @@ pub(crate) async fn route(
         model: chat.model.as_ref().to_owned(),
         provider: provider_name.to_owned(),
     };
-    // Provider names are ^[a-z]+$: anything else cannot exist (and is not worth a lookup).
-    if provider_name.len() > 64 || !provider_name.bytes().all(|b| b.is_ascii_lowercase()) {
+    // A name that breaks the rule cannot exist (and is not worth a lookup).
+    if !ProviderName::is_valid(provider_name) {
         return Err(not_found());
     }
     let provider = gw
