@@ -99,6 +99,16 @@ impl ApiKeySecret {
         Self(SecretString::from(raw.to_owned()))
     }
 
+    /// Whether `raw` has the shape of a key this server makes
+    /// ([`API_KEY_PREFIX`] and 43 base62 characters); anything else is
+    /// refused without a lookup.
+    pub fn is_plausible(raw: &str) -> bool {
+        raw.strip_prefix(API_KEY_PREFIX).is_some_and(|random| {
+            random.len() == API_KEY_RANDOM_CHARS
+                && random.bytes().all(|b| b.is_ascii_alphanumeric())
+        })
+    }
+
     pub fn expose_secret(&self) -> &str {
         self.0.expose_secret()
     }
@@ -457,6 +467,20 @@ mod tests {
             ApiKeySecret::from_presented(a.expose_secret()).digest()
         );
         assert!(a.expose_secret().starts_with(&a.display_prefix()));
+        assert!(ApiKeySecret::is_plausible(a.expose_secret()));
+        let random = &a.expose_secret()[6..];
+        for bad in [
+            String::new(),
+            "llmgw_".into(),
+            format!("llmgw_{}", &random[1..]),
+            format!("llmgw_{random}x"),
+            format!("llmgw_{}-", &random[1..]),
+            format!("LLMGW_{random}"),
+            format!("llmgws_{}", &random[1..]),
+            random.into(),
+        ] {
+            assert!(!ApiKeySecret::is_plausible(&bad), "{bad:?}");
+        }
         let dbg = format!("{a:?}");
         assert!(!dbg.contains(a.expose_secret()) && dbg.contains("REDACTED"));
     }
