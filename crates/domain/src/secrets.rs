@@ -182,6 +182,25 @@ pub fn sha256(value: &str) -> [u8; 32] {
     digest(value)
 }
 
+/// Shortest password a new account may have, in characters.
+pub const PASSWORD_MIN_CHARS: usize = 8;
+/// Longest password a new account may have, in characters.
+pub const PASSWORD_MAX_CHARS: usize = 1024;
+
+/// A new account's password, wherever it is set (the API's signup, the
+/// CLI's `llmgw user create`): [`PASSWORD_MIN_CHARS`] to
+/// [`PASSWORD_MAX_CHARS`] characters, taken as given.
+pub fn parse_new_password(raw: &str) -> Result<SecretString, ValidationError> {
+    let n = raw.chars().count();
+    if !(PASSWORD_MIN_CHARS..=PASSWORD_MAX_CHARS).contains(&n) {
+        return Err(ValidationError::new(
+            "password",
+            format!("password must be {PASSWORD_MIN_CHARS} to {PASSWORD_MAX_CHARS} characters"),
+        ));
+    }
+    Ok(SecretString::from(raw.to_owned()))
+}
+
 // OWASP: argon2id, m = 19 MiB, t = 2, p = 1.
 const ARGON2_M_KIB: u32 = 19 * 1024;
 const ARGON2_T: u32 = 2;
@@ -496,6 +515,22 @@ mod tests {
             assert!(ProviderToken::parse(bad).is_err(), "{bad:?} accepted");
         }
         assert!(ProviderToken::parse(&"a".repeat(4097)).is_err());
+    }
+
+    #[test]
+    fn new_passwords_are_8_to_1024_characters() {
+        for ok in [
+            "12345678",
+            "\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}",
+            &"x".repeat(1024),
+        ] {
+            assert_eq!(parse_new_password(ok).unwrap().expose_secret(), ok);
+        }
+        for bad in ["", "1234567", &"x".repeat(1025)] {
+            let e = parse_new_password(bad).unwrap_err();
+            assert_eq!(e.field, "password");
+            assert_eq!(e.message, "password must be 8 to 1024 characters");
+        }
     }
 
     #[test]
