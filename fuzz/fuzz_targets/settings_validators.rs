@@ -8,8 +8,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use storage::domain::{BaseUrl, ProviderName};
-use storage::secrets::ProviderToken;
+use domain::{BaseUrl, ProviderName};
+use domain::secrets::ProviderToken;
 
 /// `^[a-z]+$`, at most 64.
 fn name_rule(s: &str) -> bool {

@@ -4,8 +4,6 @@
 //! Clients get a stable `code` and a human `message`; internal causes go to
 //! the log (with their whole chain), never into a response.
 
-use std::fmt::Write as _;
-
 use actix_web::http::{header, StatusCode};
 use actix_web::{error as aerror, web, HttpResponse, ResponseError};
 use serde::Serialize;
@@ -281,15 +279,7 @@ impl From<tokio::task::JoinError> for ApiError {
 }
 
 /// `error: cause: cause…`, for logs.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let _ = write!(s, ": {c}");
-        cur = c.source();
-    }
-    s
-}
+pub use upstream::error_chain;
 
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {

@@ -11,7 +11,7 @@ use storage::domain::{
 use storage::invitations::InvitationToken;
 use storage::logs::GroupBy;
 use storage::page::Cursor;
-use storage::secrets::ProviderToken;
+use storage::secrets::{parse_new_password, ProviderToken};
 use uuid::Uuid;
 
 use crate::error::{ApiError, FieldError};
@@ -131,15 +131,15 @@ impl Fields {
 
 fn parse_role(field: &'static str) -> impl Fn(&str) -> Result<Role, ValidationError> {
     move |s| {
-        Role::ALL
-            .into_iter()
-            .find(|r| r.as_str() == s)
-            .ok_or_else(|| {
-                ValidationError::new(
-                    field,
-                    format!("{field} must be one of owner, admin, member"),
-                )
-            })
+        Role::parse(s).ok_or_else(|| {
+            ValidationError::new(
+                field,
+                format!(
+                    "{field} must be one of {}",
+                    Role::ALL.map(Role::as_str).join(", ")
+                ),
+            )
+        })
     }
 }
 
@@ -170,24 +170,10 @@ fn parse_uuid(field: &'static str) -> impl Fn(&str) -> Result<Uuid, ValidationEr
     }
 }
 
-/// Shortest password a new account may have, in characters.
-pub const PASSWORD_MIN_CHARS: usize = 8;
-/// Longest password a new account may have, in characters.
-pub const PASSWORD_MAX_CHARS: usize = 1024;
+pub use storage::secrets::{PASSWORD_MAX_CHARS, PASSWORD_MIN_CHARS};
 /// Longest password login reads, in characters: more than any account can
 /// have, so a too-long one is a wrong password, answered like any other.
 pub const LOGIN_PASSWORD_MAX_CHARS: usize = 4096;
-
-fn parse_password(s: &str) -> Result<SecretString, ValidationError> {
-    let n = s.chars().count();
-    if !(PASSWORD_MIN_CHARS..=PASSWORD_MAX_CHARS).contains(&n) {
-        return Err(ValidationError::new(
-            "password",
-            format!("password must be {PASSWORD_MIN_CHARS} to {PASSWORD_MAX_CHARS} characters"),
-        ));
-    }
-    Ok(SecretString::from(s.to_owned()))
-}
 
 /// `POST /auth/signup`.
 pub struct Signup {
@@ -198,7 +184,7 @@ pub struct Signup {
 impl FromFields for Signup {
     fn from_fields(f: &mut Fields) -> Option<Self> {
         let email = f.required("email", Email::parse);
-        let password = f.required("password", parse_password);
+        let password = f.required("password", parse_new_password);
         Some(Self {
             email: email?,
             password: password?,

@@ -292,7 +292,7 @@ fn schemas() -> Value {
             json!({
                 "type": "object", "additionalProperties": false, "required": ["email"],
                 "properties": {"email": {"allOf": [email], "description": "the invitee's address; it need not have an account yet"},
-                               "role": {"type": "string", "enum": roles, "default": "member"}},
+                               "role": {"type": "string", "enum": roles, "default": Role::Member.as_str()}},
             }),
         ),
         (

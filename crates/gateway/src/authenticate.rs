@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use actix_web::http::header as ax;
 use actix_web::HttpRequest;
-use storage::secrets::{sha256, API_KEY_PREFIX};
+use storage::secrets::{sha256, ApiKeySecret};
 
 use crate::cache::KeyEntry;
 use crate::error::GatewayError;
@@ -34,12 +34,7 @@ pub(crate) async fn authenticate(
 ) -> Result<Arc<KeyEntry>, GatewayError> {
     let key = presented_key(req).ok_or(GatewayError::MissingKey)?;
     // Anything that cannot be a gateway key is refused without a lookup.
-    let plausible = key.starts_with(API_KEY_PREFIX)
-        && key.len() <= 128
-        && key
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-    if !plausible {
+    if !ApiKeySecret::is_plausible(key) {
         return Err(GatewayError::InvalidKey);
     }
     gw.keys

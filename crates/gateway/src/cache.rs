@@ -21,7 +21,7 @@ use chrono::{DateTime, Utc};
 use reqwest::header::HeaderValue;
 use storage::domain::{BaseUrl, ProviderStatus};
 use storage::providers::ProviderWithToken;
-use storage::{CacheEvent, Db};
+use storage::Db;
 use tokio::sync::{OnceCell, Semaphore};
 use uuid::Uuid;
 
@@ -425,25 +425,6 @@ impl ProviderCache {
         self.epoch.fetch_add(1, Ordering::AcqRel);
         for s in &self.shards {
             write(s).clear();
-        }
-    }
-}
-
-/// What a `llmgw_cache` notification asks of the caches.
-pub(crate) enum Invalidation {
-    Key(Uuid),
-    Org(Uuid),
-    All,
-}
-
-pub(crate) fn parse_event(payload: &str) -> Invalidation {
-    match serde_json::from_str::<CacheEvent>(payload) {
-        Ok(ev) if ev.table == "api_keys" => Invalidation::Key(ev.id),
-        Ok(ev) if ev.table == "provider_keys" => Invalidation::Org(ev.org_id),
-        // Unknown shape: be safe.
-        _ => {
-            tracing::warn!(payload, "unexpected cache notification; flushing caches");
-            Invalidation::All
         }
     }
 }

@@ -74,7 +74,7 @@ impl GatewayConfig {
             upstream,
             cache_ttl: Duration::from_secs(30),
             log_queue_capacity: 100_000,
-            log_batch_size: 1_000,
+            log_batch_size: storage::logs::DEFAULT_LOG_BATCH_SIZE,
             log_flush_interval: Duration::from_millis(200),
             models_cache_ttl: Duration::from_secs(60),
             max_response_bytes: 32 * 1024 * 1024,

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use storage::domain::ProviderName;
 
 use crate::body::{ChatRequest, Splice};
 use crate::cache::ProviderEntry;
@@ -99,8 +100,8 @@ pub(crate) async fn provider_named(
         model: model.to_owned(),
         provider: name.to_owned(),
     };
-    // Provider names are ^[a-z]+$: anything else cannot exist (and is not worth a lookup).
-    if name.len() > 64 || !name.bytes().all(|b| b.is_ascii_lowercase()) {
+    // A name that breaks the rule cannot exist (and is not worth a lookup).
+    if !ProviderName::is_valid(name) {
         return Err(not_found());
     }
     gw.providers

@@ -204,10 +204,7 @@ impl Writer {
                     self.queue.metrics.rows_written.fetch_add(n, Relaxed);
                     break;
                 }
-                Err(e)
-                    if e.is_unavailable()
-                        && !matches!(e, StorageError::Unavailable(sqlx::Error::PoolClosed)) =>
-                {
+                Err(e) if e.is_unavailable() && !e.is_closed() => {
                     let now = Instant::now();
                     if self.deadline.is_some_and(|d| now >= d) {
                         self.queue
@@ -295,7 +292,7 @@ async fn bounded_write(
 ) -> Result<(), StorageError> {
     tokio::time::timeout(WRITE_TIMEOUT, write)
         .await
-        .unwrap_or(Err(StorageError::Unavailable(sqlx::Error::PoolTimedOut)))
+        .unwrap_or(Err(StorageError::timed_out()))
 }
 
 /// One request's usage row, queued when dropped: whatever way the request

@@ -446,7 +446,11 @@ impl Config {
             gateway_workers: positive(env, "LLMGW_GATEWAY_WORKERS", default_workers)?,
             cache_ttl: millis(env, "LLMGW_CACHE_TTL_MS", 30_000)?,
             log_queue_capacity: positive(env, "LLMGW_LOG_QUEUE_CAPACITY", 100_000)?,
-            log_batch_size: positive(env, "LLMGW_LOG_BATCH_SIZE", 500)?,
+            log_batch_size: positive(
+                env,
+                "LLMGW_LOG_BATCH_SIZE",
+                storage::logs::DEFAULT_LOG_BATCH_SIZE,
+            )?,
             log_flush_interval: millis(env, "LLMGW_LOG_FLUSH_INTERVAL_MS", 200)?,
             trusted_proxies: api::TrustedProxies::parse(
                 &get(env, "LLMGW_TRUSTED_PROXIES").unwrap_or_default(),

@@ -168,13 +168,4 @@ fn is_transient(e: &storage::StorageError) -> bool {
 }
 
 /// `error: cause: cause` on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
-}
+pub use upstream::error_chain;

@@ -9,8 +9,8 @@ use std::io::BufRead;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use secrecy::SecretString;
 use storage::domain::{parse_label, Email};
+use storage::secrets::parse_new_password;
 use storage::Keyring;
 
 use crate::config::{Config, LogFormat};
@@ -78,7 +78,7 @@ enum UserCommand {
         /// Email address the user signs in with.
         #[arg(long)]
         email: String,
-        /// Read the password (at least 8 characters) from the first line of stdin.
+        /// Read the password (8 to 1024 characters) from the first line of stdin.
         #[arg(long, required = true)]
         password_stdin: bool,
         /// Also create an organization owned by the new user.
@@ -228,11 +228,8 @@ async fn run(command: Command, cfg: Config) -> Result<(), String> {
                 .lock()
                 .read_line(&mut line)
                 .map_err(|e| format!("cannot read password from stdin: {e}"))?;
-            let password = line.trim_end_matches(['\n', '\r']).to_owned();
-            if password.chars().count() < 8 {
-                return Err("password must be at least 8 characters".into());
-            }
-            let password = SecretString::from(password);
+            let password =
+                parse_new_password(line.trim_end_matches(['\n', '\r'])).map_err(|e| e.message)?;
             let hash =
                 tokio::task::spawn_blocking(move || storage::secrets::hash_password(&password))
                     .await

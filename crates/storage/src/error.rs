@@ -66,6 +66,18 @@ impl StorageError {
     pub fn is_unavailable(&self) -> bool {
         matches!(self, Self::Unavailable(_))
     }
+
+    /// True when the pool was closed (the process is shutting down): no
+    /// retry can succeed.
+    pub fn is_closed(&self) -> bool {
+        matches!(self, Self::Unavailable(sqlx::Error::PoolClosed))
+    }
+
+    /// A database call that the caller gave up waiting for: unavailable,
+    /// like a pool that found no connection in time.
+    pub fn timed_out() -> Self {
+        Self::Unavailable(sqlx::Error::PoolTimedOut)
+    }
 }
 
 pub type Result<T, E = StorageError> = std::result::Result<T, E>;

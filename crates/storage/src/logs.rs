@@ -78,6 +78,10 @@ pub struct UsageRow {
     pub p95_latency_ms: Option<f64>,
 }
 
+/// Usage rows the gateway's writer sends per INSERT unless configured
+/// (`LLMGW_LOG_BATCH_SIZE`).
+pub const DEFAULT_LOG_BATCH_SIZE: usize = 500;
+
 impl Db {
     /// Writes many rows in one statement (`endpoint` left NULL).
     pub async fn insert_request_logs(&self, rows: &[RequestLog]) -> Result<()> {

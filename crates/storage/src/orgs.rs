@@ -97,8 +97,9 @@ pub(crate) async fn lock_org(conn: &mut PgConnection, org_id: Uuid) -> Result<()
 
 async fn owner_count(conn: &mut PgConnection, org_id: Uuid) -> Result<i64> {
     Ok(
-        sqlx::query_scalar("SELECT count(*) FROM memberships WHERE org_id = $1 AND role = 'owner'")
+        sqlx::query_scalar("SELECT count(*) FROM memberships WHERE org_id = $1 AND role = $2")
             .bind(org_id)
+            .bind(Role::Owner.as_str())
             .fetch_one(conn)
             .await?,
     )
@@ -138,9 +139,10 @@ async fn insert_org(conn: &mut PgConnection, name: &str, owner: Uuid) -> Result<
         .bind(name)
         .execute(&mut *conn)
         .await?;
-    sqlx::query("INSERT INTO memberships (org_id, user_id, role) VALUES ($1, $2, 'owner')")
+    sqlx::query("INSERT INTO memberships (org_id, user_id, role) VALUES ($1, $2, $3)")
         .bind(id)
         .bind(owner)
+        .bind(Role::Owner.as_str())
         .execute(&mut *conn)
         .await?;
     record(

@@ -11,6 +11,10 @@ pub use raw::{RawAnswer, RawClient};
 pub use tls::TestCa;
 pub use upstream::{MockUpstream, SeenRequest};
 
+/// For tests that check rows directly, in crates that reach the database
+/// only through `storage` and so do not depend on sqlx themselves.
+pub use sqlx;
+
 /// Starts an actix-web server on 127.0.0.1:0 (with `TCP_NODELAY` on accepted
 /// connections, as production does) and returns its base URL and handle.
 pub fn spawn_http<F>(configure: F) -> (String, actix_web::dev::ServerHandle)

@@ -19,8 +19,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use domain::BaseUrl;
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
-use storage::domain::BaseUrl;
 use url::Host;
 
 pub use failure::{

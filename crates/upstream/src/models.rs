@@ -10,9 +10,9 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use domain::BaseUrl;
 use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION};
 use serde_json::{Map, Value};
-use storage::domain::BaseUrl;
 
 use crate::body::{read_capped, UpstreamBody};
 use crate::UpstreamClient;

@@ -13,6 +13,7 @@ use storage::domain::{BaseUrl, Email, ProviderName};
 use storage::logs::RequestLog;
 use storage::secrets::ProviderToken;
 use storage::{Actor, Db};
+pub use testkit::sqlx;
 use testkit::{MockUpstream, TestDb};
 use upstream::{UpstreamClient, UpstreamConfig};
 use uuid::Uuid;

@@ -224,8 +224,9 @@ impl Keyring {
     }
 
     /// Decrypts a version-1 value, for re-sealing it as version 2 and
-    /// nothing else: version 1 does not bind the base URL.
-    pub(crate) fn open_legacy(
+    /// nothing else: version 1 does not bind the base URL. Its one caller
+    /// is storage's re-seal, which writes the result back sealed as version 2.
+    pub fn open_legacy(
         &self,
         org_id: Uuid,
         row_id: Uuid,

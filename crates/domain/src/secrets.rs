@@ -10,7 +10,7 @@ use rand::distributions::{Alphanumeric, DistString};
 pub use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 
-use crate::domain::ValidationError;
+use crate::ValidationError;
 
 /// Longest provider token, in bytes (ASCII, so characters too).
 pub const MAX_TOKEN_LEN: usize = 4096;
@@ -99,6 +99,16 @@ impl ApiKeySecret {
         Self(SecretString::from(raw.to_owned()))
     }
 
+    /// Whether `raw` has the shape of a key this server makes
+    /// ([`API_KEY_PREFIX`] and 43 base62 characters); anything else is
+    /// refused without a lookup.
+    pub fn is_plausible(raw: &str) -> bool {
+        raw.strip_prefix(API_KEY_PREFIX).is_some_and(|random| {
+            random.len() == API_KEY_RANDOM_CHARS
+                && random.bytes().all(|b| b.is_ascii_alphanumeric())
+        })
+    }
+
     pub fn expose_secret(&self) -> &str {
         self.0.expose_secret()
     }
@@ -170,6 +180,25 @@ digest_token!(
 /// SHA-256 of an arbitrary presented secret (for lookups by digest).
 pub fn sha256(value: &str) -> [u8; 32] {
     digest(value)
+}
+
+/// Shortest password a new account may have, in characters.
+pub const PASSWORD_MIN_CHARS: usize = 8;
+/// Longest password a new account may have, in characters.
+pub const PASSWORD_MAX_CHARS: usize = 1024;
+
+/// A new account's password, wherever it is set (the API's signup, the
+/// CLI's `llmgw user create`): [`PASSWORD_MIN_CHARS`] to
+/// [`PASSWORD_MAX_CHARS`] characters, taken as given.
+pub fn parse_new_password(raw: &str) -> Result<SecretString, ValidationError> {
+    let n = raw.chars().count();
+    if !(PASSWORD_MIN_CHARS..=PASSWORD_MAX_CHARS).contains(&n) {
+        return Err(ValidationError::new(
+            "password",
+            format!("password must be {PASSWORD_MIN_CHARS} to {PASSWORD_MAX_CHARS} characters"),
+        ));
+    }
+    Ok(SecretString::from(raw.to_owned()))
 }
 
 // OWASP: argon2id, m = 19 MiB, t = 2, p = 1.
@@ -457,6 +486,20 @@ mod tests {
             ApiKeySecret::from_presented(a.expose_secret()).digest()
         );
         assert!(a.expose_secret().starts_with(&a.display_prefix()));
+        assert!(ApiKeySecret::is_plausible(a.expose_secret()));
+        let random = &a.expose_secret()[6..];
+        for bad in [
+            String::new(),
+            "llmgw_".into(),
+            format!("llmgw_{}", &random[1..]),
+            format!("llmgw_{random}x"),
+            format!("llmgw_{}-", &random[1..]),
+            format!("LLMGW_{random}"),
+            format!("llmgws_{}", &random[1..]),
+            random.into(),
+        ] {
+            assert!(!ApiKeySecret::is_plausible(&bad), "{bad:?}");
+        }
         let dbg = format!("{a:?}");
         assert!(!dbg.contains(a.expose_secret()) && dbg.contains("REDACTED"));
     }
@@ -472,6 +515,22 @@ mod tests {
             assert!(ProviderToken::parse(bad).is_err(), "{bad:?} accepted");
         }
         assert!(ProviderToken::parse(&"a".repeat(4097)).is_err());
+    }
+
+    #[test]
+    fn new_passwords_are_8_to_1024_characters() {
+        for ok in [
+            "12345678",
+            "\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}",
+            &"x".repeat(1024),
+        ] {
+            assert_eq!(parse_new_password(ok).unwrap().expose_secret(), ok);
+        }
+        for bad in ["", "1234567", &"x".repeat(1025)] {
+            let e = parse_new_password(bad).unwrap_err();
+            assert_eq!(e.field, "password");
+            assert_eq!(e.message, "password must be 8 to 1024 characters");
+        }
     }
 
     #[test]

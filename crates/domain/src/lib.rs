@@ -1,9 +1,15 @@
-//! Input parsed once at the edge into types that cannot hold a bad value.
+//! llmgw's domain, with no database: input parsed once at the edge into
+//! types that cannot hold a bad value (here), the secrets and their one-way
+//! forms ([`secrets`]), the envelope of provider tokens at rest ([`crypto`])
+//! and list cursors ([`page`]). `storage` maps these to and from rows;
+//! `upstream`, the API and the gateway use them without linking sqlx.
+
+pub mod crypto;
+pub mod page;
+pub mod secrets;
 
 use std::fmt;
-use std::sync::OnceLock;
 
-use regex::Regex;
 use serde::{Deserialize, Serialize};
 
 /// A client's input broke a rule; `field` names the JSON field.
@@ -39,12 +45,19 @@ pub const PROVIDER_NAME_RULE: &str =
 
 impl ProviderName {
     pub fn parse(raw: &str) -> Result<Self, ValidationError> {
-        static RE: OnceLock<Regex> = OnceLock::new();
-        let re = RE.get_or_init(|| Regex::new(PROVIDER_NAME_PATTERN).expect("static regex"));
-        if raw.len() > PROVIDER_NAME_MAX_LEN || !re.is_match(raw) {
+        if !Self::is_valid(raw) {
             return Err(ValidationError::new("name", PROVIDER_NAME_RULE));
         }
         Ok(Self(raw.to_owned()))
+    }
+
+    /// The rule itself ([`PROVIDER_NAME_PATTERN`], at most
+    /// [`PROVIDER_NAME_MAX_LEN`]), for callers that only need a yes or no
+    /// (the gateway, before it looks a name up).
+    pub fn is_valid(raw: &str) -> bool {
+        !raw.is_empty()
+            && raw.len() <= PROVIDER_NAME_MAX_LEN
+            && raw.bytes().all(|b| b.is_ascii_lowercase())
     }
 
     pub fn as_str(&self) -> &str {
@@ -238,12 +251,14 @@ impl Role {
         }
     }
 
+    /// `owner`, `admin` or `member`; `None` for anything else.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+
+    /// Reads a stored role (a CHECK constraint allows only the three).
     pub fn from_db(s: &str) -> Self {
-        match s {
-            "owner" => Self::Owner,
-            "admin" => Self::Admin,
-            _ => Self::Member,
-        }
+        Self::parse(s).unwrap_or(Self::Member)
     }
 }
 
@@ -399,5 +414,42 @@ mod tests {
     #[test]
     fn roles_are_ordered() {
         assert!(Role::Owner > Role::Admin && Role::Admin > Role::Member);
+    }
+
+    #[test]
+    fn roles_read_back_what_they_write() {
+        for r in Role::ALL {
+            assert_eq!(Role::parse(r.as_str()), Some(r));
+            assert_eq!(Role::from_db(r.as_str()), r);
+        }
+        for bad in ["", "Owner", "admin ", "root"] {
+            assert_eq!(Role::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    /// The pattern the OpenAPI document states and the check agree.
+    #[test]
+    fn the_provider_name_pattern_is_the_check() {
+        let re = regex::Regex::new(PROVIDER_NAME_PATTERN).unwrap();
+        for s in [
+            "",
+            "a",
+            "abc",
+            "aBc",
+            "a1",
+            "a-b",
+            "a_b",
+            "a b",
+            "caf\u{e9}",
+            "abc\n",
+            "\nabc",
+            "\u{ff41}",
+            "z",
+        ] {
+            assert_eq!(ProviderName::is_valid(s), re.is_match(s), "{s:?}");
+        }
+        let long = "a".repeat(PROVIDER_NAME_MAX_LEN);
+        assert!(ProviderName::is_valid(&long));
+        assert!(!ProviderName::is_valid(&format!("{long}a")));
     }
 }

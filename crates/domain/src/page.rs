@@ -42,11 +42,7 @@ pub struct Page<T> {
 
 impl<T> Page<T> {
     /// `rows` was fetched with `limit + 1` to learn whether more follow.
-    pub(crate) fn from_rows(
-        mut rows: Vec<T>,
-        limit: u32,
-        cursor_of: impl Fn(&T) -> Cursor,
-    ) -> Self {
+    pub fn from_rows(mut rows: Vec<T>, limit: u32, cursor_of: impl Fn(&T) -> Cursor) -> Self {
         let more = rows.len() > limit as usize;
         rows.truncate(limit as usize);
         let next_cursor = if more {
