@@ -11,6 +11,7 @@ pub mod error;
 pub mod events;
 pub mod identities;
 pub mod invitations;
+pub mod limits;
 pub mod logs;
 pub mod orgs;
 pub mod providers;
