@@ -49,6 +49,8 @@ pub(crate) async fn listen(
                 state.providers.evict_org(org_id);
                 state.models.evict(org_id);
             }
+            // Org limits are rare edits: dropping the key cache is enough.
+            CacheNotice::Org { .. } => state.keys.flush(),
             CacheNotice::Unknown => {
                 tracing::warn!("unexpected cache notification; flushing caches");
                 state.flush_caches();

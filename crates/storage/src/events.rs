@@ -16,7 +16,7 @@ use uuid::Uuid;
 use crate::db::Db;
 
 /// PostgreSQL channel on which changes to providers and API keys are announced.
-/// Payload: `{"table":"provider_keys"|"api_keys","op":"INSERT"|"UPDATE"|"DELETE","org_id":…,"id":…}`.
+/// Payload: `{"table":"provider_keys"|"api_keys"|"organizations","op":"INSERT"|"UPDATE"|"DELETE","org_id":…,"id":…}`.
 pub const CACHE_CHANNEL: &str = "llmgw_cache";
 
 /// A decoded `llmgw_cache` notification.
@@ -42,6 +42,8 @@ pub enum CacheNotice {
     ApiKey { org_id: Uuid, id: Uuid },
     /// One of an organization's providers was created, changed or deleted.
     Provider { org_id: Uuid, id: Uuid },
+    /// An organization's limits changed: every cached key of it carries them.
+    Org { org_id: Uuid },
     /// A notification of a shape this version does not know: treat
     /// everything as changed.
     Unknown,
@@ -59,6 +61,7 @@ impl CacheNotice {
                 org_id: ev.org_id,
                 id: ev.id,
             },
+            Ok(ev) if ev.table == "organizations" => Self::Org { org_id: ev.org_id },
             _ => {
                 tracing::warn!(payload, "unexpected cache notification");
                 Self::Unknown
@@ -159,6 +162,10 @@ mod tests {
         assert_eq!(
             CacheNotice::from_payload(&payload("provider_keys")),
             CacheNotice::Provider { org_id: org, id }
+        );
+        assert_eq!(
+            CacheNotice::from_payload(&payload("organizations")),
+            CacheNotice::Org { org_id: org }
         );
         for odd in [payload("users"), "{}".into(), "not json".into()] {
             assert_eq!(CacheNotice::from_payload(&odd), CacheNotice::Unknown);
