@@ -366,7 +366,7 @@ test('an admin sets the limits and allowed models of a key and an owner the orga
   // The server's refusal of a pattern is shown at the field.
   await dlg.getByLabel('Allowed models').fill('MyCompany/*');
   await dlg.getByRole('button', { name: 'Save limits' }).click();
-  const models = dlg.locator('.field', { has: dlg.getByLabel('Allowed models') });
+  const models = dlg.locator('.field', { has: page.getByLabel('Allowed models') });
   await models.locator('.err', { hasText: 'patterns like' }).waitFor();
   assert.equal(await dlg.getByLabel('Allowed models').getAttribute('aria-invalid'), 'true');
   await dlg.getByLabel('Allowed models').fill('mycompany/*\n*/qwen');
