@@ -79,6 +79,7 @@ function field(label, attrs, hint) {
   const wrap = h('div.field', h('label', { for: id }, label), input, h('small.hint', { id: id + '-h' }, hint || ''), h('small.err', { id: id + '-e', 'aria-live': 'polite' }));
   wrap.input = input;
   wrap.setError = (msg) => { wrap.querySelector('.err').textContent = msg || ''; if (msg) input.setAttribute('aria-invalid', 'true'); else input.removeAttribute('aria-invalid'); };
+  input.addEventListener('input', () => { if (input.hasAttribute('aria-invalid')) wrap.setError(''); }); // the message was about the old value
   return wrap;
 }
 const opt = (value, label, selected) => h('option', { value, selected: !!selected }, label);
