@@ -9,6 +9,7 @@ use storage::domain::{
     parse_label, BaseUrl, Email, ProviderName, ProviderStatus, Role, ValidationError,
 };
 use storage::invitations::InvitationToken;
+use storage::limits::{parse_allowed_models, Limits, ModelPattern, Prices};
 use storage::logs::GroupBy;
 use storage::page::Cursor;
 use storage::secrets::ProviderToken;
@@ -92,6 +93,30 @@ impl Fields {
                     .push(FieldError::new(name, format!("{name} must be a string")));
                 Err(())
             }
+        }
+    }
+
+    /// The field's raw JSON value: `None` when absent, `Some(Null)` when null.
+    fn raw(&mut self, name: &'static str) -> Option<Value> {
+        self.map.remove(name)
+    }
+
+    /// A JSON (non-string) field parsed by `parse`, which sees `null` too:
+    /// `Some(None)` when absent.
+    pub fn json<T, E: Into<FieldError>>(
+        &mut self,
+        name: &'static str,
+        parse: impl FnOnce(&Value) -> Result<T, Vec<E>>,
+    ) -> Option<Option<T>> {
+        match self.raw(name) {
+            None => Some(None),
+            Some(v) => match parse(&v) {
+                Ok(t) => Some(Some(t)),
+                Err(es) => {
+                    self.errors.extend(es.into_iter().map(Into::into));
+                    None
+                }
+            },
         }
     }
 
@@ -233,7 +258,49 @@ impl FromFields for Login {
     }
 }
 
-/// `POST /orgs`, `PATCH /orgs/{org_id}`.
+/// `limits` of a body: `null` clears every limit.
+fn limits(f: &mut Fields) -> Option<Option<Limits>> {
+    f.json("limits", Limits::parse)
+}
+
+/// `allowed_models` of a body: `Some(None)` absent, `Some(Some(None))` null (every model).
+#[allow(clippy::type_complexity)]
+fn allowed_models(f: &mut Fields) -> Option<Option<Option<Vec<ModelPattern>>>> {
+    f.json("allowed_models", |v| {
+        parse_allowed_models(v).map_err(|e| vec![e])
+    })
+}
+
+/// `prices` of a body: `null` clears them.
+fn prices(f: &mut Fields) -> Option<Option<Prices>> {
+    f.json("prices", |v| Prices::parse(v).map_err(|e| vec![e]))
+}
+
+/// `PATCH /orgs/{org_id}`: a new name and/or limits (owners only).
+pub struct OrgPatch {
+    pub name: Option<String>,
+    pub limits: Option<Limits>,
+}
+
+impl FromFields for OrgPatch {
+    fn from_fields(f: &mut Fields) -> Option<Self> {
+        let name = f.optional("name", |s| parse_label("name", s));
+        let limits = limits(f);
+        let patch = Self {
+            name: name?,
+            limits: limits?,
+        };
+        if patch.name.is_none() && patch.limits.is_none() {
+            f.reject(FieldError::new(
+                "body",
+                "nothing to change: give name and/or limits",
+            ))?;
+        }
+        Some(patch)
+    }
+}
+
+/// `POST /orgs`.
 pub struct OrgInput {
     pub name: String,
 }
@@ -312,6 +379,7 @@ pub struct CreateProvider {
     pub name: ProviderName,
     pub base_url: BaseUrl,
     pub token: ProviderToken,
+    pub prices: Prices,
 }
 
 impl FromFields for CreateProvider {
@@ -319,10 +387,12 @@ impl FromFields for CreateProvider {
         let name = f.required("name", ProviderName::parse);
         let base_url = f.required("base_url", BaseUrl::parse);
         let token = f.required("token", ProviderToken::parse);
+        let prices = prices(f);
         Some(Self {
             name: name?,
             base_url: base_url?,
             token: token?,
+            prices: prices?.unwrap_or_default(),
         })
     }
 }
@@ -338,49 +408,103 @@ impl FromFields for PatchProvider {
         let base_url = f.optional("base_url", BaseUrl::parse);
         let token = f.optional("token", ProviderToken::parse);
         let status = f.optional("status", parse_status);
+        let prices = prices(f);
         let patch = storage::providers::ProviderPatch {
             name: name?,
             base_url: base_url?,
             token: token?,
             status: status?,
+            prices: prices?,
         };
         if patch.name.is_none()
             && patch.base_url.is_none()
             && patch.token.is_none()
             && patch.status.is_none()
+            && patch.prices.is_none()
         {
             f.reject(FieldError::new(
                 "body",
-                "nothing to change: give at least one of name, base_url, token, status",
+                "nothing to change: give at least one of name, base_url, token, status, prices",
             ))?;
         }
         Some(Self(patch))
     }
 }
 
+/// A key's `expires_at`: an RFC 3339 time in the future.
+fn parse_expiry(s: &str) -> Result<DateTime<Utc>, ValidationError> {
+    let t = parse_time("expires_at")(s)?;
+    if t <= Utc::now() {
+        return Err(ValidationError::new(
+            "expires_at",
+            "expires_at must be in the future",
+        ));
+    }
+    Ok(t)
+}
+
 /// `POST /orgs/{org_id}/api-keys`.
 pub struct CreateApiKey {
     pub name: String,
-    pub expires_at: Option<DateTime<Utc>>,
+    pub options: storage::api_keys::KeyOptions,
 }
 
 impl FromFields for CreateApiKey {
     fn from_fields(f: &mut Fields) -> Option<Self> {
         let name = f.required("name", |s| parse_label("name", s));
-        let expires_at = f.optional("expires_at", |s| {
-            let t = parse_time("expires_at")(s)?;
-            if t <= Utc::now() {
-                return Err(ValidationError::new(
-                    "expires_at",
-                    "expires_at must be in the future",
-                ));
-            }
-            Ok(t)
-        });
+        let expires_at = f.optional("expires_at", parse_expiry);
+        let limits = limits(f);
+        let allowed_models = allowed_models(f);
         Some(Self {
             name: name?,
-            expires_at: expires_at?,
+            options: storage::api_keys::KeyOptions {
+                expires_at: expires_at?,
+                limits: limits?.unwrap_or_default(),
+                allowed_models: allowed_models?.flatten(),
+            },
         })
+    }
+}
+
+/// `PATCH /orgs/{org_id}/api-keys/{id}`: at least one field; `null` clears
+/// `expires_at` (never expires), `limits` (none) and `allowed_models` (all).
+pub struct PatchApiKey(pub storage::api_keys::ApiKeyPatch);
+
+impl FromFields for PatchApiKey {
+    fn from_fields(f: &mut Fields) -> Option<Self> {
+        let name = match f.raw("name") {
+            None => Some(None),
+            Some(Value::String(s)) => parse_label("name", &s)
+                .map(Some)
+                .map_err(|e| f.errors.push(e.into()))
+                .ok(),
+            Some(_) => f
+                .reject(FieldError::new("name", "name must be a string"))
+                .map(|_| None),
+        };
+        let expires_at = f.json("expires_at", |v| match v {
+            Value::Null => Ok(None),
+            Value::String(s) => parse_expiry(s).map(Some).map_err(|e| vec![e]),
+            _ => Err(vec![ValidationError::new(
+                "expires_at",
+                "expires_at must be an RFC 3339 time, or null for no expiry",
+            )]),
+        });
+        let limits = limits(f);
+        let allowed_models = allowed_models(f);
+        let patch = storage::api_keys::ApiKeyPatch {
+            name: name?,
+            expires_at: expires_at?,
+            limits: limits?,
+            allowed_models: allowed_models?,
+        };
+        if patch.is_empty() {
+            f.reject(FieldError::new(
+                "body",
+                "nothing to change: give at least one of name, expires_at, limits, allowed_models",
+            ))?;
+        }
+        Some(Self(patch))
     }
 }
 

@@ -9,6 +9,9 @@ use storage::domain::{
     ProviderStatus, Role, BASE_URL_MAX_LEN, BASE_URL_PATTERN, EMAIL_MAX_LEN, LABEL_MAX_CHARS,
     LABEL_PATTERN, PROVIDER_NAME_MAX_LEN, PROVIDER_NAME_PATTERN,
 };
+use storage::limits::{
+    BUDGET_SCALE, COUNT_LIMITS, MAX_COUNT, MAX_PATTERNS, MAX_PATTERN_CHARS, MAX_USD, PRICE_SCALE,
+};
 use storage::secrets::{MAX_TOKEN_LEN, TOKEN_PATTERN};
 
 use crate::error::ALL_KINDS;
@@ -204,6 +207,44 @@ fn schemas() -> Value {
     let int = json!({"type": "integer", "format": "int64"});
     let int_or_null = json!({"type": "integer", "format": "int64", "nullable": true});
     let str_or_null = json!({"type": "string", "nullable": true});
+    // Money travels as a decimal string so no client or server rounds it
+    // through binary floating point.
+    let usd = |scale: u32, what: &str| {
+        json!({"type": "string", "pattern": format!("^[0-9]+(\\.[0-9]{{1,{scale}}})?$"),
+               "description": format!("{what}: a decimal string in USD, 0 to {MAX_USD}, at most {scale} decimal places (a JSON number is read from its text)")})
+    };
+    let mut limit_props = Map::new();
+    for name in COUNT_LIMITS {
+        limit_props.insert(
+            name.to_owned(),
+            json!({"type": "integer", "minimum": 0, "maximum": MAX_COUNT, "nullable": true,
+                   "description": "0 blocks every request; null or absent: no limit"}),
+        );
+    }
+    let mut budget = usd(
+        BUDGET_SCALE,
+        "money spent this UTC calendar month, priced by the providers' `prices`",
+    );
+    budget["nullable"] = json!(true);
+    limit_props.insert("budget_per_month_usd".to_owned(), budget);
+    let limits = json!({"type": "object", "additionalProperties": false, "properties": limit_props,
+        "description": "Each field optional; null or absent: no limit of that kind. A key is held to its own limits and its organization's (the tighter applies)."});
+    let allowed_models = json!({"type": "array", "nullable": true, "maxItems": MAX_PATTERNS,
+        "items": {"type": "string", "minLength": 1, "maxLength": MAX_PATTERN_CHARS,
+                  "description": "`{customName}/{modelName}` with `*` wildcards (`*` matches `/` too), e.g. `mycompany/*`"},
+        "description": "models the key may call; null: every model, []: none"});
+    let prices = json!({"type": "array", "maxItems": MAX_PATTERNS,
+        "description": "USD per million tokens by upstream model name; the most specific entry wins (an exact name, then the pattern with the most literal characters, then `*`)",
+        "items": {"type": "object", "additionalProperties": false,
+                  "required": ["model", "input_per_million_usd", "output_per_million_usd"],
+                  "properties": {"model": {"type": "string", "minLength": 1, "maxLength": MAX_PATTERN_CHARS,
+                                           "description": "a model name (`llama-3-8b`), a pattern (`llama-*`) or `*`"},
+                                 "input_per_million_usd": usd(PRICE_SCALE, "per million prompt tokens"),
+                                 "output_per_million_usd": usd(PRICE_SCALE, "per million completion tokens")}}});
+    let mut prices_or_null = prices.clone();
+    prices_or_null["nullable"] = json!(true);
+    let mut limits_or_null = limits.clone();
+    limits_or_null["nullable"] = json!(true);
     let entries: Vec<(&str, Value)> = vec![
         (
             "Error",
@@ -282,11 +323,19 @@ fn schemas() -> Value {
         (
             "Org",
             json!({
-                "type": "object", "required": ["id", "name", "role", "created_at"],
-                "properties": {"id": uuid, "name": {"type": "string"}, "role": role, "created_at": time},
+                "type": "object", "required": ["id", "name", "role", "created_at", "limits"],
+                "properties": {"id": uuid, "name": {"type": "string"}, "role": role, "created_at": time, "limits": limits},
             }),
         ),
         ("OrgList", list_of("Org")),
+        (
+            "OrgPatch",
+            json!({
+                "type": "object", "additionalProperties": false, "minProperties": 1,
+                "description": "Admins may rename; setting `limits` needs the owner role (403 otherwise). `limits: null` removes them all.",
+                "properties": {"name": label, "limits": limits_or_null},
+            }),
+        ),
         (
             "Invite",
             json!({
@@ -352,7 +401,7 @@ fn schemas() -> Value {
             "ProviderKeyCreate",
             json!({
                 "type": "object", "additionalProperties": false, "required": ["name", "base_url", "token"],
-                "properties": {"name": provider_name, "base_url": base_url, "token": token},
+                "properties": {"name": provider_name, "base_url": base_url, "token": token, "prices": prices_or_null},
             }),
         ),
         (
@@ -360,17 +409,18 @@ fn schemas() -> Value {
             json!({
                 "type": "object", "additionalProperties": false, "minProperties": 1,
                 "description": "A base_url that differs from the stored one must come with token in the same request (else 422 on token): the stored token is only ever sent to the base URL it was saved with.",
-                "properties": {"name": provider_name, "base_url": base_url, "token": token, "status": status},
+                "properties": {"name": provider_name, "base_url": base_url, "token": token, "status": status,
+                               "prices": {"allOf": [prices_or_null], "description": "replaces every price; null or [] removes them"}},
             }),
         ),
         (
             "ProviderKey",
             json!({
                 "type": "object",
-                "required": ["id", "name", "base_url", "token_hint", "status", "created_at", "updated_at"],
+                "required": ["id", "name", "base_url", "token_hint", "status", "prices", "created_at", "updated_at"],
                 "properties": {"id": uuid, "name": {"type": "string"}, "base_url": {"type": "string"},
                                "token_hint": {"type": "string", "description": "last 4 characters of the token"},
-                               "status": status, "created_at": time, "updated_at": time},
+                               "status": status, "prices": prices, "created_at": time, "updated_at": time},
             }),
         ),
         ("ProviderKeyList", list_of("ProviderKey")),
@@ -393,16 +443,47 @@ fn schemas() -> Value {
                 "type": "object", "additionalProperties": false, "required": ["name"],
                 "properties": {"name": label,
                                "expires_at": {"type": "string", "format": "date-time", "nullable": true,
-                                              "description": "must be in the future (a past or present time answers 422); omit or null for no expiry"}},
+                                              "description": "must be in the future (a past or present time answers 422); omit or null for no expiry"},
+                               "limits": limits_or_null, "allowed_models": allowed_models},
+            }),
+        ),
+        (
+            "ApiKeyPatch",
+            json!({
+                "type": "object", "additionalProperties": false, "minProperties": 1,
+                "description": "Only the fields given change. null clears: `expires_at` (never expires), `limits` (none), `allowed_models` (every model).",
+                "properties": {"name": label,
+                               "expires_at": {"type": "string", "format": "date-time", "nullable": true,
+                                              "description": "must be in the future"},
+                               "limits": limits_or_null, "allowed_models": allowed_models},
+            }),
+        ),
+        (
+            "LimitStates",
+            json!({
+                "type": "object", "required": ["data"],
+                "properties": {"data": {"type": "array", "items": {
+                    "type": "object", "required": ["limit", "scope", "max", "used", "remaining", "resets_at"],
+                    "properties": {
+                        "limit": {"type": "string", "enum": COUNT_LIMITS.iter().copied().chain(["budget_per_month_usd"]).collect::<Vec<_>>()},
+                        "scope": {"type": "string", "enum": ["api_key", "organization"]},
+                        "max": {"description": "an integer; for budget_per_month_usd a decimal string"},
+                        "used": {"nullable": true, "description": "null while unknown (no limiter counters reachable)"},
+                        "remaining": {"nullable": true, "description": "null while unknown"},
+                        "resets_at": {"type": "string", "format": "date-time", "nullable": true,
+                                      "description": "end of the UTC day or month for those periods; null for the sliding minute and for concurrency"},
+                    },
+                }}},
             }),
         ),
         (
             "ApiKey",
             json!({
                 "type": "object",
-                "required": ["id", "name", "prefix", "created_at", "expires_at", "last_used_at", "revoked_at"],
+                "required": ["id", "name", "prefix", "created_at", "expires_at", "last_used_at", "revoked_at", "limits", "allowed_models"],
                 "properties": {"id": uuid, "name": {"type": "string"}, "prefix": {"type": "string"},
-                               "created_at": time, "expires_at": time_or_null, "last_used_at": time_or_null, "revoked_at": time_or_null},
+                               "created_at": time, "expires_at": time_or_null, "last_used_at": time_or_null, "revoked_at": time_or_null,
+                               "limits": limits, "allowed_models": allowed_models},
             }),
         ),
         (
@@ -437,13 +518,15 @@ fn schemas() -> Value {
             "UsageRow",
             json!({
                 "type": "object",
-                "required": ["key", "requests", "errors", "prompt_tokens", "completion_tokens", "total_tokens", "requests_without_usage", "p50_latency_ms", "p95_latency_ms"],
+                "required": ["key", "requests", "errors", "prompt_tokens", "completion_tokens", "total_tokens", "requests_without_usage", "p50_latency_ms", "p95_latency_ms", "cost_usd"],
                 "properties": {
                     "key": {"type": "string", "nullable": true, "description": "the day (YYYY-MM-DD), model, provider or API key id"},
                     "requests": int, "errors": int, "prompt_tokens": int, "completion_tokens": int, "total_tokens": int,
                     "requests_without_usage": {"type": "integer", "minimum": 0,
                         "description": "answered requests (status below 400) for which no token counts were known, e.g. streams whose upstream sent no usage; the token sums do not include them"},
                     "p50_latency_ms": {"type": "number", "nullable": true}, "p95_latency_ms": {"type": "number", "nullable": true},
+                    "cost_usd": {"type": "string", "pattern": "^[0-9]+(\\.[0-9]+)?$",
+                                 "description": "sum of the rows' cost in USD, a decimal string (rows without a price add nothing)"},
                 },
             }),
         ),

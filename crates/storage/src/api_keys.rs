@@ -10,6 +10,7 @@ use crate::audit::{record, Actor};
 use crate::db::Db;
 use crate::domain::Role;
 use crate::error::{Result, StorageError};
+use crate::limits::{Limits, ModelPattern};
 use crate::page::{Cursor, Page};
 use crate::secrets::ApiKeySecret;
 
@@ -23,15 +24,52 @@ pub struct ApiKey {
     pub expires_at: Option<DateTime<Utc>>,
     pub last_used_at: Option<DateTime<Utc>>,
     pub revoked_at: Option<DateTime<Utc>>,
+    #[sqlx(json)]
+    pub limits: Limits,
+    /// `None`: every model; empty: none.
+    pub allowed_models: Option<Vec<ModelPattern>>,
 }
 
-/// What the gateway needs to authenticate a presented key.
+/// What the gateway needs to authenticate a presented key, and to enforce
+/// its spend controls and its organization's.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct ApiKeyAuth {
     pub id: Uuid,
     pub org_id: Uuid,
     pub expires_at: Option<DateTime<Utc>>,
     pub revoked_at: Option<DateTime<Utc>>,
+    #[sqlx(json)]
+    pub limits: Limits,
+    pub allowed_models: Option<Vec<ModelPattern>>,
+    #[sqlx(json)]
+    pub org_limits: Limits,
+}
+
+/// A new key's fields beyond its name.
+#[derive(Debug, Clone, Default)]
+pub struct KeyOptions {
+    pub expires_at: Option<DateTime<Utc>>,
+    pub limits: Limits,
+    pub allowed_models: Option<Vec<ModelPattern>>,
+}
+
+/// Fields a PATCH may change; `None` keeps the current value (for the
+/// nullable ones, `Some(None)` clears it).
+#[derive(Debug, Clone, Default)]
+pub struct ApiKeyPatch {
+    pub name: Option<String>,
+    pub expires_at: Option<Option<DateTime<Utc>>>,
+    pub limits: Option<Limits>,
+    pub allowed_models: Option<Option<Vec<ModelPattern>>>,
+}
+
+impl ApiKeyPatch {
+    pub fn is_empty(&self) -> bool {
+        self.name.is_none()
+            && self.expires_at.is_none()
+            && self.limits.is_none()
+            && self.allowed_models.is_none()
+    }
 }
 
 /// Whether a key may be used now.
@@ -54,7 +92,8 @@ impl ApiKeyAuth {
     }
 }
 
-const API_KEY_COLUMNS: &str = "id, name, prefix, created_at, expires_at, last_used_at, revoked_at";
+const API_KEY_COLUMNS: &str =
+    "id, name, prefix, created_at, expires_at, last_used_at, revoked_at, limits, allowed_models";
 
 /// The least role that may create API keys.
 pub const API_KEY_CREATOR_ROLE: Role = Role::Admin;
@@ -100,6 +139,22 @@ impl Db {
         name: &str,
         expires_at: Option<DateTime<Utc>>,
     ) -> Result<(ApiKey, ApiKeySecret)> {
+        let options = KeyOptions {
+            expires_at,
+            ..KeyOptions::default()
+        };
+        self.create_api_key_with(org_id, actor, name, &options)
+            .await
+    }
+
+    /// [`Db::create_api_key`] with limits and a model scope.
+    pub async fn create_api_key_with(
+        &self,
+        org_id: Uuid,
+        actor: Actor,
+        name: &str,
+        options: &KeyOptions,
+    ) -> Result<(ApiKey, ApiKeySecret)> {
         let secret = ApiKeySecret::generate();
         let id = Uuid::new_v4();
         let mut tx = self.pool.begin().await?;
@@ -122,8 +177,8 @@ impl Db {
             }
         }
         let key = sqlx::query_as::<_, ApiKey>(&format!(
-            "INSERT INTO api_keys (id, org_id, name, digest, prefix, created_by, expires_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {API_KEY_COLUMNS}"
+            "INSERT INTO api_keys (id, org_id, name, digest, prefix, created_by, expires_at, limits, allowed_models)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING {API_KEY_COLUMNS}"
         ))
         .bind(id)
         .bind(org_id)
@@ -131,9 +186,18 @@ impl Db {
         .bind(&secret.digest()[..])
         .bind(secret.display_prefix())
         .bind(actor.0)
-        .bind(expires_at)
+        .bind(options.expires_at)
+        .bind(sqlx::types::Json(&options.limits))
+        .bind(&options.allowed_models)
         .fetch_one(&mut *tx)
         .await?;
+        let mut details = json!({"name": name, "prefix": key.prefix});
+        if !options.limits.is_empty() {
+            details["limits"] = json!(options.limits);
+        }
+        if options.allowed_models.is_some() {
+            details["allowed_models"] = json!(options.allowed_models);
+        }
         record(
             &mut tx,
             org_id,
@@ -141,7 +205,7 @@ impl Db {
             "api_key.create",
             "api_key",
             Some(id),
-            json!({"name": name, "prefix": key.prefix}),
+            details,
         )
         .await?;
         tx.commit().await?;
@@ -210,11 +274,85 @@ impl Db {
         Ok(key)
     }
 
+    /// Edits a key without reissuing it; the audit row names each change
+    /// (from, to).
+    pub async fn update_api_key(
+        &self,
+        org_id: Uuid,
+        actor: Actor,
+        id: Uuid,
+        patch: &ApiKeyPatch,
+    ) -> Result<ApiKey> {
+        let mut tx = self.pool.begin().await?;
+        let cur = sqlx::query_as::<_, ApiKey>(&format!(
+            "SELECT {API_KEY_COLUMNS} FROM api_keys WHERE org_id = $1 AND id = $2 FOR NO KEY UPDATE"
+        ))
+        .bind(org_id)
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(StorageError::NotFound)?;
+        let name = patch.name.as_deref().unwrap_or(&cur.name);
+        let expires_at = patch.expires_at.unwrap_or(cur.expires_at);
+        let limits = patch.limits.as_ref().unwrap_or(&cur.limits);
+        let allowed = patch.allowed_models.as_ref().unwrap_or(&cur.allowed_models);
+        let key = sqlx::query_as::<_, ApiKey>(&format!(
+            "UPDATE api_keys SET name = $3, expires_at = $4, limits = $5, allowed_models = $6
+             WHERE org_id = $1 AND id = $2 RETURNING {API_KEY_COLUMNS}"
+        ))
+        .bind(org_id)
+        .bind(id)
+        .bind(name)
+        .bind(expires_at)
+        .bind(sqlx::types::Json(limits))
+        .bind(allowed)
+        .fetch_one(&mut *tx)
+        .await?;
+        let mut changed = serde_json::Map::new();
+        if patch.name.is_some() {
+            changed.insert("name".into(), json!({"from": cur.name, "to": key.name}));
+        }
+        if patch.expires_at.is_some() {
+            changed.insert(
+                "expires_at".into(),
+                json!({"from": cur.expires_at, "to": key.expires_at}),
+            );
+        }
+        if patch.limits.is_some() {
+            changed.insert(
+                "limits".into(),
+                json!({"from": cur.limits, "to": key.limits}),
+            );
+        }
+        if patch.allowed_models.is_some() {
+            changed.insert(
+                "allowed_models".into(),
+                json!({"from": cur.allowed_models, "to": key.allowed_models}),
+            );
+        }
+        changed.insert("prefix".into(), json!(key.prefix));
+        record(
+            &mut tx,
+            org_id,
+            actor,
+            "api_key.update",
+            "api_key",
+            Some(id),
+            changed.into(),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(key)
+    }
+
     /// Finds a key by the digest of the presented secret (any org: the key
-    /// itself is what identifies the org).
+    /// itself is what identifies the org), with its limits and its org's.
     pub async fn api_key_by_digest(&self, digest: &[u8; 32]) -> Result<Option<ApiKeyAuth>> {
         Ok(sqlx::query_as::<_, ApiKeyAuth>(
-            "SELECT id, org_id, expires_at, revoked_at FROM api_keys WHERE digest = $1",
+            "SELECT k.id, k.org_id, k.expires_at, k.revoked_at, k.limits, k.allowed_models,
+                    o.limits AS org_limits
+             FROM api_keys k JOIN organizations o ON o.id = k.org_id
+             WHERE k.digest = $1",
         )
         .bind(&digest[..])
         .fetch_optional(&self.pool)

@@ -12,6 +12,7 @@ pub mod embedded;
 pub mod error;
 pub mod identities;
 pub mod invitations;
+pub mod limits;
 pub mod logs;
 pub mod orgs;
 pub mod page;

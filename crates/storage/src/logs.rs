@@ -1,11 +1,15 @@
 //! Usage rows (`request_logs`): batched writes from the gateway, reads for the API.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
 use serde::Serialize;
 use uuid::Uuid;
 
 use crate::db::Db;
 use crate::error::Result;
+use crate::limits::Prices;
 use crate::page::{Cursor, Page};
 
 /// One request as the gateway saw it.
@@ -76,6 +80,8 @@ pub struct UsageRow {
     pub requests_without_usage: i64,
     pub p50_latency_ms: Option<f64>,
     pub p95_latency_ms: Option<f64>,
+    /// Sum of the rows' `cost_usd` (rows without a price add nothing).
+    pub cost_usd: Decimal,
 }
 
 impl Db {
@@ -96,6 +102,7 @@ impl Db {
         if rows.is_empty() {
             return Ok(());
         }
+        let costs = self.costs(rows.iter().map(|(r, _)| *r)).await?;
         macro_rules! col {
             ($f:ident) => {
                 rows.iter().map(|(r, _)| r.$f.clone()).collect::<Vec<_>>()
@@ -104,10 +111,11 @@ impl Db {
         sqlx::query(
             "INSERT INTO request_logs (id, request_id, org_id, api_key_id, provider_key_id, provider_name,
                 requested_model, upstream_model, status_code, streamed, canceled, prompt_tokens,
-                completion_tokens, total_tokens, latency_ms, ttfb_ms, error_class, created_at, endpoint)
+                completion_tokens, total_tokens, latency_ms, ttfb_ms, error_class, created_at, endpoint, cost_usd)
              SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::uuid[], $5::uuid[], $6::text[],
                 $7::text[], $8::text[], $9::int2[], $10::bool[], $11::bool[], $12::int8[], $13::int8[],
-                $14::int8[], $15::int4[], $16::int4[], $17::text[], $18::timestamptz[], $19::text[])
+                $14::int8[], $15::int4[], $16::int4[], $17::text[], $18::timestamptz[], $19::text[],
+                $20::numeric[])
              ON CONFLICT DO NOTHING",
         )
         .bind(col!(id))
@@ -129,9 +137,54 @@ impl Db {
         .bind(col!(error_class))
         .bind(col!(created_at))
         .bind(rows.iter().map(|(_, e)| *e).collect::<Vec<_>>())
+        .bind(costs)
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    /// What each row cost under its provider's prices as they are now (one
+    /// query for the batch): `None` without a price or token counts.
+    pub async fn costs(
+        &self,
+        rows: impl Iterator<Item = &RequestLog> + Clone,
+    ) -> Result<Vec<Option<Decimal>>> {
+        let mut keys: Vec<(Uuid, Uuid)> = rows
+            .clone()
+            .filter(|r| r.prompt_tokens.is_some() || r.completion_tokens.is_some())
+            .filter_map(|r| Some((r.org_id, r.provider_key_id?)))
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        // Keyed by (org, provider): a row never takes another org's prices.
+        let prices: HashMap<(Uuid, Uuid), Prices> = if keys.is_empty() {
+            HashMap::new()
+        } else {
+            let (orgs, ids): (Vec<Uuid>, Vec<Uuid>) = keys.into_iter().unzip();
+            sqlx::query_as::<_, (Uuid, Uuid, sqlx::types::Json<Prices>)>(
+                "SELECT p.org_id, p.id, p.prices FROM provider_keys p
+                 JOIN UNNEST($1::uuid[], $2::uuid[]) AS k(org_id, id)
+                   ON p.org_id = k.org_id AND p.id = k.id
+                 WHERE jsonb_array_length(p.prices) > 0",
+            )
+            .bind(orgs)
+            .bind(ids)
+            .fetch_all(&self.pool)
+            .await?
+            .into_iter()
+            .map(|(org, id, p)| ((org, id), p.0))
+            .collect()
+        };
+        Ok(rows
+            .map(|r| {
+                let prices = prices.get(&(r.org_id, r.provider_key_id?))?;
+                prices.cost(
+                    r.upstream_model.as_deref().unwrap_or(""),
+                    r.prompt_tokens,
+                    r.completion_tokens,
+                )
+            })
+            .collect())
     }
 
     /// The org's usage rows, newest first, filtered.
@@ -199,7 +252,8 @@ impl Db {
                 count(*) FILTER (WHERE status_code < 400 AND prompt_tokens IS NULL
                     AND completion_tokens IS NULL AND total_tokens IS NULL) AS requests_without_usage,
                 percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms) AS p50_latency_ms,
-                percentile_cont(0.95) WITHIN GROUP (ORDER BY latency_ms) AS p95_latency_ms
+                percentile_cont(0.95) WITHIN GROUP (ORDER BY latency_ms) AS p95_latency_ms,
+                trim_scale(coalesce(sum(cost_usd), 0)) AS cost_usd
              FROM request_logs
              WHERE org_id = $1 AND created_at >= $2 AND created_at < $3
                AND ($4::text IS NULL OR requested_model = $4)

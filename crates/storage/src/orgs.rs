@@ -10,6 +10,7 @@ use crate::audit::{record, Actor};
 use crate::db::Db;
 use crate::domain::{Email, Role, ValidationError};
 use crate::error::{Result, StorageError};
+use crate::limits::Limits;
 
 /// An organization as seen by one of its members.
 #[derive(Debug, Clone, Serialize)]
@@ -18,6 +19,8 @@ pub struct Org {
     pub name: String,
     pub role: Role,
     pub created_at: DateTime<Utc>,
+    /// Limits every key of the organization shares (owners set them).
+    pub limits: Limits,
 }
 
 #[derive(sqlx::FromRow)]
@@ -26,6 +29,8 @@ struct OrgRow {
     name: String,
     role: String,
     created_at: DateTime<Utc>,
+    #[sqlx(json)]
+    limits: Limits,
 }
 
 impl From<OrgRow> for Org {
@@ -35,6 +40,7 @@ impl From<OrgRow> for Org {
             name: r.name,
             role: Role::from_db(&r.role),
             created_at: r.created_at,
+            limits: r.limits,
         }
     }
 }
@@ -74,7 +80,7 @@ pub struct Removal {
     pub transferred_api_keys: u64,
 }
 
-const ORG_SELECT: &str = "SELECT o.id, o.name, m.role, o.created_at
+const ORG_SELECT: &str = "SELECT o.id, o.name, m.role, o.created_at, o.limits
      FROM organizations o JOIN memberships m ON m.org_id = o.id";
 
 const MEMBER_SELECT: &str = "SELECT m.user_id, u.email, m.role, m.created_at
@@ -197,27 +203,73 @@ impl Db {
     }
 
     pub async fn rename_org(&self, org_id: Uuid, actor: Uuid, name: &str) -> Result<Org> {
+        self.update_org(org_id, actor, Some(name), None).await
+    }
+
+    /// Renames the organization and/or replaces its limits, in one
+    /// transaction with one audit row per kind of change (`org.rename`,
+    /// `org.limits`). Who may set limits is the caller's check (owners).
+    pub async fn update_org(
+        &self,
+        org_id: Uuid,
+        actor: Uuid,
+        name: Option<&str>,
+        limits: Option<&Limits>,
+    ) -> Result<Org> {
         let mut tx = self.pool.begin().await?;
-        let r = sqlx::query("UPDATE organizations SET name = $2, updated_at = now() WHERE id = $1")
-            .bind(org_id)
-            .bind(name)
-            .execute(&mut *tx)
+        let before: Option<sqlx::types::Json<Limits>> =
+            sqlx::query_scalar("SELECT limits FROM organizations WHERE id = $1 FOR NO KEY UPDATE")
+                .bind(org_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let before = before.ok_or(StorageError::NotFound)?.0;
+        if let Some(name) = name {
+            sqlx::query("UPDATE organizations SET name = $2, updated_at = now() WHERE id = $1")
+                .bind(org_id)
+                .bind(name)
+                .execute(&mut *tx)
+                .await?;
+            record(
+                &mut tx,
+                org_id,
+                Actor(Some(actor)),
+                "org.rename",
+                "organization",
+                Some(org_id),
+                json!({"name": name}),
+            )
             .await?;
-        if r.rows_affected() == 0 {
-            return Err(StorageError::NotFound);
         }
-        record(
-            &mut tx,
-            org_id,
-            Actor(Some(actor)),
-            "org.rename",
-            "organization",
-            Some(org_id),
-            json!({"name": name}),
-        )
-        .await?;
+        if let Some(limits) = limits {
+            sqlx::query("UPDATE organizations SET limits = $2, updated_at = now() WHERE id = $1")
+                .bind(org_id)
+                .bind(sqlx::types::Json(limits))
+                .execute(&mut *tx)
+                .await?;
+            record(
+                &mut tx,
+                org_id,
+                Actor(Some(actor)),
+                "org.limits",
+                "organization",
+                Some(org_id),
+                json!({"from": before, "to": limits}),
+            )
+            .await?;
+        }
+        let org = org_in(&mut tx, org_id, actor).await?;
         tx.commit().await?;
-        self.org_for_member(org_id, actor).await
+        Ok(org)
+    }
+
+    /// The organization's limits (the gateway cache reads them with each key).
+    pub async fn org_limits(&self, org_id: Uuid) -> Result<Limits> {
+        let l: Option<sqlx::types::Json<Limits>> =
+            sqlx::query_scalar("SELECT limits FROM organizations WHERE id = $1")
+                .bind(org_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(l.ok_or(StorageError::NotFound)?.0)
     }
 
     /// Deletes the organization and everything it owns, usage rows included.

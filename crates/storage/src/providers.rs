@@ -11,6 +11,7 @@ use crate::crypto::{Binding, CryptoError, Sealed, AAD_V1, AAD_V2};
 use crate::db::Db;
 use crate::domain::{BaseUrl, ProviderName, ProviderStatus, ValidationError};
 use crate::error::{Result, StorageError};
+use crate::limits::Prices;
 use crate::secrets::ProviderToken;
 
 /// A provider as shown to clients: the token appears only as its hint.
@@ -23,6 +24,8 @@ pub struct ProviderKey {
     pub base_url: BaseUrl,
     pub token_hint: String,
     pub status: ProviderStatus,
+    /// USD per million tokens, per model; the most specific match wins.
+    pub prices: Prices,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -41,6 +44,8 @@ pub struct ProviderPatch {
     pub base_url: Option<BaseUrl>,
     pub token: Option<ProviderToken>,
     pub status: Option<ProviderStatus>,
+    /// Replaces every price.
+    pub prices: Option<Prices>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -55,12 +60,14 @@ struct Row {
     aad_version: i16,
     token_hint: String,
     status: String,
+    #[sqlx(json)]
+    prices: Prices,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
 }
 
 const COLUMNS: &str =
-    "id, org_id, name, base_url, token_ciphertext, token_nonce, key_id, aad_version, token_hint, status, created_at, updated_at";
+    "id, org_id, name, base_url, token_ciphertext, token_nonce, key_id, aad_version, token_hint, status, prices, created_at, updated_at";
 
 impl Row {
     fn sealed(&self) -> Sealed {
@@ -89,6 +96,7 @@ impl Row {
             base_url: BaseUrl::from_db(self.base_url),
             token_hint: self.token_hint,
             status: ProviderStatus::from_db(&self.status),
+            prices: self.prices,
             created_at: self.created_at,
             updated_at: self.updated_at,
         }
@@ -131,6 +139,20 @@ impl Db {
         base_url: &BaseUrl,
         token: &ProviderToken,
     ) -> Result<ProviderKey> {
+        self.create_provider_key_priced(org_id, actor, name, base_url, token, &Prices::default())
+            .await
+    }
+
+    /// [`Db::create_provider_key`] with prices.
+    pub async fn create_provider_key_priced(
+        &self,
+        org_id: Uuid,
+        actor: Actor,
+        name: &ProviderName,
+        base_url: &BaseUrl,
+        token: &ProviderToken,
+        prices: &Prices,
+    ) -> Result<ProviderKey> {
         let id = Uuid::new_v4();
         let sealed = self.keyring.seal(
             &Binding {
@@ -142,8 +164,8 @@ impl Db {
         );
         let mut tx = self.pool.begin().await?;
         let row = sqlx::query_as::<_, Row>(&format!(
-            "INSERT INTO provider_keys (id, org_id, name, base_url, token_ciphertext, token_nonce, key_id, token_hint, aad_version)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING {COLUMNS}"
+            "INSERT INTO provider_keys (id, org_id, name, base_url, token_ciphertext, token_nonce, key_id, token_hint, aad_version, prices)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING {COLUMNS}"
         ))
         .bind(id)
         .bind(org_id)
@@ -154,8 +176,13 @@ impl Db {
         .bind(sealed.key_id)
         .bind(token.hint())
         .bind(sealed.aad_version)
+        .bind(sqlx::types::Json(prices))
         .fetch_one(&mut *tx)
         .await?;
+        let mut details = json!({"name": name.as_str(), "base_url": base_url.as_str()});
+        if !prices.0.is_empty() {
+            details["prices"] = json!(prices);
+        }
         record(
             &mut tx,
             org_id,
@@ -163,7 +190,7 @@ impl Db {
             "provider_key.create",
             "provider_key",
             Some(id),
-            json!({"name": name.as_str(), "base_url": base_url.as_str()}),
+            details,
         )
         .await?;
         tx.commit().await?;
@@ -266,6 +293,7 @@ impl Db {
             .map_or(cur.name.as_str(), |n| n.as_str());
         let base_url = new_base_url.map_or(cur.base_url.as_str(), |b| b.as_str());
         let status = patch.status.map_or(cur.status.as_str(), |s| s.as_str());
+        let prices = patch.prices.as_ref().unwrap_or(&cur.prices);
         let (sealed, hint) = match &patch.token {
             Some(t) => (
                 self.keyring.seal(
@@ -282,7 +310,7 @@ impl Db {
         };
         let row = sqlx::query_as::<_, Row>(&format!(
             "UPDATE provider_keys SET name = $3, base_url = $4, status = $5, token_ciphertext = $6,
-                token_nonce = $7, key_id = $8, token_hint = $9, aad_version = $10, updated_at = now()
+                token_nonce = $7, key_id = $8, token_hint = $9, aad_version = $10, prices = $11, updated_at = now()
              WHERE org_id = $1 AND id = $2 RETURNING {COLUMNS}"
         ))
         .bind(org_id)
@@ -295,6 +323,7 @@ impl Db {
         .bind(sealed.key_id)
         .bind(&hint)
         .bind(sealed.aad_version)
+        .bind(sqlx::types::Json(prices))
         .fetch_one(&mut *tx)
         .await?;
         let mut changed = serde_json::Map::new();
@@ -312,6 +341,9 @@ impl Db {
         }
         if patch.token.is_some() {
             changed.insert("token".into(), json!("replaced"));
+        }
+        if patch.prices.is_some() {
+            changed.insert("prices".into(), json!({"from": cur.prices, "to": prices}));
         }
         record(
             &mut tx,

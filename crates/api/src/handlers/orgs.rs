@@ -1,11 +1,12 @@
 //! Organizations.
 
 use actix_web::{web, HttpResponse};
+use storage::domain::Role;
 
 use super::List;
 use crate::error::ApiError;
 use crate::extract::{role, Input, OrgAccess, Session};
-use crate::input::OrgInput;
+use crate::input::{OrgInput, OrgPatch};
 use crate::State;
 
 pub async fn create(
@@ -27,15 +28,24 @@ pub async fn get(access: OrgAccess<role::Member>) -> HttpResponse {
     HttpResponse::Ok().json(access.org)
 }
 
-pub async fn rename(
+/// Admins may rename; only owners set the organization's limits.
+pub async fn update(
     state: web::Data<State>,
     access: OrgAccess<role::Admin>,
-    input: Input<OrgInput>,
+    input: Input<OrgPatch>,
 ) -> Result<HttpResponse, ApiError> {
     let input = input.into_inner()?;
+    if input.limits.is_some() && access.role() < Role::Owner {
+        return Err(ApiError::Forbidden(Role::Owner));
+    }
     let org = state
         .db
-        .rename_org(access.org_id(), access.user.id, &input.name)
+        .update_org(
+            access.org_id(),
+            access.user.id,
+            input.name.as_deref(),
+            input.limits.as_ref(),
+        )
         .await?;
     Ok(HttpResponse::Ok().json(org))
 }

@@ -48,12 +48,13 @@ pub async fn create(
     upstream::check_base_url(&input.base_url, state.cfg.allow_private).await?;
     let key = state
         .db
-        .create_provider_key(
+        .create_provider_key_priced(
             access.org_id(),
             access.actor(),
             &input.name,
             &input.base_url,
             &input.token,
+            &input.prices,
         )
         .await?;
     Ok(HttpResponse::Created().json(key))

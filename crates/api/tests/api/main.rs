@@ -7,6 +7,7 @@ mod bola;
 mod browser;
 mod helpers;
 mod http;
+mod limits;
 mod members;
 mod openapi;
 mod orgs;

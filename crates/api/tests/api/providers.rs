@@ -36,6 +36,7 @@ async fn provider_key_lifecycle() {
             "created_at",
             "id",
             "name",
+            "prices",
             "status",
             "token_hint",
             "updated_at"

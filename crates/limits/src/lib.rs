@@ -1,0 +1,481 @@
+//! Spend controls for the gateway: requests per sliding minute, tokens per
+//! minute, day and month (reserved at admission, settled with real usage),
+//! concurrent requests (leases with a TTL) and a monthly money budget, for
+//! an API key and its organization at once (the tighter wins).
+//!
+//! [`Limiter::redis`] shares the counters between every replica: one Lua
+//! script per admission (EVALSHA), time from Redis `TIME`, every key of an
+//! org under the hash tag `llmgw:{<org>}:` so Redis Cluster works.
+//! [`Limiter::local`] runs the same rules in process for a single replica,
+//! and is what a Redis limiter falls back to when Redis does not answer
+//! within the call timeout (fail-open) — or it refuses instead (fail-closed).
+//!
+//! The gateway calls [`Limiter::admit`] before it forwards a request and
+//! [`Lease::settle`] when the request ends.
+
+mod local;
+mod remote;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rust_decimal::prelude::ToPrimitive;
+use rust_decimal::Decimal;
+use uuid::Uuid;
+
+pub use local::LocalBackend;
+pub use remote::RedisBackend;
+
+/// The limits of one scope (an API key or an organization); `None`: no
+/// limit of that kind, `Some(0)`: nothing is admitted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub requests_per_minute: Option<u64>,
+    pub tokens_per_minute: Option<u64>,
+    pub max_concurrent_requests: Option<u64>,
+    pub tokens_per_day: Option<u64>,
+    pub tokens_per_month: Option<u64>,
+    pub budget_per_month_usd: Option<Decimal>,
+}
+
+impl Limits {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// The script's view: -1 for none, money in micro-USD.
+    fn slots(&self) -> [i64; 6] {
+        let c = |v: Option<u64>| v.map_or(-1, |n| n.min(MAX_COUNT) as i64);
+        [
+            c(self.requests_per_minute),
+            c(self.tokens_per_minute),
+            c(self.max_concurrent_requests),
+            c(self.tokens_per_day),
+            c(self.tokens_per_month),
+            self.budget_per_month_usd.map_or(-1, micro_usd),
+        ]
+    }
+}
+
+/// Counts above this are treated as this (exact in a Lua number).
+const MAX_COUNT: u64 = 1 << 52;
+
+/// USD to whole micro-dollars, rounded up (a charge never rounds to free).
+pub fn micro_usd(usd: Decimal) -> i64 {
+    if usd.is_sign_negative() {
+        return 0;
+    }
+    (usd * Decimal::from(1_000_000))
+        .ceil()
+        .to_i64()
+        .unwrap_or(i64::MAX)
+        .min(MAX_COUNT as i64)
+}
+
+/// One client request asking to be admitted.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    pub org: Uuid,
+    pub key: Uuid,
+    pub key_limits: &'a Limits,
+    pub org_limits: &'a Limits,
+    /// `max_tokens` (or 0) plus ceil(body bytes / 4).
+    pub reserve_tokens: u64,
+    /// At the highest price among the request's candidate models.
+    pub budget_reserve: Decimal,
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalKind {
+    /// requests_per_minute (429 `rate_limit_exceeded`, type `requests`).
+    Requests,
+    /// tokens_per_minute (429 `rate_limit_exceeded`, type `tokens`).
+    Tokens,
+    /// max_concurrent_requests (429 `rate_limit_exceeded`, Retry-After 1).
+    Concurrency,
+    /// A day or month token budget or the money budget (429 `insufficient_quota`).
+    Quota,
+    /// Redis did not answer and the limiter fails closed (503).
+    Unavailable,
+}
+
+/// One `x-ratelimit-*` triple: the tighter scope's limit, what remains, and
+/// when the next unit frees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub limit: u64,
+    pub remaining: u64,
+    pub reset: Duration,
+}
+
+/// The rate-limit headers for the answer: each present only when a limit
+/// of that kind applies.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Headers {
+    pub requests: Option<Window>,
+    pub tokens: Option<Window>,
+}
+
+/// A refusal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    pub kind: RefusalKind,
+    /// Whole seconds until a retry can succeed, at least 1.
+    pub retry_after_secs: u64,
+    pub headers: Headers,
+}
+
+/// What [`Limiter::admit`] decided.
+#[derive(Debug)]
+pub enum Decision {
+    Admitted { lease: Lease, headers: Headers },
+    Refused(Refusal),
+}
+
+/// What a backend is asked to admit (already in the scripts' terms).
+#[derive(Debug, Clone)]
+pub struct Admission {
+    /// Key scope then org scope: `llmgw:{<org>}:k:<key>`, `llmgw:{<org>}:o`.
+    pub prefixes: [String; 2],
+    pub lease_id: String,
+    pub reserve_tokens: i64,
+    pub reserve_micro_usd: i64,
+    pub lease_ttl: Duration,
+    pub limits: [[i64; 6]; 2],
+}
+
+/// A backend's answer to an admission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    pub admitted: bool,
+    pub kind: Option<RefusalKind>,
+    pub retry_after_secs: u64,
+    pub headers: Headers,
+    /// The UTC second, day number and `YYYYMM` the admission was counted in.
+    pub second: i64,
+    pub day: i64,
+    pub month: i64,
+}
+
+/// How a finished request is accounted for.
+#[derive(Debug, Clone)]
+pub struct Settlement {
+    pub prefixes: [String; 2],
+    pub lease_id: String,
+    pub second: i64,
+    pub day: i64,
+    pub month: i64,
+    /// Used minus reserved (negative when less was used).
+    pub token_delta: i64,
+    pub micro_usd_delta: i64,
+    /// Renew the lease for this long instead of settling.
+    pub renew: Option<Duration>,
+    /// Per scope: tokens/min, concurrency, tokens/day, tokens/month, money applied.
+    pub flags: [[bool; 5]; 2],
+}
+
+/// A failure to reach the backend.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// Redis answered with an error or the connection failed.
+    #[error("redis: {0}")]
+    Redis(String),
+    /// No connection yet (still connecting, or reconnecting).
+    #[error("redis: not connected")]
+    NotConnected,
+}
+
+/// A boxed future, so backends can sit behind one trait object.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Where the counters live.
+pub trait Backend: Send + Sync + 'static {
+    fn admit<'a>(&'a self, a: &'a Admission) -> BoxFuture<'a, Result<Outcome, BackendError>>;
+    fn settle<'a>(&'a self, s: &'a Settlement) -> BoxFuture<'a, Result<(), BackendError>>;
+}
+
+/// Settings of a limiter.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Longest wait for Redis on any call (then: fail open or closed).
+    pub timeout: Duration,
+    /// Redis unreachable: admit on this replica's own counters (true) or refuse.
+    pub fail_open: bool,
+    /// How long a concurrency slot outlives a process that stopped renewing it.
+    pub lease_ttl: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_millis(50),
+            fail_open: true,
+            lease_ttl: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Counts of what the limiter did, for metrics.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Calls Redis did not answer in time (or failed).
+    pub redis_failures: AtomicU64,
+    /// Admissions decided on local counters because Redis did not answer.
+    pub fallbacks: AtomicU64,
+}
+
+struct Inner {
+    remote: Option<Arc<dyn Backend>>,
+    local: Arc<LocalBackend>,
+    cfg: Config,
+    stats: Stats,
+}
+
+/// The limiter: cheap to clone, shared by every request.
+#[derive(Clone)]
+pub struct Limiter {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Limiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Limiter")
+            .field("redis", &self.inner.remote.is_some())
+            .field("cfg", &self.inner.cfg)
+            .finish()
+    }
+}
+
+impl Limiter {
+    /// In-process counters only (a single replica).
+    pub fn local(cfg: Config) -> Self {
+        Self::with_backend(None, cfg)
+    }
+
+    /// Counters on the Redis at `url` (`redis://…`); connects in the
+    /// background and reconnects by itself. Until it is connected, calls
+    /// behave as when Redis is down.
+    pub fn redis(url: &str, cfg: Config) -> Result<Self, BackendError> {
+        let backend = RedisBackend::single(url, cfg.timeout)?;
+        Ok(Self::with_backend(Some(Arc::new(backend)), cfg))
+    }
+
+    /// Counters on a Redis Cluster reached through any of `urls`.
+    pub fn redis_cluster(urls: &[String], cfg: Config) -> Result<Self, BackendError> {
+        let backend = RedisBackend::cluster(urls, cfg.timeout)?;
+        Ok(Self::with_backend(Some(Arc::new(backend)), cfg))
+    }
+
+    /// Any backend (tests, alternative stores).
+    pub fn with_backend(remote: Option<Arc<dyn Backend>>, cfg: Config) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                remote,
+                local: Arc::new(LocalBackend::default()),
+                cfg,
+                stats: Stats::default(),
+            }),
+        }
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.inner.stats
+    }
+
+    /// True when counters are shared through Redis.
+    pub fn is_shared(&self) -> bool {
+        self.inner.remote.is_some()
+    }
+
+    /// Admits or refuses one request. Never waits on Redis longer than the
+    /// configured timeout.
+    pub async fn admit(&self, req: &Request<'_>) -> Decision {
+        if req.key_limits.is_empty() && req.org_limits.is_empty() {
+            return Decision::Admitted {
+                lease: Lease::none(),
+                headers: Headers::default(),
+            };
+        }
+        let a = Admission {
+            prefixes: [
+                format!("llmgw:{{{}}}:k:{}", req.org, req.key),
+                format!("llmgw:{{{}}}:o", req.org),
+            ],
+            lease_id: Uuid::new_v4().simple().to_string(),
+            reserve_tokens: req.reserve_tokens.min(MAX_COUNT) as i64,
+            reserve_micro_usd: micro_usd(req.budget_reserve),
+            lease_ttl: self.inner.cfg.lease_ttl,
+            limits: [req.key_limits.slots(), req.org_limits.slots()],
+        };
+        let inner = &self.inner;
+        let (outcome, backend): (Outcome, Arc<dyn Backend>) = match &inner.remote {
+            None => (local_admit(&inner.local, &a), inner.local.clone()),
+            Some(remote) => match tokio::time::timeout(inner.cfg.timeout, remote.admit(&a)).await {
+                Ok(Ok(o)) => (o, remote.clone()),
+                failed => {
+                    inner.stats.redis_failures.fetch_add(1, Ordering::Relaxed);
+                    let why = match failed {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => "timed out".to_owned(),
+                    };
+                    if !inner.cfg.fail_open {
+                        tracing::warn!(error = %why, "limits: Redis unavailable; refusing (fail-closed)");
+                        return Decision::Refused(Refusal {
+                            kind: RefusalKind::Unavailable,
+                            retry_after_secs: 1,
+                            headers: Headers::default(),
+                        });
+                    }
+                    inner.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %why, "limits: Redis unavailable; using this replica's own counters (fail-open)");
+                    (local_admit(&inner.local, &a), inner.local.clone())
+                }
+            },
+        };
+        if !outcome.admitted {
+            return Decision::Refused(Refusal {
+                kind: outcome.kind.unwrap_or(RefusalKind::Requests),
+                retry_after_secs: outcome.retry_after_secs.max(1),
+                headers: outcome.headers,
+            });
+        }
+        let flags = |l: &[i64; 6]| [l[1] >= 0, l[2] >= 0, l[3] >= 0, l[4] >= 0, l[5] >= 0];
+        let pending = Pending {
+            backend,
+            timeout: inner.cfg.timeout,
+            settlement: Settlement {
+                prefixes: a.prefixes,
+                lease_id: a.lease_id,
+                second: outcome.second,
+                day: outcome.day,
+                month: outcome.month,
+                token_delta: 0,
+                micro_usd_delta: 0,
+                renew: None,
+                flags: [flags(&a.limits[0]), flags(&a.limits[1])],
+            },
+            reserve_tokens: a.reserve_tokens,
+            reserve_micro_usd: a.reserve_micro_usd,
+        };
+        let concurrency = a.limits[0][2] >= 0 || a.limits[1][2] >= 0;
+        Decision::Admitted {
+            lease: Lease::new(pending, concurrency.then_some(inner.cfg.lease_ttl)),
+            headers: outcome.headers,
+        }
+    }
+}
+
+fn local_admit(local: &LocalBackend, a: &Admission) -> Outcome {
+    local.admit_now(a, local::now_us())
+}
+
+/// What a lease settles, and where.
+struct Pending {
+    backend: Arc<dyn Backend>,
+    timeout: Duration,
+    settlement: Settlement,
+    reserve_tokens: i64,
+    reserve_micro_usd: i64,
+}
+
+impl Pending {
+    async fn run(mut self, tokens: Option<u64>, cost: Option<Decimal>) {
+        let s = &mut self.settlement;
+        s.token_delta = tokens.map_or(0, |t| t.min(MAX_COUNT) as i64 - self.reserve_tokens);
+        s.micro_usd_delta = cost.map_or(0, |c| micro_usd(c) - self.reserve_micro_usd);
+        match tokio::time::timeout(self.timeout * 4, self.backend.settle(s)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "limits: settling a request failed; its reservation stands")
+            }
+            Err(_) => {
+                tracing::warn!("limits: settling a request timed out; its reservation stands")
+            }
+        }
+    }
+}
+
+/// An admitted request's hold on its reservations and concurrency slot.
+/// [`Lease::settle`] it when the request ends; dropped unsettled, it is
+/// charged its reservation (a client that disconnects still pays).
+pub struct Lease {
+    pending: Option<Pending>,
+    renewer: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease")
+            .field("active", &self.pending.is_some())
+            .finish()
+    }
+}
+
+impl Lease {
+    fn none() -> Self {
+        Self {
+            pending: None,
+            renewer: None,
+        }
+    }
+
+    fn new(pending: Pending, renew_every_ttl: Option<Duration>) -> Self {
+        let renewer = renew_every_ttl.map(|ttl| {
+            let backend = pending.backend.clone();
+            let mut s = pending.settlement.clone();
+            s.renew = Some(ttl);
+            let timeout = pending.timeout;
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval((ttl / 3).max(Duration::from_millis(10)));
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    let _ = tokio::time::timeout(timeout * 4, backend.settle(&s)).await;
+                }
+            })
+        });
+        Self {
+            pending: Some(pending),
+            renewer,
+        }
+    }
+
+    /// Settles with the usage the upstream reported (`None`: none was, so
+    /// the reservation is charged) and the request's cost, and frees the
+    /// concurrency slot.
+    pub async fn settle(mut self, tokens: Option<u64>, cost: Option<Decimal>) {
+        self.stop_renewing();
+        if let Some(p) = self.pending.take() {
+            p.run(tokens, cost).await;
+        }
+    }
+
+    /// Stops renewing and forgets the lease without settling: what a
+    /// process killed mid-request leaves behind (for tests of the TTL).
+    #[doc(hidden)]
+    pub fn abandon(mut self) {
+        self.stop_renewing();
+        self.pending = None;
+    }
+
+    fn stop_renewing(&mut self) {
+        if let Some(r) = self.renewer.take() {
+            r.abort();
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.stop_renewing();
+        if let Some(p) = self.pending.take() {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(p.run(None, None));
+            }
+        }
+    }
+}

@@ -1,0 +1,200 @@
+//! The Redis backend: `admit.lua` and `settle.lua`, sent by EVALSHA (loaded
+//! on first use, and again after a Redis restart), over one multiplexed
+//! connection that reconnects by itself — to a single server or a Cluster.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::cluster_async::ClusterConnection;
+use redis::{Script, Value};
+
+use crate::{
+    Admission, Backend, BackendError, BoxFuture, Headers, Outcome, RefusalKind, Settlement, Window,
+};
+
+const ADMIT: &str = include_str!("admit.lua");
+const SETTLE: &str = include_str!("settle.lua");
+
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+/// Counters on Redis, shared by every replica.
+pub struct RedisBackend {
+    conn: Arc<RwLock<Option<Conn>>>,
+    admit: Script,
+    settle: Script,
+}
+
+fn redis_err(e: redis::RedisError) -> BackendError {
+    BackendError::Redis(e.to_string())
+}
+
+impl RedisBackend {
+    /// A single Redis server (`redis://host:port/db`); connects in the background.
+    pub fn single(url: &str, timeout: Duration) -> Result<Self, BackendError> {
+        let client = redis::Client::open(url).map_err(redis_err)?;
+        let cfg = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout.max(Duration::from_millis(200))))
+            .set_response_timeout(Some(timeout))
+            .set_max_delay(Duration::from_secs(1));
+        let this = Self::empty();
+        let slot = this.conn.clone();
+        tokio::spawn(async move {
+            let mut wait = Duration::from_millis(50);
+            loop {
+                match ConnectionManager::new_with_config(client.clone(), cfg.clone()).await {
+                    Ok(c) => {
+                        *slot.write().unwrap_or_else(|e| e.into_inner()) = Some(Conn::Single(c));
+                        tracing::info!("limits: connected to Redis");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "limits: cannot connect to Redis yet; retrying");
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(Duration::from_secs(2));
+                    }
+                }
+            }
+        });
+        Ok(this)
+    }
+
+    /// A Redis Cluster, discovered through any of `urls`.
+    pub fn cluster(urls: &[String], timeout: Duration) -> Result<Self, BackendError> {
+        let client = redis::cluster::ClusterClientBuilder::new(urls.to_vec())
+            .connection_timeout(timeout.max(Duration::from_millis(200)))
+            .response_timeout(timeout)
+            .retries(1)
+            .build()
+            .map_err(redis_err)?;
+        let this = Self::empty();
+        let slot = this.conn.clone();
+        tokio::spawn(async move {
+            let mut wait = Duration::from_millis(50);
+            loop {
+                match client.get_async_connection().await {
+                    Ok(c) => {
+                        *slot.write().unwrap_or_else(|e| e.into_inner()) = Some(Conn::Cluster(c));
+                        tracing::info!("limits: connected to Redis Cluster");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "limits: cannot connect to Redis Cluster yet; retrying");
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(Duration::from_secs(2));
+                    }
+                }
+            }
+        });
+        Ok(this)
+    }
+
+    fn empty() -> Self {
+        Self {
+            conn: Arc::new(RwLock::new(None)),
+            admit: Script::new(ADMIT),
+            settle: Script::new(SETTLE),
+        }
+    }
+
+    fn conn(&self) -> Result<Conn, BackendError> {
+        self.conn
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or(BackendError::NotConnected)
+    }
+
+    async fn run(&self, inv: redis::ScriptInvocation<'_>) -> Result<Value, BackendError> {
+        match self.conn()? {
+            Conn::Single(mut c) => inv.invoke_async(&mut c).await.map_err(redis_err),
+            Conn::Cluster(mut c) => inv.invoke_async(&mut c).await.map_err(redis_err),
+        }
+    }
+}
+
+fn ints(v: Value) -> Result<Vec<i64>, BackendError> {
+    let Value::Array(items) = v else {
+        return Err(BackendError::Redis("unexpected script answer".into()));
+    };
+    items
+        .into_iter()
+        .map(|i| match i {
+            Value::Int(n) => Ok(n),
+            _ => Err(BackendError::Redis("unexpected script answer".into())),
+        })
+        .collect()
+}
+
+/// Decodes `admit.lua`'s answer.
+fn outcome(v: &[i64]) -> Result<Outcome, BackendError> {
+    if v.len() != 12 {
+        return Err(BackendError::Redis("unexpected script answer".into()));
+    }
+    let window = |limit: i64, remaining: i64, reset_ms: i64| {
+        (limit >= 0).then(|| Window {
+            limit: limit as u64,
+            remaining: remaining.max(0) as u64,
+            reset: Duration::from_millis(reset_ms.max(0) as u64),
+        })
+    };
+    Ok(Outcome {
+        admitted: v[0] == 1,
+        kind: match v[1] {
+            1 => Some(RefusalKind::Requests),
+            2 => Some(RefusalKind::Tokens),
+            3 => Some(RefusalKind::Concurrency),
+            4 => Some(RefusalKind::Quota),
+            _ => None,
+        },
+        retry_after_secs: v[2].max(0) as u64,
+        headers: Headers {
+            requests: window(v[3], v[4], v[5]),
+            tokens: window(v[6], v[7], v[8]),
+        },
+        second: v[9],
+        day: v[10],
+        month: v[11],
+    })
+}
+
+impl Backend for RedisBackend {
+    fn admit<'a>(&'a self, a: &'a Admission) -> BoxFuture<'a, Result<Outcome, BackendError>> {
+        Box::pin(async move {
+            let mut inv = self.admit.prepare_invoke();
+            inv.key(&a.prefixes[0])
+                .key(&a.prefixes[1])
+                .arg(&a.lease_id)
+                .arg(a.reserve_tokens)
+                .arg(a.reserve_micro_usd)
+                .arg(a.lease_ttl.as_millis() as u64);
+            for l in a.limits.iter().flatten() {
+                inv.arg(*l);
+            }
+            outcome(&ints(self.run(inv).await?)?)
+        })
+    }
+
+    fn settle<'a>(&'a self, s: &'a Settlement) -> BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(async move {
+            let mut inv = self.settle.prepare_invoke();
+            inv.key(&s.prefixes[0])
+                .key(&s.prefixes[1])
+                .arg(&s.lease_id)
+                .arg(s.second)
+                .arg(s.day)
+                .arg(s.month)
+                .arg(s.token_delta)
+                .arg(s.micro_usd_delta)
+                .arg(s.renew.map_or(0, |d| d.as_millis() as u64));
+            for f in s.flags.iter().flatten() {
+                inv.arg(if *f { "1" } else { "0" });
+            }
+            self.run(inv).await.map(|_| ())
+        })
+    }
+}
