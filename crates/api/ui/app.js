@@ -72,20 +72,24 @@ const isOwner = () => S.org && S.org.role === 'owner';
 let fieldSeq = 0;
 function field(label, attrs, hint) {
   const id = 'f' + (++fieldSeq);
-  const a = Object.assign({}, attrs, { id, options: null, type: attrs.type === 'select' ? null : attrs.type, 'aria-describedby': `${id}-h ${id}-e` });
-  const input = h(attrs.type === 'select' ? 'select' : 'input', a, attrs.options || []);
+  const tag = attrs.type === 'select' || attrs.type === 'textarea' ? attrs.type : 'input';
+  const a = Object.assign({}, attrs, { id, options: null, type: tag === 'input' ? attrs.type : null, 'aria-describedby': `${id}-h ${id}-e` });
+  if (tag === 'textarea') a.value = null; // a textarea's value is its text
+  const input = h(tag, a, attrs.options || [], tag === 'textarea' ? attrs.value || '' : null);
   const wrap = h('div.field', h('label', { for: id }, label), input, h('small.hint', { id: id + '-h' }, hint || ''), h('small.err', { id: id + '-e', 'aria-live': 'polite' }));
   wrap.input = input;
   wrap.setError = (msg) => { wrap.querySelector('.err').textContent = msg || ''; if (msg) input.setAttribute('aria-invalid', 'true'); else input.removeAttribute('aria-invalid'); };
+  input.addEventListener('input', () => { if (input.hasAttribute('aria-invalid')) wrap.setError(''); }); // the message was about the old value
   return wrap;
 }
 const opt = (value, label, selected) => h('option', { value, selected: !!selected }, label);
 
 // A form whose submit runs `fn`; the server's refusal appears next to the fields it names, or above the button.
+// Fields marked `grouped` are placed by the caller (inside a fieldset in `extra`).
 function form(fields, submitLabel, fn, extra) {
   const err = h('p.form-err', { role: 'alert' });
   const btn = h('button.primary', { type: 'submit' }, submitLabel);
-  const f = h('form', { novalidate: true }, Object.values(fields), extra || null, err, btn);
+  const f = h('form', { novalidate: true }, Object.values(fields).filter((x) => !x.grouped), extra || null, err, btn);
   f.addEventListener('submit', async (ev) => {
     ev.preventDefault();
     err.textContent = '';
@@ -105,12 +109,12 @@ function form(fields, submitLabel, fn, extra) {
 }
 const val = (f) => f.input.value.trim();
 
-function table(headers, rows, caption) {
+function table(headers, rows, caption, empty) {
   // Each cell carries its column's name, shown beside it when the phone layout stacks the rows.
   for (const r of rows) [...r.children].forEach((c, i) => c.setAttribute('data-label', headers[i] || ''));
   return h('div.table-wrap', { role: 'region', 'aria-label': caption, tabindex: '0' },
     h('table', h('caption.sr', caption), h('thead', h('tr', headers.map((x) => h('th', { scope: 'col' }, x)))),
-      h('tbody', rows.length ? rows : h('tr', h('td', { colspan: headers.length }, 'Nothing yet.')))));
+      h('tbody', rows.length ? rows : h('tr', h('td', { colspan: headers.length }, empty || 'Nothing yet.')))));
 }
 
 // ---------- routing ----------
@@ -211,6 +215,18 @@ function orgSettings(main) {
         const o = await api('PATCH', orgPath(''), { name: val(f.name) });
         Object.assign(S.org, { name: o.name }); toast('Organization renamed.'); render();
       }) : null));
+    const lim = h('section', { 'aria-labelledby': 'olim-h' }, h('h2#olim-h', 'Organization limits'),
+      h('p.hint', 'Shared by all the organization’s keys together, on top of each key’s own limits: the tighter one applies.'));
+    if (isOwner()) {
+      const lf = {};
+      const box = limitsFieldset(lf, S.org.limits, 'Limits for the whole organization');
+      lim.append(form(lf, 'Save organization limits', async () => {
+        const errs = {}; const limits = readLimits(lf, errs); showRules(lf, errs);
+        const o = await api('PATCH', orgPath(''), { limits });
+        S.org.limits = o.limits; toast('Organization limits saved.'); render();
+      }, box));
+    } else lim.append(h('p.org-limits', limitsText(S.org.limits)), h('p.note', 'Owners set these limits.'));
+    main.append(lim);
   } else main.append(h('p', 'You are not in any organization yet. Create one, or accept an invitation under ', h('a', { href: '#/invitations' }, 'My invitations'), '.'));
   const f = { name: field('Organization name', { name: 'name', required: true }) };
   main.append(h('section', { 'aria-labelledby': 'create-h' }, h('h2#create-h', 'Create an organization'),
@@ -269,12 +285,17 @@ async function providers(main) {
       `${S.cfg && S.cfg.allow_http ? 'https:// (or http://, allowed on this server)' : 'https:// only'}; no /v1 at the end — https://api.example.com is called as https://api.example.com/v1/chat/completions.`),
     token: field('API token', { name: 'token', type: 'password', autocomplete: 'off', required: true }, 'Write-only: stored encrypted, never shown again (only its last 4 characters).'),
   };
+  const prices = pricesEditor(f, []);
   main.append(h('section', { 'aria-labelledby': 'add-h' }, h('h2#add-h', 'Add a provider'),
     form(f, 'Add provider', async () => {
-      showRules(f, providerRules(f, false));
-      const p = await api('POST', orgPath('/provider-keys'), { name: val(f.name), base_url: val(f.base_url), token: f.token.input.value.trim() });
+      const errs = providerRules(f, false);
+      const list = prices.read(errs);
+      showRules(f, errs);
+      const body = { name: val(f.name), base_url: val(f.base_url), token: f.token.input.value.trim() };
+      if (list.length) body.prices = list;
+      const p = await api('POST', orgPath('/provider-keys'), body);
       toast(`Added ${p.name}.`); render();
-    })));
+    }, prices)));
 }
 
 function testText(t) {
@@ -300,6 +321,7 @@ function editProvider(main, p) {
     base_url: field('Base URL', { name: 'base_url', type: 'url', value: p.base_url, spellcheck: 'false' }, 'Changing the host, scheme or port needs the token again.'),
     token: field('New API token', { name: 'token', type: 'password', autocomplete: 'off' }, 'Leave empty to keep the current token (unless the base URL changes).'),
   };
+  const prices = pricesEditor(f, p.prices);
   f.base_url.input.addEventListener('input', () => {
     const changed = val(f.base_url) !== p.base_url;
     f.token.input.required = changed;
@@ -315,14 +337,115 @@ function editProvider(main, p) {
       if (!('name' in body)) delete errs.name;
       if (!('base_url' in body)) delete errs.base_url;
       if (body.base_url && !body.token) errs.token = 'Enter the token again: the base URL changed.';
+      const list = prices.read(errs);
+      if (JSON.stringify(list) !== JSON.stringify(p.prices || [])) body.prices = list;
       showRules(f, errs);
       if (!Object.keys(body).length) { toast('Nothing changed.'); return; }
       await api('PATCH', orgPath(`/provider-keys/${p.id}`), body);
       toast(`Saved ${body.name || p.name}.`); render();
-    }, h('button', { type: 'button', onclick: () => dlg.remove() }, 'Cancel')));
+    }, [prices, h('button', { type: 'button', onclick: () => dlg.remove() }, 'Cancel')]));
   const old = $('section.edit', main); if (old) old.remove();
   main.insertBefore(dlg, main.children[1]);
   f.name.input.focus();
+}
+
+// ---------- spend controls (DESIGN.md, "Spend controls") ----------
+// [field, label, unit as the key list shows it]
+const LIMITS = [
+  ['requests_per_minute', 'Requests per minute', 'req/min'],
+  ['tokens_per_minute', 'Tokens per minute', 'tokens/min'],
+  ['max_concurrent_requests', 'Concurrent requests', 'concurrent'],
+  ['tokens_per_day', 'Tokens per day (UTC)', 'tokens/day'],
+  ['tokens_per_month', 'Tokens per month (UTC)', 'tokens/month'],
+  ['budget_per_month_usd', 'Budget per month, USD', ''],
+];
+const LIMIT_LABEL = Object.fromEntries(LIMITS.map(([k, l]) => [k, l]));
+// Money stays the decimal string typed or received: checked by pattern, never sent as a float.
+const DECIMAL = /^\d+(\.\d+)?$/;
+function usdError(s, places) {
+  if (!DECIMAL.test(s)) return 'A decimal amount in USD such as 12.50: digits, at most one dot.';
+  if ((s.split('.')[1] || '').replace(/0+$/, '').length > places) return `At most ${places} decimal places.`;
+  return '';
+}
+const fmtUsd = (s) => (s === null || s === undefined ? '—' : '$' + s);
+// Sums decimal strings exactly: addDecimal("0.1", "0.2") === "0.3".
+function addDecimal(a, b) {
+  const [ai, af = ''] = a.split('.'); const [bi, bf = ''] = b.split('.');
+  const n = Math.max(af.length, bf.length);
+  const s = (BigInt(ai + af.padEnd(n, '0')) + BigInt(bi + bf.padEnd(n, '0'))).toString().padStart(n + 1, '0');
+  const frac = s.slice(s.length - n).replace(/0+$/, '');
+  return s.slice(0, s.length - n) + (frac ? '.' + frac : '');
+}
+function limitsText(l) {
+  const set = LIMITS.filter(([k]) => l && l[k] !== null && l[k] !== undefined);
+  return set.length ? set.map(([k, , u]) => (u ? `${fmtNum(l[k])} ${u}` : `$${l[k]}/month`)).join(' · ') : 'No limits';
+}
+const modelsText = (m) => (!m ? 'all models' : m.length ? m.join(', ') : 'no model (every request refused)');
+
+// The six limit inputs in a fieldset; their fields join `fields` as `limits.<name>`, the names the server's refusals use.
+function limitsFieldset(fields, current, legend) {
+  const cur = current || {};
+  const inputs = LIMITS.map(([k, label]) => {
+    const money = k === 'budget_per_month_usd';
+    const f = field(label, { name: k, inputmode: money ? 'decimal' : 'numeric', autocomplete: 'off', value: cur[k] ?? null, placeholder: 'no limit' }, money ? 'e.g. 50 or 12.50' : '');
+    f.grouped = true; fields['limits.' + k] = f;
+    return f;
+  });
+  return h('fieldset', h('legend', legend), h('p.hint', 'Empty: no limit. 0 refuses every request. Day and month limits reset at 00:00 UTC.'), h('div.grid', inputs));
+}
+// The limits as the API takes them (every field, null for none); refusals go into `errs`.
+function readLimits(fields, errs) {
+  const out = {};
+  for (const [k] of LIMITS) {
+    const s = val(fields['limits.' + k]);
+    out[k] = null;
+    if (!s) continue;
+    if (k === 'budget_per_month_usd') { const e = usdError(s, 6); if (e) errs['limits.' + k] = e; else out[k] = s; }
+    else if (!/^\d{1,16}$/.test(s) || BigInt(s) > 10n ** 15n) errs['limits.' + k] = 'A whole number (0 or more), or empty for no limit.';
+    else out[k] = Number(s); // an integer up to 10^15: exact as a JSON number
+  }
+  return out;
+}
+const sameLimits = (a, b) => LIMITS.every(([k]) => String((a || {})[k] ?? '') === String((b || {})[k] ?? ''));
+function modelsField(current) {
+  return field('Allowed models', { type: 'textarea', name: 'allowed_models', rows: '3', spellcheck: 'false', autocomplete: 'off', value: (current || []).join('\n'), placeholder: 'mycompany/*' },
+    `One pattern per line, matched against the model clients ask for ({customName}/{modelName}). * matches any characters, / included: mycompany/* is every model of mycompany, */llama* any provider's llama models. Empty: every model.${current && !current.length ? ' Now: no model at all.' : ''}`);
+}
+const readModels = (f) => f.input.value.split('\n').map((x) => x.trim()).filter(Boolean);
+
+// Rows of prices: a model name, a pattern with * or * itself, and USD per million input and output tokens.
+function pricesEditor(fields, current) {
+  const rows = h('div.price-rows');
+  const err = h('small.err', { 'aria-live': 'polite' });
+  const addBtn = h('button', { type: 'button', onclick: () => add().input.focus() }, 'Add a price');
+  function add(p) {
+    const m = field('Model', { value: p && p.model, placeholder: 'llama-3-8b or *', spellcheck: 'false', autocomplete: 'off' });
+    const i = field('Input USD / 1M tokens', { value: p && p.input_per_million_usd, inputmode: 'decimal', autocomplete: 'off', placeholder: '0.50' });
+    const o = field('Output USD / 1M tokens', { value: p && p.output_per_million_usd, inputmode: 'decimal', autocomplete: 'off', placeholder: '1.50' });
+    const row = h('div.price-row', { role: 'group', 'aria-label': 'Price' }, m, i, o,
+      h('button', { type: 'button', onclick: () => { row.remove(); addBtn.focus(); } }, 'Remove'));
+    row.parts = [m, i, o];
+    rows.append(row);
+    return m;
+  }
+  (current || []).forEach(add);
+  // The server names the whole list when it refuses a price: its message goes under the list.
+  fields.prices = { grouped: true, input: addBtn, setError: (msg) => { err.textContent = msg || ''; } };
+  const box = h('fieldset', h('legend', 'Prices (optional)'),
+    h('p.hint', 'For the cost in Usage. The upstream model name, or a pattern where * matches anything (* alone: every other model); the most specific match wins. USD per million tokens, e.g. 0.50.'),
+    rows, h('div', addBtn), err);
+  box.read = (errs) => {
+    let first = null;
+    const list = [...rows.children].map((r) => {
+      const [m, i, o] = r.parts;
+      const e = [[m, /^\S{1,256}$/.test(val(m)) ? '' : 'A model name or pattern, no spaces.'], [i, usdError(val(i), 12)], [o, usdError(val(o), 12)]];
+      for (const [x, msg] of e) { x.setError(msg); if (msg && !first) first = x.input; }
+      return { model: val(m), input_per_million_usd: val(i), output_per_million_usd: val(o) };
+    });
+    if (first) { errs.prices = 'Fix the highlighted prices.'; fields.prices.input = first; } else fields.prices.input = addBtn;
+    return list;
+  };
+  return box;
 }
 
 // ---------- API keys ----------
@@ -331,22 +454,32 @@ async function apiKeys(main) {
   const rows = list.map((k) => h('tr', { 'data-key': k.name }, h('th', { scope: 'row' }, k.name), h('td', h('code', k.prefix + '…')),
     h('td', fmtTime(k.created_at)), h('td', fmtTime(k.last_used_at)), h('td', k.expires_at ? fmtTime(k.expires_at) : 'Never'),
     h('td', k.revoked_at ? h('span.badge.inactive', 'revoked') : h('span.badge.active', 'active')),
-    canAdmin() ? h('td', k.revoked_at ? '' : h('button.danger', { type: 'button', onclick: async () => {
-      if (!confirm(`Revoke the key ${k.name}? Clients using it stop working within a second.`)) return;
-      await api('DELETE', orgPath(`/api-keys/${k.id}`)); toast(`Revoked ${k.name}.`); render();
-    } }, 'Revoke')) : null));
-  const heads = ['Name', 'Key', 'Created', 'Last used', 'Expires', 'Status'].concat(canAdmin() ? ['Actions'] : []);
+    h('td.limits', h('span.lim', limitsText(k.limits)), h('span.hint.models', 'Models: ' + modelsText(k.allowed_models)),
+      canAdmin() && !k.revoked_at ? null : h('button.link', { type: 'button', onclick: () => keyDialog(k) }, 'View limits')),
+    canAdmin() ? h('td', k.revoked_at ? '' : h('div.actions',
+      h('button', { type: 'button', onclick: () => keyDialog(k) }, 'Edit limits'),
+      h('button.danger', { type: 'button', onclick: async () => {
+        if (!confirm(`Revoke the key ${k.name}? Clients using it stop working within a second.`)) return;
+        await api('DELETE', orgPath(`/api-keys/${k.id}`)); toast(`Revoked ${k.name}.`); render();
+      } }, 'Revoke'))) : null));
+  const heads = ['Name', 'Key', 'Created', 'Last used', 'Expires', 'Status', 'Limits'].concat(canAdmin() ? ['Actions'] : []);
   const slot = h('div');
   main.append(slot, table(heads, rows, 'API keys'));
-  if (!canAdmin()) { main.append(h('p.note', 'Admins create and revoke API keys.')); return; }
+  if (!canAdmin()) { main.append(h('p.note', 'Admins create and revoke API keys and set their limits.')); return; }
   const f = {
     name: field('Name', { name: 'name', required: true, autocomplete: 'off' }, 'What it is for, e.g. "backend prod".'),
     expires_at: field('Expires on (optional)', { name: 'expires_at', type: 'date' }),
   };
+  const limits = limitsFieldset(f, null, 'Limits (optional)');
+  f.allowed_models = modelsField(null); f.allowed_models.grouped = true;
   main.append(h('section', { 'aria-labelledby': 'newkey-h' }, h('h2#newkey-h', 'Create an API key'),
     form(f, 'Create key', async () => {
       const body = { name: val(f.name) };
       if (val(f.expires_at)) body.expires_at = new Date(val(f.expires_at) + 'T23:59:59Z').toISOString();
+      const errs = {}; const l = readLimits(f, errs); showRules(f, errs);
+      if (Object.values(l).some((x) => x !== null)) body.limits = l;
+      const models = readModels(f.allowed_models);
+      if (models.length) body.allowed_models = models;
       const k = await api('POST', orgPath('/api-keys'), body);
       await render();
       const out = h('input#new-key.mono', { readonly: true, value: k.key, 'aria-label': 'New API key', size: '60' });
@@ -355,7 +488,45 @@ async function apiKeys(main) {
         h('div.row', out, h('button', { type: 'button', onclick: async () => { try { await navigator.clipboard.writeText(k.key); toast('Copied.'); } catch (e) { out.select(); toast('Press Ctrl+C to copy.'); } } }, 'Copy')));
       $('#main').insertBefore(box, $('#main').children[1]);
       out.focus(); out.select();
-    })));
+    }, [limits, f.allowed_models])));
+}
+
+// A modal dialog with the limits in force on a key (its own and its organization's) and, for admins, the form to change the key's.
+function keyDialog(k) {
+  const edit = canAdmin() && !k.revoked_at;
+  const state = h('div', h('p', 'Loading…'));
+  const dlg = h('dialog.modal', { 'aria-labelledby': 'dlg-h' }, h('h2#dlg-h', `Limits of “${k.name}”`),
+    h('section', { 'aria-labelledby': 'dlg-now-h' }, h('h3#dlg-now-h', 'In force now'), state));
+  dlg.addEventListener('close', () => dlg.remove());
+  const close = h('button', { type: 'button', onclick: () => dlg.close() }, edit ? 'Cancel' : 'Close');
+  if (edit) {
+    const f = {};
+    const box = limitsFieldset(f, k.limits, 'Limits of this key');
+    f.allowed_models = modelsField(k.allowed_models); f.allowed_models.grouped = true;
+    dlg.append(h('section', { 'aria-labelledby': 'dlg-edit-h' }, h('h3#dlg-edit-h', 'Change'),
+      form(f, 'Save limits', async () => {
+        const errs = {}; const limits = readLimits(f, errs); showRules(f, errs);
+        const body = {};
+        if (!sameLimits(limits, k.limits)) body.limits = limits;
+        const models = readModels(f.allowed_models);
+        if (models.join('\n') !== (k.allowed_models || []).join('\n')) body.allowed_models = models.length ? models : null;
+        if (!Object.keys(body).length) { toast('Nothing changed.'); dlg.close(); return; }
+        await api('PATCH', orgPath(`/api-keys/${k.id}`), body);
+        toast(`Saved the limits of ${k.name}.`); dlg.close(); render();
+      }, [box, f.allowed_models, close])));
+  } else dlg.append(h('p', close));
+  document.body.append(dlg);
+  dlg.showModal();
+  api('GET', orgPath(`/api-keys/${k.id}/limits`)).then((r) => {
+    const rows = r.data.map((x) => {
+      const money = x.limit === 'budget_per_month_usd';
+      const show = (v) => (v === null || v === undefined ? '—' : money ? '$' + v : fmtNum(v));
+      return h('tr', { 'data-limit': `${x.scope}.${x.limit}` }, h('th', { scope: 'row' }, LIMIT_LABEL[x.limit] || x.limit), h('td', x.scope === 'api_key' ? 'this key' : 'organization'),
+        h('td', show(x.max)), h('td', show(x.used)), h('td', show(x.remaining)), h('td', x.resets_at ? fmtTime(x.resets_at) : '—'));
+    });
+    state.replaceChildren(table(['Limit', 'Set on', 'Max', 'Used', 'Remaining', 'Resets'], rows, 'Limits in force', 'No limits: neither the key nor the organization has any.'),
+      h('p.hint', `Models: ${modelsText(k.allowed_models)}. “—”: not known to the API (no shared counters).`));
+  }, (e) => state.replaceChildren(h('p.form-err', { role: 'alert' }, e.message)));
 }
 
 // ---------- usage ----------
@@ -396,13 +567,18 @@ async function usage(main) {
       for (let d = new Date(win.from); d <= new Date(win.to); d = new Date(+d + 864e5)) days.push(dayIso(d));
       const pick = (k) => days.map((d) => [d, by[d] ? by[d][k] : 0]);
       const total = rows.reduce((a, r) => a + r.requests, 0);
+      // Cost is a decimal string: its bar height is the only place it becomes a number.
+      const costs = rows.map((r) => r.cost_usd).filter((c) => typeof c === 'string' && DECIMAL.test(c));
+      const cost = costs.length ? costs.reduce(addDecimal, '0') : null;
+      const costPts = days.map((d) => { const c = by[d] && DECIMAL.test(by[d].cost_usd || '') ? by[d].cost_usd : '0'; return [d, Number(c), c]; });
       charts.replaceChildren(
-        h('p.summary', `${fmtNum(total)} requests, ${fmtNum(rows.reduce((a, r) => a + r.errors, 0))} errors, ${fmtNum(rows.reduce((a, r) => a + r.total_tokens, 0))} tokens in this window.`),
-        barChart('Requests per day', pick('requests'), 'c-req'), barChart('Errors per day', pick('errors'), 'c-err'), barChart('Tokens per day', pick('total_tokens'), 'c-tok'));
+        h('p.summary', `${fmtNum(total)} requests, ${fmtNum(rows.reduce((a, r) => a + r.errors, 0))} errors, ${fmtNum(rows.reduce((a, r) => a + r.total_tokens, 0))} tokens, cost ${fmtUsd(cost)} in this window.`),
+        barChart('Requests per day', pick('requests'), 'c-req'), barChart('Errors per day', pick('errors'), 'c-err'), barChart('Tokens per day', pick('total_tokens'), 'c-tok'),
+        barChart('Cost per day (USD)', costPts, 'c-cost', '$'));
     } catch (e) { charts.replaceChildren(h('p.form-err', { role: 'alert' }, e.message)); } })();
     await Promise.all([chart, pageList(logsSec, logsPath,
-      ['Time', 'Model', 'Provider', 'Key', 'Status', 'Tokens', 'Latency'], (l) => h('tr', h('td', fmtTime(l.created_at)), h('td', l.requested_model || '—'), h('td', l.provider_name || '—'),
-        h('td', keyName[l.api_key_id] || '—'), h('td', h('span.badge.' + (l.status_code < 400 ? 'active' : 'inactive'), String(l.status_code))), h('td', fmtNum(l.total_tokens)), h('td', `${l.latency_ms} ms`)), 'Request logs'),
+      ['Time', 'Model', 'Provider', 'Key', 'Status', 'Tokens', 'Cost', 'Latency'], (l) => h('tr', h('td', fmtTime(l.created_at)), h('td', l.requested_model || '—'), h('td', l.provider_name || '—'),
+        h('td', keyName[l.api_key_id] || '—'), h('td', h('span.badge.' + (l.status_code < 400 ? 'active' : 'inactive'), String(l.status_code))), h('td', fmtNum(l.total_tokens)), h('td', fmtUsd(l.cost_usd)), h('td', `${l.latency_ms} ms`)), 'Request logs'),
       auditSec && pageList(auditSec, auditPath, ['Time', 'Action', 'Target', 'Details'],
         (a) => h('tr', h('td', fmtTime(a.created_at)), h('td', a.action), h('td', a.target_type), h('td', h('code.details', JSON.stringify(a.details)))), 'Audit log')]);
   }
@@ -424,25 +600,29 @@ async function pageList(sec, pathFor, heads, row, caption) {
   try { await show(); } catch (e) { body.replaceChildren(h('p.form-err', { role: 'alert' }, e.message)); }
 }
 
-// A bar chart drawn as SVG, with the numbers also in a visually hidden table.
-function barChart(title, points, cls) {
+// A bar chart drawn as SVG, with the numbers also in a visually hidden table. A point is
+// [day, value] or [day, value for the bar's height, exact text of the value]; `unit` prefixes the text.
+function barChart(title, points, cls, unit = '') {
   const W = 400, H = 130, pad = 26;
-  const max = Math.max(1, ...points.map((p) => p[1]));
+  const text = (p) => unit + (p[2] !== undefined ? p[2] : fmtNum(p[1]));
+  const top = points.reduce((a, p) => (p[1] > a[1] ? p : a), ['', 0]);
+  const max = top[1] || 1;
   const bw = (W - pad) / Math.max(points.length, 1);
   const NS = 'http://www.w3.org/2000/svg';
   const svg = document.createElementNS(NS, 'svg');
   svg.setAttribute('viewBox', `0 0 ${W} ${H + 20}`); svg.setAttribute('class', 'chart ' + cls); svg.setAttribute('aria-hidden', 'true');
   const add = (tag, attrs, text) => { const e = document.createElementNS(NS, tag); for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v); if (text !== undefined) e.textContent = text; svg.append(e); return e; };
   add('line', { x1: pad, y1: H, x2: W, y2: H, class: 'axis' });
-  add('text', { x: 0, y: 12, class: 'lbl' }, fmtNum(max));
-  add('text', { x: 0, y: H, class: 'lbl' }, '0');
-  points.forEach(([d, v], i) => {
+  add('text', { x: 0, y: 12, class: 'lbl' }, top[1] ? text(top) : unit + '1');
+  add('text', { x: 0, y: H, class: 'lbl' }, unit + '0');
+  points.forEach((p, i) => {
+    const [d, v] = p;
     const bh = (v / max) * (H - 10);
-    const r = add('rect', { x: pad + i * bw + 1, y: H - bh, width: Math.max(bw - 2, 1), height: bh, class: 'bar', 'data-day': d, 'data-value': v });
-    const t = document.createElementNS(NS, 'title'); t.textContent = `${d}: ${fmtNum(v)}`; r.append(t);
+    const r = add('rect', { x: pad + i * bw + 1, y: H - bh, width: Math.max(bw - 2, 1), height: bh, class: 'bar', 'data-day': d, 'data-value': p[2] !== undefined ? p[2] : v });
+    const t = document.createElementNS(NS, 'title'); t.textContent = `${d}: ${text(p)}`; r.append(t);
     if (i % Math.ceil(points.length / 5) === 0) add('text', { x: pad + i * bw + bw / 2, y: H + 14, class: 'lbl', 'text-anchor': 'middle' }, d.slice(5));
   });
-  const data = h('table.sr', h('caption', title), h('tbody', points.filter((p) => p[1]).map(([d, v]) => h('tr', h('th', d), h('td', String(v))))));
+  const data = h('table.sr', h('caption', title), h('tbody', points.filter((p) => p[1]).map((p) => h('tr', h('th', p[0]), h('td', text(p))))));
   return h('figure.chart-box', h('figcaption', title), svg, data);
 }
 

@@ -149,8 +149,10 @@ async function axeCheck(page, name) {
   assert.deepEqual(bad.map((v) => `${v.id}: ${v.help} (${v.nodes.map((n) => n.target.join(' ')).join(', ')})`), [], `${name}: accessibility violations`);
 }
 
-async function shoot(page, name) {
-  for (const [label, vp] of Object.entries(VIEWPORTS)) {
+// `tall` makes the window as tall as a modal dialog's content, so the picture shows all of it.
+async function shoot(page, name, tall) {
+  for (const [label, size] of Object.entries(VIEWPORTS)) {
+    const vp = tall ? { width: size.width, height: tall[label] } : size;
     await page.setViewportSize(vp);
     await page.screenshot({ path: path.join(SHOTS, `${name}-${label}.png`), fullPage: true });
   }
@@ -208,6 +210,15 @@ test('a new admin adds a provider in the UI, then calls the gateway with a key m
   await page.getByRole('button', { name: 'Add provider' }).click();
   await page.locator('.err', { hasText: 'Leave out the /v1 suffix' }).waitFor();
   await page.getByLabel('Base URL').fill(upstreamUrl);
+  // A price for every model; an amount that is not a plain decimal is refused before sending.
+  const add = page.locator('section', { has: page.locator('#add-h') });
+  await add.getByRole('button', { name: 'Add a price' }).click();
+  await add.getByLabel('Model', { exact: true }).fill('*');
+  await add.getByLabel('Input USD / 1M tokens').fill('1,50');
+  await add.getByLabel('Output USD / 1M tokens').fill('3');
+  await page.getByRole('button', { name: 'Add provider' }).click();
+  await add.locator('.price-row .err', { hasText: 'A decimal amount in USD' }).waitFor();
+  await add.getByLabel('Input USD / 1M tokens').fill('1.50');
   await page.getByRole('button', { name: 'Add provider' }).click();
   const row = page.locator('tr[data-provider="mycompany"]');
   await row.waitFor();
@@ -231,6 +242,9 @@ test('a new admin adds a provider in the UI, then calls the gateway with a key m
   // Editing the base URL asks for the token again; disable and enable flip the status.
   await row.getByRole('button', { name: 'Edit' }).click();
   const edit = page.locator('section.edit');
+  assert.equal(await edit.getByLabel('Model', { exact: true }).inputValue(), '*');
+  assert.match(await edit.getByLabel('Input USD / 1M tokens').inputValue(), /^1\.50?$/);
+  assert.equal(await edit.getByLabel('Output USD / 1M tokens').inputValue(), '3');
   await edit.getByLabel('Base URL').fill(`${upstreamUrl}/other`);
   await edit.getByRole('button', { name: 'Save changes' }).click();
   await edit.locator('.err', { hasText: 'Enter the token again' }).waitFor();
@@ -271,6 +285,12 @@ test('a new admin adds a provider in the UI, then calls the gateway with a key m
   }, 'the usage chart to count the request');
   assert.equal(await page.locator('svg.c-req rect.bar[data-value="1"]').count(), 1);
   assert.equal(await page.locator('svg.c-tok rect.bar[data-value="7"]').count(), 1);
+  // 5 prompt tokens at $1.50 and 2 completion tokens at $3 per million: $0.0000135, exactly.
+  const costBars = page.locator('svg.c-cost rect.bar:not([data-value="0"])');
+  assert.equal(await costBars.count(), 1);
+  assert.match(await costBars.getAttribute('data-value'), /^0\.00001350*$/);
+  assert.match(await page.locator('.summary').innerText(), /cost \$0\.00001350*[^\d]/);
+  assert.match(await page.locator('figure.chart-box', { hasText: 'Cost per day' }).locator('table.sr td').innerText(), /^\$0\.00001350*$/);
   const logRow = page.locator('section', { has: page.locator('#logs-h') }).locator('tbody tr').first();
   assert.match(await logRow.innerText(), /mycompany\/llama[\s\S]*mycompany[\s\S]*backend[\s\S]*200[\s\S]*7/);
   assert.match(await page.locator('section', { has: page.locator('#audit-h') }).innerText(), /provider_key|api_key/);
@@ -297,6 +317,83 @@ test('a new admin adds a provider in the UI, then calls the gateway with a key m
   await shoot(page, 'org');
   await axeCheck(page, 'organization');
   timings.providers = await open(page, '/providers', 'Providers');
+  assert.deepEqual(page.errors, []);
+  await page.context().close();
+});
+
+async function signIn(page, email) {
+  await page.goto(api + '/#/signin');
+  await page.getByLabel('Email').fill(email);
+  await page.getByLabel('Password').fill(PASSWORD);
+  await page.getByRole('button', { name: 'Sign in' }).click();
+  await page.locator('main h1', { hasText: 'Quick start' }).waitFor();
+}
+
+test('an admin sets the limits and allowed models of a key and an owner the organization\'s; they are there after a reload', async () => {
+  const page = await newPage();
+  await signIn(page, OWNER);
+
+  // Organization limits (owners only).
+  await open(page, '/org', 'Organization');
+  const orgLimits = page.locator('section', { has: page.locator('#olim-h') });
+  await orgLimits.getByLabel('Requests per minute').fill('1000');
+  await orgLimits.getByLabel('Budget per month, USD').fill('5.5.0');
+  await orgLimits.getByRole('button', { name: 'Save organization limits' }).click();
+  await orgLimits.locator('.err', { hasText: 'A decimal amount in USD' }).waitFor();
+  await orgLimits.getByLabel('Budget per month, USD').fill('');
+  await orgLimits.getByRole('button', { name: 'Save organization limits' }).click();
+  await page.locator('#toast', { hasText: 'Organization limits saved' }).waitFor();
+  await shoot(page, 'org-limits');
+  await axeCheck(page, 'organization limits');
+  await page.reload();
+  await page.waitForFunction(() => document.body.dataset.page === '/org');
+  assert.equal(await page.locator('section', { has: page.locator('#olim-h') }).getByLabel('Requests per minute').inputValue(), '1000');
+
+  // A key created with one limit, then edited in the dialog.
+  await open(page, '/keys', 'API keys');
+  const create = page.locator('section', { has: page.locator('#newkey-h') });
+  await create.getByLabel('Name', { exact: true }).fill('scoped');
+  await create.getByLabel('Requests per minute').fill('120');
+  await create.getByRole('button', { name: 'Create key' }).click();
+  await page.locator('#new-key').waitFor();
+  const row = page.locator('tr[data-key="scoped"]');
+  assert.match(await row.locator('td.limits').innerText(), /120 req\/min[\s\S]*Models: all models/);
+  await row.getByRole('button', { name: 'Edit limits' }).click();
+  const dlg = page.locator('dialog[open]');
+  const own = dlg.locator('tr[data-limit="api_key.requests_per_minute"]');
+  await own.waitFor();
+  assert.match(await own.innerText(), /Requests per minute[\s\S]*this key[\s\S]*120[\s\S]*—[\s\S]*—/);
+  assert.match(await dlg.locator('tr[data-limit="organization.requests_per_minute"]').innerText(), /organization[\s\S]*1,?000/);
+  assert.equal(await dlg.getByLabel('Requests per minute').inputValue(), '120');
+  await dlg.getByLabel('Budget per month, USD').fill('25.50');
+  await dlg.getByLabel('Tokens per day (UTC)').fill('100000');
+  // The server's refusal of a pattern is shown at the field.
+  await dlg.getByLabel('Allowed models').fill('MyCompany/*');
+  await dlg.getByRole('button', { name: 'Save limits' }).click();
+  const models = dlg.locator('.field', { has: page.getByLabel('Allowed models') });
+  await models.locator('.err', { hasText: 'patterns like' }).waitFor();
+  assert.equal(await dlg.getByLabel('Allowed models').getAttribute('aria-invalid'), 'true');
+  await dlg.getByLabel('Allowed models').fill('mycompany/*\n*/qwen');
+  await shoot(page, 'key-limits-dialog', { laptop: 1150, phone: 2000 });
+  await axeCheck(page, 'key limits dialog');
+  await dlg.getByRole('button', { name: 'Save limits' }).click();
+  await page.locator('dialog').waitFor({ state: 'detached' });
+
+  await page.reload();
+  await page.locator('tr[data-key="scoped"]').waitFor();
+  const cell = await page.locator('tr[data-key="scoped"] td.limits').innerText();
+  assert.match(cell, /120 req\/min · 100,?000 tokens\/day · \$25\.50?\/month/);
+  assert.match(cell, /Models: mycompany\/\*, \*\/qwen/);
+  await page.locator('tr[data-key="scoped"]').getByRole('button', { name: 'Edit limits' }).click();
+  await dlg.locator('tr[data-limit="api_key.tokens_per_day"]').waitFor();
+  assert.match(await dlg.locator('tr[data-limit="api_key.tokens_per_day"]').innerText(), /100,?000[\s\S]*—[\s\S]*—[\s\S]*\d/);
+  assert.equal(await dlg.getByLabel('Allowed models').inputValue(), 'mycompany/*\n*/qwen');
+  assert.equal(await dlg.getByLabel('Tokens per day (UTC)').inputValue(), '100000');
+  // Escape closes the dialog.
+  await page.keyboard.press('Escape');
+  await page.locator('dialog').waitFor({ state: 'detached' });
+  await shoot(page, 'keys-limits');
+  await axeCheck(page, 'api keys with limits');
   assert.deepEqual(page.errors, []);
   await page.context().close();
 });
@@ -346,6 +443,19 @@ test('a member sees no create or delete controls, and the API refuses them anywa
   await open(member, '/keys', 'API keys');
   assert.equal(await member.getByRole('button', { name: 'Create key' }).count(), 0);
   assert.equal(await member.getByRole('button', { name: 'Revoke' }).count(), 0);
+  assert.equal(await member.getByRole('button', { name: 'Edit limits' }).count(), 0);
+  // A member may look at a key's limits, without a way to change them.
+  await member.locator('tr[data-key="scoped"]').getByRole('button', { name: 'View limits' }).click();
+  const view = member.locator('dialog[open]');
+  await view.locator('tr[data-limit="api_key.tokens_per_day"]').waitFor();
+  assert.equal(await view.getByRole('textbox').count(), 0);
+  assert.equal(await view.getByRole('button', { name: 'Save limits' }).count(), 0);
+  await axeCheck(member, 'member key limits');
+  await view.getByRole('button', { name: 'Close' }).click();
+  await member.locator('dialog').waitFor({ state: 'detached' });
+  await open(member, '/org', 'Organization');
+  assert.equal(await member.getByRole('button', { name: 'Save organization limits' }).count(), 0);
+  assert.match(await member.locator('.org-limits').innerText(), /1,?000 req\/min/);
   await open(member, '/members', 'Members');
   assert.equal(await member.getByRole('button', { name: 'Send invitation' }).count(), 0);
   assert.equal(await member.getByRole('button', { name: 'Remove' }).count(), 0);
