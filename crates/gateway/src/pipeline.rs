@@ -13,6 +13,7 @@
 //! field → route → forward while the rest of the body streams through
 //! (see [`crate::upload`]).
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use actix_web::http::header as ax;
@@ -20,6 +21,7 @@ use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 
 use crate::authenticate::authenticate;
+use crate::cache::KeyEntry;
 use crate::collect::read_body;
 use crate::endpoint::Endpoint;
 use crate::error::GatewayError;
@@ -31,6 +33,27 @@ use crate::state::State;
 use crate::upload::Upload;
 use crate::usage::LogGuard;
 
+/// Where every routed request starts: its key authenticated (the clock
+/// already running), then its one usage row opened.
+pub(crate) async fn open(
+    gw: &State,
+    req: &HttpRequest,
+    endpoint: &'static str,
+) -> Result<(Arc<KeyEntry>, LogGuard), GatewayError> {
+    let start = Instant::now();
+    let key = authenticate(gw, req).await?;
+    let log = LogGuard::new(
+        gw.usage.clone(),
+        gw.metrics.clone(),
+        request_id(req),
+        key.org_id,
+        key.id,
+        endpoint,
+        start,
+    );
+    Ok((key, log))
+}
+
 /// Any JSON endpoint of [`Endpoint::ALL`], proxied to the same path upstream.
 pub(crate) async fn proxy(
     endpoint: Endpoint,
@@ -38,17 +61,7 @@ pub(crate) async fn proxy(
     payload: web::Payload,
     gw: web::Data<State>,
 ) -> Result<HttpResponse, GatewayError> {
-    let start = Instant::now();
-    let key = authenticate(&gw, &req).await?;
-    let mut log = LogGuard::new(
-        gw.usage.clone(),
-        gw.metrics.clone(),
-        request_id(&req),
-        key.org_id,
-        key.id,
-        endpoint.path(),
-        start,
-    );
+    let (key, mut log) = open(&gw, &req, endpoint.path()).await?;
     let answer = async {
         let raw = tokio::time::timeout(gw.body_timeout, read_body(&req, payload, gw.max_body))
             .await
@@ -68,17 +81,7 @@ pub(crate) async fn proxy_upload(
     mut payload: web::Payload,
     gw: web::Data<State>,
 ) -> Result<HttpResponse, GatewayError> {
-    let start = Instant::now();
-    let key = authenticate(&gw, &req).await?;
-    let mut log = LogGuard::new(
-        gw.usage.clone(),
-        gw.metrics.clone(),
-        request_id(&req),
-        key.org_id,
-        key.id,
-        endpoint.path(),
-        start,
-    );
+    let (key, mut log) = open(&gw, &req, endpoint.path()).await?;
     let answer = async {
         let upload = Upload::read(&req, &mut payload, gw.max_body, gw.body_timeout, |m| {
             log.row.requested_model = Some(storable(m));

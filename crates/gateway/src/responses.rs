@@ -37,12 +37,10 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use reqwest::header as rq;
 use uuid::Uuid;
 
-use crate::authenticate::authenticate;
 use crate::cache::{bounded, ProviderEntry};
 use crate::collect::{read_capped, UpstreamBody};
 use crate::error::{ErrorClass, ErrorNote, GatewayError};
 use crate::forward::{classify, redact, relay_headers, timed_out};
-use crate::observe::request_id;
 use crate::relay::Relay;
 use crate::state::State;
 use crate::usage::LogGuard;
@@ -334,17 +332,7 @@ pub(crate) async fn follow_up(
     id: web::Path<String>,
     gw: web::Data<State>,
 ) -> Result<HttpResponse, GatewayError> {
-    let start = Instant::now();
-    let key = authenticate(&gw, &req).await?;
-    let mut log = LogGuard::new(
-        gw.usage.clone(),
-        gw.metrics.clone(),
-        request_id(&req),
-        key.org_id,
-        key.id,
-        action.endpoint(),
-        start,
-    );
+    let (key, mut log) = crate::pipeline::open(&gw, &req, action.endpoint()).await?;
     let answer = async {
         let provider = provider_for(&gw, key.org_id, &id, &mut log).await?;
         send(&gw, action, &req, &id, &provider, &mut log).await
