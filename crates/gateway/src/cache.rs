@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use reqwest::header::HeaderValue;
 use storage::domain::{BaseUrl, ProviderStatus};
+use storage::limits::{model_allowed, ModelPattern};
 use storage::providers::ProviderWithToken;
 use storage::Db;
 use tokio::sync::{OnceCell, Semaphore};
@@ -95,12 +96,24 @@ impl<K: Hash + Eq, V> Drop for Leave<'_, K, V> {
 pub(crate) struct KeyEntry {
     pub id: Uuid,
     pub org_id: Uuid,
+    /// `None`: every model; empty: none.
+    allowed_models: Option<Vec<ModelPattern>>,
     expires_at: Option<DateTime<Utc>>,
     revoked: bool,
     loaded: Instant,
 }
 
 impl KeyEntry {
+    /// Whether this key may call `model` (the client's `{customName}/{modelName}`).
+    pub fn allows(&self, model: &str) -> bool {
+        model_allowed(self.allowed_models.as_deref(), model)
+    }
+
+    /// Whether this key may call every model (`allowed_models: null`).
+    pub fn allows_all(&self) -> bool {
+        self.allowed_models.is_none()
+    }
+
     fn check(self: Arc<Self>) -> Result<Arc<Self>, GatewayError> {
         if self.revoked {
             Err(GatewayError::RevokedKey)
@@ -201,6 +214,7 @@ impl KeyCache {
         let entry = Arc::new(KeyEntry {
             id: row.id,
             org_id: row.org_id,
+            allowed_models: row.allowed_models,
             expires_at: row.expires_at,
             revoked: row.revoked_at.is_some(),
             loaded: Instant::now(),

@@ -42,6 +42,12 @@ pub enum GatewayError {
     ModelNotFound { model: String, provider: String },
     #[error("the model `{model}` does not exist at the provider `{provider}`")]
     UpstreamModelNotFound { model: String, provider: String },
+    /// `GET /v1/models/{model}` for a model outside the key's `allowed_models`:
+    /// 404 like a missing model, so a key cannot probe what it may not use.
+    #[error("the model `{0}` does not exist or this API key may not use it")]
+    ModelNotVisible(String),
+    #[error("this API key may not use the model `{0}`: it matches none of the key's `allowed_models`; an admin can change them")]
+    ModelNotAllowed(String),
     #[error("no response with id `{0}` was created through this gateway by your organization")]
     ResponseNotFound(String),
     #[error("the provider `{0}` is disabled in your organization; an admin can re-enable it")]
@@ -135,11 +141,17 @@ impl GatewayError {
                 Some("model"),
                 ErrorClass::InvalidModel,
             ),
-            ModelNotFound { .. } | UpstreamModelNotFound { .. } => (
+            ModelNotFound { .. } | UpstreamModelNotFound { .. } | ModelNotVisible(_) => (
                 StatusCode::NOT_FOUND,
                 "invalid_request_error",
                 Some("model"),
                 ErrorClass::ModelNotFound,
+            ),
+            ModelNotAllowed(_) => (
+                StatusCode::FORBIDDEN,
+                "invalid_request_error",
+                Some("model"),
+                ErrorClass::ModelNotAllowed,
             ),
             ResponseNotFound(_) => (
                 StatusCode::NOT_FOUND,
@@ -272,6 +284,8 @@ pub enum ErrorClass {
     InvalidModel,
     /// `model_not_found`
     ModelNotFound,
+    /// `model_not_allowed`: outside the key's `allowed_models`.
+    ModelNotAllowed,
     /// `response_not_found`
     ResponseNotFound,
     /// `provider_inactive`
@@ -324,6 +338,7 @@ impl ErrorClass {
             InvalidType => "invalid_type",
             InvalidModel => "invalid_model",
             ModelNotFound => "model_not_found",
+            ModelNotAllowed => "model_not_allowed",
             ResponseNotFound => "response_not_found",
             ProviderInactive => "provider_inactive",
             RequestTooLarge => "request_too_large",

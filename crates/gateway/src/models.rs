@@ -6,6 +6,13 @@
 //!
 //! A provider that fails (unreachable, error status, not a model list, a list
 //! over [`MAX_MODELS_BYTES`]) is left out of the list and logged; the rest are listed.
+//!
+//! A key with `allowed_models` sees only the ids its patterns match: the
+//! org's whole list is cached per org and filtered per request after the
+//! cache ([`scoped`]), so one key's scope never reaches another key's answer.
+//! Retrieving a model outside the scope is 404 `model_not_found`, as for a
+//! model that does not exist (OpenAI answers 404 for models a key cannot
+//! see), so a key cannot probe what it may not use.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,7 +30,7 @@ use upstream::body::UpstreamBody;
 use upstream::models::{ModelList, ModelsProbe, ProbeError, MAX_MODELS_BYTES, PROBE_TIMEOUT};
 
 use crate::authenticate::authenticate;
-use crate::cache::ProviderEntry;
+use crate::cache::{KeyEntry, ProviderEntry};
 use crate::error::{ErrorClass, ErrorNote, GatewayError};
 use crate::forward::{classify, redact, relay_headers};
 use crate::observe::request_id;
@@ -116,7 +123,7 @@ pub(crate) async fn list_models(
 ) -> Result<HttpResponse, GatewayError> {
     let key = authenticate(&gw, &req).await?;
     if let Some(body) = gw.models.get(key.org_id) {
-        return Ok(json(body));
+        return Ok(json(scoped(&key, body)));
     }
     // Read before the providers are: a change after this point is not cached over.
     let epoch = gw.models.epoch();
@@ -140,7 +147,26 @@ pub(crate) async fn list_models(
     );
     // A list missing a failed provider is reused only briefly, then retried.
     gw.models.insert(key.org_id, epoch, body.clone(), complete);
-    Ok(json(body))
+    Ok(json(scoped(&key, body)))
+}
+
+/// The org's list as `key` may see it: only the ids its `allowed_models` match.
+fn scoped(key: &KeyEntry, body: Bytes) -> Bytes {
+    if key.allows_all() {
+        return body;
+    }
+    // The body is the gateway's own `{"object":"list","data":[...]}`.
+    let Ok(mut list) = serde_json::from_slice::<Map<String, Value>>(&body) else {
+        return body;
+    };
+    if let Some(Value::Array(data)) = list.get_mut("data") {
+        data.retain(|m| {
+            m.get("id")
+                .and_then(Value::as_str)
+                .is_some_and(|id| key.allows(id))
+        });
+    }
+    Bytes::from(serde_json::to_vec(&list).unwrap_or_default())
 }
 
 /// Logs why a provider is missing from the list: its class and the whole cause chain.
@@ -238,6 +264,9 @@ pub(crate) async fn retrieve_model(
         let Some((name, upstream_model)) = model.split_once('/') else {
             return Err(GatewayError::ModelWithoutProvider(model));
         };
+        if !key.allows(&model) {
+            return Err(GatewayError::ModelNotVisible(model));
+        }
         let p = crate::route::provider_named(&gw, key.org_id, &model, name).await?;
         crate::route::usable(&p)?;
         retrieve(&gw, &p, &model, upstream_model, &request_id(&req)).await

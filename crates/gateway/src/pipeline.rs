@@ -66,7 +66,7 @@ pub(crate) async fn proxy(
         let raw = tokio::time::timeout(gw.body_timeout, read_body(&req, payload, gw.max_body))
             .await
             .map_err(|_| GatewayError::BodyTimeout(gw.body_timeout))??;
-        let routed = route(&gw, endpoint, &raw, key.org_id, &mut log).await?;
+        let routed = route(&gw, endpoint, &raw, &key, &mut log).await?;
         drop(raw);
         forward(&gw, routed, &mut log).await
     };
@@ -87,8 +87,7 @@ pub(crate) async fn proxy_upload(
             log.row.requested_model = Some(storable(m));
         })
         .await?;
-        let provider =
-            provider_for(&gw, &upload.model, upload.provider(), key.org_id, &mut log).await?;
+        let provider = provider_for(&gw, &upload.model, upload.provider(), &key, &mut log).await?;
         let (content_type, length) = (upload.content_type.clone(), upload.length());
         let (body, pump) = upload.stream(payload, provider.name.clone(), gw.client.timeout());
         forward_upload(

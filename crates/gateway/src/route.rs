@@ -1,7 +1,9 @@
 //! Stage 2: which provider a request goes to (any JSON endpoint: they all
 //! carry `model`). The body's `model` is split
 //! at its first `/` into `{customName}/{modelName}`, the org's provider is
-//! looked up (cached), and the body is rewritten with `{modelName}`.
+//! looked up (cached), and the body is rewritten with `{modelName}`. A
+//! model outside the key's `allowed_models` is refused (403) before any
+//! provider lookup.
 
 use std::sync::Arc;
 
@@ -9,7 +11,7 @@ use bytes::Bytes;
 use storage::domain::ProviderName;
 
 use crate::body::{ChatRequest, Splice};
-use crate::cache::ProviderEntry;
+use crate::cache::{KeyEntry, ProviderEntry};
 use crate::endpoint::Endpoint;
 use crate::error::GatewayError;
 use crate::state::State;
@@ -40,7 +42,7 @@ pub(crate) async fn route(
     gw: &State,
     endpoint: Endpoint,
     raw: &Bytes,
-    org: uuid::Uuid,
+    key: &KeyEntry,
     log: &mut LogGuard,
 ) -> Result<Route, GatewayError> {
     // JSON is UTF-8; the parser does not check the strings it only skips.
@@ -56,7 +58,7 @@ pub(crate) async fn route(
         }
     })?;
     log.row.streamed = chat.stream;
-    let provider = provider_for(gw, &chat.model, chat.provider(), org, log).await?;
+    let provider = provider_for(gw, &chat.model, chat.provider(), key, log).await?;
     let ask_usage = endpoint.asks_stream_usage()
         && chat.can_ask_usage()
         && !gw.refuses_stream_usage(provider.id, endpoint.path());
@@ -70,19 +72,23 @@ pub(crate) async fn route(
     })
 }
 
-/// The org's provider named `{customName}` of `model` (every endpoint routes
-/// through here); the row learns the models and provider as they are known.
+/// The key's org's provider named `{customName}` of `model` (every endpoint
+/// routes through here), once the key's `allowed_models` let it call `model`;
+/// the row learns the models and provider as they are known.
 pub(crate) async fn provider_for(
     gw: &State,
     model: &str,
     provider_name: &str,
-    org: uuid::Uuid,
+    key: &KeyEntry,
     log: &mut LogGuard,
 ) -> Result<Arc<ProviderEntry>, GatewayError> {
     log.row.requested_model = Some(storable(model));
     log.row.provider_name = Some(storable(provider_name));
     log.row.upstream_model = Some(storable(&model[provider_name.len() + 1..]));
-    let provider = provider_named(gw, org, model, provider_name).await?;
+    if !key.allows(model) {
+        return Err(GatewayError::ModelNotAllowed(model.to_owned()));
+    }
+    let provider = provider_named(gw, key.org_id, model, provider_name).await?;
     log.row.provider_key_id = Some(provider.id);
     usable(&provider)?;
     Ok(provider)
