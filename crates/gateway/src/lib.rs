@@ -166,12 +166,6 @@ impl Gateway {
                     .route(web::get().to(models::list_models))
                     .default_service(web::to(method_not_allowed)),
             )
-            .service(
-                web::resource("/v1/models/{tail:.*}")
-                    .route(web::get().to(models::retrieve_model))
-                    .default_service(web::to(method_not_allowed)),
-            )
-            .configure(responses::configure)
             .route("/healthz", web::get().to(healthz))
             .route("/readyz", web::get().to(readyz));
         for endpoint in Endpoint::ALL {
@@ -199,6 +193,17 @@ impl Gateway {
         if self.inner.metrics_on_gateway {
             scope = scope.route("/metrics", web::get().to(metrics_text));
         }
+        // Routes with path parameters last: the router tries resources in
+        // order, and a parameter pattern is a regex match on every request
+        // that reaches it (about 10 % of a proxied request's instructions
+        // when these came first).
+        scope = scope
+            .service(
+                web::resource("/v1/models/{tail:.*}")
+                    .route(web::get().to(models::retrieve_model))
+                    .default_service(web::to(method_not_allowed)),
+            )
+            .configure(responses::configure);
         cfg.app_data(web::Data::from(self.inner.clone()))
             .service(scope.default_service(web::to(not_found)));
     }
