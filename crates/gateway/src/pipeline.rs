@@ -111,7 +111,7 @@ async fn respond(
     gw: &web::Data<State>,
     endpoint: Endpoint,
     org: uuid::Uuid,
-    mut log: LogGuard,
+    log: LogGuard,
     answer: Result<Answer, GatewayError>,
 ) -> Result<HttpResponse, GatewayError> {
     match answer {
@@ -158,15 +158,18 @@ async fn respond(
             );
             Ok(res.streaming(stream))
         }
-        Err(e) => {
-            if let Some(kind) = e.upstream_kind() {
-                gw.metrics.upstream_error(kind);
-            }
-            log.finish(
-                actix_web::ResponseError::status_code(&e).as_u16(),
-                Some(e.class()),
-            );
-            Err(e)
-        }
+        Err(e) => Err(failed(gw, log, e)),
     }
+}
+
+/// A request that failed before any answer: counted, and its row finished with the error's status and class.
+pub(crate) fn failed(gw: &State, mut log: LogGuard, e: GatewayError) -> GatewayError {
+    if let Some(kind) = e.upstream_kind() {
+        gw.metrics.upstream_error(kind);
+    }
+    log.finish(
+        actix_web::ResponseError::status_code(&e).as_u16(),
+        Some(e.class()),
+    );
+    e
 }

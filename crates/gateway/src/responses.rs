@@ -356,16 +356,7 @@ pub(crate) async fn follow_up(
             .without_usage();
             Ok(res.streaming(stream))
         }
-        Err(e) => {
-            if let Some(kind) = e.upstream_kind() {
-                gw.metrics.upstream_error(kind);
-            }
-            log.finish(
-                actix_web::ResponseError::status_code(&e).as_u16(),
-                Some(e.class()),
-            );
-            Err(e)
-        }
+        Err(e) => Err(crate::pipeline::failed(&gw, log, e)),
     }
 }
 
