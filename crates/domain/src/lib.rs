@@ -5,6 +5,7 @@
 //! `upstream`, the API and the gateway use them without linking sqlx.
 
 pub mod crypto;
+pub mod limits;
 pub mod page;
 pub mod secrets;
 

@@ -21,6 +21,14 @@ struct Peek<'a> {
     stream: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
     stream_options: Option<&'a RawValue>,
+    /// Output caps, for the token reservation (Chat, Completions; Chat's
+    /// newer name; Responses).
+    #[serde(borrow, default)]
+    max_tokens: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    max_completion_tokens: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    max_output_tokens: Option<&'a RawValue>,
 }
 
 /// The members of `stream_options` the gateway edits.
@@ -54,6 +62,10 @@ pub struct ChatRequest<'a> {
     /// The raw `model` string holds escapes.
     model_raw_escaped: bool,
     pub stream: bool,
+    /// The largest output cap the body names (`max_tokens`,
+    /// `max_completion_tokens`, `max_output_tokens`), 0 when none is a
+    /// non-negative integer (the upstream judges the rest).
+    pub max_tokens: u64,
     /// How to make a streamed body ask for usage, when it does not already.
     usage_edit: Option<Edit>,
 }
@@ -95,12 +107,17 @@ impl<'a> ChatRequest<'a> {
         } else {
             None
         };
+        let cap = |v: Option<&RawValue>| v.and_then(|v| v.get().parse::<u64>().ok()).unwrap_or(0);
+        let max_tokens = cap(peek.max_tokens)
+            .max(cap(peek.max_completion_tokens))
+            .max(cap(peek.max_output_tokens));
         Ok(Self {
             model_raw_escaped: text.contains('\\'),
             model,
             split,
             span,
             stream,
+            max_tokens,
             usage_edit,
         })
     }
@@ -248,6 +265,23 @@ mod tests {
             let out = req.splice().apply(body.as_bytes(), true);
             String::from_utf8(out.to_vec()).unwrap()
         })
+    }
+
+    #[test]
+    fn the_output_cap_is_the_largest_integer_one_named() {
+        let cap = |b: &str| ChatRequest::parse(b.as_bytes()).unwrap().max_tokens;
+        assert_eq!(cap(r#"{"model":"p/m"}"#), 0);
+        assert_eq!(cap(r#"{"model":"p/m","max_tokens":100}"#), 100);
+        assert_eq!(
+            cap(r#"{"model":"p/m","max_tokens":5,"max_completion_tokens":70}"#),
+            70
+        );
+        assert_eq!(cap(r#"{"model":"p/m","max_output_tokens":9}"#), 9);
+        // Not a non-negative integer: reserved as none (the upstream refuses it).
+        assert_eq!(cap(r#"{"model":"p/m","max_tokens":-1}"#), 0);
+        assert_eq!(cap(r#"{"model":"p/m","max_tokens":"50"}"#), 0);
+        assert_eq!(cap(r#"{"model":"p/m","max_tokens":1.5}"#), 0);
+        assert_eq!(cap(r#"{"model":"p/m","max_tokens":null}"#), 0);
     }
 
     #[test]

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use reqwest::header::HeaderValue;
 use storage::domain::{BaseUrl, ProviderStatus};
-use storage::limits::{model_allowed, ModelPattern};
+use storage::limits::{model_allowed, Limits, ModelPattern, Prices};
 use storage::providers::ProviderWithToken;
 use storage::Db;
 use tokio::sync::{OnceCell, Semaphore};
@@ -98,6 +98,9 @@ pub(crate) struct KeyEntry {
     pub org_id: Uuid,
     /// `None`: every model; empty: none.
     allowed_models: Option<Vec<ModelPattern>>,
+    /// The key's own spend controls, and its organization's.
+    pub limits: Limits,
+    pub org_limits: Limits,
     expires_at: Option<DateTime<Utc>>,
     revoked: bool,
     loaded: Instant,
@@ -215,6 +218,8 @@ impl KeyCache {
             id: row.id,
             org_id: row.org_id,
             allowed_models: row.allowed_models,
+            limits: row.limits,
+            org_limits: row.org_limits,
             expires_at: row.expires_at,
             revoked: row.revoked_at.is_some(),
             loaded: Instant::now(),
@@ -255,6 +260,8 @@ pub(crate) struct ProviderEntry {
     pub auth: HeaderValue,
     /// Set when the connect-time SSRF policy refuses this base URL.
     pub refused: Option<upstream::UpstreamFailure>,
+    /// What its models cost (for the money budget).
+    pub prices: Prices,
     loaded: Instant,
 }
 
@@ -302,6 +309,7 @@ impl ProviderEntry {
             chat_url,
             auth,
             refused,
+            prices: p.provider.prices,
             loaded: Instant::now(),
         })
     }

@@ -6,6 +6,7 @@ use std::time::Duration;
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
+use limits::RefusalKind;
 use serde_json::json;
 use upstream::UpstreamFailure;
 
@@ -93,6 +94,19 @@ pub enum GatewayError {
     NotFound,
     #[error("method not allowed on this route")]
     MethodNotAllowed,
+    /// Refused by a spend control (429, or 503 when the limiter fails closed).
+    #[error("{}", limited_message(.0.kind))]
+    Limited(limits::Refusal),
+}
+
+fn limited_message(kind: RefusalKind) -> &'static str {
+    match kind {
+        RefusalKind::Requests => "rate limit reached for requests per minute on this API key or its organization; retry after the time in the Retry-After header",
+        RefusalKind::Tokens => "rate limit reached for tokens per minute on this API key or its organization; retry after the time in the Retry-After header",
+        RefusalKind::Concurrency => "too many concurrent requests on this API key or its organization; retry when one of them ends",
+        RefusalKind::Quota => "you exceeded your current quota: this API key or its organization has used its token or spend budget for the period; an admin can raise it",
+        RefusalKind::Unavailable => "the gateway cannot check rate limits right now (its limiter store is unavailable); retry shortly",
+    }
 }
 
 impl GatewayError {
@@ -237,6 +251,32 @@ impl GatewayError {
                 None,
                 ErrorClass::MethodNotAllowed,
             ),
+            Limited(r) => match r.kind {
+                RefusalKind::Requests | RefusalKind::Concurrency => (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "requests",
+                    None,
+                    ErrorClass::RateLimitExceeded,
+                ),
+                RefusalKind::Tokens => (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "tokens",
+                    None,
+                    ErrorClass::RateLimitExceeded,
+                ),
+                RefusalKind::Quota => (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "insufficient_quota",
+                    None,
+                    ErrorClass::InsufficientQuota,
+                ),
+                RefusalKind::Unavailable => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "service_unavailable",
+                    None,
+                    ErrorClass::LimitsUnavailable,
+                ),
+            },
         }
     }
 
@@ -314,6 +354,12 @@ pub enum ErrorClass {
     UnknownUrl,
     /// `method_not_allowed`
     MethodNotAllowed,
+    /// `rate_limit_exceeded`: requests, tokens per minute or concurrency.
+    RateLimitExceeded,
+    /// `insufficient_quota`: a day or month token budget or the money budget.
+    InsufficientQuota,
+    /// `limits_unavailable`: the limiter's store did not answer (fail-closed).
+    LimitsUnavailable,
     /// `upstream_status`: the upstream answered with an error status (relayed as sent).
     UpstreamStatus,
     /// `upstream_invalid_json`: a success whose body is not JSON: relayed, no tokens counted.
@@ -353,6 +399,9 @@ impl ErrorClass {
             ProviderMisconfigured => "provider_misconfigured",
             UnknownUrl => "unknown_url",
             MethodNotAllowed => "method_not_allowed",
+            RateLimitExceeded => "rate_limit_exceeded",
+            InsufficientQuota => "insufficient_quota",
+            LimitsUnavailable => "limits_unavailable",
             UpstreamStatus => "upstream_status",
             UpstreamInvalidJson => "upstream_invalid_json",
             UpstreamStreamError => "upstream_stream_error",
@@ -427,6 +476,18 @@ impl ResponseError for GatewayError {
                 HeaderValue::from_static("application/json"),
             ))
             .body(error_body(&message, kind, param, code));
+        if let GatewayError::Limited(r) = self {
+            let headers = res.headers_mut();
+            crate::admit::write_headers(&r.headers, headers);
+            if r.kind == RefusalKind::Quota {
+                headers.insert(
+                    header::HeaderName::from_static("x-should-retry"),
+                    HeaderValue::from_static("false"),
+                );
+            } else if let Ok(v) = HeaderValue::from_str(&r.retry_after_secs.max(1).to_string()) {
+                headers.insert(header::RETRY_AFTER, v);
+            }
+        }
         let detail = (status.is_server_error()).then_some(message);
         res.extensions_mut().insert(ErrorNote {
             code: class,

@@ -2,6 +2,7 @@
 //! routes `{customName}/{modelName}` to that org's custom provider, relays
 //! the answer (streams as they arrive) and logs usage off the request path.
 
+mod admit;
 mod authenticate;
 /// Chat request parsing, model split and body rewrite (public for the fuzz targets).
 pub mod body;
@@ -65,6 +66,9 @@ pub struct GatewayConfig {
     /// Serve `/metrics` on the gateway's own routes; false when
     /// `LLMGW_METRICS_ADDR` gives it a listener of its own ([`Gateway::configure_metrics`]).
     pub metrics_on_gateway: bool,
+    /// Spend controls: `LLMGW_REDIS_URL` shares them between replicas;
+    /// in process by default.
+    pub limiter: limits::Limiter,
 }
 
 impl GatewayConfig {
@@ -80,6 +84,7 @@ impl GatewayConfig {
             max_response_bytes: 32 * 1024 * 1024,
             client_body_timeout: Duration::from_secs(30),
             metrics_on_gateway: true,
+            limiter: limits::Limiter::local(limits::Config::default()),
         }
     }
 }
@@ -121,6 +126,7 @@ impl Gateway {
             models: models::ModelsCache::new(cfg.models_cache_ttl),
             responses: responses::ResponseRoutes::new(),
             usage: usage.clone(),
+            limiter: cfg.limiter.clone(),
             metrics,
             shutdown,
             tasks: Mutex::new(Vec::new()),

@@ -5,6 +5,8 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
+use limits::RefusalKind;
+
 use crate::error::UpstreamErrorKind;
 
 /// Upper bounds of the latency buckets, in microseconds.
@@ -86,7 +88,18 @@ pub(crate) struct Metrics {
     pub rows_dropped: AtomicU64,
     pub rows_failed: AtomicU64,
     pub streams_canceled: AtomicU64,
+    /// Refusals by spend controls, by [`RefusalKind`] (in `LIMITED_KINDS` order).
+    limited: [AtomicU64; LIMITED_KINDS.len()],
 }
+
+/// Every refusal kind, in the order `/metrics` lists them.
+const LIMITED_KINDS: [(RefusalKind, &str); 5] = [
+    (RefusalKind::Requests, "requests"),
+    (RefusalKind::Tokens, "tokens"),
+    (RefusalKind::Concurrency, "concurrency"),
+    (RefusalKind::Quota, "quota"),
+    (RefusalKind::Unavailable, "unavailable"),
+];
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -105,6 +118,7 @@ impl Default for Metrics {
             rows_dropped: AtomicU64::new(0),
             rows_failed: AtomicU64::new(0),
             streams_canceled: AtomicU64::new(0),
+            limited: Default::default(),
         }
     }
 }
@@ -120,12 +134,24 @@ impl Metrics {
         self.latency.observe(latency);
     }
 
+    pub fn limited(&self, kind: RefusalKind) {
+        if let Some(i) = LIMITED_KINDS.iter().position(|(k, _)| *k == kind) {
+            self.limited[i].fetch_add(1, Relaxed);
+        }
+    }
+
     pub fn upstream_error(&self, kind: UpstreamErrorKind) {
         self.upstream_errors[kind as usize].fetch_add(1, Relaxed);
     }
 
     /// Prometheus text exposition format (0.0.4).
-    pub fn render(&self, queue_depth: usize, queue_capacity: usize) -> String {
+    /// `limiter`'s own counts (Redis failures, local fallbacks) are included.
+    pub fn render(
+        &self,
+        queue_depth: usize,
+        queue_capacity: usize,
+        limiter: &limits::Limiter,
+    ) -> String {
         let mut out = String::with_capacity(4096);
         let counter = |out: &mut String, name: &str, help: &str, v: u64| {
             let _ = writeln!(
@@ -226,6 +252,39 @@ impl Metrics {
             "Requests whose client went away before the answer ended.",
             self.streams_canceled.load(Relaxed),
         );
+        let _ = writeln!(
+            out,
+            "# HELP llmgw_gateway_limited_total Requests refused by spend controls, by kind.\n# TYPE llmgw_gateway_limited_total counter"
+        );
+        for ((_, kind), c) in LIMITED_KINDS.iter().zip(&self.limited) {
+            let _ = writeln!(
+                out,
+                "llmgw_gateway_limited_total{{kind=\"{kind}\"}} {}",
+                c.load(Relaxed)
+            );
+        }
+        {
+            let l = limiter;
+            let stats = l.stats();
+            counter(
+                &mut out,
+                "llmgw_gateway_limits_redis_failures_total",
+                "Limiter calls Redis did not answer in time, or failed.",
+                stats.redis_failures.load(Relaxed),
+            );
+            counter(
+                &mut out,
+                "llmgw_gateway_limits_local_fallbacks_total",
+                "Admissions decided on this replica's own counters because Redis did not answer (fail-open).",
+                stats.fallbacks.load(Relaxed),
+            );
+            let _ = writeln!(
+                out,
+                "# HELP llmgw_gateway_limits_shared 1 when limits are counted on Redis for every replica, 0 when in process.\n\
+                 # TYPE llmgw_gateway_limits_shared gauge\nllmgw_gateway_limits_shared {}",
+                u8::from(l.is_shared())
+            );
+        }
         out
     }
 }

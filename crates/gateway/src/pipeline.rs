@@ -1,5 +1,5 @@
 //! `POST /v1/chat/completions` (and every JSON endpoint) as its pipeline: authenticate → collect the
-//! body → route → forward → relay; observation wraps it all (`observe`).
+//! body → route → admit (spend controls) → forward → relay; observation wraps it all (`observe`).
 //!
 //! Client input: any `content-type` is accepted when the body is a JSON
 //! object (SDKs send `application/json`, `curl -d` a form type); the body
@@ -10,8 +10,9 @@
 //!
 //! The audio uploads ([`proxy_upload`]) are the same pipeline with the body
 //! streamed instead of collected: authenticate → read up to the `model`
-//! field → route → forward while the rest of the body streams through
-//! (see [`crate::upload`]).
+//! field → route → admit → forward while the rest of the body streams
+//! through (see [`crate::upload`]). An upload reserves no tokens up front
+//! (its bytes are audio, not text): it is settled with the usage reported.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -20,6 +21,7 @@ use actix_web::http::header as ax;
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 
+use crate::admit::{admit, write_headers};
 use crate::authenticate::authenticate;
 use crate::cache::KeyEntry;
 use crate::collect::read_body;
@@ -68,7 +70,8 @@ pub(crate) async fn proxy(
             .map_err(|_| GatewayError::BodyTimeout(gw.body_timeout))??;
         let routed = route(&gw, endpoint, &raw, &key, &mut log).await?;
         drop(raw);
-        forward(&gw, routed, &mut log).await
+        let limits = admit(&gw, &key, &routed.provider, routed.reserve_tokens, &mut log).await?;
+        forward(&gw, routed, &mut log).await.map(|a| (a, limits))
     };
     let answer = answer.await;
     respond(&gw, endpoint, key.org_id, log, answer).await
@@ -88,6 +91,7 @@ pub(crate) async fn proxy_upload(
         })
         .await?;
         let provider = provider_for(&gw, &upload.model, upload.provider(), &key, &mut log).await?;
+        let limits = admit(&gw, &key, &provider, 0, &mut log).await?;
         let (content_type, length) = (upload.content_type.clone(), upload.length());
         let (body, pump) = upload.stream(payload, provider.name.clone(), gw.client.timeout());
         forward_upload(
@@ -101,31 +105,50 @@ pub(crate) async fn proxy_upload(
             &mut log,
         )
         .await
+        .map(|a| (a, limits))
     };
     let answer = answer.await;
     respond(&gw, endpoint, key.org_id, log, answer).await
 }
 
-/// The client's answer, and the row finished (or handed to the relay that finishes it).
+/// The client's answer with the spend controls' headers, and the row
+/// finished (or handed to the relay that finishes it).
 async fn respond(
     gw: &web::Data<State>,
     endpoint: Endpoint,
     org: uuid::Uuid,
     log: LogGuard,
-    answer: Result<Answer, GatewayError>,
+    answer: Result<(Answer, limits::Headers), GatewayError>,
 ) -> Result<HttpResponse, GatewayError> {
+    let (answer, limits) = match answer {
+        Ok(a) => a,
+        Err(e) => return Err(failed(gw, log, e)),
+    };
+    let mut res = relay(gw, endpoint, org, log, answer).await;
+    write_headers(&limits, res.headers_mut());
+    Ok(res)
+}
+
+/// The upstream's answer relayed: whole, or streamed by a relay that finishes the row.
+async fn relay(
+    gw: &web::Data<State>,
+    endpoint: Endpoint,
+    org: uuid::Uuid,
+    log: LogGuard,
+    answer: Answer,
+) -> HttpResponse {
     match answer {
-        Ok(Answer::Full(res)) => {
+        Answer::Full(res) => {
             if endpoint == Endpoint::Responses {
                 crate::responses::after_create(gw, org, &log, &res).await;
             }
-            Ok(res)
+            res
         }
-        Ok(Answer::Stream {
+        Answer::Stream {
             status,
             upstream,
             strip_usage,
-        }) => {
+        } => {
             let mut res =
                 HttpResponse::build(StatusCode::from_u16(status).unwrap_or(StatusCode::OK));
             relay_headers(upstream.headers(), &mut res);
@@ -143,9 +166,9 @@ async fn respond(
             if let Some((Some(provider_id), Some(name))) = watched {
                 stream = crate::responses::watch(stream, gw, org, provider_id, name);
             }
-            Ok(res.streaming(stream))
+            res.streaming(stream)
         }
-        Ok(Answer::Bytes { status, upstream }) => {
+        Answer::Bytes { status, upstream } => {
             let mut res =
                 HttpResponse::build(StatusCode::from_u16(status).unwrap_or(StatusCode::OK));
             relay_headers(upstream.headers(), &mut res);
@@ -156,9 +179,8 @@ async fn respond(
                 gw.client.timeout(),
                 status,
             );
-            Ok(res.streaming(stream))
+            res.streaming(stream)
         }
-        Err(e) => Err(failed(gw, log, e)),
     }
 }
 

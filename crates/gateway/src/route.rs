@@ -23,6 +23,8 @@ pub(crate) struct Route {
     pub provider: Arc<ProviderEntry>,
     /// The client asked for `"stream": true`.
     pub stream: bool,
+    /// What the spend controls reserve for it, in tokens.
+    pub reserve_tokens: u64,
     /// The body the upstream gets first.
     pub body: Bytes,
     /// When `body` asks for usage on the client's behalf: the client's body
@@ -66,6 +68,7 @@ pub(crate) async fn route(
     Ok(Route {
         endpoint,
         stream: chat.stream,
+        reserve_tokens: crate::admit::reserve_tokens(chat.max_tokens, raw.len()),
         body: splice.apply(raw, ask_usage),
         without_usage: ask_usage.then(|| (raw.clone(), splice)),
         provider,

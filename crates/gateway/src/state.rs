@@ -30,6 +30,8 @@ pub(crate) struct State {
     /// Which provider created each Responses API object this replica has seen.
     pub responses: ResponseRoutes,
     pub usage: Arc<UsageQueue>,
+    /// Spend controls (on Redis, or in process).
+    pub limiter: limits::Limiter,
     pub metrics: Arc<Metrics>,
     pub shutdown: watch::Sender<bool>,
     pub tasks: Mutex<Vec<JoinHandle<()>>>,

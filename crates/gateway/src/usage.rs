@@ -13,6 +13,7 @@ use storage::{Db, StorageError};
 use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
 
+use crate::admit::Charge;
 use crate::error::ErrorClass;
 
 /// A usage row and the endpoint it is for.
@@ -303,6 +304,8 @@ pub(crate) struct LogGuard {
     pub row: RequestLog,
     /// `request_logs.endpoint`: the path after `/v1/`.
     pub endpoint: &'static str,
+    /// The spend controls' hold on an admitted request, settled with this row.
+    pub charge: Option<Charge>,
     start: Instant,
     finished: bool,
 }
@@ -332,6 +335,7 @@ impl LogGuard {
                 ..empty_row()
             },
             endpoint,
+            charge: None,
             start,
             finished: false,
         }
@@ -383,6 +387,9 @@ impl Drop for LogGuard {
                 .error_class
                 .get_or_insert_with(|| why.as_str().to_owned());
             self.metrics.streams_canceled.fetch_add(1, Relaxed);
+        }
+        if let Some(charge) = self.charge.take() {
+            charge.settle(&self.row);
         }
         let row = std::mem::replace(&mut self.row, empty_row());
         self.queue.push((row, self.endpoint));

@@ -29,35 +29,19 @@ use uuid::Uuid;
 pub use local::LocalBackend;
 pub use remote::RedisBackend;
 
-/// The limits of one scope (an API key or an organization); `None`: no
-/// limit of that kind, `Some(0)`: nothing is admitted.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Limits {
-    pub requests_per_minute: Option<u64>,
-    pub tokens_per_minute: Option<u64>,
-    pub max_concurrent_requests: Option<u64>,
-    pub tokens_per_day: Option<u64>,
-    pub tokens_per_month: Option<u64>,
-    pub budget_per_month_usd: Option<Decimal>,
-}
+pub use domain::limits::Limits;
 
-impl Limits {
-    pub fn is_empty(&self) -> bool {
-        *self == Self::default()
-    }
-
-    /// The script's view: -1 for none, money in micro-USD.
-    fn slots(&self) -> [i64; 6] {
-        let c = |v: Option<u64>| v.map_or(-1, |n| n.min(MAX_COUNT) as i64);
-        [
-            c(self.requests_per_minute),
-            c(self.tokens_per_minute),
-            c(self.max_concurrent_requests),
-            c(self.tokens_per_day),
-            c(self.tokens_per_month),
-            self.budget_per_month_usd.map_or(-1, micro_usd),
-        ]
-    }
+/// The script's view of a scope's limits: -1 for none, money in micro-USD.
+fn slots(l: &Limits) -> [i64; 6] {
+    let c = |v: Option<u64>| v.map_or(-1, |n| n.min(MAX_COUNT) as i64);
+    [
+        c(l.requests_per_minute),
+        c(l.tokens_per_minute),
+        c(l.max_concurrent_requests),
+        c(l.tokens_per_day),
+        c(l.tokens_per_month),
+        l.budget_per_month_usd.map_or(-1, micro_usd),
+    ]
 }
 
 /// Counts above this are treated as this (exact in a Lua number).
@@ -309,7 +293,7 @@ impl Limiter {
             reserve_tokens: req.reserve_tokens.min(MAX_COUNT) as i64,
             reserve_micro_usd: micro_usd(req.budget_reserve),
             lease_ttl: self.inner.cfg.lease_ttl,
-            limits: [req.key_limits.slots(), req.org_limits.slots()],
+            limits: [slots(req.key_limits), slots(req.org_limits)],
         };
         let inner = &self.inner;
         let (outcome, backend): (Outcome, Arc<dyn Backend>) = match &inner.remote {
@@ -451,6 +435,17 @@ impl Lease {
         self.stop_renewing();
         if let Some(p) = self.pending.take() {
             p.run(tokens, cost).await;
+        }
+    }
+
+    /// [`Lease::settle`] on a task of its own, for a caller that cannot wait
+    /// (outside a runtime, the reservation is charged as when dropped).
+    pub fn settle_in_background(mut self, tokens: Option<u64>, cost: Option<Decimal>) {
+        self.stop_renewing();
+        if let Some(p) = self.pending.take() {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(p.run(tokens, cost));
+            }
         }
     }
 

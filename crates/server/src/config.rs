@@ -62,6 +62,9 @@ pub const SETTINGS: &[Setting] = &[
     s("LLMGW_LOG_QUEUE_CAPACITY", "100000", "Usage rows held in memory while the database is slow or down."),
     s("LLMGW_LOG_BATCH_SIZE", "500", "Usage rows written per INSERT."),
     s("LLMGW_LOG_FLUSH_INTERVAL_MS", "200", "Longest wait before a partial batch of usage rows is written, milliseconds."),
+    s("LLMGW_REDIS_URL", "", "Redis holding the spend controls' counters for every replica (redis://host:6379, rediss:// for TLS; several comma-separated URLs: the nodes of a Redis Cluster). Unset: limits are counted in this process (one replica), with a warning at start."),
+    s("LLMGW_LIMITS_FAIL_OPEN", "true", "Redis unreachable or slower than 50 ms: keep serving on this replica's own counters (true), or refuse limited requests with 503 (false)."),
+    s("LLMGW_LIMITS_LEASE_TTL_MS", "30000", "How long a concurrency slot outlives a gateway that stopped renewing it (killed), milliseconds."),
 ];
 
 /// The settings as `--help` shows them: name, default, wrapped description.
@@ -190,6 +193,10 @@ pub struct Config {
     pub gateway_public_url: Option<String>,
     /// `LLMGW_PASSWORD_LOGIN` and the `LLMGW_OIDC_*` settings.
     pub sso: api::SsoConfig,
+    /// `LLMGW_REDIS_URL`, split at commas (several: a Redis Cluster).
+    pub redis_urls: Vec<String>,
+    pub limits_fail_open: bool,
+    pub limits_lease_ttl: Duration,
 }
 
 impl std::fmt::Debug for Config {
@@ -289,6 +296,26 @@ fn positive<T: std::str::FromStr + PartialOrd + Default>(
         });
     }
     Ok(v)
+}
+
+fn redis_urls(env: Env) -> Result<Vec<String>, ConfigError> {
+    let Some(v) = get(env, "LLMGW_REDIS_URL") else {
+        return Ok(Vec::new());
+    };
+    v.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| {
+            if u.starts_with("redis://") || u.starts_with("rediss://") {
+                Ok(u.to_owned())
+            } else {
+                Err(ConfigError {
+                    var: "LLMGW_REDIS_URL",
+                    message: "each URL must start with redis:// or rediss://".into(),
+                })
+            }
+        })
+        .collect()
 }
 
 fn session_ttl(env: Env) -> Result<Duration, ConfigError> {
@@ -462,6 +489,9 @@ impl Config {
             public_url: api_public_url,
             gateway_public_url: public_url(env, "LLMGW_GATEWAY_PUBLIC_URL")?,
             sso,
+            redis_urls: redis_urls(env)?,
+            limits_fail_open: flag(env, "LLMGW_LIMITS_FAIL_OPEN", true)?,
+            limits_lease_ttl: millis(env, "LLMGW_LIMITS_LEASE_TTL_MS", 30_000)?,
         })
     }
 }

@@ -106,6 +106,25 @@ pub async fn serve(cfg: Config, only: Option<Listener>) -> Result<(), String> {
     Ok(())
 }
 
+/// The spend controls' limiter: on Redis when `LLMGW_REDIS_URL` names one
+/// (or a Cluster's nodes), else in process.
+fn limiter(cfg: &Config) -> Result<limits::Limiter, String> {
+    let lcfg = limits::Config {
+        fail_open: cfg.limits_fail_open,
+        lease_ttl: cfg.limits_lease_ttl,
+        ..limits::Config::default()
+    };
+    let limiter = match cfg.redis_urls.as_slice() {
+        [] => {
+            tracing::warn!("LLMGW_REDIS_URL is unset: spend limits are counted in this process only; with several replicas each one admits the whole limit");
+            return Ok(limits::Limiter::local(lcfg));
+        }
+        [one] => limits::Limiter::redis(one, lcfg),
+        nodes => limits::Limiter::redis_cluster(nodes, lcfg),
+    };
+    limiter.map_err(|e| format!("LLMGW_REDIS_URL: {e}"))
+}
+
 async fn run(
     cfg: &Config,
     only: Option<Listener>,
@@ -122,6 +141,7 @@ async fn run(
     let mut servers = Vec::new();
     let mut gateway = None;
     if only != Some(Listener::Api) {
+        let limiter = limiter(cfg)?;
         let gw = gateway::Gateway::start(
             db.clone(),
             gateway::GatewayConfig {
@@ -133,6 +153,7 @@ async fn run(
                 log_flush_interval: cfg.log_flush_interval,
                 models_cache_ttl: Duration::from_secs(60),
                 metrics_on_gateway: cfg.metrics_addr.is_none(),
+                limiter,
                 ..gateway::GatewayConfig::new(upstream.clone())
             },
         )

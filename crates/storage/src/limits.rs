@@ -1,10 +1,8 @@
-//! Spend controls as stored: the `limits` of API keys and organizations, the
-//! model scope (`allowed_models`) of API keys, the prices of a provider's
-//! models and what a request costs under them. Each is parsed once from the
-//! client's JSON into a type that cannot hold a bad value; money is a
-//! decimal, never a float.
-
-use std::str::FromStr;
+//! Spend controls as stored: the `limits` of API keys and organizations
+//! (defined in [`domain::limits`]), the model scope (`allowed_models`) of API
+//! keys, the prices of a provider's models and what a request costs under
+//! them. Each is parsed once from the client's JSON into a type that cannot
+//! hold a bad value; money is a decimal, never a float.
 
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
@@ -12,175 +10,16 @@ use serde_json::Value;
 
 use crate::domain::ValidationError;
 
-pub use rust_decimal::Decimal as Money;
+pub use crate::domain::limits::{
+    parse_usd, Limits, Money, BUDGET_SCALE, COUNT_LIMITS, MAX_COUNT, MAX_USD,
+};
 
-/// Largest count a limit may name (exact in every arithmetic it meets,
-/// a Lua number included).
-pub const MAX_COUNT: u64 = 1_000_000_000_000_000;
-/// Largest money amount (USD) a budget or a price may name.
-pub const MAX_USD: u64 = 1_000_000_000_000;
-/// Most decimal places of a budget (micro-dollars: what the counters hold).
-pub const BUDGET_SCALE: u32 = 6;
 /// Most decimal places of a price per million tokens.
 pub const PRICE_SCALE: u32 = 12;
 /// Most patterns in `allowed_models`, and most prices on a provider.
 pub const MAX_PATTERNS: usize = 100;
 /// Longest pattern, in characters.
 pub const MAX_PATTERN_CHARS: usize = 256;
-
-/// The names of the integer limits, in the order answers list them.
-pub const COUNT_LIMITS: [&str; 5] = [
-    "requests_per_minute",
-    "tokens_per_minute",
-    "max_concurrent_requests",
-    "tokens_per_day",
-    "tokens_per_month",
-];
-
-/// Limits of an API key or an organization; `None`: no limit of that kind.
-/// A count of 0 blocks every request.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Limits {
-    #[serde(default)]
-    pub requests_per_minute: Option<u64>,
-    #[serde(default)]
-    pub tokens_per_minute: Option<u64>,
-    #[serde(default)]
-    pub max_concurrent_requests: Option<u64>,
-    #[serde(default)]
-    pub tokens_per_day: Option<u64>,
-    #[serde(default)]
-    pub tokens_per_month: Option<u64>,
-    /// USD, at most [`BUDGET_SCALE`] decimal places; JSON carries it as a string.
-    #[serde(default, with = "rust_decimal::serde::str_option")]
-    pub budget_per_month_usd: Option<Decimal>,
-}
-
-impl Limits {
-    /// True when no limit is set.
-    pub fn is_empty(&self) -> bool {
-        *self == Self::default()
-    }
-
-    /// The integer limit named `name` (one of [`COUNT_LIMITS`]).
-    pub fn count(&self, name: &str) -> Option<u64> {
-        match name {
-            "requests_per_minute" => self.requests_per_minute,
-            "tokens_per_minute" => self.tokens_per_minute,
-            "max_concurrent_requests" => self.max_concurrent_requests,
-            "tokens_per_day" => self.tokens_per_day,
-            "tokens_per_month" => self.tokens_per_month,
-            _ => None,
-        }
-    }
-
-    fn count_mut(&mut self, name: &str) -> Option<&mut Option<u64>> {
-        Some(match name {
-            "requests_per_minute" => &mut self.requests_per_minute,
-            "tokens_per_minute" => &mut self.tokens_per_minute,
-            "max_concurrent_requests" => &mut self.max_concurrent_requests,
-            "tokens_per_day" => &mut self.tokens_per_day,
-            "tokens_per_month" => &mut self.tokens_per_month,
-            _ => return None,
-        })
-    }
-
-    /// Parses the client's `limits` object (`null`: no limits). Every refusal
-    /// names the field as `limits.<name>`; all are reported.
-    pub fn parse(value: &Value) -> Result<Self, Vec<ValidationError>> {
-        let map = match value {
-            Value::Null => return Ok(Self::default()),
-            Value::Object(m) => m,
-            _ => {
-                return Err(vec![ValidationError::new(
-                    "limits",
-                    "limits must be an object (or null for none)",
-                )])
-            }
-        };
-        let mut out = Self::default();
-        let mut errors = Vec::new();
-        for (k, v) in map {
-            if let Some(slot) = out.count_mut(k) {
-                let field = count_field(k);
-                match v {
-                    Value::Null => {}
-                    Value::Number(n) => match n.as_u64().filter(|n| *n <= MAX_COUNT) {
-                        Some(n) => *slot = Some(n),
-                        None => errors.push(count_error(field)),
-                    },
-                    _ => errors.push(count_error(field)),
-                }
-            } else if k == "budget_per_month_usd" {
-                match v {
-                    Value::Null => {}
-                    _ => match parse_usd("limits.budget_per_month_usd", v, BUDGET_SCALE) {
-                        Ok(d) => out.budget_per_month_usd = Some(d),
-                        Err(e) => errors.push(e),
-                    },
-                }
-            } else {
-                errors.push(ValidationError::new(
-                    "limits",
-                    format!(
-                        "limits has an unknown field; the fields are {}, budget_per_month_usd",
-                        COUNT_LIMITS.join(", ")
-                    ),
-                ));
-            }
-        }
-        if errors.is_empty() {
-            Ok(out)
-        } else {
-            Err(errors)
-        }
-    }
-}
-
-/// `limits.<name>` as a `'static` field name.
-fn count_field(name: &str) -> &'static str {
-    match name {
-        "requests_per_minute" => "limits.requests_per_minute",
-        "tokens_per_minute" => "limits.tokens_per_minute",
-        "max_concurrent_requests" => "limits.max_concurrent_requests",
-        "tokens_per_day" => "limits.tokens_per_day",
-        _ => "limits.tokens_per_month",
-    }
-}
-
-fn count_error(field: &'static str) -> ValidationError {
-    ValidationError::new(
-        field,
-        format!("{field} must be an integer from 0 to {MAX_COUNT} (0 blocks every request), or null for no limit"),
-    )
-}
-
-/// A non-negative USD amount given as a decimal string (`"12.50"`) or a JSON
-/// number; parsed from its text, so no binary floating point is involved.
-pub fn parse_usd(field: &'static str, v: &Value, scale: u32) -> Result<Decimal, ValidationError> {
-    let bad = || {
-        ValidationError::new(
-            field,
-            format!("{field} must be a decimal amount in USD from 0 to {MAX_USD} with at most {scale} decimal places, e.g. \"12.50\""),
-        )
-    };
-    let text = match v {
-        Value::String(s) => s.clone(),
-        Value::Number(n) => n.to_string(),
-        _ => return Err(bad()),
-    };
-    if text.is_empty() || text.len() > 40 || !text.bytes().all(|b| b.is_ascii_digit() || b == b'.')
-    {
-        return Err(bad());
-    }
-    let d = Decimal::from_str(&text).map_err(|_| bad())?;
-    if d.is_sign_negative() || d > Decimal::from(MAX_USD) || d.normalize().scale() > scale {
-        return Err(bad());
-    }
-    // Kept as written ("12.50" stays "12.50") unless it has trailing zeros
-    // past the allowed places.
-    Ok(if d.scale() > scale { d.normalize() } else { d })
-}
 
 /// A model pattern: `*` matches any run of characters, `/` included.
 /// `{customName}/{modelName}` patterns (`mycompany/*`, `*/llama-3-8b`), or a
@@ -452,63 +291,10 @@ impl Prices {
 
 #[cfg(test)]
 mod tests {
+    use std::str::FromStr;
+
     use super::*;
     use serde_json::json;
-
-    #[test]
-    fn limits_parse_and_name_their_fields() {
-        let l = Limits::parse(&json!({"requests_per_minute": 60, "tokens_per_day": null,
-                                      "budget_per_month_usd": "12.50"}))
-        .unwrap();
-        assert_eq!(l.requests_per_minute, Some(60));
-        assert_eq!(l.tokens_per_day, None);
-        assert_eq!(l.budget_per_month_usd, Some(Decimal::new(125, 1)));
-        assert_eq!(
-            Limits::parse(&json!({"max_concurrent_requests": 0}))
-                .unwrap()
-                .max_concurrent_requests,
-            Some(0)
-        );
-        assert!(Limits::parse(&Value::Null).unwrap().is_empty());
-        let fields = |v: Value| -> Vec<&'static str> {
-            Limits::parse(&v)
-                .unwrap_err()
-                .into_iter()
-                .map(|e| e.field)
-                .collect()
-        };
-        assert_eq!(
-            fields(json!({"requests_per_minute": -1})),
-            ["limits.requests_per_minute"]
-        );
-        assert_eq!(
-            fields(json!({"tokens_per_minute": 1.5})),
-            ["limits.tokens_per_minute"]
-        );
-        assert_eq!(
-            fields(json!({"tokens_per_month": "5"})),
-            ["limits.tokens_per_month"]
-        );
-        assert_eq!(
-            fields(json!({"budget_per_month_usd": "-1"})),
-            ["limits.budget_per_month_usd"]
-        );
-        assert_eq!(
-            fields(json!({"budget_per_month_usd": "1e3"})),
-            ["limits.budget_per_month_usd"]
-        );
-        assert_eq!(
-            fields(json!({"budget_per_month_usd": "0.0000001"})),
-            ["limits.budget_per_month_usd"]
-        );
-        assert_eq!(fields(json!({"rpm": 1})), ["limits"]);
-        assert_eq!(fields(json!([1])), ["limits"]);
-        // Stored JSON keeps money as a string.
-        let stored = serde_json::to_value(&l).unwrap();
-        assert_eq!(stored["budget_per_month_usd"], "12.50");
-        assert_eq!(serde_json::from_value::<Limits>(stored).unwrap(), l);
-        assert_eq!(parse_usd("x", &json!(0.1), 6).unwrap(), Decimal::new(1, 1));
-    }
 
     #[test]
     fn patterns_match_across_slashes() {

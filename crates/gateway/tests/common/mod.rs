@@ -46,6 +46,8 @@ pub struct Org {
     pub id: Uuid,
     pub key: String,
     pub key_id: Uuid,
+    /// The owner's user id.
+    pub owner: Uuid,
 }
 
 pub async fn make_org(db: &Db) -> Org {
@@ -63,6 +65,7 @@ pub async fn make_org(db: &Db) -> Org {
         id: org.id,
         key: secret.expose_secret().to_owned(),
         key_id: key.id,
+        owner: user.id,
     }
 }
 
@@ -154,6 +157,11 @@ impl Env {
     }
 
     pub async fn with(opts: Opts) -> Self {
+        Self::with_limiter(opts, None).await
+    }
+
+    /// [`Env::with`], the gateway's spend controls on `limiter` (default: in process).
+    pub async fn with_limiter(opts: Opts, limiter: Option<limits::Limiter>) -> Self {
         let tdb = TestDb::new().await;
         let org = make_org(&tdb.db).await;
         let upstream = MockUpstream::start().await;
@@ -162,6 +170,9 @@ impl Env {
         cfg.max_body_bytes = opts.max_body_bytes;
         cfg.max_response_bytes = opts.max_response_bytes;
         cfg.client_body_timeout = opts.client_body_timeout;
+        if let Some(l) = limiter {
+            cfg.limiter = l;
+        }
         let gw = Gateway::start(tdb.db.clone(), cfg).await;
         let served = serve_with(&gw, opts.client_request_timeout);
         Self {
