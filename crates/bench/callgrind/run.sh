@@ -48,18 +48,25 @@ AUTH="authorization: Bearer $TOKEN"
 ORG=$(j -H "$AUTH" "http://127.0.0.1:$API/api/v1/orgs" -d '{"name":"cg"}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
 j -H "$AUTH" "http://127.0.0.1:$API/api/v1/orgs/$ORG/provider-keys" -d "{\"name\":\"mock\",\"base_url\":\"https://127.0.0.1:$UP\",\"token\":\"sk-callgrind-token-0000\"}" >/dev/null
 KEY=$(j -H "$AUTH" "http://127.0.0.1:$API/api/v1/orgs/$ORG/api-keys" -d '{"name":"cg"}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
+# A key with every kind of limit set, none reached: what spend controls cost.
+LIMITS='{"requests_per_minute":1000000000,"tokens_per_minute":1000000000000,"max_concurrent_requests":1000000,"tokens_per_day":1000000000000,"tokens_per_month":1000000000000,"budget_per_month_usd":"1000000"}'
+LKEY=$(j -H "$AUTH" "http://127.0.0.1:$API/api/v1/orgs/$ORG/api-keys" -d "{\"name\":\"cg-limited\",\"limits\":$LIMITS}" | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
 kill "$APIPID"; wait "$APIPID" 2>/dev/null || true
 
+# REDIS=redis://…: limits counted on Redis (else in process).
+[ -z "${REDIS:-}" ] || export LLMGW_REDIS_URL="$REDIS"
 valgrind --tool=callgrind --callgrind-out-file="$W/cg.%p.out" "$BIN" serve --only gateway 2>"$W/gw.log" & VG=$!; PIDS+=($VG)
 wait_http "http://127.0.0.1:$GW/healthz"
-for mode in json stream; do
-  python3 "$HERE/client.py" "$GW" "$KEY" 50 "$mode"   # warm-up: caches, pools, allocator
+MODES="json stream json-limited stream-limited"
+for mode in $MODES; do
+  k="$KEY"; [ "${mode%-limited}" = "$mode" ] || k="$LKEY"
+  python3 "$HERE/client.py" "$GW" "$k" 50 "${mode%-limited}"   # warm-up: caches, pools, allocator
   callgrind_control -z "$VG" >/dev/null 2>&1
-  python3 "$HERE/client.py" "$GW" "$KEY" "$N" "$mode"
+  python3 "$HERE/client.py" "$GW" "$k" "$N" "${mode%-limited}"
   callgrind_control -d "$mode" "$VG" >/dev/null 2>&1
 done
 sleep 1
-for mode in json stream; do
+for mode in $MODES; do
   f=$(grep -l "^desc: Trigger: dump $mode\$" "$W"/cg.*.out* | head -n1)
   ir=$(awk '/^summary:/ {print $2}' "$f")
   echo "$mode: $((ir / N)) instructions per request ($N requests)"

@@ -49,6 +49,13 @@ struct Args {
     /// Path of the llmgw binary (default: build target/release/llmgw).
     #[arg(long)]
     llmgw: Option<String>,
+    /// Also measure through a key with every kind of limit set (none ever
+    /// reached), interleaved with the unlimited key: what spend controls cost.
+    #[arg(long)]
+    limits: bool,
+    /// `LLMGW_REDIS_URL` for llmgw (limits counted on Redis); unset: in process.
+    #[arg(long)]
+    redis: Option<String>,
 }
 
 struct Gateway {
@@ -154,11 +161,16 @@ async fn start_llmgw(
     bin: &str,
     log_level: &str,
     http2: bool,
+    redis: Option<&str>,
     t: &TestDb,
     up: &MockUpstream,
 ) -> Gateway {
     let (gw, api) = (free_port(), free_port());
-    let mut child = Command::new(bin)
+    let mut cmd = Command::new(bin);
+    if let Some(url) = redis {
+        cmd.env("LLMGW_REDIS_URL", url);
+    }
+    let mut child = cmd
         .arg("serve")
         .env("DATABASE_URL", t.url())
         .env("LLMGW_ENCRYPTION_KEYS", &t.keys)
@@ -213,8 +225,16 @@ async fn post(c: &reqwest::Client, url: &str, auth: Option<&str>, body: Value) -
     v
 }
 
-/// Sets up org → provider → key via the settings API; returns the key.
-async fn provision(g: &Gateway, up: &MockUpstream) -> String {
+/// Limits of every kind, none of which the benchmark reaches.
+fn unreached_limits() -> Value {
+    json!({"requests_per_minute": 1_000_000_000u64, "tokens_per_minute": 1_000_000_000_000u64,
+           "max_concurrent_requests": 1_000_000, "tokens_per_day": 1_000_000_000_000u64,
+           "tokens_per_month": 1_000_000_000_000u64, "budget_per_month_usd": "1000000"})
+}
+
+/// Sets up org → provider → key via the settings API; returns the key, and
+/// with `limited` a second key with [`unreached_limits`].
+async fn provision(g: &Gateway, up: &MockUpstream, limited: bool) -> (String, Option<String>) {
     let c = reqwest::Client::new();
     let s = post(
         &c,
@@ -239,14 +259,17 @@ async fn provision(g: &Gateway, up: &MockUpstream) -> String {
         json!({"name": "bench", "base_url": up.base_url, "token": "sk-bench-upstream"}),
     )
     .await;
-    let k = post(
-        &c,
-        &format!("{}/orgs/{org}/api-keys", g.api),
-        Some(&tok),
-        json!({"name": "bench"}),
-    )
-    .await;
-    k["key"].as_str().unwrap().to_owned()
+    let key = |body: Value| {
+        let (c, url, tok) = (&c, format!("{}/orgs/{org}/api-keys", g.api), &tok);
+        async move { post(c, &url, Some(tok), body).await["key"].as_str().unwrap().to_owned() }
+    };
+    let plain = key(json!({"name": "bench"})).await;
+    let limited = if limited {
+        Some(key(json!({"name": "bench-limited", "limits": unreached_limits()})).await)
+    } else {
+        None
+    };
+    (plain, limited)
 }
 
 #[derive(Clone)]
@@ -489,8 +512,16 @@ async fn run(args: Args) {
 
     let up = MockUpstream::start().await;
     let t = TestDb::new().await;
-    let g = start_llmgw(&bin, &args.log_level, args.upstream_http2, &t, &up).await;
-    let key = provision(&g, &up).await;
+    let g = start_llmgw(
+        &bin,
+        &args.log_level,
+        args.upstream_http2,
+        args.redis.as_deref(),
+        &t,
+        &up,
+    )
+    .await;
+    let (key, limited_key) = provision(&g, &up, args.limits).await;
     let pid = g.child.id();
 
     let ca = reqwest::Certificate::from_pem(up.ca.ca_pem.as_bytes()).unwrap();
@@ -521,6 +552,18 @@ async fn run(args: Args) {
         key: Some(key.clone()),
         model: "bench/m".into(),
     };
+    let mut vias = vec![via.clone()];
+    if let Some(k) = limited_key {
+        vias.push(Target {
+            name: if args.redis.is_some() {
+                "llmgw+limits(redis)"
+            } else {
+                "llmgw+limits"
+            },
+            key: Some(k),
+            ..via.clone()
+        });
+    }
 
     println!(
         "llmgw benchmark — {} cores, {}s per scenario, mock upstream over HTTPS on 127.0.0.1",
@@ -533,48 +576,47 @@ async fn run(args: Args) {
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for stream in [false, true] {
         for &c in &concurrencies {
-            let (mut d, mut v) = (Sample::default(), Sample::default());
-            let mut cpu = 0.0;
+            let mut d = Sample::default();
+            let mut v: Vec<Sample> = vias.iter().map(|_| Sample::default()).collect();
+            let mut cpu = vec![0.0; vias.len()];
             let slice = dur / rounds;
             for _ in 0..rounds {
                 d.merge(load(&direct, c, stream, slice).await);
-                let (cpu0, _, _) = proc_stats(pid);
-                v.merge(load(&via, c, stream, slice).await);
-                cpu += proc_stats(pid).0 - cpu0;
+                for (i, via) in vias.iter().enumerate() {
+                    let (cpu0, _, _) = proc_stats(pid);
+                    v[i].merge(load(via, c, stream, slice).await);
+                    cpu[i] += proc_stats(pid).0 - cpu0;
+                }
             }
             let (_, rss, _) = proc_stats(pid);
             let mode = if stream { "stream" } else { "json" };
-            let (d50, d99, v50, v99) = (
+            let (d50, d99, dt) = (
                 pct(&mut d.total_us, 0.5),
                 pct(&mut d.total_us, 0.99),
-                pct(&mut v.total_us, 0.5),
-                pct(&mut v.total_us, 0.99),
+                pct(&mut d.ttfb_us, 0.5),
             );
-            let (dt, vt) = (pct(&mut d.ttfb_us, 0.5), pct(&mut v.ttfb_us, 0.5));
-            for (s, name, p50, p99, ttfb) in [
-                (&d, direct.name, d50, d99, dt),
-                (&v, via.name, v50, v99, vt),
-            ] {
-                let rps = s.total_us.len() as f64 / s.elapsed.as_secs_f64();
-                let is_gw = name == "llmgw";
-                let cpu = if is_gw {
-                    format!("{:.3}", cpu / s.total_us.len().max(1) as f64)
-                } else {
-                    "-".into()
-                };
-                let added = |x: f64, y: f64| {
-                    if is_gw {
-                        format!("{:.3}", x - y)
-                    } else {
-                        "-".into()
-                    }
-                };
+            let rps = |s: &Sample| s.total_us.len() as f64 / s.elapsed.as_secs_f64();
+            println!(
+                "| {mode} | {c} | {} | {:.0} | {d50:.3} | {d99:.3} | - | - | {dt:.3} | - | - | - | {} |",
+                direct.name,
+                rps(&d),
+                d.errors
+            );
+            for (i, s) in v.iter_mut().enumerate() {
+                let (p50, p99, ttfb) = (
+                    pct(&mut s.total_us, 0.5),
+                    pct(&mut s.total_us, 0.99),
+                    pct(&mut s.ttfb_us, 0.5),
+                );
                 println!(
-                    "| {mode} | {c} | {name} | {rps:.0} | {p50:.3} | {p99:.3} | {} | {} | {ttfb:.3} | {} | {cpu} | {} | {} |",
-                    added(v50, d50),
-                    added(v99, d99),
-                    added(vt, dt),
-                    if is_gw { format!("{:.1}", rss as f64 / 1024.0) } else { "-".into() },
+                    "| {mode} | {c} | {} | {:.0} | {p50:.3} | {p99:.3} | {:.3} | {:.3} | {ttfb:.3} | {:.3} | {:.3} | {:.1} | {} |",
+                    vias[i].name,
+                    rps(s),
+                    p50 - d50,
+                    p99 - d99,
+                    ttfb - dt,
+                    cpu[i] / s.total_us.len().max(1) as f64,
+                    rss as f64 / 1024.0,
                     s.errors
                 );
             }
