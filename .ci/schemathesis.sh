@@ -118,14 +118,14 @@ read -r ORG API_KEY PROVIDER <"$WORK/ids"
 psql "${ADMIN_URL%/*}/$DB" -q -v ON_ERROR_STOP=1 <<SQL
 INSERT INTO request_logs (id, request_id, org_id, api_key_id, provider_key_id, provider_name,
     requested_model, upstream_model, status_code, streamed, canceled, prompt_tokens,
-    completion_tokens, total_tokens, latency_ms, ttfb_ms, error_class, created_at)
+    completion_tokens, total_tokens, latency_ms, ttfb_ms, error_class, created_at, cost_usd)
 VALUES
   (gen_random_uuid(), 'st-1', '$ORG', '$API_KEY', '$PROVIDER', 'kept', 'kept/llama', 'llama',
-   200, false, false, 12, 30, 42, 250, 40, NULL, now() - interval '1 hour'),
+   200, false, false, 12, 30, 42, 250, 40, NULL, now() - interval '1 hour', 0.0000720),
   (gen_random_uuid(), 'st-2', '$ORG', '$API_KEY', '$PROVIDER', 'kept', 'kept/llama', 'llama',
-   200, true, true, NULL, NULL, NULL, 900, 35, NULL, now() - interval '2 days'),
+   200, true, true, NULL, NULL, NULL, 900, 35, NULL, now() - interval '2 days', NULL),
   (gen_random_uuid(), 'st-3', '$ORG', '$API_KEY', NULL, NULL, 'nowhere/x', NULL,
-   404, false, false, NULL, NULL, NULL, 1, NULL, 'model_not_found', now() - interval '3 days');
+   404, false, false, NULL, NULL, NULL, 1, NULL, 'model_not_found', now() - interval '3 days', NULL);
 SQL
 
 # One worker: hypothesis's lambda-source parsing is not thread-safe on Python 3.11.

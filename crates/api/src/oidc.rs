@@ -4,9 +4,10 @@
 //! `GET /api/v1/auth/oidc/callback` checks what comes back and finishes with a
 //! small same-origin page that sets the session cookie. The browser's session
 //! cookie is SameSite=Strict, so it is not sent on the issuer's cross-site
-//! redirect back: `state`, `nonce` and the PKCE verifier are kept here, keyed
-//! by `state`, in a bounded in-memory map (one API replica; a second replica
-//! would need a shared table, since the callback may reach another process).
+//! redirect back: `state`, `nonce` and the PKCE verifier are kept
+//! server-side, keyed by the digest of `state`, in PostgreSQL
+//! (`storage::sso`), since the callback may reach another API replica than
+//! the start did.
 //! The same page (not a bare redirect) is needed because a Strict cookie set
 //! on the end of a cross-site redirect chain would not be sent with a
 //! redirect to `/`; a new same-origin navigation sends it.
@@ -35,7 +36,8 @@ use secrecy::{ExposeSecret, SecretString};
 use storage::accounts::User;
 use storage::domain::Email;
 use storage::identities::Identity;
-use storage::secrets::SessionToken;
+use storage::secrets::{sha256, SessionToken};
+use storage::sso::SsoPending;
 use uuid::Uuid;
 
 use crate::error::{error_chain, ApiError};
@@ -45,9 +47,9 @@ use crate::State;
 
 /// How long a started sign-in may take at the issuer.
 const PENDING_TTL: Duration = Duration::from_secs(10 * 60);
-/// Sign-ins in progress at once: an anonymous flood of `start` is refused
-/// past this, never grows memory.
-const PENDING_MAX: usize = 10_000;
+/// Sign-ins in progress at once, over all replicas: an anonymous flood of
+/// `start` is refused past this (503 `busy`), never grows the table.
+const PENDING_MAX: u32 = 10_000;
 /// How long the password form for linking an account stays valid.
 const LINK_TTL: Duration = Duration::from_secs(10 * 60);
 const LINK_MAX: usize = 1_000;
@@ -166,11 +168,6 @@ impl<T> Bounded<T> {
         Ok(())
     }
 
-    fn take(&mut self, key: &str) -> Option<T> {
-        let (at, v) = self.entries.remove(key)?;
-        (at.elapsed() < self.ttl).then_some(v)
-    }
-
     /// Puts an entry back with its original age.
     fn restore(&mut self, key: String, at: Instant, value: T) {
         self.entries.insert(key, (at, value));
@@ -180,13 +177,6 @@ impl<T> Bounded<T> {
         let (at, v) = self.entries.remove(key)?;
         (at.elapsed() < self.ttl).then_some((at, v))
     }
-}
-
-struct Pending {
-    nonce: Nonce,
-    verifier: PkceCodeVerifier,
-    /// The [`BROWSER_COOKIE`] of the browser that started the sign-in.
-    browser: String,
 }
 
 /// Binds a sign-in to the browser that started it, so a callback URL
@@ -251,7 +241,6 @@ pub(crate) struct Oidc {
     /// the SSRF-guarded one providers get; redirects are not followed.
     http: reqwest::Client,
     metadata: tokio::sync::Mutex<Option<(Instant, CoreProviderMetadata)>>,
-    pending: Mutex<Bounded<Pending>>,
     links: Mutex<Bounded<PendingLink>>,
 }
 
@@ -298,7 +287,6 @@ impl Oidc {
             redirect,
             http,
             metadata: tokio::sync::Mutex::new(None),
-            pending: Mutex::new(Bounded::new(PENDING_TTL, PENDING_MAX)),
             links: Mutex::new(Bounded::new(LINK_TTL, LINK_MAX)),
         })
     }
@@ -346,10 +334,6 @@ impl Oidc {
                 .map(|s| ClientSecret::new(s.expose_secret().to_owned())),
         )
         .set_redirect_uri(self.redirect.clone())
-    }
-
-    fn lock_pending(&self) -> std::sync::MutexGuard<'_, Bounded<Pending>> {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn lock_links(&self) -> std::sync::MutexGuard<'_, Bounded<PendingLink>> {
@@ -539,14 +523,18 @@ pub async fn start(state: web::Data<State>, req: HttpRequest) -> Result<HttpResp
             || SessionToken::generate().expose_secret().to_owned(),
             str::to_owned,
         );
-    oidc.lock_pending().insert(
-        csrf.secret().clone(),
-        Pending {
-            nonce,
-            verifier,
-            browser: browser.clone(),
-        },
-    )?;
+    let pending = SsoPending {
+        nonce: nonce.secret().clone(),
+        pkce_verifier: verifier.secret().clone(),
+        browser_digest: sha256(&browser),
+    };
+    if !state
+        .db
+        .insert_sso_pending(&sha256(csrf.secret()), &pending, PENDING_TTL, PENDING_MAX)
+        .await?
+    {
+        return Err(ApiError::Busy);
+    }
     Ok(HttpResponse::Found()
         .insert_header((header::LOCATION, url.as_str()))
         .insert_header((header::CACHE_CONTROL, "no-store"))
@@ -569,8 +557,16 @@ pub async fn callback(state: web::Data<State>, req: HttpRequest) -> Result<HttpR
 async fn finish(state: &State, req: &HttpRequest) -> Result<Page, Page> {
     let oidc = state.sso.oidc()?;
     let query = query_pairs(req.query_string());
+    let db_err = |e: storage::StorageError| Page::from(ApiError::from(e));
     // Whatever the issuer said, a state is used once.
-    let pending = query.get("state").and_then(|s| oidc.lock_pending().take(s));
+    let pending = match query.get("state") {
+        Some(s) => state
+            .db
+            .take_sso_pending(&sha256(s))
+            .await
+            .map_err(db_err)?,
+        None => None,
+    };
     if let Some(err) = query.get("error") {
         // Anyone can craft this URL: what is shown of it stays short.
         let short = |v: &str| v.chars().take(200).collect::<String>();
@@ -592,7 +588,7 @@ async fn finish(state: &State, req: &HttpRequest) -> Result<Page, Page> {
             "This sign-in is unknown, was already used or has expired. Start again.",
         ));
     };
-    if crate::browser::cookie(req, BROWSER_COOKIE) != Some(pending.browser.as_str()) {
+    if crate::browser::cookie(req, BROWSER_COOKIE).map(sha256) != Some(pending.browser_digest) {
         return Err(Page::error(
             StatusCode::BAD_REQUEST,
             "Sign-in started elsewhere",
@@ -619,7 +615,7 @@ async fn finish(state: &State, req: &HttpRequest) -> Result<Page, Page> {
     let tokens = client
         .exchange_code(AuthorizationCode::new(code.clone()))
         .map_err(|_| refused("The identity provider has no token endpoint."))?
-        .set_pkce_verifier(pending.verifier)
+        .set_pkce_verifier(PkceCodeVerifier::new(pending.pkce_verifier))
         .request_async(&oidc.http)
         .await
         .map_err(|e| {
@@ -629,13 +625,14 @@ async fn finish(state: &State, req: &HttpRequest) -> Result<Page, Page> {
     let id_token = tokens
         .id_token()
         .ok_or_else(|| refused("The identity provider sent no ID token."))?;
-    let claims = match id_token.claims(&client.id_token_verifier(), &pending.nonce) {
+    let nonce = Nonce::new(pending.nonce);
+    let claims = match id_token.claims(&client.id_token_verifier(), &nonce) {
         Ok(c) => c.clone(),
         // The issuer may have rotated its keys since they were fetched.
         Err(ClaimsVerificationError::SignatureVerification(_)) => {
             let client = oidc.client(oidc.metadata(true).await?);
             let verified = id_token
-                .claims(&client.id_token_verifier(), &pending.nonce)
+                .claims(&client.id_token_verifier(), &nonce)
                 .cloned();
             verified.map_err(|e| {
                 tracing::warn!(error = %e, "OIDC ID token refused");
@@ -654,7 +651,6 @@ async fn finish(state: &State, req: &HttpRequest) -> Result<Page, Page> {
         subject: claims.subject().as_str(),
         email: email.as_deref(),
     };
-    let db_err = |e: storage::StorageError| Page::from(ApiError::from(e));
     if let Some(user) = state.db.user_by_identity(&identity).await.map_err(db_err)? {
         let session = crate::handlers::auth::start_session(state, user).await?;
         return Ok(Page::signed_in(state, &session));
@@ -874,12 +870,12 @@ mod tests {
         m.insert("a".into(), 1).unwrap();
         m.insert("b".into(), 2).unwrap();
         assert!(matches!(m.insert("c".into(), 3), Err(ApiError::Busy)));
-        assert_eq!(m.take("a"), Some(1));
-        assert_eq!(m.take("a"), None, "a state is used once");
+        assert_eq!(m.take_with_age("a").map(|(_, v)| v), Some(1));
+        assert!(m.take_with_age("a").is_none(), "a link is used once");
         let mut m = Bounded::new(Duration::ZERO, 1);
         m.insert("a".into(), 1).unwrap();
         m.insert("b".into(), 2).unwrap();
-        assert_eq!(m.take("b"), None, "expired");
+        assert!(m.take_with_age("b").is_none(), "expired");
     }
 
     #[test]

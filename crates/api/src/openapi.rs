@@ -213,6 +213,16 @@ fn schemas() -> Value {
         json!({"type": "string", "pattern": format!("^[0-9]+(\\.[0-9]{{1,{scale}}})?$"),
                "description": format!("{what}: a decimal string in USD, 0 to {MAX_USD}, at most {scale} decimal places (a JSON number is read from its text)")})
     };
+    // Costs as priced when each row was written: exact, at whatever scale.
+    let cost = |what: &str| {
+        json!({"type": "string", "pattern": "^[0-9]+(\\.[0-9]+)?$",
+               "description": format!("{what}: a decimal string in USD")})
+    };
+    let mut row_cost = cost(
+        "the request's cost under its provider's prices when it was logged \
+        (null: no price applied, or no token counts were known)",
+    );
+    row_cost["nullable"] = json!(true);
     let mut limit_props = Map::new();
     for name in COUNT_LIMITS {
         limit_props.insert(
@@ -500,7 +510,7 @@ fn schemas() -> Value {
             "RequestLog",
             json!({
                 "type": "object",
-                "required": ["id", "request_id", "org_id", "status_code", "streamed", "canceled", "latency_ms", "created_at"],
+                "required": ["id", "request_id", "org_id", "status_code", "streamed", "canceled", "latency_ms", "created_at", "cost_usd"],
                 "properties": {
                     "id": uuid, "request_id": {"type": "string"}, "org_id": uuid,
                     "api_key_id": {"type": "string", "format": "uuid", "nullable": true},
@@ -509,7 +519,7 @@ fn schemas() -> Value {
                     "status_code": {"type": "integer"}, "streamed": {"type": "boolean"}, "canceled": {"type": "boolean"},
                     "prompt_tokens": int_or_null, "completion_tokens": int_or_null, "total_tokens": int_or_null,
                     "latency_ms": {"type": "integer"}, "ttfb_ms": {"type": "integer", "nullable": true},
-                    "error_class": str_or_null, "created_at": time,
+                    "error_class": str_or_null, "created_at": time, "cost_usd": row_cost,
                 },
             }),
         ),
@@ -525,8 +535,7 @@ fn schemas() -> Value {
                     "requests_without_usage": {"type": "integer", "minimum": 0,
                         "description": "answered requests (status below 400) for which no token counts were known, e.g. streams whose upstream sent no usage; the token sums do not include them"},
                     "p50_latency_ms": {"type": "number", "nullable": true}, "p95_latency_ms": {"type": "number", "nullable": true},
-                    "cost_usd": {"type": "string", "pattern": "^[0-9]+(\\.[0-9]+)?$",
-                                 "description": "sum of the rows' cost in USD, a decimal string (rows without a price add nothing)"},
+                    "cost_usd": cost("sum of the rows' cost (rows without a price add nothing)"),
                 },
             }),
         ),

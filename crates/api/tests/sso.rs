@@ -13,7 +13,7 @@ use api::{Api, ApiConfig, OidcConfig, SsoConfig};
 use reqwest::header::{COOKIE, LOCATION, SET_COOKIE};
 use reqwest::{StatusCode, Url};
 use serde_json::{json, Value};
-use testkit::{skip_unless_ci, spawn_http_on, TestCa, TestDb};
+use testkit::{skip_unless_ci, spawn_http, spawn_http_on, TestCa, TestDb};
 use tokio::io::AsyncBufReadExt;
 use upstream::{UpstreamClient, UpstreamConfig};
 
@@ -111,17 +111,71 @@ async fn start_provider(ca: &TestCa, redirect_uri: &str) -> Provider {
 /// llmgw's API with single sign-on, and the provider it trusts.
 struct App {
     base: String,
-    _db: TestDb,
+    db: TestDb,
     /// For the assertions about rows.
     pool: sqlx::PgPool,
     ca: TestCa,
-    _provider: Provider,
+    provider: Provider,
+    settings: Settings,
     _handle: actix_web::dev::ServerHandle,
 }
 
+/// Another API process on the same database.
+struct Replica {
+    base: String,
+    _handle: actix_web::dev::ServerHandle,
+}
+
+#[derive(Clone, Copy)]
 struct Settings {
     auto_create: bool,
     password_login: bool,
+}
+
+/// An API instance with its own process state, for the `public_url` the
+/// issuer redirects to.
+fn api_instance(db: &TestDb, public_url: &str, issuer: &str, ca: &TestCa, s: Settings) -> Api {
+    let upstream = UpstreamClient::new(&UpstreamConfig {
+        allow_private: false,
+        allow_http: false,
+        ca_file: None,
+        connect_timeout: Duration::from_secs(2),
+        http2: false,
+        timeout: Duration::from_secs(5),
+    })
+    .expect("upstream client");
+    Api::with_sso(
+        db.db.clone(),
+        ApiConfig {
+            allow_signup: true,
+            session_ttl: Duration::from_secs(3600),
+            session_idle: Duration::from_secs(3600),
+            body_timeout: Duration::from_secs(10),
+            max_body_bytes: 64 * 1024,
+            allow_private: false,
+            upstream,
+            trusted_proxies: api::TrustedProxies::default(),
+            browser: api::BrowserConfig {
+                public_url: Some(public_url.to_owned()),
+                gateway_public_url: None,
+                password_login: s.password_login,
+                sso: true,
+            },
+        },
+        SsoConfig {
+            password_login: s.password_login,
+            oidc: Some(OidcConfig {
+                issuer: issuer.to_owned(),
+                client_id: "llmgw".into(),
+                client_secret: Some("llmgw-test-secret".to_owned().into()),
+                public_url: public_url.to_owned(),
+                auto_create: s.auto_create,
+                ca_file: Some(ca.ca_file.clone()),
+                timeout: Duration::from_secs(10),
+            }),
+        },
+    )
+    .expect("sso settings")
 }
 
 impl App {
@@ -140,56 +194,34 @@ impl App {
         let pool = sqlx::PgPool::connect_with(db.options.clone())
             .await
             .expect("connect to the test database");
-        let upstream = UpstreamClient::new(&UpstreamConfig {
-            allow_private: false,
-            allow_http: false,
-            ca_file: None,
-            connect_timeout: Duration::from_secs(2),
-            http2: false,
-            timeout: Duration::from_secs(5),
-        })
-        .expect("upstream client");
-        let api = Api::with_sso(
-            db.db.clone(),
-            ApiConfig {
-                allow_signup: true,
-                session_ttl: Duration::from_secs(3600),
-                session_idle: Duration::from_secs(3600),
-                body_timeout: Duration::from_secs(10),
-                max_body_bytes: 64 * 1024,
-                allow_private: false,
-                upstream,
-                trusted_proxies: api::TrustedProxies::default(),
-                browser: api::BrowserConfig {
-                    public_url: Some(base.clone()),
-                    gateway_public_url: None,
-                    password_login: s.password_login,
-                    sso: true,
-                },
-            },
-            SsoConfig {
-                password_login: s.password_login,
-                oidc: Some(OidcConfig {
-                    issuer: provider.issuer.clone(),
-                    client_id: "llmgw".into(),
-                    client_secret: Some("llmgw-test-secret".to_owned().into()),
-                    public_url: base.clone(),
-                    auto_create: s.auto_create,
-                    ca_file: Some(ca.ca_file.clone()),
-                    timeout: Duration::from_secs(10),
-                }),
-            },
-        )
-        .expect("sso settings");
+        let api = api_instance(&db, &base, &provider.issuer, &ca, s);
         let (_, handle) = spawn_http_on(listener, move |c| api.configure(c));
         Some(Self {
             base,
-            _db: db,
+            db,
             pool,
             ca,
-            _provider: provider,
+            provider,
+            settings: s,
             _handle: handle,
         })
+    }
+
+    /// A second API replica on the same database, behind the same public
+    /// URL (as behind a load balancer), reached directly at its own address.
+    fn replica(&self) -> Replica {
+        let api = api_instance(
+            &self.db,
+            &self.base,
+            &self.provider.issuer,
+            &self.ca,
+            self.settings,
+        );
+        let (base, handle) = spawn_http(move |c| api.configure(c));
+        Replica {
+            base,
+            _handle: handle,
+        }
     }
 
     fn browser(&self) -> Browser {
@@ -382,6 +414,17 @@ impl Browser {
 
     async fn callback(&mut self, url: &Url) -> Page {
         let res = self.get(url).await;
+        self.page(res).await
+    }
+
+    /// Opens `url` as the browser would, but the load balancer in front
+    /// passes it to the replica at `replica`: the cookies are `url`'s site's.
+    async fn callback_via(&mut self, url: &Url, replica: &str) -> Page {
+        let mut to = Url::parse(replica).expect("replica url");
+        to.set_path(url.path());
+        to.set_query(url.query());
+        let req = self.http.get(to);
+        let res = self.send(req, url).await;
         self.page(res).await
     }
 
@@ -677,4 +720,100 @@ async fn sso_only_servers_refuse_passwords_and_unknown_emails() {
     assert_eq!(page.status, 403, "{}", page.html);
     assert!(page.html.contains("No account"), "{}", page.html);
     assert_eq!(app.count("SELECT count(*) FROM users").await, 0);
+}
+
+#[tokio::test]
+async fn a_sign_in_started_on_one_replica_finishes_on_another() {
+    let Some(app) = App::start(default_settings()).await else {
+        return;
+    };
+    let replica = app.replica();
+    let mut b = app.browser();
+    let auth = b.start("verified:replica@example.com").await;
+    // Kept in the database under the digest of its state, not the state.
+    let kept: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM sso_pending WHERE state_digest = sha256(convert_to($1, 'UTF8'))",
+    )
+    .bind(param(&auth, "state"))
+    .fetch_one(&app.pool)
+    .await
+    .expect("count");
+    assert_eq!(kept, 1);
+    let back = b.at_issuer(auth).await;
+    let page = b.callback_via(&back, &replica.base).await;
+    assert_eq!(page.status, 200, "{}", page.html);
+    let me = app.me(&page.session().expect("token")).await;
+    assert_eq!(me["email"], "replica@example.com");
+    assert_eq!(app.count("SELECT count(*) FROM sso_pending").await, 0);
+
+    // Replayed, on either replica: refused before any code exchange.
+    for base in [&replica.base, &app.base] {
+        let replay = b.callback_via(&back, base).await;
+        assert_eq!(replay.status, 400, "{}", replay.html);
+        assert!(replay.html.contains("already used"), "{}", replay.html);
+        assert!(replay.set_cookie.is_none());
+    }
+    assert_eq!(app.count("SELECT count(*) FROM sessions").await, 1);
+    assert_eq!(app.count("SELECT count(*) FROM users").await, 1);
+}
+
+#[tokio::test]
+async fn an_expired_sign_in_is_refused_and_removed() {
+    let Some(app) = App::start(default_settings()).await else {
+        return;
+    };
+    let mut b = app.browser();
+    let auth = b.start("verified:late@example.com").await;
+    let back = b.at_issuer(auth).await;
+    // Ten minutes and more at the issuer.
+    sqlx::query(
+        "UPDATE sso_pending SET created_at = now() - interval '11 minutes',
+                                expires_at = now() - interval '1 minute'",
+    )
+    .execute(&app.pool)
+    .await
+    .expect("age the sign-in");
+    let page = b.callback(&back).await;
+    assert_eq!(page.status, 400, "{}", page.html);
+    assert!(page.html.contains("has expired"), "{}", page.html);
+    assert!(page.set_cookie.is_none());
+    assert_eq!(app.count("SELECT count(*) FROM sso_pending").await, 0);
+    assert_eq!(app.count("SELECT count(*) FROM sessions").await, 0);
+    assert_eq!(app.count("SELECT count(*) FROM users").await, 0);
+}
+
+#[tokio::test]
+async fn starts_are_refused_while_the_pending_table_is_full_and_expired_rows_make_room() {
+    let Some(app) = App::start(default_settings()).await else {
+        return;
+    };
+    // As many waiting sign-ins as the server keeps (10 000), from a flood.
+    sqlx::query(
+        "INSERT INTO sso_pending (state_digest, nonce, pkce_verifier, browser_digest, expires_at)
+         SELECT sha256(convert_to('flood-' || i, 'UTF8')), 'n', repeat('v', 43),
+                sha256(convert_to('b', 'UTF8')), now() + interval '10 minutes'
+         FROM generate_series(1, 10000) AS i",
+    )
+    .execute(&app.pool)
+    .await
+    .expect("fill");
+    let start = Url::parse(&format!("{}/api/v1/auth/oidc/start", app.base)).expect("url");
+    let mut b = app.browser();
+    let res = b.get(&start).await;
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: Value = res.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "busy", "{body}");
+    assert_eq!(app.count("SELECT count(*) FROM sso_pending").await, 10_000);
+
+    // Once they expire, the next start prunes them and goes through.
+    sqlx::query(
+        "UPDATE sso_pending SET created_at = now() - interval '11 minutes',
+                                expires_at = now() - interval '1 minute'",
+    )
+    .execute(&app.pool)
+    .await
+    .expect("expire");
+    let page = b.sign_in("verified:patient@example.com").await;
+    assert_eq!(page.status, 200, "{}", page.html);
+    assert_eq!(app.count("SELECT count(*) FROM sso_pending").await, 0);
 }

@@ -16,6 +16,7 @@ pub mod logs;
 pub mod orgs;
 pub mod providers;
 pub mod responses;
+pub mod sso;
 
 pub use ::domain;
 pub use ::domain::{crypto, page, secrets};

@@ -35,6 +35,17 @@ pub struct RequestLog {
     pub created_at: DateTime<Utc>,
 }
 
+/// A usage row as the logs API reads it back: what the gateway wrote, and
+/// what it cost as priced at insert (`None`: no price or no token counts).
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, PartialEq)]
+pub struct LoggedRequest {
+    #[serde(flatten)]
+    #[sqlx(flatten)]
+    pub row: RequestLog,
+    /// A decimal string in JSON, like the usage sums.
+    pub cost_usd: Option<Decimal>,
+}
+
 /// Filters for listing usage rows.
 #[derive(Debug, Default, Clone)]
 pub struct LogFilter {
@@ -198,10 +209,15 @@ impl Db {
         filter: &LogFilter,
         after: Option<&Cursor>,
         limit: u32,
-    ) -> Result<Page<RequestLog>> {
+    ) -> Result<Page<LoggedRequest>> {
         let limit = limit.clamp(1, 500);
-        let rows = sqlx::query_as::<_, RequestLog>(
-            "SELECT * FROM request_logs
+        // trim_scale as in the usage sums: a bucket of one row reads like the row.
+        let rows = sqlx::query_as::<_, LoggedRequest>(
+            "SELECT id, request_id, org_id, api_key_id, provider_key_id, provider_name,
+                requested_model, upstream_model, status_code, streamed, canceled, prompt_tokens,
+                completion_tokens, total_tokens, latency_ms, ttfb_ms, error_class, created_at,
+                trim_scale(cost_usd) AS cost_usd
+             FROM request_logs
              WHERE org_id = $1
                AND ($2::uuid IS NULL OR api_key_id = $2)
                AND ($3::text IS NULL OR provider_name = $3)
@@ -223,8 +239,8 @@ impl Db {
         .fetch_all(&self.pool)
         .await?;
         Ok(Page::from_rows(rows, limit, |r| Cursor {
-            at: r.created_at,
-            id: r.id,
+            at: r.row.created_at,
+            id: r.row.id,
         }))
     }
 

@@ -1089,3 +1089,89 @@ async fn removal_racing_key_creation_leaves_no_key_of_a_non_member() {
     assert!(created > 0, "no creation ever won the race");
     let _ = refused;
 }
+
+#[tokio::test]
+async fn sso_pending_sign_ins_are_capped_taken_once_and_pruned_when_expired() {
+    use std::time::Duration as StdDuration;
+    use storage::secrets::sha256;
+    use storage::sso::SsoPending;
+
+    let t = TestDb::new().await;
+    let ttl = StdDuration::from_secs(600);
+    let pending = |n: &str| SsoPending {
+        nonce: format!("nonce-{n}"),
+        pkce_verifier: format!("{n}-{}", "v".repeat(43)),
+        browser_digest: sha256(&format!("browser-{n}")),
+    };
+    let count = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM sso_pending")
+            .fetch_one(t.db.pool())
+            .await
+            .unwrap()
+    };
+    let expire_all = || async {
+        sqlx::query("UPDATE sso_pending SET expires_at = now() - interval '1 second', created_at = now() - interval '1 hour'")
+            .execute(t.db.pool())
+            .await
+            .unwrap();
+    };
+    for n in ["a", "b"] {
+        assert!(t
+            .db
+            .insert_sso_pending(&sha256(n), &pending(n), ttl, 2)
+            .await
+            .unwrap());
+    }
+    // A flood of starts stops at the cap and writes nothing more.
+    for n in ["c", "d", "e"] {
+        assert!(!t
+            .db
+            .insert_sso_pending(&sha256(n), &pending(n), ttl, 2)
+            .await
+            .unwrap());
+    }
+    assert_eq!(count().await, 2);
+    assert_eq!(t.db.take_sso_pending(&sha256("c")).await.unwrap(), None);
+
+    // Taken once, with what was kept; a taken one makes room.
+    assert_eq!(
+        t.db.take_sso_pending(&sha256("a")).await.unwrap(),
+        Some(pending("a"))
+    );
+    assert_eq!(t.db.take_sso_pending(&sha256("a")).await.unwrap(), None);
+    assert!(t
+        .db
+        .insert_sso_pending(&sha256("c"), &pending("c"), ttl, 2)
+        .await
+        .unwrap());
+
+    // Expired ones are refused, and deleted on the way.
+    expire_all().await;
+    assert_eq!(t.db.take_sso_pending(&sha256("b")).await.unwrap(), None);
+    assert_eq!(count().await, 1);
+    // And the next start prunes the rest, so they no longer count.
+    assert!(t
+        .db
+        .insert_sso_pending(&sha256("d"), &pending("d"), ttl, 1)
+        .await
+        .unwrap());
+    assert_eq!(count().await, 1);
+    assert_eq!(
+        t.db.take_sso_pending(&sha256("d")).await.unwrap(),
+        Some(pending("d"))
+    );
+
+    // Concurrent starts, as from many replicas, never pass the cap.
+    let results = futures_util::future::join_all((0..20).map(|i| {
+        let db = t.db.clone();
+        async move {
+            let n = format!("race-{i}");
+            db.insert_sso_pending(&sha256(&n), &pending(&n), ttl, 5)
+                .await
+                .unwrap()
+        }
+    }))
+    .await;
+    assert_eq!(results.iter().filter(|w| **w).count(), 5);
+    assert_eq!(count().await, 5);
+}

@@ -500,3 +500,146 @@ async fn usage_filters_by_model_provider_key_and_endpoint_and_groups_by_endpoint
         r.expect(422);
     }
 }
+
+#[tokio::test]
+async fn logs_show_each_rows_cost_and_usage_sums_them() {
+    use rust_decimal::Decimal;
+
+    let app = TestApp::spawn().await;
+    let fx = OrgFixture::create(&app, "rowcost").await;
+    app.patch(
+        &format!("/api/v1/orgs/{}/provider-keys/{}", fx.id, fx.provider_id),
+        &fx.admin,
+        json!({"prices": [
+            {"model": "*", "input_per_million_usd": "1.5", "output_per_million_usd": "3"},
+            {"model": "llama", "input_per_million_usd": "0.10", "output_per_million_usd": "0.20"},
+        ]}),
+    )
+    .await
+    .expect(200);
+    let org: Uuid = fx.id.parse().unwrap();
+    let key: Uuid = fx.api_key_id.parse().unwrap();
+    let provider = Some(fx.provider_id.parse::<Uuid>().unwrap());
+    let at = Utc.with_ymd_and_hms(2025, 5, 1, 12, 0, 0).unwrap();
+    let priced = |model: &str, prompt: i64, completion: i64, minute: i64| RequestLog {
+        provider_key_id: provider,
+        prompt_tokens: Some(prompt),
+        completion_tokens: Some(completion),
+        total_tokens: Some(prompt + completion),
+        ..row(
+            org,
+            key,
+            "mycompany",
+            model,
+            200,
+            10,
+            at + Duration::minutes(minute),
+        )
+    };
+    let rows = vec![
+        // 5 * 1.5 + 2 * 3 per million: 0.0000135.
+        priced("qwen", 5, 2, 0),
+        // 1000 * 0.10 + 3000 * 0.20 per million: 0.0007.
+        priced("llama", 1000, 3000, 1),
+        // 1_234_567 * 1.5 + 7 * 3 per million: 1.8518715.
+        priced("mistral", 1_234_567, 7, 2),
+        // No token counts: no cost.
+        RequestLog {
+            prompt_tokens: None,
+            completion_tokens: None,
+            total_tokens: None,
+            ..priced("llama", 0, 0, 3)
+        },
+        // No provider, so no price.
+        row(
+            org,
+            key,
+            "mycompany",
+            "llama",
+            200,
+            10,
+            at + Duration::minutes(4),
+        ),
+    ];
+    app.db.db.insert_request_logs(&rows).await.unwrap();
+
+    let logs = app
+        .get(&format!("/api/v1/orgs/{}/logs", fx.id), &fx.member)
+        .await;
+    logs.expect(200);
+    let data = logs.body["data"].as_array().unwrap();
+    assert_eq!(data.len(), rows.len());
+    let mut listed = Decimal::ZERO;
+    for r in data {
+        let stored: Option<String> =
+            sqlx::query_scalar("SELECT cost_usd::text FROM request_logs WHERE request_id = $1")
+                .bind(r["request_id"].as_str().unwrap())
+                .fetch_one(app.db.db.pool())
+                .await
+                .unwrap();
+        match stored {
+            None => assert_eq!(r["cost_usd"], Value::Null, "{r}"),
+            Some(stored) => {
+                // A decimal string, never a JSON number, with the stored value.
+                let shown = r["cost_usd"].as_str().unwrap_or_else(|| panic!("{r}"));
+                assert_eq!(shown, stored, "{r}");
+                let shown: Decimal = shown.parse().unwrap();
+                assert_eq!(shown, stored.parse::<Decimal>().unwrap());
+                listed += shown;
+            }
+        }
+    }
+    let by_model: Vec<(&str, &Value)> = data
+        .iter()
+        .map(|r| (r["upstream_model"].as_str().unwrap(), &r["cost_usd"]))
+        .collect();
+    assert_eq!(
+        by_model,
+        [
+            ("llama", &Value::Null),
+            ("llama", &Value::Null),
+            ("mistral", &json!("1.8518715")),
+            ("llama", &json!("0.0007")),
+            ("qwen", &json!("0.0000135")),
+        ],
+        "newest first"
+    );
+
+    let usage = app
+        .get(
+            &format!(
+                "/api/v1/orgs/{}/usage?from=2025-05-01T00:00:00Z&to=2025-05-02T00:00:00Z",
+                fx.id
+            ),
+            &fx.member,
+        )
+        .await;
+    usage.expect(200);
+    let days = usage.body["data"].as_array().unwrap();
+    assert_eq!(days.len(), 1, "{days:?}");
+    assert_eq!(days[0]["cost_usd"], "1.852585");
+    let summed: Decimal = days[0]["cost_usd"].as_str().unwrap().parse().unwrap();
+    assert_eq!(summed, listed);
+
+    // The document states the field as the answers carry it.
+    let doc = app
+        .call(reqwest::Method::GET, "/api/openapi.json", None, None)
+        .await;
+    let schema = &doc.body["components"]["schemas"]["RequestLog"];
+    assert!(
+        schema["required"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("cost_usd")),
+        "{schema}"
+    );
+    let cost = &schema["properties"]["cost_usd"];
+    assert_eq!(
+        (&cost["type"], &cost["nullable"]),
+        (&json!("string"), &json!(true))
+    );
+    let pattern = regex::Regex::new(cost["pattern"].as_str().unwrap()).unwrap();
+    for r in data.iter().filter_map(|r| r["cost_usd"].as_str()) {
+        assert!(pattern.is_match(r), "{r}");
+    }
+}

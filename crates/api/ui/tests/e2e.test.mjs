@@ -293,6 +293,8 @@ test('a new admin adds a provider in the UI, then calls the gateway with a key m
   assert.match(await page.locator('figure.chart-box', { hasText: 'Cost per day' }).locator('table.sr td').innerText(), /^\$0\.00001350*$/);
   const logRow = page.locator('section', { has: page.locator('#logs-h') }).locator('tbody tr').first();
   assert.match(await logRow.innerText(), /mycompany\/llama[\s\S]*mycompany[\s\S]*backend[\s\S]*200[\s\S]*7/);
+  // The row's own cost, as priced when the gateway logged it.
+  assert.match(await logRow.locator('td[data-label="Cost"]').innerText(), /^\$0\.0000135$/);
   assert.match(await page.locator('section', { has: page.locator('#audit-h') }).innerText(), /provider_key|api_key/);
   await shoot(page, 'usage');
   await axeCheck(page, 'usage');
