@@ -18,7 +18,6 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use reqwest::header::HeaderValue;
 use storage::domain::{BaseUrl, ProviderStatus};
 use storage::limits::{model_allowed, Limits, ModelPattern, Prices};
 use storage::providers::ProviderWithToken;
@@ -26,7 +25,7 @@ use storage::Db;
 use tokio::sync::{OnceCell, Semaphore};
 use uuid::Uuid;
 
-use crate::endpoint::Endpoint;
+use crate::balance::{HealthTable, Upstream};
 use crate::error::GatewayError;
 use crate::metrics::Metrics;
 
@@ -254,12 +253,8 @@ pub(crate) struct ProviderEntry {
     pub id: Uuid,
     pub name: String,
     pub active: bool,
-    pub base_url: BaseUrl,
-    pub chat_url: reqwest::Url,
-    /// `Bearer {token}`, marked sensitive (redacted in `Debug`).
-    pub auth: HeaderValue,
-    /// Set when the connect-time SSRF policy refuses this base URL.
-    pub refused: Option<upstream::UpstreamFailure>,
+    /// Its endpoints; the first is the provider's own `base_url`/`token`.
+    pub upstreams: Vec<Upstream>,
     /// What its models cost (for the money budget).
     pub prices: Prices,
     loaded: Instant,
@@ -271,48 +266,94 @@ impl std::fmt::Debug for ProviderEntry {
             .field("id", &self.id)
             .field("name", &self.name)
             .field("active", &self.active)
-            .field("base_url", &self.base_url.as_str())
-            .field("auth", &"[REDACTED]")
+            .field(
+                "upstreams",
+                &self
+                    .upstreams
+                    .iter()
+                    .map(|u| u.base_url.as_str())
+                    .collect::<Vec<_>>(),
+            )
             .finish_non_exhaustive()
     }
 }
 
 impl ProviderEntry {
-    /// Values only this provider's upstream may see (its token), to redact
-    /// from anything relayed back.
-    /// Where an endpoint's requests go (`None` if the base URL cannot take the path).
-    pub fn url(&self, endpoint: Endpoint) -> Option<reqwest::Url> {
-        match endpoint {
-            Endpoint::ChatCompletions => Some(self.chat_url.clone()),
-            e => reqwest::Url::parse(&self.base_url.endpoint(e.path())).ok(),
+    /// The provider's own endpoint (its top-level `base_url` and `token`).
+    pub fn primary(&self) -> &Upstream {
+        &self.upstreams[0]
+    }
+
+    /// Values only this provider's upstreams may see (their tokens), to
+    /// redact from anything relayed back.
+    pub fn secrets(&self) -> impl Iterator<Item = &[u8]> {
+        self.upstreams
+            .iter()
+            .filter_map(|u| u.auth.as_bytes().strip_prefix(b"Bearer "))
+    }
+
+    /// The SSRF policy's refusal when it refuses every endpoint.
+    pub fn refused(&self) -> Option<upstream::UpstreamFailure> {
+        if self.upstreams.iter().all(|u| u.refused.is_some()) {
+            self.primary().refused
+        } else {
+            None
         }
     }
 
-    pub fn secrets(&self) -> impl Iterator<Item = &[u8]> {
-        self.auth.as_bytes().strip_prefix(b"Bearer ").into_iter()
-    }
-
     /// Prepares a provider for calls; `None` when its stored URL or token cannot be used.
-    pub fn prepare(p: ProviderWithToken, client: &upstream::UpstreamClient) -> Option<Self> {
-        let base_url = p.provider.base_url;
-        let chat_url = reqwest::Url::parse(&base_url.endpoint("chat/completions")).ok()?;
-        let auth = upstream::bearer(p.token.expose_secret())?;
-        let refused = client.check(&base_url).err().map(|e| {
-            tracing::info!(provider = %p.provider.name.as_str(), error = %e, "provider refused by the SSRF policy");
-            upstream::UpstreamFailure::from(&e)
-        });
+    pub fn prepare(
+        p: ProviderWithToken,
+        client: &upstream::UpstreamClient,
+        health: &HealthTable,
+    ) -> Option<Self> {
+        let name = p.provider.name.as_str().to_owned();
+        let own = upstream_of(
+            p.provider.id,
+            p.provider.base_url,
+            p.token.expose_secret(),
+            1,
+            client,
+            health,
+            &name,
+        )?;
         Some(Self {
             id: p.provider.id,
-            name: p.provider.name.as_str().to_owned(),
+            name,
             active: p.provider.status == ProviderStatus::Active,
-            base_url,
-            chat_url,
-            auth,
-            refused,
+            upstreams: vec![own],
             prices: p.provider.prices,
             loaded: Instant::now(),
         })
     }
+}
+
+/// One endpoint ready for calls: URL parsed, token as a header, the SSRF
+/// policy's verdict, its health.
+fn upstream_of(
+    id: Uuid,
+    base_url: BaseUrl,
+    token: &str,
+    weight: u32,
+    client: &upstream::UpstreamClient,
+    health: &HealthTable,
+    provider: &str,
+) -> Option<Upstream> {
+    let chat_url = reqwest::Url::parse(&base_url.endpoint("chat/completions")).ok()?;
+    let auth = upstream::bearer(token)?;
+    let refused = client.check(&base_url).err().map(|e| {
+        tracing::info!(provider, error = %e, "endpoint refused by the SSRF policy");
+        upstream::UpstreamFailure::from(&e)
+    });
+    Some(Upstream {
+        id,
+        base_url,
+        chat_url,
+        auth,
+        weight: weight.clamp(1, 1000),
+        refused,
+        health: health.of(id),
+    })
 }
 
 #[derive(Clone)]
@@ -337,16 +378,19 @@ pub(crate) struct ProviderCache {
     epoch: AtomicU64,
     limiter: Semaphore,
     ttl: Duration,
+    /// Endpoint health, which outlives each entry.
+    health: Arc<HealthTable>,
 }
 
 impl ProviderCache {
-    pub fn new(ttl: Duration) -> Self {
+    pub fn new(ttl: Duration, health: Arc<HealthTable>) -> Self {
         Self {
             shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
             flights: Flights::new(),
             epoch: AtomicU64::new(0),
             limiter: Semaphore::new(MISS_LOOKUPS),
             ttl,
+            health,
         }
     }
 
@@ -420,7 +464,7 @@ impl ProviderCache {
         };
         let slot = match found {
             None => Slot::Missing(Instant::now(), false),
-            Some(p) => match ProviderEntry::prepare(p, client) {
+            Some(p) => match ProviderEntry::prepare(p, client, &self.health) {
                 Some(e) => Slot::Found(Arc::new(e)),
                 None => {
                     tracing::error!(provider = name, %org, "provider has an unusable base URL or token");

@@ -18,6 +18,7 @@
 //! and is answered like a JSON request, its text answers (`response_format`
 //! `text`, `srt`, `vtt`) relayed as sent without a class.
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use actix_web::http::header as ax;
@@ -27,7 +28,9 @@ use bytes::Bytes;
 use reqwest::header as rq;
 use upstream::{FailureClass, UpstreamFailure};
 
+use crate::balance::{pick, Outstanding, Upstream};
 use crate::cache::ProviderEntry;
+use crate::retry::{backoff, retryable_failure, retryable_status, unhealthy_status, MAX_ATTEMPTS};
 use crate::collect::{read_capped, UpstreamBody};
 use crate::endpoint::Endpoint;
 use crate::error::{ErrorClass, ErrorNote, GatewayError};
@@ -59,14 +62,14 @@ pub(crate) enum Answer {
 fn request(
     gw: &State,
     url: reqwest::Url,
-    provider: &ProviderEntry,
+    upstream: &Upstream,
     request_id: &str,
 ) -> reqwest::RequestBuilder {
     let rb = gw
         .client
         .http()
         .post(url)
-        .header(rq::AUTHORIZATION, provider.auth.clone());
+        .header(rq::AUTHORIZATION, upstream.auth.clone());
     match rq::HeaderValue::from_str(request_id) {
         Ok(id) => rb.header(UPSTREAM_REQUEST_ID.clone(), id),
         Err(_) => rb,
@@ -91,41 +94,54 @@ pub(crate) async fn forward(
     let timeout = gw.client.timeout();
     let request_id = log.row.request_id.clone();
     let fail = |e: reqwest::Error| classify(&e, &provider.name, timeout, &request_id);
-    let url = provider
-        .url(route.endpoint)
-        .ok_or_else(|| GatewayError::ProviderMisconfigured(provider.name.clone()))?;
-    let send = |body: Bytes| {
-        let rb = request(gw, url.clone(), provider, &request_id)
-            .header(
-                rq::CONTENT_TYPE,
-                rq::HeaderValue::from_static("application/json"),
-            )
-            .header(
-                rq::ACCEPT,
-                rq::HeaderValue::from_static(if stream {
-                    "text/event-stream"
-                } else if bytes_out {
-                    "*/*"
-                } else {
-                    "application/json"
-                }),
-            )
-            .body(body);
+    let send = |up: &Upstream, body: Bytes| {
+        let url = up.url(route.endpoint);
+        let rb = url.map(|url| {
+            request(gw, url, up, &request_id)
+                .header(
+                    rq::CONTENT_TYPE,
+                    rq::HeaderValue::from_static("application/json"),
+                )
+                .header(
+                    rq::ACCEPT,
+                    rq::HeaderValue::from_static(if stream {
+                        "text/event-stream"
+                    } else if bytes_out {
+                        "*/*"
+                    } else {
+                        "application/json"
+                    }),
+                )
+                .body(body)
+        });
         async move {
+            let Some(rb) = rb else {
+                return Err(Sent::Refused(GatewayError::ProviderMisconfigured(
+                    provider.name.clone(),
+                )));
+            };
             if streamed {
                 // Streams: the timeout bounds the wait for the head, then each silence.
                 match tokio::time::timeout(timeout, rb.send()).await {
-                    Ok(r) => r.map_err(fail),
-                    Err(_) => Err(timed_out(&provider.name, timeout)),
+                    Ok(r) => r.map_err(Sent::Failed),
+                    Err(_) => Err(Sent::Refused(timed_out(&provider.name, timeout))),
                 }
             } else {
-                rb.timeout(timeout).send().await.map_err(fail)
+                rb.timeout(timeout).send().await.map_err(Sent::Failed)
             }
         }
     };
-    // Non-streamed answers: the timeout bounds the whole exchange, body included.
+    // Non-streamed answers: the timeout bounds the whole exchange, body included;
+    // retries stay within it too.
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut upstream = send(route.body.clone()).await?;
+    let (mut upstream, up) = attempts(gw, provider, deadline, log, |up| {
+        send(up, route.body.clone())
+    })
+    .await
+    .map_err(|e| match e {
+        Sent::Failed(e) => fail(e),
+        Sent::Refused(e) => e,
+    })?;
     if ask_usage && upstream.status() == reqwest::StatusCode::BAD_REQUEST {
         log.set_ttfb();
         let headers = upstream.headers().clone();
@@ -152,7 +168,12 @@ pub(crate) async fn forward(
             .without_usage
             .as_ref()
             .ok_or_else(|| GatewayError::ProviderMisconfigured(provider.name.clone()))?;
-        upstream = send(splice.apply(raw, false)).await?;
+        upstream = send(up, splice.apply(raw, false))
+            .await
+            .map_err(|e| match e {
+                Sent::Failed(e) => fail(e),
+                Sent::Refused(e) => e,
+            })?;
     }
     let expect = Expect {
         stream,
@@ -161,6 +182,141 @@ pub(crate) async fn forward(
         text_ok: false,
     };
     settle(gw, provider, log, upstream, expect, deadline, &fail).await
+}
+
+/// Why an attempt got no answer: a failed call (perhaps worth another
+/// try), or a refusal that ends the request.
+enum Sent {
+    Failed(reqwest::Error),
+    Refused(GatewayError),
+}
+
+/// Sends with `send` to an endpoint of `provider` chosen by the balancer,
+/// again on another while the failure is one [`crate::retry`] retries and
+/// the deadline, the attempt cap and the retry budget allow. Returns the
+/// answer's head and the endpoint that gave it; the endpoint counts the
+/// request as outstanding until the row is finished.
+async fn attempts<'p, F, Fut>(
+    gw: &State,
+    provider: &'p ProviderEntry,
+    deadline: tokio::time::Instant,
+    log: &mut LogGuard,
+    send: F,
+) -> Result<(reqwest::Response, &'p Upstream), Sent>
+where
+    F: Fn(&'p Upstream) -> Fut,
+    Fut: std::future::Future<Output = Result<reqwest::Response, Sent>>,
+{
+    gw.retries.deposit();
+    let ups = &provider.upstreams;
+    // Endpoints the SSRF policy refuses are never tried (`route` refused the
+    // provider when that is all of them).
+    let mut tried: Vec<usize> = (0..ups.len()).filter(|&i| ups[i].refused.is_some()).collect();
+    let mut attempt = 0u32;
+    let mut reused = false;
+    loop {
+        let (picked, probes) = pick(&gw.health, ups, &tried);
+        for p in probes {
+            probe_later(gw, p);
+        }
+        let i = match picked {
+            Some(i) => i,
+            None => match tried.last() {
+                // Only a lost connection is tried again on the same endpoint, once.
+                Some(&last) if attempt > 0 && !reused && ups.len() == 1 => {
+                    reused = true;
+                    last
+                }
+                _ => return Err(all_refused(provider)),
+            },
+        };
+        let up = &ups[i];
+        attempt += 1;
+        tried.push(i);
+        let hold = Outstanding::new(&up.health);
+        let result = send(up).await;
+        let again = |gw: &State| {
+            attempt < MAX_ATTEMPTS
+                && tokio::time::Instant::now() + backoff(attempt) < deadline
+                && gw.retries.withdraw()
+        };
+        match result {
+            Ok(resp) => {
+                let status = resp.status().as_u16();
+                if unhealthy_status(status) {
+                    gw.health.failed(&up.health);
+                } else {
+                    gw.health.succeeded(&up.health);
+                }
+                if retryable_status(status, resp.headers()) && more(ups, &tried) && again(gw) {
+                    tracing::info!(request_id = %log.row.request_id, provider = %provider.name, status, attempt, "retrying on another endpoint");
+                    drop(resp);
+                    gw.metrics.retries.fetch_add(1, Relaxed);
+                    tokio::time::sleep(backoff(attempt)).await;
+                    continue;
+                }
+                log.outstanding = Some(hold);
+                log.attempts = attempt;
+                log.endpoint_id = Some(up.id);
+                return Ok((resp, up));
+            }
+            Err(Sent::Failed(e)) => {
+                let retryable = retryable_failure(&e);
+                if retryable || e.is_timeout() {
+                    gw.health.failed(&up.health);
+                }
+                let lost = upstream::UpstreamFailure::of(&e).class == FailureClass::ConnectionBroke;
+                let more = more(ups, &tried) || (lost && !reused && ups.len() == 1);
+                if retryable && more && again(gw) {
+                    tracing::info!(request_id = %log.row.request_id, provider = %provider.name, error = %upstream::error_chain(&e), attempt, "retrying on another endpoint");
+                    gw.metrics.retries.fetch_add(1, Relaxed);
+                    tokio::time::sleep(backoff(attempt)).await;
+                    continue;
+                }
+                log.attempts = attempt;
+                log.endpoint_id = Some(up.id);
+                return Err(Sent::Failed(e));
+            }
+            Err(refused) => {
+                log.attempts = attempt;
+                log.endpoint_id = Some(up.id);
+                return Err(refused);
+            }
+        }
+    }
+}
+
+/// Whether an endpoint not yet tried remains.
+fn more(ups: &[Upstream], tried: &[usize]) -> bool {
+    (0..ups.len()).any(|i| !tried.contains(&i))
+}
+
+/// No endpoint left to try: the SSRF policy refused the rest.
+fn all_refused(provider: &ProviderEntry) -> Sent {
+    Sent::Refused(GatewayError::UpstreamForbidden {
+        provider: provider.name.clone(),
+        failure: provider
+            .primary()
+            .refused
+            .unwrap_or_else(|| FailureClass::AddressNotAllowed.into()),
+    })
+}
+
+/// Probes an endpoint whose cooldown passed (`GET /v1/models`), off the
+/// request path; its verdict decides whether it takes traffic again.
+fn probe_later(gw: &State, up: &Upstream) {
+    let (client, health, table) = (gw.client.clone(), up.health.clone(), gw.health.clone());
+    let (base_url, auth) = (up.base_url.clone(), up.auth.clone());
+    tokio::spawn(async move {
+        let probe = upstream::models::ModelsProbe {
+            client: &client,
+            base_url: &base_url,
+            auth: &auth,
+        };
+        let ok = probe.list().await.is_ok_and(|a| a.is_success());
+        tracing::info!(base_url = %base_url.as_str(), healthy = ok, "endpoint probed");
+        table.probed(&health, ok);
+    });
 }
 
 /// What a request may be answered with.
@@ -250,10 +406,26 @@ pub(crate) async fn forward_upload(
     let timeout = gw.client.timeout();
     let request_id = log.row.request_id.clone();
     let fail = |e: reqwest::Error| classify(&e, &provider.name, timeout, &request_id);
-    let url = provider
+    // One attempt: the balancer's choice among the endpoints the policy allows.
+    let refused: Vec<usize> = (0..provider.upstreams.len())
+        .filter(|&i| provider.upstreams[i].refused.is_some())
+        .collect();
+    let up = match pick(&gw.health, &provider.upstreams, &refused).0 {
+        Some(i) => &provider.upstreams[i],
+        None => {
+            return Err(match all_refused(provider) {
+                Sent::Refused(e) => e,
+                Sent::Failed(e) => fail(e),
+            })
+        }
+    };
+    log.outstanding = Some(Outstanding::new(&up.health));
+    log.attempts = 1;
+    log.endpoint_id = Some(up.id);
+    let url = up
         .url(endpoint)
         .ok_or_else(|| GatewayError::ProviderMisconfigured(provider.name.clone()))?;
-    let mut rb = request(gw, url, provider, &request_id)
+    let mut rb = request(gw, url, up, &request_id)
         .header(rq::CONTENT_TYPE, content_type)
         .header(rq::ACCEPT, rq::HeaderValue::from_static("*/*"));
     if let Some(n) = length {

@@ -4,6 +4,7 @@
 
 mod admit;
 mod authenticate;
+mod balance;
 /// Chat request parsing, model split and body rewrite (public for the fuzz targets).
 pub mod body;
 mod cache;
@@ -19,6 +20,7 @@ mod observe;
 mod pipeline;
 mod relay;
 mod responses;
+mod retry;
 mod route;
 mod state;
 mod upload;
@@ -32,6 +34,7 @@ use actix_web::{web, HttpRequest};
 use storage::Db;
 use tokio::sync::watch;
 
+pub use balance::HealthConfig;
 pub use error::{ErrorClass, GatewayError};
 
 use cache::{KeyCache, ProviderCache};
@@ -69,6 +72,8 @@ pub struct GatewayConfig {
     /// Spend controls: `LLMGW_REDIS_URL` shares them between replicas;
     /// in process by default.
     pub limiter: limits::Limiter,
+    /// How endpoints are ejected and brought back.
+    pub health: HealthConfig,
 }
 
 impl GatewayConfig {
@@ -85,6 +90,7 @@ impl GatewayConfig {
             client_body_timeout: Duration::from_secs(30),
             metrics_on_gateway: true,
             limiter: limits::Limiter::local(limits::Config::default()),
+            health: HealthConfig::default(),
         }
     }
 }
@@ -113,6 +119,7 @@ impl Gateway {
     pub async fn start(db: Db, cfg: GatewayConfig) -> Self {
         let metrics = Arc::new(Metrics::default());
         let (usage, rx) = UsageQueue::new(cfg.log_queue_capacity, metrics.clone());
+        let health = Arc::new(balance::HealthTable::new(cfg.health));
         let (shutdown, shutdown_rx) = watch::channel(false);
         let inner = Arc::new(State {
             db: db.clone(),
@@ -122,7 +129,9 @@ impl Gateway {
             body_timeout: cfg.client_body_timeout,
             metrics_on_gateway: cfg.metrics_on_gateway,
             keys: KeyCache::new(cfg.cache_ttl),
-            providers: ProviderCache::new(cfg.cache_ttl),
+            providers: ProviderCache::new(cfg.cache_ttl, health.clone()),
+            health,
+            retries: retry::RetryBudget::default(),
             models: models::ModelsCache::new(cfg.models_cache_ttl),
             responses: responses::ResponseRoutes::new(),
             usage: usage.clone(),

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use limits::RefusalKind;
 
+use crate::balance::HealthTable;
 use crate::error::UpstreamErrorKind;
 
 /// Upper bounds of the latency buckets, in microseconds.
@@ -90,6 +91,7 @@ pub(crate) struct Metrics {
     pub streams_canceled: AtomicU64,
     /// Refusals by spend controls, by [`RefusalKind`] (in `LIMITED_KINDS` order).
     limited: [AtomicU64; LIMITED_KINDS.len()],
+    pub retries: AtomicU64,
 }
 
 /// Every refusal kind, in the order `/metrics` lists them.
@@ -119,6 +121,7 @@ impl Default for Metrics {
             rows_failed: AtomicU64::new(0),
             streams_canceled: AtomicU64::new(0),
             limited: Default::default(),
+            retries: AtomicU64::new(0),
         }
     }
 }
@@ -151,6 +154,7 @@ impl Metrics {
         queue_depth: usize,
         queue_capacity: usize,
         limiter: &limits::Limiter,
+        health: &HealthTable,
     ) -> String {
         let mut out = String::with_capacity(4096);
         let counter = |out: &mut String, name: &str, help: &str, v: u64| {
@@ -263,6 +267,30 @@ impl Metrics {
                 c.load(Relaxed)
             );
         }
+        let (states, ejections) = health.counts();
+        let _ = writeln!(
+            out,
+            "# HELP llmgw_gateway_endpoints Provider endpoints this replica has called, by health.\n# TYPE llmgw_gateway_endpoints gauge"
+        );
+        for (state, n) in states {
+            let _ = writeln!(
+                out,
+                "llmgw_gateway_endpoints{{health=\"{}\"}} {n}",
+                state.as_str()
+            );
+        }
+        counter(
+            &mut out,
+            "llmgw_gateway_endpoint_ejections_total",
+            "Endpoints taken out of rotation after failures in a row.",
+            ejections,
+        );
+        counter(
+            &mut out,
+            "llmgw_gateway_upstream_retries_total",
+            "Upstream calls made again after a retryable failure (another endpoint, or a fallback model).",
+            self.retries.load(Relaxed),
+        );
         {
             let l = limiter;
             let stats = l.stats();

@@ -30,6 +30,7 @@ use upstream::body::UpstreamBody;
 use upstream::models::{ModelList, ModelsProbe, ProbeError, MAX_MODELS_BYTES, PROBE_TIMEOUT};
 
 use crate::authenticate::authenticate;
+use crate::balance::Upstream;
 use crate::cache::{KeyEntry, ProviderEntry};
 use crate::error::{ErrorClass, ErrorNote, GatewayError};
 use crate::forward::{classify, redact, relay_headers};
@@ -136,7 +137,7 @@ pub(crate) async fn list_models(
     .map_err(|()| GatewayError::Unavailable)?;
     let fetches = providers
         .into_iter()
-        .filter_map(|p| ProviderEntry::prepare(p, &gw.client))
+        .filter_map(|p| ProviderEntry::prepare(p, &gw.client, &gw.health))
         .map(|p| fetch(&gw.client, p));
     let lists = futures_util::future::join_all(fetches).await;
     let complete = lists.iter().all(Option::is_some);
@@ -191,21 +192,22 @@ fn renamed(name: &str, mut m: Map<String, Value>) -> Option<Value> {
     Some(Value::Object(m))
 }
 
-fn probe<'a>(p: &'a ProviderEntry, client: &'a upstream::UpstreamClient) -> ModelsProbe<'a> {
+/// The models call to an endpoint (the provider's own for its lists).
+pub(crate) fn probe<'a>(u: &'a Upstream, client: &'a upstream::UpstreamClient) -> ModelsProbe<'a> {
     ModelsProbe {
         client,
-        base_url: &p.base_url,
-        auth: &p.auth,
+        base_url: &u.base_url,
+        auth: &u.auth,
     }
 }
 
 /// One provider's models, renamed `{name}/{id}`; `None` (logged) when it fails.
 async fn fetch(client: &upstream::UpstreamClient, p: ProviderEntry) -> Option<Vec<Value>> {
-    if let Some(failure) = &p.refused {
+    if let Some(failure) = &p.refused() {
         tracing::warn!(provider = %p.name, class = %failure.class, "skipping provider in /v1/models");
         return None;
     }
-    let answer = match probe(&p, client).list().await {
+    let answer = match probe(p.primary(), client).list().await {
         Ok(a) => a,
         Err(ProbeError::Send(e)) => {
             skipped(&p, &e);
@@ -289,7 +291,7 @@ async fn retrieve(
         model: model.to_owned(),
         provider: p.name.clone(),
     };
-    let probe = probe(p, &gw.client);
+    let probe = probe(p.primary(), &gw.client);
     let fail = |e: ProbeError| match e {
         ProbeError::BadModel => not_found(),
         ProbeError::BadUrl => GatewayError::ProviderMisconfigured(p.name.clone()),

@@ -121,6 +121,11 @@ pub(crate) async fn metrics_text(gw: web::Data<State>) -> HttpResponse {
         ))
         .body(
             gw.metrics
-                .render(gw.usage.depth(), gw.usage.capacity(), &gw.limiter),
+                .render(
+                gw.usage.depth(),
+                gw.usage.capacity(),
+                &gw.limiter,
+                &gw.health,
+            ),
         )
 }

@@ -376,6 +376,7 @@ async fn send(
     let timeout = gw.client.timeout();
     let request_id = log.row.request_id.clone();
     let mut url = provider
+        .primary()
         .base_url
         .endpoint(&format!("responses/{id}{}", action.suffix()));
     let query = req.query_string();
@@ -389,7 +390,7 @@ async fn send(
         .client
         .http()
         .request(action.method(), url)
-        .header(rq::AUTHORIZATION, provider.auth.clone())
+        .header(rq::AUTHORIZATION, provider.primary().auth.clone())
         .header(
             rq::ACCEPT,
             rq::HeaderValue::from_static("application/json, text/event-stream"),

@@ -125,7 +125,7 @@ pub(crate) fn usable(provider: &ProviderEntry) -> Result<(), GatewayError> {
     if !provider.active {
         return Err(GatewayError::ProviderInactive(provider.name.clone()));
     }
-    if let Some(failure) = provider.refused {
+    if let Some(failure) = provider.refused() {
         return Err(GatewayError::UpstreamForbidden {
             provider: provider.name.clone(),
             failure,

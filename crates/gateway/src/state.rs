@@ -30,6 +30,10 @@ pub(crate) struct State {
     /// Which provider created each Responses API object this replica has seen.
     pub responses: ResponseRoutes,
     pub usage: Arc<UsageQueue>,
+    /// What this process has seen of each endpoint's health.
+    pub health: Arc<crate::balance::HealthTable>,
+    /// Retries earned by requests (about one in ten).
+    pub retries: crate::retry::RetryBudget,
     /// Spend controls (on Redis, or in process).
     pub limiter: limits::Limiter,
     pub metrics: Arc<Metrics>,

@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
 
 use crate::admit::Charge;
+use crate::balance::Outstanding;
 use crate::error::ErrorClass;
 
 /// A usage row and the endpoint it is for.
@@ -306,6 +307,11 @@ pub(crate) struct LogGuard {
     pub endpoint: &'static str,
     /// The spend controls' hold on an admitted request, settled with this row.
     pub charge: Option<Charge>,
+    /// The endpoint that answered counts this request as outstanding until the row is finished.
+    pub outstanding: Option<Outstanding>,
+    /// Upstream calls made (retries and fallbacks included), and the endpoint of the last.
+    pub attempts: u32,
+    pub endpoint_id: Option<Uuid>,
     start: Instant,
     finished: bool,
 }
@@ -336,6 +342,9 @@ impl LogGuard {
             },
             endpoint,
             charge: None,
+            outstanding: None,
+            attempts: 0,
+            endpoint_id: None,
             start,
             finished: false,
         }
