@@ -17,11 +17,13 @@
 //! account with that email is linked only when the issuer says
 //! `email_verified` and the user re-enters the account's password
 //! (`POST /api/v1/auth/oidc/link`); an unverified email never creates or takes
-//! over an account.
+//! over an account. That pending link, with its count of passwords tried, is
+//! kept in PostgreSQL too (`storage::sso`), keyed by the digest of the link
+//! token and bound to the browser that signed in, so the password may reach
+//! any replica.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use actix_web::http::{header, StatusCode};
@@ -37,8 +39,7 @@ use storage::accounts::User;
 use storage::domain::Email;
 use storage::identities::Identity;
 use storage::secrets::{sha256, SessionToken};
-use storage::sso::SsoPending;
-use uuid::Uuid;
+use storage::sso::{SsoLink, SsoPending};
 
 use crate::error::{error_chain, ApiError};
 use crate::handlers::auth::{session_expiry, NewSession};
@@ -52,9 +53,12 @@ const PENDING_TTL: Duration = Duration::from_secs(10 * 60);
 const PENDING_MAX: u32 = 10_000;
 /// How long the password form for linking an account stays valid.
 const LINK_TTL: Duration = Duration::from_secs(10 * 60);
-const LINK_MAX: usize = 1_000;
-/// Wrong passwords one pending link takes before it is dropped.
-const LINK_ATTEMPTS: u8 = 3;
+/// Links waiting for a password at once, over all replicas (each needs a
+/// sign-in at the issuer): past this a callback answers 503 `busy`.
+const LINK_MAX: u32 = 1_000;
+/// Passwords one pending link takes, counted over all replicas; a wrong
+/// last one drops it.
+const LINK_ATTEMPTS: u16 = 3;
 /// The discovery document and JWKS are fetched on first use and kept this long.
 const METADATA_TTL: Duration = Duration::from_secs(15 * 60);
 /// A link form holds an id and a password: nothing bigger is read.
@@ -140,56 +144,20 @@ pub struct SsoConfigError {
     pub message: String,
 }
 
-/// Entries that expire, at most `max` of them.
-struct Bounded<T> {
-    entries: HashMap<String, (Instant, T)>,
-    ttl: Duration,
-    max: usize,
-}
-
-impl<T> Bounded<T> {
-    fn new(ttl: Duration, max: usize) -> Self {
-        Self {
-            entries: HashMap::new(),
-            ttl,
-            max,
-        }
-    }
-
-    fn insert(&mut self, key: String, value: T) -> Result<(), ApiError> {
-        if self.entries.len() >= self.max {
-            let ttl = self.ttl;
-            self.entries.retain(|_, (at, _)| at.elapsed() < ttl);
-        }
-        if self.entries.len() >= self.max {
-            return Err(ApiError::Busy);
-        }
-        self.entries.insert(key, (Instant::now(), value));
-        Ok(())
-    }
-
-    /// Puts an entry back with its original age.
-    fn restore(&mut self, key: String, at: Instant, value: T) {
-        self.entries.insert(key, (at, value));
-    }
-
-    fn take_with_age(&mut self, key: &str) -> Option<(Instant, T)> {
-        let (at, v) = self.entries.remove(key)?;
-        (at.elapsed() < self.ttl).then_some((at, v))
-    }
-}
-
 /// Binds a sign-in to the browser that started it, so a callback URL
 /// passed to someone else cannot sign them in to the sender's account
 /// (login CSRF). SameSite=Lax, unlike the session cookie, so it comes back
 /// on the issuer's top-level redirect; scoped to the SSO routes.
 const BROWSER_COOKIE: &str = "llmgw_oidc";
 
-fn browser_cookie(value: &str, secure: bool) -> String {
+/// The browser id cookie, kept for `max_age`: a sign-in's start sets it for
+/// [`PENDING_TTL`], a link form again for [`LINK_TTL`], since the password
+/// must come from the same browser.
+fn browser_cookie(value: &str, secure: bool, max_age: Duration) -> String {
     let secure = if secure { "; Secure" } else { "" };
     format!(
         "{BROWSER_COOKIE}={value}; HttpOnly; SameSite=Lax; Path=/api/v1/auth/oidc; Max-Age={}{secure}",
-        PENDING_TTL.as_secs()
+        max_age.as_secs()
     )
 }
 
@@ -198,15 +166,8 @@ fn valid_browser_id(v: &str) -> bool {
     v.len() <= 64 && v.len() >= 48 && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
-struct PendingLink {
-    user_id: Uuid,
-    email: String,
-    issuer: String,
-    subject: String,
-    attempts: u8,
-}
-
-/// The running single sign-on: settings, the issuer's client and the flows in progress.
+/// The running single sign-on: settings and the issuer's client (flows in
+/// progress are in the database).
 pub(crate) struct Sso {
     pub password_login: bool,
     pub oidc: Option<Oidc>,
@@ -241,7 +202,6 @@ pub(crate) struct Oidc {
     /// the SSRF-guarded one providers get; redirects are not followed.
     http: reqwest::Client,
     metadata: tokio::sync::Mutex<Option<(Instant, CoreProviderMetadata)>>,
-    links: Mutex<Bounded<PendingLink>>,
 }
 
 impl Oidc {
@@ -287,7 +247,6 @@ impl Oidc {
             redirect,
             http,
             metadata: tokio::sync::Mutex::new(None),
-            links: Mutex::new(Bounded::new(LINK_TTL, LINK_MAX)),
         })
     }
 
@@ -334,10 +293,6 @@ impl Oidc {
                 .map(|s| ClientSecret::new(s.expose_secret().to_owned())),
         )
         .set_redirect_uri(self.redirect.clone())
-    }
-
-    fn lock_links(&self) -> std::sync::MutexGuard<'_, Bounded<PendingLink>> {
-        self.links.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -540,7 +495,7 @@ pub async fn start(state: web::Data<State>, req: HttpRequest) -> Result<HttpResp
         .insert_header((header::CACHE_CONTROL, "no-store"))
         .insert_header((
             header::SET_COOKIE,
-            browser_cookie(&browser, oidc.secure_cookie),
+            browser_cookie(&browser, oidc.secure_cookie, PENDING_TTL),
         ))
         .finish())
 }
@@ -588,13 +543,16 @@ async fn finish(state: &State, req: &HttpRequest) -> Result<Page, Page> {
             "This sign-in is unknown, was already used or has expired. Start again.",
         ));
     };
-    if crate::browser::cookie(req, BROWSER_COOKIE).map(sha256) != Some(pending.browser_digest) {
+    let browser = crate::browser::cookie(req, BROWSER_COOKIE);
+    if browser.map(sha256) != Some(pending.browser_digest) {
         return Err(Page::error(
             StatusCode::BAD_REQUEST,
             "Sign-in started elsewhere",
             "This sign-in was started in another browser. Start again here.",
         ));
     }
+    // Checked equal to what the start kept, hence one of ours.
+    let browser = browser.unwrap_or_default().to_owned();
     let Some(code) = query.get("code") else {
         return Err(Page::error(
             StatusCode::BAD_REQUEST,
@@ -683,19 +641,24 @@ async fn finish(state: &State, req: &HttpRequest) -> Result<Page, Page> {
     match state.db.user_by_email(&email).await {
         Ok(user) => {
             let link_id = SessionToken::generate().expose_secret().to_owned();
-            oidc.lock_links()
-                .insert(
-                    link_id.clone(),
-                    PendingLink {
-                        user_id: user.id,
-                        email: user.email.clone(),
-                        issuer: identity.issuer.to_owned(),
-                        subject: identity.subject.to_owned(),
-                        attempts: 0,
-                    },
-                )
-                .map_err(Page::from)?;
-            Ok(Page::link_form(StatusCode::OK, &link_id, &user.email, None))
+            let link = SsoLink {
+                user_id: user.id,
+                issuer: identity.issuer.to_owned(),
+                subject: identity.subject.to_owned(),
+                email: user.email,
+                browser_digest: pending.browser_digest,
+            };
+            if !state
+                .db
+                .insert_sso_link(&sha256(&link_id), &link, LINK_TTL, LINK_MAX)
+                .await
+                .map_err(db_err)?
+            {
+                return Err(ApiError::Busy.into());
+            }
+            let mut page = Page::link_form(StatusCode::OK, &link_id, &link.email, None);
+            page.cookie = Some(browser_cookie(&browser, oidc.secure_cookie, LINK_TTL));
+            Ok(page)
         }
         Err(storage::StorageError::NotFound) if !oidc.cfg.auto_create => Err(Page::error(
             StatusCode::FORBIDDEN,
@@ -763,7 +726,7 @@ pub async fn link(
 }
 
 async fn link_inner(state: &State, req: &HttpRequest, body: &[u8]) -> Result<Page, Page> {
-    let oidc = state.sso.oidc()?;
+    state.sso.oidc()?;
     state
         .throttle
         .check_address(client_ip(req, &state.cfg.trusted_proxies))?;
@@ -783,78 +746,95 @@ async fn link_inner(state: &State, req: &HttpRequest, body: &[u8]) -> Result<Pag
             "This account link is unknown, was already used or has expired. Sign in with single sign-on again.",
         )
     };
+    let db_err = |e: storage::StorageError| Page::from(ApiError::from(e));
     let link_id = link_id.ok_or_else(expired)?;
-    let Some((at, mut pending)) = oidc.lock_links().take_with_age(&link_id) else {
+    let link_digest = sha256(&link_id);
+    // Before any lookup, so a busy server refuses at no cost; refusals of
+    // the server's own (busy, throttled) cost no attempt either.
+    let slot = state.passwords.reserve().map_err(ApiError::from)?;
+    let Some(link) = state
+        .db
+        .sso_link(&link_digest, LINK_ATTEMPTS)
+        .await
+        .map_err(db_err)?
+    else {
         return Err(expired());
     };
+    let Some(browser_digest) = crate::browser::cookie(req, BROWSER_COOKIE)
+        .map(sha256)
+        .filter(|d| *d == link.browser_digest)
+    else {
+        return Err(Page::error(
+            StatusCode::BAD_REQUEST,
+            "Link started elsewhere",
+            "This account link belongs to another browser. Sign in with single sign-on again here.",
+        ));
+    };
     let Some(password) = password.filter(|p| !p.expose_secret().is_empty()) else {
-        let page = Page::link_form(
+        return Err(Page::link_form(
             StatusCode::UNPROCESSABLE_ENTITY,
             &link_id,
-            &pending.email,
+            &link.email,
             Some("Enter the account's password."),
-        );
-        oidc.lock_links().restore(link_id, at, pending);
-        return Err(page);
+        ));
     };
-    let slot = match state.passwords.reserve() {
-        Ok(s) => s,
-        Err(e) => {
-            oidc.lock_links().restore(link_id, at, pending);
-            return Err(ApiError::from(e).into());
-        }
+    state.throttle.check_email(&link.email)?;
+    let Some(attempts) = state
+        .db
+        .count_sso_link_attempt(&link_digest, &browser_digest, LINK_ATTEMPTS)
+        .await
+        .map_err(db_err)?
+    else {
+        return Err(expired());
     };
-    if let Err(e) = state.throttle.check_email(&pending.email) {
-        oidc.lock_links().restore(link_id, at, pending);
-        return Err(e.into());
-    }
-    let email = Email::parse(&pending.email).map_err(|_| expired())?;
+    let email = Email::parse(&link.email).map_err(|_| expired())?;
     let creds = state
         .db
         .user_credentials(&email)
         .await
         .map_err(ApiError::from)?
-        .filter(|c| c.id == pending.user_id);
+        .filter(|c| c.id == link.user_id);
     let ok = slot
         .verify(creds.map(|c| c.password_hash), password)
         .await
         .map_err(ApiError::from)?;
     if !ok {
-        pending.attempts += 1;
-        if pending.attempts >= LINK_ATTEMPTS {
+        if attempts >= LINK_ATTEMPTS {
+            state
+                .db
+                .delete_sso_link(&link_digest)
+                .await
+                .map_err(db_err)?;
             return Err(Page::error(
                 StatusCode::UNAUTHORIZED,
                 "Wrong password",
                 "The password was wrong too many times. Sign in with single sign-on again to retry.",
             ));
         }
-        let page = Page::link_form(
+        return Err(Page::link_form(
             StatusCode::UNAUTHORIZED,
             &link_id,
-            &pending.email,
+            &link.email,
             Some("Wrong password. Try again."),
-        );
-        oidc.lock_links().restore(link_id, at, pending);
-        return Err(page);
+        ));
     }
-    let identity = Identity {
-        issuer: &pending.issuer,
-        subject: &pending.subject,
-        email: Some(&pending.email),
-    };
     let token = SessionToken::generate();
     let expires_at = session_expiry(state)?;
-    state
+    // Two right passwords racing: one deletes the row, the other finds none.
+    let Some(linked) = state
         .db
-        .link_identity_with_session(pending.user_id, &identity, &token.digest(), expires_at)
+        .complete_sso_link(&link_digest, &browser_digest, &token.digest(), expires_at)
         .await
-        .map_err(ApiError::from)?;
+        .map_err(db_err)?
+    else {
+        return Err(expired());
+    };
     let session = NewSession {
         token: token.expose_secret().to_owned(),
         expires_at,
         user: User {
-            id: pending.user_id,
-            email: pending.email.clone(),
+            id: linked.user_id,
+            email: linked.email,
         },
     };
     Ok(Page::signed_in(state, &session))
@@ -863,20 +843,6 @@ async fn link_inner(state: &State, req: &HttpRequest, body: &[u8]) -> Result<Pag
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn bounded_map_refuses_past_its_cap_and_forgets_expired_entries() {
-        let mut m = Bounded::new(Duration::from_secs(60), 2);
-        m.insert("a".into(), 1).unwrap();
-        m.insert("b".into(), 2).unwrap();
-        assert!(matches!(m.insert("c".into(), 3), Err(ApiError::Busy)));
-        assert_eq!(m.take_with_age("a").map(|(_, v)| v), Some(1));
-        assert!(m.take_with_age("a").is_none(), "a link is used once");
-        let mut m = Bounded::new(Duration::ZERO, 1);
-        m.insert("a".into(), 1).unwrap();
-        m.insert("b".into(), 2).unwrap();
-        assert!(m.take_with_age("b").is_none(), "expired");
-    }
 
     #[test]
     fn pages_escape_what_the_issuer_sends() {

@@ -298,6 +298,8 @@ struct Page {
     status: StatusCode,
     html: String,
     set_cookie: Option<String>,
+    /// The browser id cookie (`llmgw_oidc`) it set, if any.
+    browser_cookie: Option<String>,
 }
 
 impl Page {
@@ -391,13 +393,16 @@ impl Browser {
 
     async fn page(&mut self, res: reqwest::Response) -> Page {
         let status = res.status();
-        let set_cookie = res
-            .headers()
-            .get_all(SET_COOKIE)
-            .iter()
-            .filter_map(|c| c.to_str().ok())
-            .find(|c| c.starts_with("llmgw_session="))
-            .map(str::to_owned);
+        let cookie = |name: &str| {
+            res.headers()
+                .get_all(SET_COOKIE)
+                .iter()
+                .filter_map(|c| c.to_str().ok())
+                .find(|c| c.starts_with(&format!("{name}=")))
+                .map(str::to_owned)
+        };
+        let set_cookie = cookie("llmgw_session");
+        let browser_cookie = cookie("llmgw_oidc");
         let ct = res
             .headers()
             .get("content-type")
@@ -409,6 +414,7 @@ impl Browser {
             status,
             html: res.text().await.expect("body"),
             set_cookie,
+            browser_cookie,
         }
     }
 
@@ -435,10 +441,18 @@ impl Browser {
     }
 
     async fn link(&mut self, link_id: &str, password: &str) -> Page {
+        let base = self.base.clone();
+        self.link_via(link_id, password, &base).await
+    }
+
+    /// Posts the link form to the replica at `replica`, as a load balancer
+    /// would pass it on: origin and cookies are the public site's.
+    async fn link_via(&mut self, link_id: &str, password: &str, replica: &str) -> Page {
         let url = Url::parse(&format!("{}/api/v1/auth/oidc/link", self.base)).expect("url");
+        let to = Url::parse(&format!("{replica}/api/v1/auth/oidc/link")).expect("replica url");
         let req = self
             .http
-            .post(url.clone())
+            .post(to)
             // A browser sends its page's origin with a form POST.
             .header("origin", &self.base)
             .header("content-type", "application/x-www-form-urlencoded")
@@ -816,4 +830,212 @@ async fn starts_are_refused_while_the_pending_table_is_full_and_expired_rows_mak
     let page = b.sign_in("verified:patient@example.com").await;
     assert_eq!(page.status, 200, "{}", page.html);
     assert_eq!(app.count("SELECT count(*) FROM sso_pending").await, 0);
+}
+
+/// The pending link of this link id, looked up by the digest it is kept
+/// under: its attempts so far, `None` when there is none.
+async fn link_attempts(app: &App, link_id: &str) -> Option<i16> {
+    sqlx::query_scalar(
+        "SELECT attempts FROM sso_link_pending WHERE link_digest = sha256(convert_to($1, 'UTF8'))",
+    )
+    .bind(link_id)
+    .fetch_optional(&app.pool)
+    .await
+    .expect("attempts")
+}
+
+#[tokio::test]
+async fn an_account_link_shown_by_one_replica_completes_on_another() {
+    let Some(app) = App::start(default_settings()).await else {
+        return;
+    };
+    let user = app.signup("linked@example.com").await;
+    let replica = app.replica();
+    let mut b = app.browser();
+    let page = b.sign_in("verified:linked@example.com").await;
+    assert_eq!(page.status, 200, "{}", page.html);
+    let link_id = page.link_id();
+    // Kept in the database under the digest of the link id, not the id.
+    assert_eq!(link_attempts(&app, &link_id).await, Some(0));
+    // The browser id that binds the link lives as long as the form.
+    let bound = page.browser_cookie.as_deref().expect("browser id cookie");
+    assert!(
+        bound.contains("Max-Age=600") && bound.contains("Path=/api/v1/auth/oidc"),
+        "{bound}"
+    );
+
+    let linked = b.link_via(&link_id, PASSWORD, &replica.base).await;
+    assert_eq!(linked.status, 200, "{}", linked.html);
+    let me = app.me(&linked.session().expect("token")).await;
+    assert_eq!(me["id"], user.as_str());
+    assert_eq!(app.count("SELECT count(*) FROM oidc_identities").await, 1);
+    assert_eq!(app.count("SELECT count(*) FROM sso_link_pending").await, 0);
+
+    // Replayed after success, on either replica: refused, no new session.
+    let sessions = app.count("SELECT count(*) FROM sessions").await;
+    for base in [&replica.base, &app.base] {
+        let replay = b.link_via(&link_id, PASSWORD, base).await;
+        assert_eq!(replay.status, 400, "{}", replay.html);
+        assert!(replay.html.contains("already used"), "{}", replay.html);
+        assert!(replay.set_cookie.is_none());
+    }
+    assert_eq!(app.count("SELECT count(*) FROM sessions").await, sessions);
+
+    // Single sign-on now lands in the account, on the other replica too.
+    let mut b = app.browser();
+    let auth = b.start("verified:linked@example.com").await;
+    let back = b.at_issuer(auth).await;
+    let page = b.callback_via(&back, &replica.base).await;
+    assert_eq!(page.status, 200, "{}", page.html);
+    assert_eq!(
+        app.me(&page.session().expect("token")).await["id"],
+        user.as_str()
+    );
+}
+
+#[tokio::test]
+async fn wrong_passwords_are_counted_over_every_replica_until_the_link_is_refused() {
+    let Some(app) = App::start(default_settings()).await else {
+        return;
+    };
+    app.signup("counted@example.com").await;
+    let replica = app.replica();
+    let mut b = app.browser();
+    let link_id = b.sign_in("verified:counted@example.com").await.link_id();
+
+    let wrong = b.link_via(&link_id, "guess one", &app.base).await;
+    assert_eq!(wrong.status, 401, "{}", wrong.html);
+    assert!(wrong.html.contains("Try again"), "{}", wrong.html);
+    let wrong = b.link_via(&link_id, "guess two", &replica.base).await;
+    assert_eq!(wrong.status, 401, "{}", wrong.html);
+    assert!(wrong.html.contains("Try again"), "{}", wrong.html);
+    assert_eq!(link_attempts(&app, &link_id).await, Some(2));
+    // The third, wherever it lands, is the last.
+    let last = b.link_via(&link_id, "guess three", &app.base).await;
+    assert_eq!(last.status, 401, "{}", last.html);
+    assert!(last.html.contains("too many times"), "{}", last.html);
+    assert_eq!(link_attempts(&app, &link_id).await, None, "dropped");
+
+    // Even the right password no longer links, on either replica.
+    for base in [&replica.base, &app.base] {
+        let page = b.link_via(&link_id, PASSWORD, base).await;
+        assert_eq!(page.status, 400, "{}", page.html);
+        assert!(page.set_cookie.is_none());
+    }
+    assert_eq!(app.count("SELECT count(*) FROM oidc_identities").await, 0);
+    // Only the signup's own session.
+    assert_eq!(app.count("SELECT count(*) FROM sessions").await, 1);
+}
+
+#[tokio::test]
+async fn concurrent_guesses_on_two_replicas_get_no_more_than_the_allowed_attempts() {
+    let Some(app) = App::start(default_settings()).await else {
+        return;
+    };
+    app.signup("racing@example.com").await;
+    let replica = app.replica();
+    let mut b = app.browser();
+    let link_id = b.sign_in("verified:racing@example.com").await.link_id();
+    let jar = b.jar.clone();
+    let guesses = (0..8).map(|i| {
+        let mut b = app.browser();
+        b.jar = jar.clone();
+        let base = if i % 2 == 0 { &app.base } else { &replica.base };
+        let link_id = link_id.clone();
+        async move {
+            b.link_via(&link_id, &format!("guess {i}"), base)
+                .await
+                .status
+        }
+    });
+    let statuses = futures_util::future::join_all(guesses).await;
+    // Three tries get a password check (401); the rest are refused unchecked.
+    let checked = statuses.iter().filter(|s| s.as_u16() == 401).count();
+    let refused = statuses.iter().filter(|s| s.as_u16() == 400).count();
+    assert_eq!((checked, refused), (3, 5), "{statuses:?}");
+    assert_eq!(link_attempts(&app, &link_id).await, None);
+    assert_eq!(b.link(&link_id, PASSWORD).await.status, 400);
+    assert_eq!(app.count("SELECT count(*) FROM oidc_identities").await, 0);
+}
+
+#[tokio::test]
+async fn a_link_form_posted_from_another_browser_is_refused_and_costs_no_attempt() {
+    let Some(app) = App::start(default_settings()).await else {
+        return;
+    };
+    app.signup("bound@example.com").await;
+    let mut b = app.browser();
+    let link_id = b.sign_in("verified:bound@example.com").await.link_id();
+    // The link id alone (seen over a shoulder, in a log) is not enough.
+    let page = app.browser().link(&link_id, PASSWORD).await;
+    assert_eq!(page.status, 400, "{}", page.html);
+    assert!(page.html.contains("another browser"), "{}", page.html);
+    assert!(page.set_cookie.is_none());
+    assert_eq!(link_attempts(&app, &link_id).await, Some(0));
+    assert_eq!(app.count("SELECT count(*) FROM oidc_identities").await, 0);
+    // The browser that signed in still links.
+    let linked = b.link(&link_id, PASSWORD).await;
+    assert_eq!(linked.status, 200, "{}", linked.html);
+}
+
+#[tokio::test]
+async fn an_expired_link_is_refused_and_removed() {
+    let Some(app) = App::start(default_settings()).await else {
+        return;
+    };
+    app.signup("slow@example.com").await;
+    let mut b = app.browser();
+    let link_id = b.sign_in("verified:slow@example.com").await.link_id();
+    sqlx::query(
+        "UPDATE sso_link_pending SET created_at = now() - interval '11 minutes',
+                                     expires_at = now() - interval '1 minute'",
+    )
+    .execute(&app.pool)
+    .await
+    .expect("age the link");
+    let page = b.link(&link_id, PASSWORD).await;
+    assert_eq!(page.status, 400, "{}", page.html);
+    assert!(page.html.contains("has expired"), "{}", page.html);
+    assert!(page.set_cookie.is_none());
+    assert_eq!(app.count("SELECT count(*) FROM sso_link_pending").await, 0);
+    assert_eq!(app.count("SELECT count(*) FROM oidc_identities").await, 0);
+}
+
+#[tokio::test]
+async fn links_are_refused_while_the_link_table_is_full_and_expired_rows_make_room() {
+    let Some(app) = App::start(default_settings()).await else {
+        return;
+    };
+    let user = app.signup("full@example.com").await;
+    // As many waiting links as the server keeps (1 000).
+    sqlx::query(
+        "INSERT INTO sso_link_pending
+             (link_digest, user_id, issuer, subject, email, browser_digest, expires_at)
+         SELECT sha256(convert_to('flood-' || i, 'UTF8')), $1::uuid, 'https://issuer', 's' || i,
+                'full@example.com', sha256(convert_to('b', 'UTF8')), now() + interval '10 minutes'
+         FROM generate_series(1, 1000) AS i",
+    )
+    .bind(&user)
+    .execute(&app.pool)
+    .await
+    .expect("fill");
+    let page = app.browser().sign_in("verified:full@example.com").await;
+    assert_eq!(page.status, 503, "{}", page.html);
+    assert!(!page.html.contains("link_id"), "{}", page.html);
+    assert_eq!(
+        app.count("SELECT count(*) FROM sso_link_pending").await,
+        1000
+    );
+
+    sqlx::query(
+        "UPDATE sso_link_pending SET created_at = now() - interval '11 minutes',
+                                     expires_at = now() - interval '1 minute'",
+    )
+    .execute(&app.pool)
+    .await
+    .expect("expire");
+    let mut b = app.browser();
+    let link_id = b.sign_in("verified:full@example.com").await.link_id();
+    assert_eq!(app.count("SELECT count(*) FROM sso_link_pending").await, 1);
+    assert_eq!(b.link(&link_id, PASSWORD).await.status, 200);
 }

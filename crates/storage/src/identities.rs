@@ -17,7 +17,8 @@ pub struct Identity<'a> {
     pub email: Option<&'a str>,
 }
 
-async fn insert_identity(
+/// Links an identity to an account, on a caller's transaction.
+pub(crate) async fn insert_identity(
     conn: &mut sqlx::PgConnection,
     user_id: Uuid,
     id: &Identity<'_>,
@@ -68,21 +69,5 @@ impl Db {
         insert_session(&mut tx, user.id, token_digest, expires_at).await?;
         tx.commit().await?;
         Ok(user)
-    }
-
-    /// Links an identity to an existing account and opens a session, in one
-    /// transaction. `Conflict` when the identity is already linked.
-    pub async fn link_identity_with_session(
-        &self,
-        user_id: Uuid,
-        id: &Identity<'_>,
-        token_digest: &[u8; 32],
-        expires_at: DateTime<Utc>,
-    ) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
-        insert_identity(&mut tx, user_id, id).await?;
-        insert_session(&mut tx, user_id, token_digest, expires_at).await?;
-        tx.commit().await?;
-        Ok(())
     }
 }

@@ -1175,3 +1175,159 @@ async fn sso_pending_sign_ins_are_capped_taken_once_and_pruned_when_expired() {
     assert_eq!(results.iter().filter(|w| **w).count(), 5);
     assert_eq!(count().await, 5);
 }
+
+#[tokio::test]
+async fn sso_links_count_attempts_atomically_and_are_used_once() {
+    use std::time::Duration as StdDuration;
+    use storage::secrets::sha256;
+    use storage::sso::SsoLink;
+
+    let t = TestDb::new().await;
+    let owner = user(&t, "link-owner@example.com").await;
+    let ttl = StdDuration::from_secs(600);
+    let browser = sha256("browser");
+    let link = |n: &str| SsoLink {
+        user_id: owner,
+        issuer: "https://issuer.example".into(),
+        subject: format!("subject-{n}"),
+        email: "link-owner@example.com".into(),
+        browser_digest: browser,
+    };
+    let count = |sql: &'static str| {
+        let pool = t.db.pool().clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(sql)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    for n in ["a", "b"] {
+        assert!(t
+            .db
+            .insert_sso_link(&sha256(n), &link(n), ttl, 2)
+            .await
+            .unwrap());
+    }
+    // Past the cap nothing is written.
+    assert!(!t
+        .db
+        .insert_sso_link(&sha256("c"), &link("c"), ttl, 2)
+        .await
+        .unwrap());
+    assert_eq!(count("SELECT count(*) FROM sso_link_pending").await, 2);
+    assert_eq!(t.db.sso_link(&sha256("c"), 3).await.unwrap(), None);
+    assert_eq!(
+        t.db.sso_link(&sha256("a"), 3).await.unwrap(),
+        Some(link("a"))
+    );
+
+    // Attempts are counted up to the limit, then refused; only from the
+    // browser that signed in.
+    let other = sha256("other browser");
+    assert_eq!(
+        t.db.count_sso_link_attempt(&sha256("a"), &other, 3)
+            .await
+            .unwrap(),
+        None
+    );
+    for n in 1..=3 {
+        assert_eq!(
+            t.db.count_sso_link_attempt(&sha256("a"), &browser, 3)
+                .await
+                .unwrap(),
+            Some(n)
+        );
+    }
+    assert_eq!(
+        t.db.count_sso_link_attempt(&sha256("a"), &browser, 3)
+            .await
+            .unwrap(),
+        None
+    );
+    // An exhausted link is no longer shown, and goes on the way.
+    assert_eq!(t.db.sso_link(&sha256("a"), 3).await.unwrap(), None);
+    assert_eq!(count("SELECT count(*) FROM sso_link_pending").await, 1);
+
+    // Concurrent attempts, as from many replicas: exactly the limit counted.
+    let counted = futures_util::future::join_all((0..10).map(|_| {
+        let db = t.db.clone();
+        async move {
+            db.count_sso_link_attempt(&sha256("b"), &browser, 3)
+                .await
+                .unwrap()
+        }
+    }))
+    .await;
+    let mut numbers: Vec<u16> = counted.into_iter().flatten().collect();
+    numbers.sort_unstable();
+    assert_eq!(numbers, [1, 2, 3]);
+    t.db.delete_sso_link(&sha256("b")).await.unwrap();
+    assert_eq!(count("SELECT count(*) FROM sso_link_pending").await, 0);
+
+    // Completed once: the row goes with the identity and the session made.
+    assert!(t
+        .db
+        .insert_sso_link(&sha256("d"), &link("d"), ttl, 2)
+        .await
+        .unwrap());
+    let expires = Utc::now() + Duration::hours(1);
+    assert_eq!(
+        t.db.complete_sso_link(&sha256("d"), &other, &sha256("s0"), expires)
+            .await
+            .unwrap(),
+        None,
+        "another browser's"
+    );
+    assert_eq!(
+        t.db.complete_sso_link(&sha256("d"), &browser, &sha256("s1"), expires)
+            .await
+            .unwrap(),
+        Some(link("d"))
+    );
+    assert_eq!(
+        t.db.complete_sso_link(&sha256("d"), &browser, &sha256("s2"), expires)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(count("SELECT count(*) FROM sso_link_pending").await, 0);
+    assert_eq!(
+        count("SELECT count(*) FROM oidc_identities WHERE subject = 'subject-d'").await,
+        1
+    );
+
+    // Expired ones are refused, and pruned by the next insert.
+    for n in ["e", "f"] {
+        assert!(t
+            .db
+            .insert_sso_link(&sha256(n), &link(n), ttl, 2)
+            .await
+            .unwrap());
+    }
+    sqlx::query(
+        "UPDATE sso_link_pending SET expires_at = now() - interval '1 second',
+                                     created_at = now() - interval '1 hour'",
+    )
+    .execute(t.db.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        t.db.count_sso_link_attempt(&sha256("e"), &browser, 3)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        t.db.complete_sso_link(&sha256("e"), &browser, &sha256("s3"), expires)
+            .await
+            .unwrap(),
+        None
+    );
+    assert!(t
+        .db
+        .insert_sso_link(&sha256("g"), &link("g"), ttl, 1)
+        .await
+        .unwrap());
+    assert_eq!(count("SELECT count(*) FROM sso_link_pending").await, 1);
+}
