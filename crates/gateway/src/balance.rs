@@ -170,7 +170,11 @@ impl HealthTable {
     /// Endpoints by state (healthy, ejected, probing) and ejections so far, for `/metrics`.
     pub fn counts(&self) -> ([(State, u64); 3], u64) {
         let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        let mut n = [(State::Healthy, 0), (State::Ejected, 0), (State::Probing, 0)];
+        let mut n = [
+            (State::Healthy, 0),
+            (State::Ejected, 0),
+            (State::Probing, 0),
+        ];
         for h in map.values() {
             n[h.state() as usize].1 += 1;
         }
@@ -262,7 +266,9 @@ pub(crate) fn pick<'a>(
     if let [_] = upstreams {
         return ((!tried.contains(&0)).then_some(0), probes);
     }
-    let open: Vec<usize> = (0..upstreams.len()).filter(|i| !tried.contains(i)).collect();
+    let open: Vec<usize> = (0..upstreams.len())
+        .filter(|i| !tried.contains(i))
+        .collect();
     let mut usable: Vec<usize> = Vec::with_capacity(open.len());
     for &i in &open {
         let mut probe = false;
@@ -301,7 +307,10 @@ fn two_choices(upstreams: &[Upstream], from: &[usize]) -> Option<usize> {
             let b = draw();
             let load = |i: usize| {
                 // outstanding / weight, compared without division.
-                (upstreams[i].health.outstanding(), u64::from(upstreams[i].weight))
+                (
+                    upstreams[i].health.outstanding(),
+                    u64::from(upstreams[i].weight),
+                )
             };
             let ((oa, wa), (ob, wb)) = (load(a), load(b));
             Some(if ob * wa < oa * wb { b } else { a })

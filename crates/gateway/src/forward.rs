@@ -30,10 +30,10 @@ use upstream::{FailureClass, UpstreamFailure};
 
 use crate::balance::{pick, Outstanding, Upstream};
 use crate::cache::ProviderEntry;
-use crate::retry::{backoff, retryable_failure, retryable_status, unhealthy_status, MAX_ATTEMPTS};
 use crate::collect::{read_capped, UpstreamBody};
 use crate::endpoint::Endpoint;
 use crate::error::{ErrorClass, ErrorNote, GatewayError};
+use crate::retry::{backoff, retryable_failure, retryable_status, unhealthy_status, MAX_ATTEMPTS};
 use crate::route::Route;
 use crate::state::State;
 use crate::usage::{usage_of, LogGuard};
@@ -211,7 +211,9 @@ where
     let ups = &provider.upstreams;
     // Endpoints the SSRF policy refuses are never tried (`route` refused the
     // provider when that is all of them).
-    let mut tried: Vec<usize> = (0..ups.len()).filter(|&i| ups[i].refused.is_some()).collect();
+    let mut tried: Vec<usize> = (0..ups.len())
+        .filter(|&i| ups[i].refused.is_some())
+        .collect();
     let mut attempt = 0u32;
     let mut reused = false;
     loop {

@@ -119,13 +119,10 @@ pub(crate) async fn metrics_text(gw: web::Data<State>) -> HttpResponse {
             CONTENT_TYPE,
             HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
         ))
-        .body(
-            gw.metrics
-                .render(
-                gw.usage.depth(),
-                gw.usage.capacity(),
-                &gw.limiter,
-                &gw.health,
-            ),
-        )
+        .body(gw.metrics.render(
+            gw.usage.depth(),
+            gw.usage.capacity(),
+            &gw.limiter,
+            &gw.health,
+        ))
 }

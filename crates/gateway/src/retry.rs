@@ -150,11 +150,17 @@ mod tests {
             h.insert(RETRY_AFTER, HeaderValue::from_static(v));
             h
         };
-        assert!(!retryable_status(429, &none), "no Retry-After: unknown wait");
+        assert!(
+            !retryable_status(429, &none),
+            "no Retry-After: unknown wait"
+        );
         assert!(retryable_status(429, &after("1")));
         assert!(retryable_status(429, &after("0.2")));
         assert!(!retryable_status(429, &after("30")));
-        assert!(!retryable_status(429, &after("Wed, 21 Oct 2015 07:28:00 GMT")));
+        assert!(!retryable_status(
+            429,
+            &after("Wed, 21 Oct 2015 07:28:00 GMT")
+        ));
     }
 
     #[test]
