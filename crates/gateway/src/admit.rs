@@ -19,6 +19,7 @@ use storage::logs::RequestLog;
 
 use crate::cache::{KeyEntry, ProviderEntry};
 use crate::error::GatewayError;
+use crate::route::Route;
 use crate::state::State;
 use crate::usage::LogGuard;
 
@@ -56,6 +57,35 @@ pub(crate) fn reserve_tokens(max_tokens: u64, body_bytes: usize) -> u64 {
 pub(crate) async fn admit(
     gw: &State,
     key: &KeyEntry,
+    route: &Route,
+    log: &mut LogGuard,
+) -> Result<Headers, GatewayError> {
+    if key.limits.is_empty() && key.org_limits.is_empty() {
+        return Ok(Headers::default());
+    }
+    let model = log.row.upstream_model.clone().unwrap_or_default();
+    let candidates = std::iter::once((&route.provider, model.as_str())).chain(
+        route
+            .fallbacks
+            .iter()
+            .map(|f| (&f.provider, f.upstream_model())),
+    );
+    let per_million = highest_price(candidates);
+    admitted(
+        gw,
+        key,
+        &route.provider,
+        route.reserve_tokens,
+        per_million,
+        log,
+    )
+    .await
+}
+
+/// [`admit`] for a request with one candidate (an upload).
+pub(crate) async fn admit_one(
+    gw: &State,
+    key: &KeyEntry,
     provider: &Arc<ProviderEntry>,
     reserve_tokens: u64,
     log: &mut LogGuard,
@@ -63,10 +93,28 @@ pub(crate) async fn admit(
     if key.limits.is_empty() && key.org_limits.is_empty() {
         return Ok(Headers::default());
     }
-    let model = log.row.upstream_model.as_deref().unwrap_or("");
-    let per_million = provider.prices.lookup(model).map_or(Money::ZERO, |p| {
-        p.input_per_million_usd.max(p.output_per_million_usd)
-    });
+    let model = log.row.upstream_model.clone().unwrap_or_default();
+    let per_million = highest_price(std::iter::once((provider, model.as_str())));
+    admitted(gw, key, provider, reserve_tokens, per_million, log).await
+}
+
+/// The highest price per million tokens, in or out, among the candidates.
+fn highest_price<'a>(candidates: impl Iterator<Item = (&'a Arc<ProviderEntry>, &'a str)>) -> Money {
+    candidates
+        .filter_map(|(p, model)| p.prices.lookup(model))
+        .map(|p| p.input_per_million_usd.max(p.output_per_million_usd))
+        .max()
+        .unwrap_or(Money::ZERO)
+}
+
+async fn admitted(
+    gw: &State,
+    key: &KeyEntry,
+    provider: &Arc<ProviderEntry>,
+    reserve_tokens: u64,
+    per_million: Money,
+    log: &mut LogGuard,
+) -> Result<Headers, GatewayError> {
     let budget_reserve = Money::from(reserve_tokens)
         .checked_mul(per_million)
         .map_or(Money::MAX, |m| m / Money::from(1_000_000));

@@ -29,6 +29,9 @@ struct Peek<'a> {
     max_completion_tokens: Option<&'a RawValue>,
     #[serde(borrow, default)]
     max_output_tokens: Option<&'a RawValue>,
+    /// Fallback models, OpenRouter's convention (not sent upstream).
+    #[serde(borrow, default, deserialize_with = "present")]
+    models: Option<&'a RawValue>,
 }
 
 /// The members of `stream_options` the gateway edits.
@@ -66,9 +69,17 @@ pub struct ChatRequest<'a> {
     /// `max_completion_tokens`, `max_output_tokens`), 0 when none is a
     /// non-negative integer (the upstream judges the rest).
     pub max_tokens: u64,
+    /// `models`: the fallbacks to try in order when `model` fails before
+    /// its answer starts (each `{customName}/{modelName}`).
+    pub fallbacks: Vec<Cow<'a, str>>,
     /// How to make a streamed body ask for usage, when it does not already.
     usage_edit: Option<Edit>,
+    /// Where `models` is cut out of the body.
+    models_edit: Option<Edit>,
 }
+
+/// Most fallback models a request may name.
+pub const MAX_FALLBACKS: usize = 8;
 
 impl<'a> ChatRequest<'a> {
     pub fn parse(body: &'a [u8]) -> Result<Self, GatewayError> {
@@ -107,6 +118,10 @@ impl<'a> ChatRequest<'a> {
         } else {
             None
         };
+        let (fallbacks, models_edit) = match peek.models {
+            None => (Vec::new(), None),
+            Some(raw) => fallbacks(body, raw)?,
+        };
         let cap = |v: Option<&RawValue>| v.and_then(|v| v.get().parse::<u64>().ok()).unwrap_or(0);
         let max_tokens = cap(peek.max_tokens)
             .max(cap(peek.max_completion_tokens))
@@ -118,7 +133,9 @@ impl<'a> ChatRequest<'a> {
             span,
             stream,
             max_tokens,
+            fallbacks,
             usage_edit,
+            models_edit,
         })
     }
 
@@ -158,9 +175,63 @@ impl<'a> ChatRequest<'a> {
         };
         Splice {
             model,
+            model_span: self.span.clone(),
             usage: self.usage_edit.clone(),
+            models: self.models_edit.clone(),
         }
     }
+}
+
+/// `models` read: an array of at most [`MAX_FALLBACKS`] model strings of the
+/// form `{customName}/{modelName}` (`null` or `[]`: none), and the edit that
+/// cuts the member out of the body.
+fn fallbacks<'a>(
+    body: &'a [u8],
+    raw: &'a RawValue,
+) -> Result<(Vec<Cow<'a, str>>, Option<Edit>), GatewayError> {
+    let bad = |why: &str| GatewayError::InvalidFallbacks(why.to_owned());
+    let list: Vec<Cow<'a, str>> = match raw.get() {
+        "null" => Vec::new(),
+        text => serde_json::from_str(text)
+            .map_err(|_| bad("`models` must be an array of model names"))?,
+    };
+    if list.len() > MAX_FALLBACKS {
+        return Err(bad("`models` names more than 8 fallback models"));
+    }
+    if let Some(m) = list.iter().find(|m| split_model(m).is_none()) {
+        return Err(GatewayError::ModelWithoutProvider(m.to_string()));
+    }
+    let start = raw.get().as_ptr() as usize - body.as_ptr() as usize;
+    let span = member_span(body, start..start + raw.get().len())
+        .ok_or_else(|| bad("write the `models` member without escapes in its name"))?;
+    Ok((list, Some(Edit { span, text: "" })))
+}
+
+/// The bytes of the object member whose value is at `value` (its key
+/// `"models"` written plainly), with one comma beside it.
+fn member_span(body: &[u8], value: Range<usize>) -> Option<Range<usize>> {
+    let ws = |b: u8| b.is_ascii_whitespace();
+    let mut i = value.start;
+    while i > 0 && ws(body[i - 1]) {
+        i -= 1;
+    }
+    i = i.checked_sub(1).filter(|&c| body[c] == b':')?;
+    while i > 0 && ws(body[i - 1]) {
+        i -= 1;
+    }
+    let key = i.checked_sub(8).filter(|&k| &body[k..i] == b"\"models\"")?;
+    let mut j = value.end;
+    while j < body.len() && ws(body[j]) {
+        j += 1;
+    }
+    if body.get(j) == Some(&b',') {
+        return Some(key..j + 1);
+    }
+    let mut k = key;
+    while k > 0 && ws(body[k - 1]) {
+        k -= 1;
+    }
+    (k > 0 && body[k - 1] == b',').then(|| k - 1..value.end)
 }
 
 /// Byte length of `{customName}/` in a model `{customName}/{modelName}`
@@ -176,21 +247,46 @@ pub fn split_model(model: &str) -> Option<usize> {
 #[derive(Debug, Clone)]
 pub struct Splice {
     model: (Range<usize>, Vec<u8>),
+    /// The whole `model` string (quotes included).
+    model_span: Range<usize>,
     usage: Option<Edit>,
+    /// Cuts `models` out.
+    models: Option<Edit>,
 }
 
 impl Splice {
     /// `body` (the one parsed) with `model` replaced and, when `ask_usage`
     /// and the request did not ask already, `stream_options.include_usage: true`.
     pub fn apply(&self, body: &[u8], ask_usage: bool) -> Bytes {
-        let model = (self.model.0.clone(), self.model.1.as_slice());
+        self.apply_as(body, ask_usage, None)
+    }
+
+    /// [`Splice::apply`] with `model` set to `upstream_model` (a fallback's)
+    /// instead of the client's own `{modelName}`.
+    pub fn apply_as(&self, body: &[u8], ask_usage: bool, upstream_model: Option<&str>) -> Bytes {
+        let encoded;
+        let model = match upstream_model {
+            None => (self.model.0.clone(), self.model.1.as_slice()),
+            Some(m) => {
+                encoded = serde_json::to_string(m).unwrap_or_default();
+                (self.model_span.clone(), encoded.as_bytes())
+            }
+        };
         let usage = self
             .usage
             .as_ref()
             .filter(|_| ask_usage)
             .map(|e| (e.span.clone(), e.text.as_bytes()));
-        let mut edits = [Some(model), usage];
-        edits.sort_by_key(|e| e.as_ref().map_or(usize::MAX, |(r, _)| r.start));
+        let models = self
+            .models
+            .as_ref()
+            .map(|e| (e.span.clone(), e.text.as_bytes()));
+        let mut edits = [Some(model), usage, models];
+        // An insertion sorts before a cut that starts where it does.
+        edits.sort_by_key(|e| {
+            e.as_ref()
+                .map_or((usize::MAX, usize::MAX), |(r, _)| (r.start, r.end))
+        });
         let mut out = Vec::with_capacity(body.len() + 48);
         let mut at = 0;
         for (range, text) in edits.into_iter().flatten() {
@@ -265,6 +361,43 @@ mod tests {
             let out = req.splice().apply(body.as_bytes(), true);
             String::from_utf8(out.to_vec()).unwrap()
         })
+    }
+
+    #[test]
+    fn fallbacks_are_read_and_cut_from_the_body() {
+        let cases = [
+            (
+                r#"{"model":"p/m","models":["q/x","r/y"],"n":1}"#,
+                r#"{"model":"m","n":1}"#,
+            ),
+            (
+                r#"{"n":1, "models" : [] ,"model":"p/m"}"#,
+                r#"{"n":1, "model":"m"}"#,
+            ),
+            (r#"{"model":"p/m" , "models":null}"#, r#"{"model":"m" }"#),
+            (r#"{"models":["q/x"],"model":"p/m"}"#, r#"{"model":"m"}"#),
+        ];
+        for (body, want) in cases {
+            assert_eq!(rewrite(body), want, "{body}");
+        }
+        let req = ChatRequest::parse(br#"{"model":"p/m","models":["q/x","r/y"]}"#).unwrap();
+        assert_eq!(req.fallbacks, ["q/x", "r/y"]);
+        let body = br#"{"model":"p/m","stream":true,"models":["q/a\"b"]}"#;
+        let req = ChatRequest::parse(body).unwrap();
+        let out = req.splice().apply_as(body, true, Some("a\"b"));
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{"stream_options":{"include_usage":true},"model":"a\"b","stream":true}"#
+        );
+        for bad in [
+            r#"{"model":"p/m","models":"q/x"}"#,
+            r#"{"model":"p/m","models":[1]}"#,
+            r#"{"model":"p/m","models":["nope"]}"#,
+            r#"{"model":"p/m","mod\u0065ls":["q/x"]}"#,
+            r#"{"model":"p/m","models":["a/1","a/2","a/3","a/4","a/5","a/6","a/7","a/8","a/9"]}"#,
+        ] {
+            assert!(ChatRequest::parse(bad.as_bytes()).is_err(), "{bad}");
+        }
     }
 
     #[test]

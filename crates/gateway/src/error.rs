@@ -30,6 +30,8 @@ pub enum GatewayError {
     Unavailable,
     #[error("{0}")]
     InvalidJson(String),
+    #[error("{0}")]
+    InvalidFallbacks(String),
     #[error("`stream` must be a boolean (true or false) or null")]
     /// Carries the model, for the usage row.
     StreamNotBool(String),
@@ -142,6 +144,12 @@ impl GatewayError {
                 "invalid_request_error",
                 None,
                 ErrorClass::InvalidJson,
+            ),
+            InvalidFallbacks(_) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                Some("models"),
+                ErrorClass::InvalidModel,
             ),
             StreamNotBool(_) => (
                 StatusCode::BAD_REQUEST,

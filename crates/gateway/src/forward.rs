@@ -34,7 +34,7 @@ use crate::collect::{read_capped, UpstreamBody};
 use crate::endpoint::Endpoint;
 use crate::error::{ErrorClass, ErrorNote, GatewayError};
 use crate::retry::{backoff, retryable_failure, retryable_status, unhealthy_status, MAX_ATTEMPTS};
-use crate::route::Route;
+use crate::route::{storable, Fallback, Route};
 use crate::state::State;
 use crate::usage::{usage_of, LogGuard};
 
@@ -85,16 +85,14 @@ pub(crate) async fn forward(
     route: Route,
     log: &mut LogGuard,
 ) -> Result<Answer, GatewayError> {
-    let mut ask_usage = route.asks_usage();
-    let provider = &route.provider;
+    let mut ask_usage = route.asks_usage;
     let stream = route.stream;
     let bytes_out = route.endpoint.streams_bytes();
     // Streams and audio bytes: the timeout bounds the head, then each silence.
     let streamed = stream || bytes_out;
     let timeout = gw.client.timeout();
     let request_id = log.row.request_id.clone();
-    let fail = |e: reqwest::Error| classify(&e, &provider.name, timeout, &request_id);
-    let send = |up: &Upstream, body: Bytes| {
+    let send = |provider: &ProviderEntry, up: &Upstream, body: Bytes| {
         let url = up.url(route.endpoint);
         let rb = url.map(|url| {
             request(gw, url, up, &request_id)
@@ -114,17 +112,16 @@ pub(crate) async fn forward(
                 )
                 .body(body)
         });
+        let name = provider.name.clone();
         async move {
             let Some(rb) = rb else {
-                return Err(Sent::Refused(GatewayError::ProviderMisconfigured(
-                    provider.name.clone(),
-                )));
+                return Err(Sent::Refused(GatewayError::ProviderMisconfigured(name)));
             };
             if streamed {
                 // Streams: the timeout bounds the wait for the head, then each silence.
                 match tokio::time::timeout(timeout, rb.send()).await {
                     Ok(r) => r.map_err(Sent::Failed),
-                    Err(_) => Err(Sent::Refused(timed_out(&provider.name, timeout))),
+                    Err(_) => Err(Sent::Refused(timed_out(&name, timeout))),
                 }
             } else {
                 rb.timeout(timeout).send().await.map_err(Sent::Failed)
@@ -132,16 +129,56 @@ pub(crate) async fn forward(
         }
     };
     // Non-streamed answers: the timeout bounds the whole exchange, body included;
-    // retries stay within it too.
+    // retries and fallbacks stay within it too.
     let deadline = tokio::time::Instant::now() + timeout;
-    let (mut upstream, up) = attempts(gw, provider, deadline, log, |up| {
-        send(up, route.body.clone())
-    })
-    .await
-    .map_err(|e| match e {
-        Sent::Failed(e) => fail(e),
-        Sent::Refused(e) => e,
-    })?;
+    // The model, then each fallback while the last one failed in a retryable way.
+    let mut provider: &ProviderEntry = &route.provider;
+    let mut fallback: Option<&Fallback> = None;
+    let mut next = route.fallbacks.iter();
+    let (mut upstream, up) = loop {
+        let body = match (fallback, &route.source) {
+            (Some(f), Some((raw, splice))) => {
+                splice.apply_as(raw, ask_usage, Some(f.upstream_model()))
+            }
+            _ => route.body.clone(),
+        };
+        let result = attempts(gw, provider, deadline, log, |up| {
+            send(provider, up, body.clone())
+        })
+        .await;
+        let failed_over = match &result {
+            Ok((resp, _)) => retryable_status(resp.status().as_u16(), resp.headers()),
+            Err(Sent::Failed(e)) => retryable_failure(e),
+            Err(Sent::Refused(_)) => false,
+        };
+        match next.next() {
+            Some(f) if failed_over && tokio::time::Instant::now() < deadline => {
+                tracing::info!(request_id = %request_id, from = %provider.name, to = %f.model, "falling back to the next model");
+                gw.metrics.retries.fetch_add(1, Relaxed);
+                provider = &f.provider;
+                fallback = Some(f);
+                // Asking for usage depends on what this provider accepts.
+                ask_usage =
+                    ask_usage && !gw.refuses_stream_usage(provider.id, route.endpoint.path());
+                log.row.provider_name = Some(storable(&provider.name));
+                log.row.provider_key_id = Some(provider.id);
+                log.row.upstream_model = Some(storable(f.upstream_model()));
+            }
+            _ => {
+                break result.map_err(|e| match e {
+                    Sent::Failed(e) => classify(&e, &provider.name, timeout, &request_id),
+                    Sent::Refused(e) => e,
+                })?
+            }
+        }
+    };
+    if !route.fallbacks.is_empty() {
+        log.served = Some(fallback.map_or_else(
+            || log.row.requested_model.clone().unwrap_or_default(),
+            |f| f.model.clone(),
+        ));
+    }
+    let fail = |e: reqwest::Error| classify(&e, &provider.name, timeout, &request_id);
     if ask_usage && upstream.status() == reqwest::StatusCode::BAD_REQUEST {
         log.set_ttfb();
         let headers = upstream.headers().clone();
@@ -165,15 +202,19 @@ pub(crate) async fn forward(
         gw.remember_stream_usage_refused(provider.id, route.endpoint.path());
         ask_usage = false;
         let (raw, splice) = route
-            .without_usage
+            .source
             .as_ref()
             .ok_or_else(|| GatewayError::ProviderMisconfigured(provider.name.clone()))?;
-        upstream = send(up, splice.apply(raw, false))
-            .await
-            .map_err(|e| match e {
-                Sent::Failed(e) => fail(e),
-                Sent::Refused(e) => e,
-            })?;
+        upstream = send(
+            provider,
+            up,
+            splice.apply_as(raw, false, fallback.map(Fallback::upstream_model)),
+        )
+        .await
+        .map_err(|e| match e {
+            Sent::Failed(e) => fail(e),
+            Sent::Refused(e) => e,
+        })?;
     }
     let expect = Expect {
         stream,
@@ -258,7 +299,7 @@ where
                     continue;
                 }
                 log.outstanding = Some(hold);
-                log.attempts = attempt;
+                log.attempts += attempt;
                 log.endpoint_id = Some(up.id);
                 return Ok((resp, up));
             }
@@ -275,12 +316,12 @@ where
                     tokio::time::sleep(backoff(attempt)).await;
                     continue;
                 }
-                log.attempts = attempt;
+                log.attempts += attempt;
                 log.endpoint_id = Some(up.id);
                 return Err(Sent::Failed(e));
             }
             Err(refused) => {
-                log.attempts = attempt;
+                log.attempts += attempt;
                 log.endpoint_id = Some(up.id);
                 return Err(refused);
             }

@@ -21,7 +21,7 @@ use actix_web::http::header as ax;
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 
-use crate::admit::{admit, write_headers};
+use crate::admit::{admit, admit_one, write_headers};
 use crate::authenticate::authenticate;
 use crate::cache::KeyEntry;
 use crate::collect::read_body;
@@ -70,7 +70,7 @@ pub(crate) async fn proxy(
             .map_err(|_| GatewayError::BodyTimeout(gw.body_timeout))??;
         let routed = route(&gw, endpoint, &raw, &key, &mut log).await?;
         drop(raw);
-        let limits = admit(&gw, &key, &routed.provider, routed.reserve_tokens, &mut log).await?;
+        let limits = admit(&gw, &key, &routed, &mut log).await?;
         forward(&gw, routed, &mut log).await.map(|a| (a, limits))
     };
     let answer = answer.await;
@@ -91,7 +91,7 @@ pub(crate) async fn proxy_upload(
         })
         .await?;
         let provider = provider_for(&gw, &upload.model, upload.provider(), &key, &mut log).await?;
-        let limits = admit(&gw, &key, &provider, 0, &mut log).await?;
+        let limits = admit_one(&gw, &key, &provider, 0, &mut log).await?;
         let (content_type, length) = (upload.content_type.clone(), upload.length());
         let (body, pump) = upload.stream(payload, provider.name.clone(), gw.client.timeout());
         forward_upload(
@@ -117,15 +117,20 @@ async fn respond(
     gw: &web::Data<State>,
     endpoint: Endpoint,
     org: uuid::Uuid,
-    log: LogGuard,
+    mut log: LogGuard,
     answer: Result<(Answer, limits::Headers), GatewayError>,
 ) -> Result<HttpResponse, GatewayError> {
     let (answer, limits) = match answer {
         Ok(a) => a,
         Err(e) => return Err(failed(gw, log, e)),
     };
+    let served = log.served.take();
     let mut res = relay(gw, endpoint, org, log, answer).await;
     write_headers(&limits, res.headers_mut());
+    if let Some(v) = served.and_then(|m| ax::HeaderValue::from_str(&m).ok()) {
+        res.headers_mut()
+            .insert(ax::HeaderName::from_static("x-llmgw-model"), v);
+    }
     Ok(res)
 }
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use storage::domain::ProviderName;
 
-use crate::body::{ChatRequest, Splice};
+use crate::body::{split_model, ChatRequest, Splice};
 use crate::cache::{KeyEntry, ProviderEntry};
 use crate::endpoint::Endpoint;
 use crate::error::GatewayError;
@@ -27,15 +27,26 @@ pub(crate) struct Route {
     pub reserve_tokens: u64,
     /// The body the upstream gets first.
     pub body: Bytes,
-    /// When `body` asks for usage on the client's behalf: the client's body
-    /// and its edits, to ask again without (kept only then: a body is held once otherwise).
-    pub without_usage: Option<(Bytes, Splice)>,
+    /// `body` asks for `stream_options.include_usage` on the client's behalf.
+    pub asks_usage: bool,
+    /// The client's body and its edits, to write it again (without usage, or
+    /// for a fallback); kept only then: a body is held once otherwise.
+    pub source: Option<(Bytes, Splice)>,
+    /// `models`: where to go, in order, when the provider fails before answering.
+    pub fallbacks: Vec<Fallback>,
 }
 
-impl Route {
-    /// The gateway asks for `stream_options.include_usage` on the client's behalf.
-    pub fn asks_usage(&self) -> bool {
-        self.without_usage.is_some()
+/// A fallback model, checked and looked up when the request was routed.
+pub(crate) struct Fallback {
+    /// `{customName}/{modelName}` as the client wrote it.
+    pub model: String,
+    pub provider: Arc<ProviderEntry>,
+}
+
+impl Fallback {
+    /// `{modelName}`: what its upstream receives.
+    pub fn upstream_model(&self) -> &str {
+        &self.model[self.provider.name.len() + 1..]
     }
 }
 
@@ -64,15 +75,38 @@ pub(crate) async fn route(
     let ask_usage = endpoint.asks_stream_usage()
         && chat.can_ask_usage()
         && !gw.refuses_stream_usage(provider.id, endpoint.path());
+    let mut fallbacks = Vec::with_capacity(chat.fallbacks.len());
+    for model in &chat.fallbacks {
+        let name = &model[..split_model(model).unwrap_or(1) - 1];
+        fallbacks.push(Fallback {
+            provider: candidate(gw, model, name, key).await?,
+            model: model.to_string(),
+        });
+    }
     let splice = chat.splice();
     Ok(Route {
         endpoint,
         stream: chat.stream,
         reserve_tokens: crate::admit::reserve_tokens(chat.max_tokens, raw.len()),
         body: splice.apply(raw, ask_usage),
-        without_usage: ask_usage.then(|| (raw.clone(), splice)),
+        asks_usage: ask_usage,
+        source: (ask_usage || !fallbacks.is_empty()).then(|| (raw.clone(), splice)),
+        fallbacks,
         provider,
     })
+}
+
+/// A model the key may call and the usable provider it names (for a
+/// fallback: every one is checked before the first attempt).
+async fn candidate(
+    gw: &State,
+    model: &str,
+    provider_name: &str,
+    key: &KeyEntry,
+) -> Result<Arc<ProviderEntry>, GatewayError> {
+    let provider = allowed(gw, model, provider_name, key).await?;
+    usable(&provider)?;
+    Ok(provider)
 }
 
 /// The key's org's provider named `{customName}` of `model` (every endpoint
@@ -88,13 +122,23 @@ pub(crate) async fn provider_for(
     log.row.requested_model = Some(storable(model));
     log.row.provider_name = Some(storable(provider_name));
     log.row.upstream_model = Some(storable(&model[provider_name.len() + 1..]));
-    if !key.allows(model) {
-        return Err(GatewayError::ModelNotAllowed(model.to_owned()));
-    }
-    let provider = provider_named(gw, key.org_id, model, provider_name).await?;
+    let provider = allowed(gw, model, provider_name, key).await?;
     log.row.provider_key_id = Some(provider.id);
     usable(&provider)?;
     Ok(provider)
+}
+
+/// The provider `model` names, once the key's `allowed_models` let it call `model`.
+async fn allowed(
+    gw: &State,
+    model: &str,
+    provider_name: &str,
+    key: &KeyEntry,
+) -> Result<Arc<ProviderEntry>, GatewayError> {
+    if !key.allows(model) {
+        return Err(GatewayError::ModelNotAllowed(model.to_owned()));
+    }
+    provider_named(gw, key.org_id, model, provider_name).await
 }
 
 /// The org's provider called `name` (from the cache), for a request that

@@ -312,6 +312,8 @@ pub(crate) struct LogGuard {
     /// Upstream calls made (retries and fallbacks included), and the endpoint of the last.
     pub attempts: u32,
     pub endpoint_id: Option<Uuid>,
+    /// With fallbacks: the `{customName}/{modelName}` that served (`x-llmgw-model`).
+    pub served: Option<String>,
     start: Instant,
     finished: bool,
 }
@@ -345,6 +347,7 @@ impl LogGuard {
             outstanding: None,
             attempts: 0,
             endpoint_id: None,
+            served: None,
             start,
             finished: false,
         }
