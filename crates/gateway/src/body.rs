@@ -29,6 +29,9 @@ struct Peek<'a> {
     max_completion_tokens: Option<&'a RawValue>,
     #[serde(borrow, default)]
     max_output_tokens: Option<&'a RawValue>,
+    /// The Responses API's earlier response this one continues.
+    #[serde(borrow, default)]
+    previous_response_id: Option<&'a RawValue>,
     /// Fallback models, OpenRouter's convention (not sent upstream).
     #[serde(borrow, default, deserialize_with = "present")]
     models: Option<&'a RawValue>,
@@ -72,6 +75,8 @@ pub struct ChatRequest<'a> {
     /// `models`: the fallbacks to try in order when `model` fails before
     /// its answer starts (each `{customName}/{modelName}`).
     pub fallbacks: Vec<Cow<'a, str>>,
+    /// `previous_response_id`, when it is a string.
+    pub previous_response_id: Option<Cow<'a, str>>,
     /// How to make a streamed body ask for usage, when it does not already.
     usage_edit: Option<Edit>,
     /// Where `models` is cut out of the body.
@@ -134,6 +139,9 @@ impl<'a> ChatRequest<'a> {
             stream,
             max_tokens,
             fallbacks,
+            previous_response_id: peek
+                .previous_response_id
+                .and_then(|v| serde_json::from_str(v.get()).ok()),
             usage_edit,
             models_edit,
         })

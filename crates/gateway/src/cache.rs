@@ -284,6 +284,13 @@ impl ProviderEntry {
         &self.upstreams[0]
     }
 
+    /// The endpoint with this id, else the provider's own (a response's
+    /// follow-ups go where it was created, while that endpoint exists).
+    pub fn upstream_or_primary(&self, id: Option<Uuid>) -> &Upstream {
+        id.and_then(|id| self.upstreams.iter().find(|u| u.id == id))
+            .unwrap_or_else(|| self.primary())
+    }
+
     /// Values only this provider's upstreams may see (their tokens), to
     /// redact from anything relayed back.
     pub fn secrets(&self) -> impl Iterator<Item = &[u8]> {

@@ -142,7 +142,12 @@ pub(crate) async fn forward(
             }
             _ => route.body.clone(),
         };
-        let result = attempts(gw, provider, deadline, log, |up| {
+        let prefer = if fallback.is_none() {
+            route.prefer
+        } else {
+            None
+        };
+        let result = attempts(gw, provider, prefer, deadline, log, |up| {
             send(provider, up, body.clone())
         })
         .await;
@@ -232,7 +237,8 @@ enum Sent {
     Refused(GatewayError),
 }
 
-/// Sends with `send` to an endpoint of `provider` chosen by the balancer,
+/// Sends with `send` to an endpoint of `provider` chosen by the balancer
+/// (`prefer` first, when it is one of them),
 /// again on another while the failure is one [`crate::retry`] retries and
 /// the deadline, the attempt cap and the retry budget allow. Returns the
 /// answer's head and the endpoint that gave it; the endpoint counts the
@@ -240,6 +246,7 @@ enum Sent {
 async fn attempts<'p, F, Fut>(
     gw: &State,
     provider: &'p ProviderEntry,
+    prefer: Option<uuid::Uuid>,
     deadline: tokio::time::Instant,
     log: &mut LogGuard,
     send: F,
@@ -258,7 +265,14 @@ where
     let mut attempt = 0u32;
     let mut reused = false;
     loop {
-        let (picked, probes) = pick(&gw.health, ups, &tried);
+        let preferred = (attempt == 0)
+            .then(|| ups.iter().position(|u| Some(u.id) == prefer))
+            .flatten()
+            .filter(|i| !tried.contains(i));
+        let (picked, probes) = match preferred {
+            Some(i) => (Some(i), Vec::new()),
+            None => pick(&gw.health, ups, &tried),
+        };
         for p in probes {
             probe_later(gw, p);
         }

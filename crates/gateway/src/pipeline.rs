@@ -159,7 +159,8 @@ async fn relay(
             relay_headers(upstream.headers(), &mut res);
             res.insert_header((ax::CACHE_CONTROL, ax::HeaderValue::from_static("no-cache")));
             let watched = (endpoint == Endpoint::Responses)
-                .then(|| (log.row.provider_key_id, log.row.provider_name.clone()));
+                .then(|| crate::responses::Origin::of(&log))
+                .flatten();
             let mut stream = Relay::new(
                 upstream,
                 log,
@@ -168,8 +169,8 @@ async fn relay(
                 status,
                 strip_usage,
             );
-            if let Some((Some(provider_id), Some(name))) = watched {
-                stream = crate::responses::watch(stream, gw, org, provider_id, name);
+            if let Some(origin) = watched {
+                stream = crate::responses::watch(stream, gw, org, origin);
             }
             res.streaming(stream)
         }

@@ -37,6 +37,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use reqwest::header as rq;
 use uuid::Uuid;
 
+use crate::balance::Upstream;
 use crate::cache::{bounded, ProviderEntry};
 use crate::collect::{read_capped, UpstreamBody};
 use crate::error::{ErrorClass, ErrorNote, GatewayError};
@@ -103,9 +104,27 @@ pub(crate) fn streamed_id(data: &[u8]) -> Option<String> {
 /// Where a response lives: its provider's id and (current) name.
 #[derive(Debug, Clone)]
 struct Target {
-    provider_id: Uuid,
-    provider_name: String,
+    origin: Origin,
     cached: Instant,
+}
+
+/// Where a response was created: its provider, and the endpoint of it.
+#[derive(Debug, Clone)]
+pub(crate) struct Origin {
+    pub provider_id: Uuid,
+    pub provider_name: String,
+    pub endpoint_id: Option<Uuid>,
+}
+
+impl Origin {
+    /// Where the row says the request went (the provider, and the endpoint that answered).
+    pub fn of(log: &LogGuard) -> Option<Self> {
+        Some(Self {
+            provider_id: log.row.provider_key_id?,
+            provider_name: log.row.provider_name.clone()?,
+            endpoint_id: log.endpoint_id,
+        })
+    }
 }
 
 /// This replica's routes, size-capped (first in, first out): a follow-up
@@ -139,12 +158,11 @@ impl ResponseRoutes {
             .cloned()
     }
 
-    fn insert(&self, org: Uuid, id: &str, provider_id: Uuid, provider_name: &str) {
+    fn insert(&self, org: Uuid, id: &str, origin: &Origin) {
         let mut r = self.lock();
         let key = (org, id.to_owned());
         let target = Target {
-            provider_id,
-            provider_name: provider_name.to_owned(),
+            origin: origin.clone(),
             cached: Instant::now(),
         };
         if r.map.insert(key.clone(), target).is_none() {
@@ -167,17 +185,17 @@ impl ResponseRoutes {
     }
 }
 
-/// Remembers in this replica that `provider` created `id` for `org`.
-pub(crate) fn remember_here(gw: &State, org: Uuid, id: &str, provider: (Uuid, &str)) {
-    gw.responses.insert(org, id, provider.0, provider.1);
+/// Remembers in this replica where `id` was created for `org`.
+pub(crate) fn remember_here(gw: &State, org: Uuid, id: &str, origin: &Origin) {
+    gw.responses.insert(org, id, origin);
 }
 
 /// Writes the route row (bounded in time; a failure is logged, not returned:
 /// the answer has been made, and this replica still routes the id).
-pub(crate) async fn record(gw: &State, org: Uuid, id: &str, provider_id: Uuid) {
+pub(crate) async fn record(gw: &State, org: Uuid, id: &str, origin: &Origin) {
     let written = bounded(async {
         gw.db
-            .insert_response_route(org, id, provider_id)
+            .insert_response_route(org, id, origin.provider_id, origin.endpoint_id)
             .await
             .map_err(|e| tracing::warn!(error = %e, response_id = id, "cannot record the response's provider"))
     })
@@ -191,9 +209,9 @@ pub(crate) async fn record(gw: &State, org: Uuid, id: &str, provider_id: Uuid) {
 }
 
 /// Remembers a JSON answer's response id before the answer is returned.
-pub(crate) async fn remember(gw: &State, org: Uuid, id: &str, provider: (Uuid, &str)) {
-    remember_here(gw, org, id, provider);
-    record(gw, org, id, provider.0).await;
+pub(crate) async fn remember(gw: &State, org: Uuid, id: &str, origin: &Origin) {
+    remember_here(gw, org, id, origin);
+    record(gw, org, id, origin).await;
 }
 
 /// The provider that created `id` for `org`, if any.
@@ -218,14 +236,26 @@ async fn target(gw: &State, org: Uuid, id: &str) -> Result<Option<Target>, Gatew
         }
     };
     Ok(found.map(|r| {
-        gw.responses
-            .insert(org, id, r.provider_key_id, &r.provider_name);
-        Target {
+        let origin = Origin {
             provider_id: r.provider_key_id,
             provider_name: r.provider_name,
+            endpoint_id: r.endpoint_id,
+        };
+        gw.responses.insert(org, id, &origin);
+        Target {
+            origin,
             cached: Instant::now(),
         }
     }))
+}
+
+/// The endpoint that created `id` for `org` (for `previous_response_id`):
+/// `None` when unknown or unreadable (the balancer then chooses).
+pub(crate) async fn endpoint_of(gw: &State, org: Uuid, id: &str) -> Option<Uuid> {
+    if !plausible_id(id) {
+        return None;
+    }
+    target(gw, org, id).await.ok()??.origin.endpoint_id
 }
 
 /// The provider for a response, usable now; 404 when there is none.
@@ -234,14 +264,14 @@ async fn provider_for(
     org: Uuid,
     id: &str,
     log: &mut LogGuard,
-) -> Result<Arc<ProviderEntry>, GatewayError> {
+) -> Result<(Arc<ProviderEntry>, Option<Uuid>), GatewayError> {
     let not_found = || GatewayError::ResponseNotFound(id.to_owned());
     if !plausible_id(id) {
         return Err(GatewayError::ResponseNotFound(crate::route::storable(
             &id.chars().take(64).collect::<String>(),
         )));
     }
-    let mut t = target(gw, org, id).await?.ok_or_else(not_found)?;
+    let mut t = target(gw, org, id).await?.ok_or_else(not_found)?.origin;
     log.row.provider_key_id = Some(t.provider_id);
     log.row.provider_name = Some(t.provider_name.clone());
     let by_name = |name: String| async move {
@@ -253,7 +283,7 @@ async fn provider_for(
     if provider.as_ref().map(|p| p.id) != Some(t.provider_id) {
         // The cached name moved (the provider was renamed): ask the database once.
         gw.responses.remove(org, id);
-        t = target(gw, org, id).await?.ok_or_else(not_found)?;
+        t = target(gw, org, id).await?.ok_or_else(not_found)?.origin;
         log.row.provider_name = Some(t.provider_name.clone());
         provider = by_name(t.provider_name.clone()).await?;
     }
@@ -261,7 +291,7 @@ async fn provider_for(
         .filter(|p| p.id == t.provider_id)
         .ok_or_else(not_found)?;
     crate::route::usable(&provider)?;
-    Ok(provider)
+    Ok((provider, t.endpoint_id))
 }
 
 /// Registers the follow-up routes (`POST /v1/responses` is a JSON endpoint).
@@ -334,8 +364,11 @@ pub(crate) async fn follow_up(
 ) -> Result<HttpResponse, GatewayError> {
     let (key, mut log) = crate::pipeline::open(&gw, &req, action.endpoint()).await?;
     let answer = async {
-        let provider = provider_for(&gw, key.org_id, &id, &mut log).await?;
-        send(&gw, action, &req, &id, &provider, &mut log).await
+        let (provider, endpoint) = provider_for(&gw, key.org_id, &id, &mut log).await?;
+        let up = provider.upstream_or_primary(endpoint);
+        log.endpoint_id = Some(up.id);
+        log.attempts = 1;
+        send(&gw, action, &req, &id, &provider, up, &mut log).await
     };
     match answer.await {
         Ok(Sent::Full(res)) => Ok(res),
@@ -371,12 +404,12 @@ async fn send(
     req: &HttpRequest,
     id: &str,
     provider: &ProviderEntry,
+    up: &Upstream,
     log: &mut LogGuard,
 ) -> Result<Sent, GatewayError> {
     let timeout = gw.client.timeout();
     let request_id = log.row.request_id.clone();
-    let mut url = provider
-        .primary()
+    let mut url = up
         .base_url
         .endpoint(&format!("responses/{id}{}", action.suffix()));
     let query = req.query_string();
@@ -390,7 +423,7 @@ async fn send(
         .client
         .http()
         .request(action.method(), url)
-        .header(rq::AUTHORIZATION, provider.primary().auth.clone())
+        .header(rq::AUTHORIZATION, up.auth.clone())
         .header(
             rq::ACCEPT,
             rq::HeaderValue::from_static("application/json, text/event-stream"),
@@ -476,29 +509,24 @@ pub(crate) async fn after_create(
     log: &LogGuard,
     res: &HttpResponse,
 ) {
-    let (Some(provider_id), Some(name)) = (log.row.provider_key_id, &log.row.provider_name) else {
+    let Some(origin) = Origin::of(log) else {
         return;
     };
     let id = res.extensions().get::<Created>().map(|c| c.0.clone());
     if let Some(id) = id {
-        remember(gw, org, &id, (provider_id, name)).await;
+        remember(gw, org, &id, &origin).await;
     }
 }
 
 /// The relay of a streamed `POST /v1/responses`, remembering the response
 /// as soon as its id passes: in this replica at once, in the database by a
 /// spawned write (the stream is not held back for it; see the module doc).
-pub(crate) fn watch(
-    relay: Relay,
-    gw: &web::Data<State>,
-    org: Uuid,
-    provider_id: Uuid,
-    name: String,
-) -> Relay {
+pub(crate) fn watch(relay: Relay, gw: &web::Data<State>, org: Uuid, origin: Origin) -> Relay {
     let gw = gw.clone();
     relay.on_response_id(move |id| {
-        remember_here(&gw, org, &id, (provider_id, &name));
-        tokio::spawn(async move { record(&gw, org, &id, provider_id).await });
+        remember_here(&gw, org, &id, &origin);
+        let origin = origin.clone();
+        tokio::spawn(async move { record(&gw, org, &id, &origin).await });
     })
 }
 
@@ -538,9 +566,13 @@ mod tests {
     fn the_route_cache_is_bounded_and_forgets_the_oldest() {
         let c = ResponseRoutes::new();
         let org = Uuid::new_v4();
-        let p = Uuid::new_v4();
+        let origin = Origin {
+            provider_id: Uuid::new_v4(),
+            provider_name: "mycompany".into(),
+            endpoint_id: None,
+        };
         for i in 0..CACHE_MAX + 10 {
-            c.insert(org, &format!("resp_{i}"), p, "mycompany");
+            c.insert(org, &format!("resp_{i}"), &origin);
         }
         assert_eq!(c.lock().map.len(), CACHE_MAX);
         assert_eq!(c.lock().order.len(), CACHE_MAX);

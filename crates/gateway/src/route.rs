@@ -34,6 +34,8 @@ pub(crate) struct Route {
     pub source: Option<(Bytes, Splice)>,
     /// `models`: where to go, in order, when the provider fails before answering.
     pub fallbacks: Vec<Fallback>,
+    /// The endpoint to try first: the one that created `previous_response_id`.
+    pub prefer: Option<uuid::Uuid>,
 }
 
 /// A fallback model, checked and looked up when the request was routed.
@@ -83,8 +85,15 @@ pub(crate) async fn route(
             model: model.to_string(),
         });
     }
+    let prefer = match (&chat.previous_response_id, endpoint) {
+        (Some(id), Endpoint::Responses) if provider.upstreams.len() > 1 => {
+            crate::responses::endpoint_of(gw, key.org_id, id).await
+        }
+        _ => None,
+    };
     let splice = chat.splice();
     Ok(Route {
+        prefer,
         endpoint,
         stream: chat.stream,
         reserve_tokens: crate::admit::reserve_tokens(chat.max_tokens, raw.len()),

@@ -295,7 +295,7 @@ async fn the_database_refuses_a_route_to_another_orgs_provider() {
     let theirs = add_provider(env.db(), other.id, "theirs", &env.upstream.base_url).await;
     let written = env
         .db()
-        .insert_response_route(env.org.id, "resp_x", theirs)
+        .insert_response_route(env.org.id, "resp_x", theirs, None)
         .await
         .unwrap();
     assert!(!written);
