@@ -417,6 +417,8 @@ fn empty_row() -> RequestLog {
         ttfb_ms: None,
         error_class: None,
         created_at: DateTime::<Utc>::MIN_UTC,
+        endpoint_id: None,
+        attempts: None,
     }
 }
 
