@@ -71,6 +71,12 @@ pub enum ApiError {
     Conflict(&'static str),
     #[error("the organization must keep at least one owner")]
     LastOwner,
+    #[error(
+        "this is the provider's own endpoint (its base_url and token): it cannot be deleted, \
+        so the provider keeps an endpoint; change it with PATCH (a new base_url with its token), \
+        or delete the provider"
+    )]
+    OwnEndpoint,
     #[error("too many attempts; retry after {retry_after_secs} s")]
     TooManyRequests { retry_after_secs: u64 },
     #[error("the server is busy, try again shortly")]
@@ -162,6 +168,11 @@ pub const LAST_OWNER: ErrorKind = kind(
     "last_owner",
     "the last owner can neither leave nor be demoted",
 );
+pub const OWN_ENDPOINT: ErrorKind = kind(
+    409,
+    "own_endpoint",
+    "the provider's own endpoint (its top-level base_url and token) cannot be deleted",
+);
 pub const TOO_MANY_REQUESTS: ErrorKind = kind(
     429,
     "too_many_requests",
@@ -201,6 +212,7 @@ pub const ALL_KINDS: &[ErrorKind] = &[
     METHOD_NOT_ALLOWED,
     CONFLICT,
     LAST_OWNER,
+    OWN_ENDPOINT,
     TOO_MANY_REQUESTS,
     BUSY,
     UNAVAILABLE,
@@ -226,6 +238,7 @@ impl ApiError {
             Self::MethodNotAllowed(_) => METHOD_NOT_ALLOWED,
             Self::Conflict(_) => CONFLICT,
             Self::LastOwner => LAST_OWNER,
+            Self::OwnEndpoint => OWN_ENDPOINT,
             Self::TooManyRequests { .. } => TOO_MANY_REQUESTS,
             Self::Busy => BUSY,
             Self::Unavailable(_) => UNAVAILABLE,
@@ -249,6 +262,7 @@ impl From<StorageError> for ApiError {
             StorageError::NotFound => Self::NotFound,
             StorageError::Conflict(what) => Self::Conflict(what),
             StorageError::LastOwner => Self::LastOwner,
+            StorageError::OwnEndpoint => Self::OwnEndpoint,
             StorageError::RoleTooLow(role) => Self::Forbidden(role),
             StorageError::Invalid(v) => v.into(),
             e if e.is_unavailable() => Self::Unavailable(Some(e)),

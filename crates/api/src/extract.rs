@@ -185,6 +185,25 @@ impl FromRequest for ItemId {
     }
 }
 
+/// The `{endpoint_id}` of the path; a malformed one is reported as not found.
+pub struct EndpointId(Option<Uuid>);
+
+impl EndpointId {
+    pub fn get(&self) -> Result<Uuid, ApiError> {
+        self.0.ok_or(ApiError::NotFound)
+    }
+}
+
+impl FromRequest for EndpointId {
+    type Error = ApiError;
+    type Future = Ready<Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let raw = req.match_info().get("endpoint_id");
+        ready(Ok(Self(raw.and_then(|s| Uuid::parse_str(s).ok()))))
+    }
+}
+
 /// A JSON body parsed into `T` (see [`crate::input`]); its error, if any, is
 /// returned by [`Input::into_inner`].
 pub struct Input<T>(Result<T, ApiError>);

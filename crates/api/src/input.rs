@@ -5,6 +5,7 @@
 use chrono::{DateTime, Utc};
 use secrecy::SecretString;
 use serde_json::{Map, Value};
+use storage::domain::routing::{StaticHeaders, Timeouts, Weight};
 use storage::domain::{
     parse_label, BaseUrl, Email, ProviderName, ProviderStatus, Role, ValidationError,
 };
@@ -262,6 +263,21 @@ fn prices(f: &mut Fields) -> Option<Option<Prices>> {
     f.json("prices", |v| Prices::parse(v).map_err(|e| vec![e]))
 }
 
+/// `headers` of a body: `null` or `{}` removes them.
+fn headers(f: &mut Fields) -> Option<Option<StaticHeaders>> {
+    f.json("headers", StaticHeaders::parse)
+}
+
+/// `timeouts` of a body: `null` or `{}` leaves all three to the gateway.
+fn timeouts(f: &mut Fields) -> Option<Option<Timeouts>> {
+    f.json("timeouts", Timeouts::parse)
+}
+
+/// `weight` of a body (`null` is no weight: refused).
+fn weight(f: &mut Fields) -> Option<Option<Weight>> {
+    f.json("weight", |v| Weight::parse(v).map_err(|e| vec![e]))
+}
+
 /// `PATCH /orgs/{org_id}`: a new name and/or limits (owners only).
 pub struct OrgPatch {
     pub name: Option<String>,
@@ -361,12 +377,7 @@ impl FromFields for MemberPatch {
 }
 
 /// `POST /orgs/{org_id}/provider-keys`.
-pub struct CreateProvider {
-    pub name: ProviderName,
-    pub base_url: BaseUrl,
-    pub token: ProviderToken,
-    pub prices: Prices,
-}
+pub struct CreateProvider(pub storage::providers::NewProvider);
 
 impl FromFields for CreateProvider {
     fn from_fields(f: &mut Fields) -> Option<Self> {
@@ -374,12 +385,16 @@ impl FromFields for CreateProvider {
         let base_url = f.required("base_url", BaseUrl::parse);
         let token = f.required("token", ProviderToken::parse);
         let prices = prices(f);
-        Some(Self {
+        let headers = headers(f);
+        let timeouts = timeouts(f);
+        Some(Self(storage::providers::NewProvider {
             name: name?,
             base_url: base_url?,
             token: token?,
             prices: prices?.unwrap_or_default(),
-        })
+            headers: headers?.unwrap_or_default(),
+            timeouts: timeouts?.unwrap_or_default(),
+        }))
     }
 }
 
@@ -395,22 +410,69 @@ impl FromFields for PatchProvider {
         let token = f.optional("token", ProviderToken::parse);
         let status = f.optional("status", parse_status);
         let prices = prices(f);
+        let headers = headers(f);
+        let timeouts = timeouts(f);
         let patch = storage::providers::ProviderPatch {
             name: name?,
             base_url: base_url?,
             token: token?,
             status: status?,
             prices: prices?,
+            headers: headers?,
+            timeouts: timeouts?,
+            weight: None,
         };
         if patch.name.is_none()
             && patch.base_url.is_none()
             && patch.token.is_none()
             && patch.status.is_none()
             && patch.prices.is_none()
+            && patch.headers.is_none()
+            && patch.timeouts.is_none()
         {
             f.reject(FieldError::new(
                 "body",
-                "nothing to change: give at least one of name, base_url, token, status, prices",
+                "nothing to change: give at least one of name, base_url, token, status, prices, headers, timeouts",
+            ))?;
+        }
+        Some(Self(patch))
+    }
+}
+
+/// `POST /orgs/{org_id}/provider-keys/{id}/endpoints`.
+pub struct CreateEndpoint(pub storage::endpoints::NewEndpoint);
+
+impl FromFields for CreateEndpoint {
+    fn from_fields(f: &mut Fields) -> Option<Self> {
+        let base_url = f.required("base_url", BaseUrl::parse);
+        let token = f.required("token", ProviderToken::parse);
+        let weight = weight(f);
+        Some(Self(storage::endpoints::NewEndpoint {
+            base_url: base_url?,
+            token: token?,
+            weight: weight?.unwrap_or_default(),
+        }))
+    }
+}
+
+/// `PATCH /orgs/{org_id}/provider-keys/{id}/endpoints/{endpoint_id}`: at
+/// least one field; a new `base_url` needs `token`, as for providers.
+pub struct PatchEndpoint(pub storage::endpoints::EndpointPatch);
+
+impl FromFields for PatchEndpoint {
+    fn from_fields(f: &mut Fields) -> Option<Self> {
+        let base_url = f.optional("base_url", BaseUrl::parse);
+        let token = f.optional("token", ProviderToken::parse);
+        let weight = weight(f);
+        let patch = storage::endpoints::EndpointPatch {
+            base_url: base_url?,
+            token: token?,
+            weight: weight?,
+        };
+        if patch.base_url.is_none() && patch.token.is_none() && patch.weight.is_none() {
+            f.reject(FieldError::new(
+                "body",
+                "nothing to change: give at least one of base_url, token, weight",
             ))?;
         }
         Some(Self(patch))
@@ -724,6 +786,30 @@ mod tests {
     fn empty_patch_is_refused() {
         assert_eq!(fields(body::<PatchProvider>("{}").err().unwrap()), ["body"]);
         assert!(body::<PatchProvider>(r#"{"status":"inactive"}"#).is_ok());
+        assert!(body::<PatchProvider>(r#"{"headers":null}"#).is_ok());
+        assert_eq!(fields(body::<PatchEndpoint>("{}").err().unwrap()), ["body"]);
+        assert!(body::<PatchEndpoint>(r#"{"weight":5}"#).is_ok());
+    }
+
+    #[test]
+    fn endpoint_and_provider_settings_name_their_fields() {
+        let e = body::<CreateEndpoint>(r#"{"base_url":"https://a.example.com/v1","weight":0}"#)
+            .err()
+            .unwrap();
+        assert_eq!(fields(e), ["base_url", "token", "weight"]);
+        let ok = body::<CreateEndpoint>(r#"{"base_url":"https://a.example.com","token":"sk-1"}"#)
+            .ok()
+            .unwrap();
+        assert_eq!(ok.0.weight.get(), 1);
+        let e = body::<PatchEndpoint>(r#"{"weight":null}"#).err().unwrap();
+        assert_eq!(fields(e), ["weight"]);
+        let e = body::<PatchProvider>(
+            r#"{"headers":{"Authorization":"Bearer SECRETVALUE"},"timeouts":{"total_ms":0}}"#,
+        )
+        .err()
+        .unwrap();
+        assert!(!format!("{e:?}").contains("SECRETVALUE"));
+        assert_eq!(fields(e), ["headers", "timeouts.total_ms"]);
     }
 
     #[test]

@@ -5,9 +5,10 @@
 //! handlers and produces the OpenAPI document served at `/api/openapi.json`.
 //! Permissions are part of each handler's signature (`OrgAccess<role::Admin>` and friends).
 //!
-//! Cache invalidation needs nothing here: every write to `provider_keys` and
-//! `api_keys` fires a trigger (migrations/0001_initial.sql) that sends
-//! `NOTIFY llmgw_cache` with `{"table","op","org_id","id"}`
+//! Cache invalidation needs nothing here: every write to `provider_keys`,
+//! `provider_endpoints` and `api_keys` fires a trigger (migrations/0001_initial.sql,
+//! 0012_provider_endpoints.sql) that sends `NOTIFY llmgw_cache` with
+//! `{"table","op","org_id","id"}`
 //! ([`storage::CACHE_CHANNEL`]), inside the same transaction as the change, so
 //! gateways drop their cached entry as soon as the change commits.
 
@@ -20,6 +21,7 @@ mod browser;
 mod error;
 mod extract;
 mod handlers;
+mod health;
 mod input;
 mod middleware;
 mod oidc;
@@ -71,6 +73,8 @@ pub(crate) struct State {
     pub passwords: storage::secrets::PasswordPool,
     pub throttle: throttle::AuthThrottle,
     pub sso: oidc::Sso,
+    /// Endpoint health as the gateways report it.
+    pub health: health::HealthReports,
 }
 
 /// The settings API, ready to be mounted on an actix-web `App`.
@@ -111,6 +115,7 @@ impl Api {
                 passwords,
                 throttle: throttle::AuthThrottle::new(),
                 sso,
+                health: health::HealthReports::default(),
             }),
         }
     }

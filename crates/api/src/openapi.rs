@@ -5,6 +5,11 @@
 //! client generated from the document sends what the server accepts.
 
 use serde_json::{json, Map, Value};
+use storage::domain::routing::{
+    EndpointHealth, HEADER_VALUE_PATTERN, MAX_ENDPOINTS, MAX_HEADERS, MAX_HEADERS_BYTES,
+    MAX_HEADER_NAME_LEN, MAX_HEADER_VALUE_LEN, MAX_TIMEOUT_MS, RESERVED_HEADERS,
+    RESERVED_HEADER_PREFIXES, TIMEOUT_FIELDS, WEIGHT_MAX, WEIGHT_MIN,
+};
 use storage::domain::{
     ProviderStatus, Role, BASE_URL_MAX_LEN, BASE_URL_PATTERN, EMAIL_MAX_LEN, LABEL_MAX_CHARS,
     LABEL_PATTERN, PROVIDER_NAME_MAX_LEN, PROVIDER_NAME_PATTERN,
@@ -251,6 +256,46 @@ fn schemas() -> Value {
                                            "description": "a model name (`llama-3-8b`), a pattern (`llama-*`) or `*`"},
                                  "input_per_million_usd": usd(PRICE_SCALE, "per million prompt tokens"),
                                  "output_per_million_usd": usd(PRICE_SCALE, "per million completion tokens")}}});
+    let weight = json!({"type": "integer", "minimum": WEIGHT_MIN, "maximum": WEIGHT_MAX,
+        "description": "the endpoint's share of the provider's traffic, relative to the other endpoints' weights"});
+    let healths: Vec<&str> = EndpointHealth::ALL.iter().map(|h| h.as_str()).collect();
+    let endpoint_token = {
+        let mut t = token.clone();
+        t["description"] = json!("the endpoint's API token; never returned");
+        t
+    };
+    let reserved: Vec<String> = RESERVED_HEADERS
+        .iter()
+        .map(|(n, _)| n.to_string())
+        .chain(
+            RESERVED_HEADER_PREFIXES
+                .iter()
+                .map(|(p, _)| format!("{p}*")),
+        )
+        .collect();
+    let headers_input = json!({"type": "object", "nullable": true, "maxProperties": MAX_HEADERS, "writeOnly": true,
+        "additionalProperties": {"type": "string", "minLength": 1, "maxLength": MAX_HEADER_VALUE_LEN,
+                                 "pattern": HEADER_VALUE_PATTERN},
+        "description": format!("Static extra headers sent with every upstream request to each of the provider's endpoints: \
+            header name to value. Values are stored encrypted and never returned (answers list the names). \
+            Replaces every header; null or {{}} removes them. Names are HTTP tokens of 1 to {MAX_HEADER_NAME_LEN} \
+            characters, compared case-insensitively; these are refused (422 naming the header): {}. \
+            At most {MAX_HEADERS_BYTES} bytes of names and values together. Credentials belong in the token.",
+            reserved.join(", "))});
+    let mut timeout_props = Map::new();
+    for name in TIMEOUT_FIELDS {
+        timeout_props.insert(
+            name.to_owned(),
+            json!({"type": "integer", "minimum": 1, "maximum": MAX_TIMEOUT_MS, "nullable": true,
+                   "description": "milliseconds; null or absent: the gateway's setting"}),
+        );
+    }
+    let timeouts = json!({"type": "object", "additionalProperties": false, "required": TIMEOUT_FIELDS,
+        "properties": timeout_props.clone(),
+        "description": "The provider's own upstream timeouts: connect_ms (TCP and TLS), first_byte_ms (request sent to the answer's first byte), total_ms (the whole exchange); null: the gateway's setting."});
+    let timeouts_input = json!({"type": "object", "nullable": true, "additionalProperties": false,
+        "properties": timeout_props,
+        "description": "Replaces all three; null or {} leaves them to the gateway. connect_ms and first_byte_ms must not exceed total_ms (else 422)."});
     let mut prices_or_null = prices.clone();
     prices_or_null["nullable"] = json!(true);
     let mut limits_or_null = limits.clone();
@@ -411,7 +456,9 @@ fn schemas() -> Value {
             "ProviderKeyCreate",
             json!({
                 "type": "object", "additionalProperties": false, "required": ["name", "base_url", "token"],
-                "properties": {"name": provider_name, "base_url": base_url, "token": token, "prices": prices_or_null},
+                "description": "base_url and token are the provider's own endpoint (weight 1); add further endpoints under /endpoints.",
+                "properties": {"name": provider_name, "base_url": base_url, "token": token, "prices": prices_or_null,
+                               "headers": headers_input, "timeouts": timeouts_input},
             }),
         ),
         (
@@ -420,20 +467,60 @@ fn schemas() -> Value {
                 "type": "object", "additionalProperties": false, "minProperties": 1,
                 "description": "A base_url that differs from the stored one must come with token in the same request (else 422 on token): the stored token is only ever sent to the base URL it was saved with.",
                 "properties": {"name": provider_name, "base_url": base_url, "token": token, "status": status,
-                               "prices": {"allOf": [prices_or_null], "description": "replaces every price; null or [] removes them"}},
+                               "prices": {"allOf": [prices_or_null], "description": "replaces every price; null or [] removes them"},
+                               "headers": headers_input, "timeouts": timeouts_input},
             }),
         ),
         (
             "ProviderKey",
             json!({
                 "type": "object",
-                "required": ["id", "name", "base_url", "token_hint", "status", "prices", "created_at", "updated_at"],
-                "properties": {"id": uuid, "name": {"type": "string"}, "base_url": {"type": "string"},
+                "required": ["id", "name", "base_url", "token_hint", "status", "prices", "endpoints", "headers", "timeouts", "created_at", "updated_at"],
+                "properties": {"id": uuid, "name": {"type": "string"},
+                               "base_url": {"type": "string", "description": "the provider's own endpoint's base URL"},
                                "token_hint": {"type": "string", "description": "last 4 characters of the token"},
-                               "status": status, "prices": prices, "created_at": time, "updated_at": time},
+                               "status": status, "prices": prices,
+                               "endpoints": {"type": "array", "minItems": 1, "maxItems": MAX_ENDPOINTS,
+                                             "items": schema_ref("ProviderEndpoint"),
+                                             "description": "every endpoint, the provider's own (same id as the provider, its base_url and token) first"},
+                               "headers": {"type": "array", "maxItems": MAX_HEADERS, "items": {"type": "string"},
+                                           "description": "the names of the static upstream headers; their values are never returned"},
+                               "timeouts": timeouts,
+                               "created_at": time, "updated_at": time},
             }),
         ),
         ("ProviderKeyList", list_of("ProviderKey")),
+        (
+            "ProviderEndpoint",
+            json!({
+                "type": "object", "required": ["id", "base_url", "token_hint", "weight", "health"],
+                "properties": {"id": {"type": "string", "format": "uuid",
+                                      "description": "the provider's own id for its own endpoint"},
+                               "base_url": {"type": "string"},
+                               "token_hint": {"type": "string", "description": "last 4 characters of the token"},
+                               "weight": weight,
+                               "health": {"type": "string", "enum": healths,
+                                          "description": "as the gateways report it (the worst replica's view); unknown while no report is available"}},
+            }),
+        ),
+        ("ProviderEndpointList", list_of("ProviderEndpoint")),
+        (
+            "ProviderEndpointCreate",
+            json!({
+                "type": "object", "additionalProperties": false, "required": ["base_url", "token"],
+                "description": format!("A provider has at most {MAX_ENDPOINTS} endpoints, its own included (else 422)."),
+                "properties": {"base_url": base_url, "token": endpoint_token,
+                               "weight": {"allOf": [weight], "default": WEIGHT_MIN}},
+            }),
+        ),
+        (
+            "ProviderEndpointPatch",
+            json!({
+                "type": "object", "additionalProperties": false, "minProperties": 1,
+                "description": "A base_url that differs from the stored one must come with token in the same request (else 422 on token): an endpoint's token is only ever sent to the base URL it was saved with. Patching the provider's own endpoint changes the provider's base_url and token.",
+                "properties": {"base_url": base_url, "token": endpoint_token, "weight": weight},
+            }),
+        ),
         (
             "ProviderTest",
             json!({
@@ -520,6 +607,10 @@ fn schemas() -> Value {
                     "prompt_tokens": int_or_null, "completion_tokens": int_or_null, "total_tokens": int_or_null,
                     "latency_ms": {"type": "integer"}, "ttfb_ms": {"type": "integer", "nullable": true},
                     "error_class": str_or_null, "created_at": time, "cost_usd": row_cost,
+                    "endpoint_id": {"type": "string", "format": "uuid", "nullable": true,
+                                    "description": "the endpoint that answered (the provider's own id for its own endpoint)"},
+                    "attempts": {"type": "integer", "minimum": 1, "nullable": true,
+                                 "description": "upstream attempts, retries and fallbacks included"},
                 },
             }),
         ),

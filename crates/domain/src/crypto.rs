@@ -13,6 +13,14 @@
 //!   the URL exactly as stored (normalized by `BaseUrl::parse` when saved),
 //!   which is the string the gateway and the connectivity test connect to.
 //!
+//! Version 2 seals three kinds of value, told apart by the first bytes of
+//! their associated data so that none opens as another ([`Purpose`]):
+//! a provider's own token (`"llmgw:pk:v2\0"`, above), the token of one of
+//! its further endpoints (`"llmgw:pe:v2\0"`, bound the same way to the
+//! endpoint's own row and URL) and a provider's static headers
+//! (`"llmgw:ph:v2\0"`, bound to the org and the provider's row, with an
+//! empty URL: they go to every endpoint of the provider).
+//!
 //! [`Keyring::open`] opens version 2 only. A row labelled version 1 is never
 //! opened on a path that sends the token anywhere: the only opener of
 //! version 1 is [`Keyring::open_legacy`], used by the re-seal that rewrites
@@ -82,13 +90,67 @@ pub const AAD_V1: i16 = 1;
 /// Current associated-data format: org, row and base URL.
 pub const AAD_V2: i16 = 2;
 
-/// What a sealed token is bound to: it opens only for this org, this row
-/// and this exact base URL.
+/// What kind of value is sealed; part of the associated data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// A provider's own token (`provider_keys`).
+    ProviderToken,
+    /// The token of a provider's further endpoint (`provider_endpoints`).
+    EndpointToken,
+    /// A provider's static extra headers, names and values (`provider_keys`).
+    ProviderHeaders,
+}
+
+impl Purpose {
+    fn aad_prefix(self) -> &'static [u8; 12] {
+        match self {
+            Self::ProviderToken => b"llmgw:pk:v2\0",
+            Self::EndpointToken => b"llmgw:pe:v2\0",
+            Self::ProviderHeaders => b"llmgw:ph:v2\0",
+        }
+    }
+}
+
+/// What a sealed value is bound to: it opens only as this kind of value,
+/// for this org, this row and this exact base URL.
 #[derive(Debug, Clone, Copy)]
 pub struct Binding<'a> {
+    pub purpose: Purpose,
     pub org_id: Uuid,
     pub row_id: Uuid,
     pub base_url: &'a str,
+}
+
+impl<'a> Binding<'a> {
+    /// A provider's own token, sent to the provider's base URL.
+    pub fn provider_token(org_id: Uuid, row_id: Uuid, base_url: &'a str) -> Self {
+        Self {
+            purpose: Purpose::ProviderToken,
+            org_id,
+            row_id,
+            base_url,
+        }
+    }
+
+    /// A further endpoint's token, sent to that endpoint's base URL.
+    pub fn endpoint_token(org_id: Uuid, row_id: Uuid, base_url: &'a str) -> Self {
+        Self {
+            purpose: Purpose::EndpointToken,
+            org_id,
+            row_id,
+            base_url,
+        }
+    }
+
+    /// A provider's static headers, sent to each of its endpoints.
+    pub fn provider_headers(org_id: Uuid, row_id: Uuid) -> Self {
+        Self {
+            purpose: Purpose::ProviderHeaders,
+            org_id,
+            row_id,
+            base_url: "",
+        }
+    }
 }
 
 /// A ciphertext with everything needed to open it again.
@@ -182,7 +244,7 @@ impl Keyring {
         // ever follow the URL.
         let url = b.base_url.as_bytes();
         let mut aad = Vec::with_capacity(12 + 32 + 4 + url.len());
-        aad.extend_from_slice(b"llmgw:pk:v2\0");
+        aad.extend_from_slice(b.purpose.aad_prefix());
         aad.extend_from_slice(b.org_id.as_bytes());
         aad.extend_from_slice(b.row_id.as_bytes());
         aad.extend_from_slice(&(url.len() as u32).to_be_bytes());
@@ -296,11 +358,7 @@ mod tests {
     const URL: &str = "https://llm.example.com";
 
     fn at(org: Uuid, row: Uuid, base_url: &str) -> Binding<'_> {
-        Binding {
-            org_id: org,
-            row_id: row,
-            base_url,
-        }
+        Binding::provider_token(org, row, base_url)
     }
 
     #[test]
@@ -358,6 +416,38 @@ mod tests {
                 Err(CryptoError::Authentication),
                 "{other}"
             );
+        }
+    }
+
+    #[test]
+    fn a_value_sealed_for_one_purpose_opens_for_no_other() {
+        let k = ring(&format!("1:{}", key()));
+        let (org, row) = (Uuid::new_v4(), Uuid::new_v4());
+        let kinds = [
+            Binding::provider_token(org, row, URL),
+            Binding::endpoint_token(org, row, URL),
+            Binding::provider_headers(org, row),
+            Binding::provider_token(org, row, ""),
+            Binding::endpoint_token(org, row, ""),
+        ];
+        for (i, sealed_for) in kinds.iter().enumerate() {
+            let s = k.seal(sealed_for, b"secret");
+            for (j, opened_as) in kinds.iter().enumerate() {
+                let r = k.open(opened_as, &s);
+                if i == j {
+                    assert_eq!(r.unwrap(), b"secret");
+                } else {
+                    assert_eq!(r, Err(CryptoError::Authentication), "{i} as {j}");
+                }
+            }
+        }
+        // Headers are bound to their org and row like tokens.
+        let s = k.seal(&Binding::provider_headers(org, row), b"{}");
+        for wrong in [
+            Binding::provider_headers(org, Uuid::new_v4()),
+            Binding::provider_headers(Uuid::new_v4(), row),
+        ] {
+            assert_eq!(k.open(&wrong, &s), Err(CryptoError::Authentication));
         }
     }
 

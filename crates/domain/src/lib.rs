@@ -1,12 +1,15 @@
 //! llmgw's domain, with no database: input parsed once at the edge into
 //! types that cannot hold a bad value (here), the secrets and their one-way
-//! forms ([`secrets`]), the envelope of provider tokens at rest ([`crypto`])
-//! and list cursors ([`page`]). `storage` maps these to and from rows;
-//! `upstream`, the API and the gateway use them without linking sqlx.
+//! forms ([`secrets`]), the envelope of provider tokens at rest ([`crypto`]),
+//! list cursors ([`page`]) and how a provider's upstream is reached
+//! ([`routing`]: endpoint weights, static headers, timeouts, health).
+//! `storage` maps these to and from rows; `upstream`, the API and the
+//! gateway use them without linking sqlx.
 
 pub mod crypto;
 pub mod limits;
 pub mod page;
+pub mod routing;
 pub mod secrets;
 
 use std::fmt;

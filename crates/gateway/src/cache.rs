@@ -255,6 +255,11 @@ pub(crate) struct ProviderEntry {
     pub active: bool,
     /// Its endpoints; the first is the provider's own `base_url`/`token`.
     pub upstreams: Vec<Upstream>,
+    /// Static extra headers every call carries (values marked sensitive).
+    pub headers: Vec<(reqwest::header::HeaderName, reqwest::header::HeaderValue)>,
+    /// Its own `first_byte_ms` and `total_ms`, over the global upstream timeout.
+    pub first_byte: Option<Duration>,
+    pub total: Option<Duration>,
     /// What its models cost (for the money budget).
     pub prices: Prices,
     loaded: Instant,
@@ -297,6 +302,7 @@ impl ProviderEntry {
         self.upstreams
             .iter()
             .filter_map(|u| u.auth.as_bytes().strip_prefix(b"Bearer "))
+            .chain(self.headers.iter().map(|(_, v)| v.as_bytes()))
     }
 
     /// The SSRF policy's refusal when it refuses every endpoint.
@@ -308,27 +314,62 @@ impl ProviderEntry {
         }
     }
 
-    /// Prepares a provider for calls; `None` when its stored URL or token cannot be used.
+    /// Prepares a provider for calls; `None` when its own URL or token
+    /// cannot be used (a further endpoint that cannot is left out, logged).
     pub fn prepare(
         p: ProviderWithToken,
         client: &upstream::UpstreamClient,
         health: &HealthTable,
     ) -> Option<Self> {
         let name = p.provider.name.as_str().to_owned();
-        let own = upstream_of(
-            p.provider.id,
-            p.provider.base_url,
-            p.token.expose_secret(),
-            1,
-            client,
-            health,
-            &name,
-        )?;
+        let mut upstreams = Vec::with_capacity(p.endpoints.len().max(1));
+        if p.endpoints.is_empty() {
+            upstreams.push(upstream_of(
+                p.provider.id,
+                p.provider.base_url,
+                p.token.expose_secret(),
+                1,
+                client,
+                health,
+                &name,
+            )?);
+        }
+        for (i, e) in p.endpoints.into_iter().enumerate() {
+            let weight = u32::from(e.weight.get());
+            match upstream_of(
+                e.id,
+                e.base_url,
+                e.token.expose_secret(),
+                weight,
+                client,
+                health,
+                &name,
+            ) {
+                Some(u) => upstreams.push(u),
+                None if i == 0 => return None,
+                None => {
+                    tracing::error!(provider = %name, endpoint = %e.id, "endpoint has an unusable base URL or token; left out")
+                }
+            }
+        }
+        let headers = p
+            .headers
+            .iter()
+            .filter_map(|(n, v)| {
+                let name = reqwest::header::HeaderName::from_bytes(n.as_bytes()).ok()?;
+                let mut value = reqwest::header::HeaderValue::from_str(v).ok()?;
+                value.set_sensitive(true);
+                Some((name, value))
+            })
+            .collect();
         Some(Self {
             id: p.provider.id,
             name,
             active: p.provider.status == ProviderStatus::Active,
-            upstreams: vec![own],
+            upstreams,
+            headers,
+            first_byte: p.provider.timeouts.first_byte(),
+            total: p.provider.timeouts.total(),
             prices: p.provider.prices,
             loaded: Instant::now(),
         })

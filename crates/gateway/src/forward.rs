@@ -58,18 +58,24 @@ pub(crate) enum Answer {
     },
 }
 
-/// An upstream call with the headers every one gets: the provider's token and `x-request-id`.
-fn request(
+/// An upstream call with the headers every one gets: the endpoint's token,
+/// the provider's static headers and `x-request-id`.
+pub(crate) fn request(
     gw: &State,
+    method: reqwest::Method,
     url: reqwest::Url,
+    provider: &ProviderEntry,
     upstream: &Upstream,
     request_id: &str,
 ) -> reqwest::RequestBuilder {
-    let rb = gw
+    let mut rb = gw
         .client
         .http()
-        .post(url)
+        .request(method, url)
         .header(rq::AUTHORIZATION, upstream.auth.clone());
+    for (name, value) in &provider.headers {
+        rb = rb.header(name.clone(), value.clone());
+    }
     match rq::HeaderValue::from_str(request_id) {
         Ok(id) => rb.header(UPSTREAM_REQUEST_ID.clone(), id),
         Err(_) => rb,
@@ -95,7 +101,7 @@ pub(crate) async fn forward(
     let send = |provider: &ProviderEntry, up: &Upstream, body: Bytes| {
         let url = up.url(route.endpoint);
         let rb = url.map(|url| {
-            request(gw, url, up, &request_id)
+            request(gw, reqwest::Method::POST, url, provider, up, &request_id)
                 .header(
                     rq::CONTENT_TYPE,
                     rq::HeaderValue::from_static("application/json"),
@@ -113,24 +119,32 @@ pub(crate) async fn forward(
                 .body(body)
         });
         let name = provider.name.clone();
+        let (head, total) = (
+            provider.first_byte.unwrap_or(timeout),
+            provider.total.unwrap_or(timeout),
+        );
         async move {
             let Some(rb) = rb else {
                 return Err(Sent::Refused(GatewayError::ProviderMisconfigured(name)));
             };
             if streamed {
                 // Streams: the timeout bounds the wait for the head, then each silence.
-                match tokio::time::timeout(timeout, rb.send()).await {
+                match tokio::time::timeout(head, rb.send()).await {
                     Ok(r) => r.map_err(Sent::Failed),
-                    Err(_) => Err(Sent::Refused(timed_out(&name, timeout))),
+                    Err(_) => Err(Sent::Refused(timed_out(&name, head))),
                 }
             } else {
-                rb.timeout(timeout).send().await.map_err(Sent::Failed)
+                // The head within `first_byte_ms` when set; the whole within `total_ms`.
+                match tokio::time::timeout(head.min(total), rb.timeout(total).send()).await {
+                    Ok(r) => r.map_err(Sent::Failed),
+                    Err(_) => Err(Sent::Refused(timed_out(&name, head.min(total)))),
+                }
             }
         }
     };
-    // Non-streamed answers: the timeout bounds the whole exchange, body included;
-    // retries and fallbacks stay within it too.
-    let deadline = tokio::time::Instant::now() + timeout;
+    // Non-streamed answers: the timeout (the provider's `total_ms` when set)
+    // bounds the whole exchange, body included; retries and fallbacks stay within it too.
+    let deadline = tokio::time::Instant::now() + route.provider.total.unwrap_or(timeout);
     // The model, then each fallback while the last one failed in a retryable way.
     let mut provider: &ProviderEntry = &route.provider;
     let mut fallback: Option<&Fallback> = None;
@@ -482,7 +496,7 @@ pub(crate) async fn forward_upload(
     let url = up
         .url(endpoint)
         .ok_or_else(|| GatewayError::ProviderMisconfigured(provider.name.clone()))?;
-    let mut rb = request(gw, url, up, &request_id)
+    let mut rb = request(gw, reqwest::Method::POST, url, provider, up, &request_id)
         .header(rq::CONTENT_TYPE, content_type)
         .header(rq::ACCEPT, rq::HeaderValue::from_static("*/*"));
     if let Some(n) = length {

@@ -419,18 +419,11 @@ async fn send(
     }
     let url = reqwest::Url::parse(&url)
         .map_err(|_| GatewayError::ProviderMisconfigured(provider.name.clone()))?;
-    let mut rb = gw
-        .client
-        .http()
-        .request(action.method(), url)
-        .header(rq::AUTHORIZATION, up.auth.clone())
+    let mut rb = crate::forward::request(gw, action.method(), url, provider, up, &request_id)
         .header(
             rq::ACCEPT,
             rq::HeaderValue::from_static("application/json, text/event-stream"),
         );
-    if let Ok(v) = rq::HeaderValue::from_str(&request_id) {
-        rb = rb.header("x-request-id", v);
-    }
     if action == FollowUp::Cancel {
         // OpenAI's cancel takes no body; some servers want a JSON type all the same.
         rb = rb

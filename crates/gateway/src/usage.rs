@@ -400,6 +400,10 @@ impl Drop for LogGuard {
                 .get_or_insert_with(|| why.as_str().to_owned());
             self.metrics.streams_canceled.fetch_add(1, Relaxed);
         }
+        if self.attempts > 0 {
+            self.row.attempts = Some(self.attempts.min(i16::MAX as u32) as i16);
+            self.row.endpoint_id = self.endpoint_id;
+        }
         if let Some(charge) = self.charge.take() {
             charge.settle(&self.row);
         }
@@ -429,6 +433,8 @@ fn empty_row() -> RequestLog {
         ttfb_ms: None,
         error_class: None,
         created_at: DateTime::<Utc>::MIN_UTC,
+        endpoint_id: None,
+        attempts: None,
     }
 }
 

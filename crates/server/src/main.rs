@@ -192,8 +192,8 @@ async fn run(command: Command, cfg: Config) -> Result<(), String> {
             // Ids and reasons only: a reason never carries the token.
             for s in &report.skipped {
                 eprintln!(
-                    "skipped provider key {} (org {}): {}",
-                    s.id, s.org_id, s.reason
+                    "skipped {} {} (org {}): {}",
+                    s.secret, s.id, s.org_id, s.reason
                 );
             }
             if report.pending > 0 {

@@ -17,6 +17,10 @@ pub enum StorageError {
     NotFound,
     #[error("the organization must keep at least one owner")]
     LastOwner,
+    /// The endpoint is the provider's own (its base URL and token): it goes
+    /// only with the provider.
+    #[error("the provider's own endpoint cannot be deleted")]
+    OwnEndpoint,
     /// The caller's role no longer allows the change (checked again inside
     /// the transaction, after the request's own check).
     #[error("role {} or higher required", .0.as_str())]

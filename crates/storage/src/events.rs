@@ -15,8 +15,10 @@ use uuid::Uuid;
 
 use crate::db::Db;
 
-/// PostgreSQL channel on which changes to providers and API keys are announced.
-/// Payload: `{"table":"provider_keys"|"api_keys"|"organizations","op":"INSERT"|"UPDATE"|"DELETE","org_id":…,"id":…}`.
+/// PostgreSQL channel on which changes to providers (their endpoints
+/// included) and API keys are announced.
+/// Payload: `{"table":"provider_keys"|"provider_endpoints"|"api_keys"|"organizations","op":"INSERT"|"UPDATE"|"DELETE","org_id":…,"id":…}`,
+/// and for `provider_endpoints` also `"provider_key_id"`, the endpoint's provider.
 pub const CACHE_CHANNEL: &str = "llmgw_cache";
 
 /// A decoded `llmgw_cache` notification.
@@ -26,6 +28,9 @@ pub struct CacheEvent {
     pub op: String,
     pub org_id: uuid::Uuid,
     pub id: uuid::Uuid,
+    /// The provider an endpoint belongs to (`provider_endpoints` only).
+    #[serde(default)]
+    pub provider_key_id: Option<uuid::Uuid>,
 }
 
 /// What the cache listener saw, in the order it happened.
@@ -40,7 +45,8 @@ pub enum CacheNotice {
     Disconnected,
     /// An API key was created, changed or deleted.
     ApiKey { org_id: Uuid, id: Uuid },
-    /// One of an organization's providers was created, changed or deleted.
+    /// One of an organization's providers was created, changed or deleted,
+    /// or one of its endpoints was: `id` is the provider's.
     Provider { org_id: Uuid, id: Uuid },
     /// An organization's limits changed: every cached key of it carries them.
     Org { org_id: Uuid },
@@ -61,6 +67,12 @@ impl CacheNotice {
                 org_id: ev.org_id,
                 id: ev.id,
             },
+            Ok(CacheEvent {
+                table,
+                org_id,
+                provider_key_id: Some(id),
+                ..
+            }) if table == "provider_endpoints" => Self::Provider { org_id, id },
             Ok(ev) if ev.table == "organizations" => Self::Org { org_id: ev.org_id },
             _ => {
                 tracing::warn!(payload, "unexpected cache notification");
@@ -167,7 +179,23 @@ mod tests {
             CacheNotice::from_payload(&payload("organizations")),
             CacheNotice::Org { org_id: org }
         );
-        for odd in [payload("users"), "{}".into(), "not json".into()] {
+        // An endpoint's change is its provider's.
+        let provider = Uuid::new_v4();
+        assert_eq!(
+            CacheNotice::from_payload(&format!(
+                r#"{{"table":"provider_endpoints","op":"DELETE","org_id":"{org}","id":"{id}","provider_key_id":"{provider}"}}"#
+            )),
+            CacheNotice::Provider {
+                org_id: org,
+                id: provider
+            }
+        );
+        for odd in [
+            payload("users"),
+            payload("provider_endpoints"),
+            "{}".into(),
+            "not json".into(),
+        ] {
             assert_eq!(CacheNotice::from_payload(&odd), CacheNotice::Unknown);
         }
     }

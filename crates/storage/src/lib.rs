@@ -7,6 +7,7 @@ pub mod api_keys;
 pub mod audit;
 pub mod db;
 pub mod embedded;
+pub mod endpoints;
 pub mod error;
 pub mod events;
 pub mod identities;

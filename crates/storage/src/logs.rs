@@ -33,6 +33,11 @@ pub struct RequestLog {
     pub ttfb_ms: Option<i32>,
     pub error_class: Option<String>,
     pub created_at: DateTime<Utc>,
+    /// The endpoint that answered: the provider's own id, or one of its
+    /// further endpoints'.
+    pub endpoint_id: Option<Uuid>,
+    /// Upstream attempts the request took, retries and fallbacks included.
+    pub attempts: Option<i16>,
 }
 
 /// A usage row as the logs API reads it back: what the gateway wrote, and
@@ -126,11 +131,12 @@ impl Db {
         sqlx::query(
             "INSERT INTO request_logs (id, request_id, org_id, api_key_id, provider_key_id, provider_name,
                 requested_model, upstream_model, status_code, streamed, canceled, prompt_tokens,
-                completion_tokens, total_tokens, latency_ms, ttfb_ms, error_class, created_at, endpoint, cost_usd)
+                completion_tokens, total_tokens, latency_ms, ttfb_ms, error_class, created_at, endpoint, cost_usd,
+                endpoint_id, attempts)
              SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::uuid[], $5::uuid[], $6::text[],
                 $7::text[], $8::text[], $9::int2[], $10::bool[], $11::bool[], $12::int8[], $13::int8[],
                 $14::int8[], $15::int4[], $16::int4[], $17::text[], $18::timestamptz[], $19::text[],
-                $20::numeric[])
+                $20::numeric[], $21::uuid[], $22::int2[])
              ON CONFLICT DO NOTHING",
         )
         .bind(col!(id))
@@ -153,6 +159,8 @@ impl Db {
         .bind(col!(created_at))
         .bind(rows.iter().map(|(_, e)| *e).collect::<Vec<_>>())
         .bind(costs)
+        .bind(col!(endpoint_id))
+        .bind(col!(attempts))
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -215,7 +223,7 @@ impl Db {
         let rows = sqlx::query_as::<_, LoggedRequest>(
             "SELECT id, request_id, org_id, api_key_id, provider_key_id, provider_name,
                 requested_model, upstream_model, status_code, streamed, canceled, prompt_tokens,
-                completion_tokens, total_tokens, latency_ms, ttfb_ms, error_class, created_at,
+                completion_tokens, total_tokens, latency_ms, ttfb_ms, error_class, created_at, endpoint_id, attempts,
                 trim_scale(cost_usd) AS cost_usd
              FROM request_logs
              WHERE org_id = $1

@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use secrecy::SecretString;
+use storage::domain::routing::Weight;
 use storage::domain::{BaseUrl, Email, ProviderName};
+use storage::endpoints::{EndpointPatch, NewEndpoint};
 use storage::secrets::{hash_password, ProviderToken};
 use storage::{Actor, CacheNotice};
 use testkit::TestDb;
@@ -101,4 +103,71 @@ async fn changes_arrive_as_typed_notices_and_a_lost_connection_as_reconnected() 
             id: key_id
         }
     );
+}
+
+/// An endpoint's change (whoever makes it, psql included) drops its
+/// provider from the gateways' caches, whatever the change.
+#[tokio::test]
+async fn endpoint_changes_are_announced_as_their_providers() {
+    let t = TestDb::new().await;
+    let hash = hash_password(&SecretString::from("pw-123456".to_owned()));
+    let user =
+        t.db.create_user(&Email::parse("owner@example.com").unwrap(), &hash)
+            .await
+            .unwrap();
+    let org = t.db.create_org("Acme", user.id).await.unwrap().id;
+    let actor = Actor(Some(user.id));
+    let provider =
+        t.db.create_provider_key(
+            org,
+            actor,
+            &ProviderName::parse("mycompany").unwrap(),
+            &BaseUrl::parse("https://llm.example.com").unwrap(),
+            &ProviderToken::parse("sk-test-token-1234").unwrap(),
+        )
+        .await
+        .unwrap();
+    let mut notices = Box::pin(t.db.cache_notices());
+    assert_eq!(next(&mut notices).await, CacheNotice::Connected);
+    let its = CacheNotice::Provider {
+        org_id: org,
+        id: provider.id,
+    };
+    let endpoint =
+        t.db.create_endpoint(
+            org,
+            actor,
+            provider.id,
+            &NewEndpoint {
+                base_url: BaseUrl::parse("https://llm2.example.com").unwrap(),
+                token: ProviderToken::parse("sk-second-endpoint").unwrap(),
+                weight: Weight::default(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(next(&mut notices).await, its);
+    t.db.update_endpoint(
+        org,
+        actor,
+        provider.id,
+        endpoint.id,
+        EndpointPatch {
+            weight: Some(Weight::parse(&serde_json::json!(5)).unwrap()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(next(&mut notices).await, its);
+    sqlx::query("UPDATE provider_endpoints SET weight = 6 WHERE id = $1")
+        .bind(endpoint.id)
+        .execute(t.db.pool())
+        .await
+        .unwrap();
+    assert_eq!(next(&mut notices).await, its);
+    t.db.delete_endpoint(org, actor, provider.id, endpoint.id)
+        .await
+        .unwrap();
+    assert_eq!(next(&mut notices).await, its);
 }

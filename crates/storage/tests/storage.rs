@@ -4,10 +4,12 @@ use chrono::{Duration, Utc};
 use secrecy::SecretString;
 use storage::accounts::User;
 use storage::api_keys::KeyState;
+use storage::domain::routing::{StaticHeaders, Timeouts, Weight};
 use storage::domain::{BaseUrl, Email, ProviderName, ProviderStatus, Role};
+use storage::endpoints::{EndpointPatch, NewEndpoint};
 use storage::invitations::InvitationToken;
 use storage::logs::{GroupBy, LogFilter, RequestLog, UsageFilter};
-use storage::providers::ProviderPatch;
+use storage::providers::{NewProvider, ProviderPatch};
 use storage::secrets::{hash_password, ApiKeySecret, ProviderToken};
 use storage::{Actor, Keyring, StorageError};
 use testkit::TestDb;
@@ -707,6 +709,8 @@ async fn request_logs_batch_insert_list_and_usage() {
             ttfb_ms: Some(1),
             error_class: None,
             created_at: now - Duration::milliseconds(i64::from(i)),
+            endpoint_id: None,
+            attempts: None,
         })
         .collect();
     t.db.insert_request_logs(&rows).await.unwrap();
@@ -1330,4 +1334,763 @@ async fn sso_links_count_attempts_atomically_and_are_used_once() {
         .await
         .unwrap());
     assert_eq!(count("SELECT count(*) FROM sso_link_pending").await, 1);
+}
+
+// ---------- endpoints, static headers, timeouts ----------
+
+const HEADER_SECRET: &str = "hdr-PLAINTEXT-static-header-value-42";
+const ENDPOINT_TOKEN: &str = "sk-endpoint-PLAINTEXT-token-b2c4";
+
+fn url(s: &str) -> BaseUrl {
+    BaseUrl::parse(s).unwrap()
+}
+
+fn new_endpoint(base_url: &str, token: &str, weight: u16) -> NewEndpoint {
+    NewEndpoint {
+        base_url: url(base_url),
+        token: ProviderToken::parse(token).unwrap(),
+        weight: Weight::parse(&serde_json::json!(weight)).unwrap(),
+    }
+}
+
+/// An org with a provider that has static headers and timeouts, and two
+/// further endpoints.
+async fn org_with_endpoints(t: &TestDb) -> (Uuid, Uuid, [Uuid; 2]) {
+    let u = user(t, &format!("{}@example.com", Uuid::new_v4())).await;
+    let org = t.db.create_org("Acme", u).await.unwrap().id;
+    let p =
+        t.db.create_provider(
+            org,
+            Actor(Some(u)),
+            &NewProvider {
+                name: ProviderName::parse("mycompany").unwrap(),
+                base_url: url("https://gpu1.example.com"),
+                token: ProviderToken::parse(TOKEN).unwrap(),
+                prices: Default::default(),
+                headers: StaticHeaders::parse(
+                    &serde_json::json!({"X-Tenant": "acme", "api-key": HEADER_SECRET}),
+                )
+                .unwrap(),
+                timeouts: Timeouts::parse(
+                    &serde_json::json!({"connect_ms": 2000, "total_ms": 60000}),
+                )
+                .unwrap(),
+            },
+        )
+        .await
+        .unwrap();
+    let mut further = [Uuid::nil(); 2];
+    for (i, slot) in further.iter_mut().enumerate() {
+        *slot =
+            t.db.create_endpoint(
+                org,
+                Actor(Some(u)),
+                p.id,
+                &new_endpoint(
+                    &format!("https://gpu{}.example.com", i + 2),
+                    &format!("{ENDPOINT_TOKEN}-{i}"),
+                    3,
+                ),
+            )
+            .await
+            .unwrap()
+            .id;
+    }
+    (org, p.id, further)
+}
+
+/// The read the gateway routes with: the provider, every endpoint with its
+/// token in order, the headers opened and the timeouts, in one statement.
+#[tokio::test]
+async fn the_gateway_read_holds_every_endpoint_the_headers_and_the_timeouts() {
+    let t = TestDb::new().await;
+    let (org, id, further) = org_with_endpoints(&t).await;
+    let p =
+        t.db.provider_by_name(org, "mycompany")
+            .await
+            .unwrap()
+            .unwrap();
+    let endpoints: Vec<(Uuid, &str, &str, u16)> = p
+        .endpoints
+        .iter()
+        .map(|e| {
+            (
+                e.id,
+                e.base_url.as_str(),
+                e.token.expose_secret(),
+                e.weight.get(),
+            )
+        })
+        .collect();
+    let (t0, t1) = (format!("{ENDPOINT_TOKEN}-0"), format!("{ENDPOINT_TOKEN}-1"));
+    assert_eq!(
+        endpoints,
+        [
+            (id, "https://gpu1.example.com", TOKEN, 1),
+            (further[0], "https://gpu2.example.com", t0.as_str(), 3),
+            (further[1], "https://gpu3.example.com", t1.as_str(), 3),
+        ]
+    );
+    assert_eq!(p.token.expose_secret(), TOKEN);
+    assert_eq!(
+        p.headers.iter().collect::<Vec<_>>(),
+        [("X-Tenant", "acme"), ("api-key", HEADER_SECRET)]
+    );
+    assert_eq!(p.provider.timeouts.connect_ms, Some(2000));
+    assert_eq!(p.provider.timeouts.first_byte_ms, None);
+    assert_eq!(p.provider.headers, ["X-Tenant", "api-key"]);
+    assert_eq!(p.provider.endpoints.len(), 3);
+    let shown = format!("{p:?}");
+    for secret in [TOKEN, HEADER_SECRET, &t0] {
+        assert!(!shown.contains(secret), "{secret} in Debug");
+    }
+    // The same through the other reads.
+    let active = t.db.active_providers(org).await.unwrap();
+    assert_eq!(active.len(), 1);
+    assert_eq!(active[0].endpoints.len(), 3);
+    let by_id = t.db.provider_key_with_token(org, id).await.unwrap();
+    assert_eq!(by_id.endpoints.len(), 3);
+    let listed = t.db.list_provider_keys(org).await.unwrap();
+    assert_eq!(
+        listed[0].endpoints.iter().map(|e| e.id).collect::<Vec<_>>(),
+        [id, further[0], further[1]]
+    );
+    // One statement each: no query per endpoint.
+    assert!(t.db.provider_by_name(org, "other").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn endpoints_follow_the_token_rule_and_the_provider_keeps_its_own() {
+    let t = TestDb::new().await;
+    let (org, id, further) = org_with_endpoints(&t).await;
+    let actor = Actor(None);
+    // A new base URL without the token: refused, nothing changed.
+    for endpoint in [id, further[0]] {
+        let err =
+            t.db.update_endpoint(
+                org,
+                actor,
+                id,
+                endpoint,
+                EndpointPatch {
+                    base_url: Some(url(ATTACKER)),
+                    weight: Some(Weight::parse(&serde_json::json!(7)).unwrap()),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, StorageError::Invalid(v) if v.field == "token"),
+            "{err:?}"
+        );
+    }
+    let kept = t.db.get_provider_key(org, id).await.unwrap();
+    assert_eq!(
+        kept.endpoints[0].base_url.as_str(),
+        "https://gpu1.example.com"
+    );
+    assert_eq!(
+        kept.endpoints[1].base_url.as_str(),
+        "https://gpu2.example.com"
+    );
+    assert_eq!(kept.endpoints[1].weight.get(), 3);
+    // The same URL in another spelling is no change; the weight changes alone.
+    let same =
+        t.db.update_endpoint(
+            org,
+            actor,
+            id,
+            further[0],
+            EndpointPatch {
+                base_url: Some(url("https://GPU2.example.com/")),
+                weight: Some(Weight::parse(&serde_json::json!(9)).unwrap()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (same.base_url.as_str(), same.weight.get()),
+        ("https://gpu2.example.com", 9)
+    );
+    // With its token an endpoint moves; only that token opens at the new URL.
+    let moved =
+        t.db.update_endpoint(
+            org,
+            actor,
+            id,
+            further[0],
+            EndpointPatch {
+                base_url: Some(url("https://gpu9.example.com")),
+                token: Some(ProviderToken::parse("sk-moved-endpoint-token-0009").unwrap()),
+                weight: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(moved.token_hint, "0009");
+    let own =
+        t.db.update_endpoint(
+            org,
+            actor,
+            id,
+            id,
+            EndpointPatch {
+                weight: Some(Weight::parse(&serde_json::json!(1000)).unwrap()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!((own.id, own.weight.get()), (id, 1000));
+    let p = t.db.provider_key_with_token(org, id).await.unwrap();
+    assert_eq!(p.endpoints[0].weight.get(), 1000);
+    assert_eq!(
+        p.endpoints[1].token.expose_secret(),
+        "sk-moved-endpoint-token-0009"
+    );
+    assert_eq!(p.endpoints[1].base_url.as_str(), "https://gpu9.example.com");
+
+    // Another org's provider or endpoint ids are not found, and change nothing.
+    let (other_org, other_id) = org_with_provider(&t).await;
+    assert!(matches!(
+        t.db.update_endpoint(
+            other_org,
+            actor,
+            other_id,
+            further[1],
+            EndpointPatch {
+                weight: Some(Weight::parse(&serde_json::json!(2)).unwrap()),
+                ..Default::default()
+            }
+        )
+        .await,
+        Err(StorageError::NotFound)
+    ));
+    assert!(matches!(
+        t.db.delete_endpoint(other_org, actor, other_id, further[1])
+            .await,
+        Err(StorageError::NotFound)
+    ));
+    assert!(matches!(
+        t.db.delete_endpoint(other_org, actor, id, id).await,
+        Err(StorageError::NotFound)
+    ));
+    assert!(matches!(
+        t.db.create_endpoint(
+            other_org,
+            actor,
+            id,
+            &new_endpoint("https://x.example.com", "sk-xxxx", 1)
+        )
+        .await,
+        Err(StorageError::NotFound)
+    ));
+    assert_eq!(
+        t.db.get_provider_key(org, id)
+            .await
+            .unwrap()
+            .endpoints
+            .len(),
+        3
+    );
+
+    // Further endpoints go; the provider's own stays.
+    t.db.delete_endpoint(org, actor, id, further[1])
+        .await
+        .unwrap();
+    assert!(matches!(
+        t.db.delete_endpoint(org, actor, id, further[1]).await,
+        Err(StorageError::NotFound)
+    ));
+    assert!(matches!(
+        t.db.delete_endpoint(org, actor, id, id).await,
+        Err(StorageError::OwnEndpoint)
+    ));
+    assert_eq!(
+        t.db.get_provider_key(org, id)
+            .await
+            .unwrap()
+            .endpoints
+            .len(),
+        2
+    );
+
+    // A provider holds at most MAX_ENDPOINTS, its own included.
+    for i in 2..storage::domain::routing::MAX_ENDPOINTS {
+        t.db.create_endpoint(
+            org,
+            actor,
+            id,
+            &new_endpoint(&format!("https://n{i}.example.com"), "sk-many-endpoints", 1),
+        )
+        .await
+        .unwrap();
+    }
+    let full =
+        t.db.create_endpoint(
+            org,
+            actor,
+            id,
+            &new_endpoint("https://one-too-many.example.com", "sk-many", 1),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(full, StorageError::Invalid(_)), "{full:?}");
+    assert_eq!(
+        t.db.get_provider_key(org, id)
+            .await
+            .unwrap()
+            .endpoints
+            .len(),
+        storage::domain::routing::MAX_ENDPOINTS
+    );
+
+    // Every change is in the audit log, no secret with it.
+    let audit = t.db.list_audit(org, None, 200).await.unwrap();
+    let actions: Vec<&str> = audit.data.iter().map(|e| e.action.as_str()).collect();
+    for action in [
+        "provider_endpoint.create",
+        "provider_endpoint.update",
+        "provider_endpoint.delete",
+    ] {
+        assert!(actions.contains(&action), "{actions:?}");
+    }
+    let details =
+        serde_json::to_string(&audit.data.iter().map(|e| &e.details).collect::<Vec<_>>()).unwrap();
+    for secret in [
+        TOKEN,
+        HEADER_SECRET,
+        ENDPOINT_TOKEN,
+        "sk-moved-endpoint-token-0009",
+    ] {
+        assert!(!details.contains(secret), "{secret} in the audit log");
+    }
+    // The provider goes with its endpoints.
+    t.db.delete_provider_key(org, actor, id).await.unwrap();
+    let left: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM provider_endpoints WHERE provider_key_id = $1")
+            .bind(id)
+            .fetch_one(t.db.pool())
+            .await
+            .unwrap();
+    assert_eq!(left, 0);
+}
+
+/// Ciphertexts copied between endpoint rows, from a provider row, into
+/// another org, or headers into another provider: none opens.
+#[tokio::test]
+async fn endpoint_and_header_ciphertexts_copied_elsewhere_fail_to_open() {
+    let t = TestDb::new().await;
+    let (org, id, further) = org_with_endpoints(&t).await;
+    let (org_b, id_b, further_b) = org_with_endpoints(&t).await;
+    let opened = |p: &storage::providers::ProviderWithToken| -> Vec<Uuid> {
+        p.endpoints.iter().map(|e| e.id).collect()
+    };
+    // Same base URL, so only the row binding differs.
+    sql(
+        &t,
+        "UPDATE provider_endpoints SET base_url = 'https://gpu2.example.com' WHERE id = $1",
+        further[1],
+    )
+    .await;
+    // That alone unbinds further[1]'s token from its row's URL.
+    let p = t.db.provider_key_with_token(org, id).await.unwrap();
+    assert_eq!(opened(&p), [id, further[0]]);
+    let copy = |from: Uuid, to: Uuid, table_from: &'static str, table_to: &'static str| {
+        let q = format!(
+            "UPDATE {table_to} SET token_ciphertext = s.token_ciphertext, token_nonce = s.token_nonce,
+                key_id = s.key_id, base_url = s.base_url
+             FROM {table_from} s WHERE s.id = $1 AND {table_to}.id = $2"
+        );
+        let pool = t.db.pool().clone();
+        async move {
+            sqlx::query(&q)
+                .bind(from)
+                .bind(to)
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+    };
+    // Endpoint to endpoint of the same provider.
+    copy(
+        further[0],
+        further[1],
+        "provider_endpoints",
+        "provider_endpoints",
+    )
+    .await;
+    assert_eq!(
+        opened(&t.db.provider_key_with_token(org, id).await.unwrap()),
+        [id, further[0]]
+    );
+    // Another org's endpoint ciphertext into ours.
+    copy(
+        further_b[0],
+        further[1],
+        "provider_endpoints",
+        "provider_endpoints",
+    )
+    .await;
+    assert_eq!(
+        opened(&t.db.provider_key_with_token(org, id).await.unwrap()),
+        [id, further[0]]
+    );
+    // A provider's own token into an endpoint row with the same id's URL:
+    // the endpoint format does not open a provider-token ciphertext.
+    copy(id, further[1], "provider_keys", "provider_endpoints").await;
+    assert_eq!(
+        opened(&t.db.provider_key_with_token(org, id).await.unwrap()),
+        [id, further[0]]
+    );
+    // An endpoint's token into the provider row: the provider fails closed.
+    copy(further_b[1], id_b, "provider_endpoints", "provider_keys").await;
+    assert!(matches!(
+        t.db.provider_key_with_token(org_b, id_b).await,
+        Err(StorageError::Crypto(_))
+    ));
+    // Headers sealed for one provider do not open on another.
+    let fresh = org_with_provider(&t).await;
+    sqlx::query(
+        "UPDATE provider_keys SET header_names = s.header_names, headers_ciphertext = s.headers_ciphertext,
+            headers_nonce = s.headers_nonce, headers_key_id = s.headers_key_id
+         FROM provider_keys s WHERE s.id = $1 AND provider_keys.id = $2",
+    )
+    .bind(id)
+    .bind(fresh.1)
+    .execute(t.db.pool())
+    .await
+    .unwrap();
+    assert!(matches!(
+        t.db.provider_key_with_token(fresh.0, fresh.1).await,
+        Err(StorageError::Crypto(_))
+    ));
+    // The original still opens everything it should.
+    let p =
+        t.db.provider_by_name(org, "mycompany")
+            .await
+            .unwrap()
+            .unwrap();
+    assert_eq!(p.headers.iter().count(), 2);
+}
+
+#[tokio::test]
+async fn rotation_reseals_endpoint_tokens_and_headers_too() {
+    let t = TestDb::new().await;
+    let (org, id, further) = org_with_endpoints(&t).await;
+    let new_key = format!("2:{}", Keyring::generate_key_material());
+    let db2 = t.reopen(&format!("{},{new_key}", t.keys)).await;
+    let report = db2.rotate_tokens().await.unwrap();
+    // The provider's token, its two endpoints' and its headers.
+    assert_eq!((report.rewritten, report.is_complete()), (4, true));
+    let key_ids: Vec<i32> = sqlx::query_scalar(
+        "SELECT key_id FROM provider_keys UNION ALL SELECT headers_key_id FROM provider_keys
+         UNION ALL SELECT key_id FROM provider_endpoints",
+    )
+    .fetch_all(t.db.pool())
+    .await
+    .unwrap();
+    assert_eq!(key_ids, [2, 2, 2, 2]);
+    assert_eq!(db2.rotate_tokens().await.unwrap().rewritten, 0);
+    // Only the new key is needed now.
+    let only_new = t.reopen(&new_key).await;
+    let p = only_new.provider_key_with_token(org, id).await.unwrap();
+    assert_eq!(p.endpoints.len(), 3);
+    assert_eq!(p.headers.iter().count(), 2);
+    // An endpoint that does not open is reported by kind and left as it is.
+    sql(
+        &t,
+        "UPDATE provider_endpoints SET token_ciphertext = token_ciphertext || '\\x00'::bytea, key_id = 1 WHERE id = $1",
+        further[0],
+    )
+    .await;
+    let report = db2.rotate_tokens().await.unwrap();
+    assert_eq!(report.skipped.len(), 1);
+    assert_eq!(
+        report.skipped[0].secret,
+        storage::providers::SealedSecret::EndpointToken
+    );
+    assert_eq!(report.skipped[0].id, further[0]);
+    // The legacy upgrade has nothing of endpoints or headers to do.
+    assert_eq!(db2.upgrade_legacy_tokens().await.unwrap().rewritten, 0);
+}
+
+#[tokio::test]
+async fn no_table_holds_an_endpoint_token_or_header_value_in_plaintext() {
+    let t = TestDb::new().await;
+    let (org, id, further) = org_with_endpoints(&t).await;
+    t.db.update_provider_key(
+        org,
+        Actor(None),
+        id,
+        ProviderPatch {
+            headers: Some(
+                StaticHeaders::parse(&serde_json::json!({"X-Second": "second-PLAINTEXT-header"}))
+                    .unwrap(),
+            ),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    t.db.update_endpoint(
+        org,
+        Actor(None),
+        id,
+        further[0],
+        EndpointPatch {
+            token: Some(ProviderToken::parse("sk-patched-PLAINTEXT-endpoint").unwrap()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let dump = dump_all_tables(&t).await;
+    assert!(
+        dump.contains("X-Second") && dump.contains("gpu2.example.com"),
+        "dump is not empty"
+    );
+    for needle in [TOKEN, HEADER_SECRET, ENDPOINT_TOKEN, "PLAINTEXT"] {
+        assert!(!dump.contains(needle), "{needle} found in a table dump");
+    }
+    // The headers were replaced: the old value is gone, the new one opens.
+    let p =
+        t.db.provider_by_name(org, "mycompany")
+            .await
+            .unwrap()
+            .unwrap();
+    assert_eq!(
+        p.headers.iter().collect::<Vec<_>>(),
+        [("X-Second", "second-PLAINTEXT-header")]
+    );
+    // And removed.
+    t.db.update_provider_key(
+        org,
+        Actor(None),
+        id,
+        ProviderPatch {
+            headers: Some(StaticHeaders::default()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let p =
+        t.db.provider_by_name(org, "mycompany")
+            .await
+            .unwrap()
+            .unwrap();
+    assert!(p.headers.is_empty() && p.provider.headers.is_empty());
+}
+
+/// A database with providers (one sealed in the first release's format)
+/// and usage rows from before endpoints existed is migrated: each provider
+/// is its own first endpoint of weight 1, nothing is re-sealed by SQL, and
+/// the gateway's read works at once.
+#[tokio::test]
+async fn providers_made_before_endpoints_become_their_own_first_endpoint() {
+    let t = TestDb::migrated_before(12).await;
+    let u = user(&t, "before@example.com").await;
+    let org = t.db.create_org("Before", u).await.unwrap().id;
+    let (current, legacy) = (Uuid::new_v4(), Uuid::new_v4());
+    for (id, name, base) in [
+        (current, "current", "https://llm.example.com"),
+        (legacy, "legacy", "https://old.example.com/openai"),
+    ] {
+        let sealed = t.db.keyring().seal(
+            &storage::crypto::Binding::provider_token(org, id, base),
+            TOKEN.as_bytes(),
+        );
+        // The columns provider_keys had before migration 0012.
+        sqlx::query(
+            "INSERT INTO provider_keys (id, org_id, name, base_url, token_ciphertext, token_nonce, key_id,
+                token_hint, aad_version, prices)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, '7f3a', 2, '[]')",
+        )
+        .bind(id)
+        .bind(org)
+        .bind(name)
+        .bind(base)
+        .bind(&sealed.ciphertext)
+        .bind(&sealed.nonce)
+        .bind(sealed.key_id)
+        .execute(t.db.pool())
+        .await
+        .unwrap();
+    }
+    t.make_legacy_token(org, legacy, TOKEN).await;
+    sqlx::query(
+        "INSERT INTO request_logs (id, request_id, org_id, provider_key_id, provider_name, status_code, latency_ms)
+         VALUES ($1, 'old-1', $2, $3, 'current', 200, 12)",
+    )
+    .bind(Uuid::new_v4())
+    .bind(org)
+    .bind(current)
+    .execute(t.db.pool())
+    .await
+    .unwrap();
+    let before: Vec<(Uuid, Vec<u8>)> =
+        sqlx::query_as("SELECT id, token_ciphertext FROM provider_keys ORDER BY id")
+            .fetch_all(t.db.pool())
+            .await
+            .unwrap();
+
+    t.db.migrate().await.unwrap();
+    let after: Vec<(Uuid, Vec<u8>)> =
+        sqlx::query_as("SELECT id, token_ciphertext FROM provider_keys ORDER BY id")
+            .fetch_all(t.db.pool())
+            .await
+            .unwrap();
+    assert_eq!(before, after, "the migration rewrites no token");
+
+    let p = t.db.get_provider_key(org, current).await.unwrap();
+    let own: Vec<(Uuid, &str, &str, u16)> = p
+        .endpoints
+        .iter()
+        .map(|e| {
+            (
+                e.id,
+                e.base_url.as_str(),
+                e.token_hint.as_str(),
+                e.weight.get(),
+            )
+        })
+        .collect();
+    assert_eq!(own, [(current, "https://llm.example.com", "7f3a", 1)]);
+    assert!(p.headers.is_empty() && p.timeouts.is_empty());
+    let routed =
+        t.db.provider_by_name(org, "current")
+            .await
+            .unwrap()
+            .unwrap();
+    assert_eq!(routed.endpoints.len(), 1);
+    assert_eq!(routed.endpoints[0].token.expose_secret(), TOKEN);
+    assert!(routed.headers.is_empty());
+    // The legacy row is re-sealed at start-up as before, then routes too.
+    assert_eq!(t.db.upgrade_legacy_tokens().await.unwrap().rewritten, 1);
+    let legacy_routed = t.db.provider_by_name(org, "legacy").await.unwrap().unwrap();
+    assert_eq!(legacy_routed.endpoints[0].token.expose_secret(), TOKEN);
+    assert_eq!(legacy_routed.endpoints[0].id, legacy);
+    // A further endpoint can be added to a provider from before.
+    t.db.create_endpoint(
+        org,
+        Actor(None),
+        current,
+        &new_endpoint("https://llm2.example.com", ENDPOINT_TOKEN, 2),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        t.db.provider_by_name(org, "current")
+            .await
+            .unwrap()
+            .unwrap()
+            .endpoints
+            .len(),
+        2
+    );
+    // Old usage rows read back with no endpoint and no attempt count.
+    let rows =
+        t.db.list_request_logs(org, &LogFilter::default(), None, 10)
+            .await
+            .unwrap();
+    assert_eq!(
+        (rows.data[0].row.endpoint_id, rows.data[0].row.attempts),
+        (None, None)
+    );
+    t.db.migrate().await.unwrap();
+}
+
+#[tokio::test]
+async fn usage_rows_keep_the_endpoint_and_the_attempts() {
+    let t = TestDb::new().await;
+    let (org, id, further) = org_with_endpoints(&t).await;
+    let row = RequestLog {
+        id: Uuid::new_v4(),
+        request_id: "r-1".into(),
+        org_id: org,
+        api_key_id: None,
+        provider_key_id: Some(id),
+        provider_name: Some("mycompany".into()),
+        requested_model: Some("mycompany/m".into()),
+        upstream_model: Some("m".into()),
+        status_code: 200,
+        streamed: false,
+        canceled: false,
+        prompt_tokens: None,
+        completion_tokens: None,
+        total_tokens: None,
+        latency_ms: 5,
+        ttfb_ms: None,
+        error_class: None,
+        created_at: Utc::now(),
+        endpoint_id: Some(further[1]),
+        attempts: Some(3),
+    };
+    t.db.insert_request_logs(std::slice::from_ref(&row))
+        .await
+        .unwrap();
+    let back =
+        t.db.list_request_logs(org, &LogFilter::default(), None, 10)
+            .await
+            .unwrap();
+    assert_eq!(
+        (back.data[0].row.endpoint_id, back.data[0].row.attempts),
+        (Some(further[1]), Some(3))
+    );
+    let zero = RequestLog {
+        id: Uuid::new_v4(),
+        attempts: Some(0),
+        ..row
+    };
+    assert!(
+        t.db.insert_request_logs(&[zero]).await.is_err(),
+        "attempts >= 1 is checked in SQL"
+    );
+}
+
+#[tokio::test]
+async fn weights_timeouts_and_headers_are_checked_in_sql_too() {
+    let t = TestDb::new().await;
+    let (_, id, further) = org_with_endpoints(&t).await;
+    for (statement, row) in [
+        ("UPDATE provider_keys SET weight = 0 WHERE id = $1", id),
+        (
+            "UPDATE provider_endpoints SET weight = 1001 WHERE id = $1",
+            further[0],
+        ),
+        (
+            "UPDATE provider_keys SET timeouts = '{\"total_ms\": 0}' WHERE id = $1",
+            id,
+        ),
+        (
+            "UPDATE provider_keys SET timeouts = '{\"idle_ms\": 5}' WHERE id = $1",
+            id,
+        ),
+        (
+            "UPDATE provider_keys SET timeouts = '{\"connect_ms\": 1.5}' WHERE id = $1",
+            id,
+        ),
+        (
+            "UPDATE provider_keys SET headers_ciphertext = NULL WHERE id = $1",
+            id,
+        ),
+        (
+            "UPDATE provider_keys SET header_names = '{}' WHERE id = $1",
+            id,
+        ),
+        (
+            "UPDATE provider_endpoints SET aad_version = 1 WHERE id = $1",
+            further[0],
+        ),
+        (
+            "UPDATE provider_endpoints SET org_id = gen_random_uuid() WHERE id = $1",
+            further[0],
+        ),
+    ] {
+        let r = sqlx::query(statement).bind(row).execute(t.db.pool()).await;
+        assert!(r.is_err(), "{statement} was accepted");
+    }
 }

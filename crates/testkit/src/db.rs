@@ -54,6 +54,42 @@ impl TestDb {
     }
 
     pub async fn with_keys(keys: &str) -> Self {
+        let t = Self::unmigrated(keys).await;
+        t.db.migrate().await.expect("migrations apply");
+        t
+    }
+
+    /// A new database migrated only by the migrations numbered below
+    /// `version`: what a database upgraded to `version` starts from.
+    /// `db.migrate()` applies the rest, as a start-up after the upgrade does.
+    pub async fn migrated_before(version: i64) -> Self {
+        let t = Self::unmigrated(&format!("1:{}", Keyring::generate_key_material())).await;
+        let source = concat!(env!("CARGO_MANIFEST_DIR"), "/../../migrations");
+        let dir = std::env::temp_dir().join(format!(
+            "llmgw-migrations-before-{version}-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::create_dir_all(&dir).expect("create a migrations dir");
+        for entry in std::fs::read_dir(source).expect("read migrations/") {
+            let path = entry.expect("a migration").path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            let number: Option<i64> = name.split('_').next().and_then(|n| n.parse().ok());
+            if number.is_some_and(|n| n < version) {
+                std::fs::copy(&path, dir.join(name)).expect("copy a migration");
+            }
+        }
+        let older = sqlx::migrate::Migrator::new(dir.as_path())
+            .await
+            .expect("read the older migrations");
+        older
+            .run(t.db.pool())
+            .await
+            .expect("older migrations apply");
+        std::fs::remove_dir_all(&dir).ok();
+        t
+    }
+
+    async fn unmigrated(keys: &str) -> Self {
         let admin = admin_options();
         let name = format!("llmgw_test_{}", uuid::Uuid::new_v4().simple());
         let mut conn = admin
@@ -67,7 +103,6 @@ impl TestDb {
         conn.close().await.ok();
         let options = admin.clone().database(&name);
         let db = Self::open(&options, keys).await;
-        db.migrate().await.expect("migrations apply");
         Self {
             db,
             name,

@@ -5,6 +5,7 @@ use serde::Serialize;
 
 pub mod api_keys;
 pub mod auth;
+pub mod endpoints;
 pub mod invitations;
 pub mod members;
 pub mod ops;

@@ -6,7 +6,8 @@ use std::time::Instant;
 
 use actix_web::{web, HttpResponse};
 use serde::Serialize;
-use storage::providers::ProviderWithToken;
+use storage::domain::BaseUrl;
+use storage::providers::{ProviderKey, ProviderWithToken};
 use storage::StorageError;
 use upstream::body::UpstreamBody;
 use upstream::models::{ModelsProbe, ProbeError, MAX_MODELS_BYTES};
@@ -22,7 +23,9 @@ pub async fn list(
     state: web::Data<State>,
     access: OrgAccess<role::Member>,
 ) -> Result<HttpResponse, ApiError> {
-    let keys = state.db.list_provider_keys(access.org_id()).await?;
+    let org_id = access.org_id();
+    let mut keys = state.db.list_provider_keys(org_id).await?;
+    state.health.annotate_providers(org_id, &mut keys).await;
     Ok(HttpResponse::Ok().json(List::all(keys)))
 }
 
@@ -31,11 +34,29 @@ pub async fn get(
     access: OrgAccess<role::Member>,
     id: ItemId,
 ) -> Result<HttpResponse, ApiError> {
-    let key = state
-        .db
-        .get_provider_key(access.org_id(), id.get()?)
-        .await?;
-    Ok(HttpResponse::Ok().json(key))
+    let org_id = access.org_id();
+    let key = state.db.get_provider_key(org_id, id.get()?).await?;
+    Ok(HttpResponse::Ok().json(annotated(&state, key).await))
+}
+
+/// A provider with its endpoints' health, as every answer shows it.
+async fn annotated(state: &State, key: ProviderKey) -> ProviderKey {
+    let mut keys = [key];
+    state
+        .health
+        .annotate_providers(keys[0].org_id, &mut keys)
+        .await;
+    let [key] = keys;
+    key
+}
+
+/// The save-time checks of a base URL, for providers and endpoints alike:
+/// the operator's scheme policy, then the SSRF policy (the connect-time
+/// check repeats it at every call).
+pub(crate) async fn check_base_url(state: &State, base_url: &BaseUrl) -> Result<(), ApiError> {
+    base_url.check_scheme(state.cfg.upstream.allows_http())?;
+    upstream::check_base_url(base_url, state.cfg.allow_private).await?;
+    Ok(())
 }
 
 pub async fn create(
@@ -43,23 +64,13 @@ pub async fn create(
     access: OrgAccess<role::Admin>,
     input: Input<CreateProvider>,
 ) -> Result<HttpResponse, ApiError> {
-    let input = input.into_inner()?;
-    input
-        .base_url
-        .check_scheme(state.cfg.upstream.allows_http())?;
-    upstream::check_base_url(&input.base_url, state.cfg.allow_private).await?;
+    let CreateProvider(new) = input.into_inner()?;
+    check_base_url(&state, &new.base_url).await?;
     let key = state
         .db
-        .create_provider_key_priced(
-            access.org_id(),
-            access.actor(),
-            &input.name,
-            &input.base_url,
-            &input.token,
-            &input.prices,
-        )
+        .create_provider(access.org_id(), access.actor(), &new)
         .await?;
-    Ok(HttpResponse::Created().json(key))
+    Ok(HttpResponse::Created().json(annotated(&state, key).await))
 }
 
 /// A new `base_url` needs `token` in the same request (storage checks it
@@ -74,14 +85,13 @@ pub async fn update(
     let id = id.get()?;
     let PatchProvider(patch) = input.into_inner()?;
     if let Some(base_url) = &patch.base_url {
-        base_url.check_scheme(state.cfg.upstream.allows_http())?;
-        upstream::check_base_url(base_url, state.cfg.allow_private).await?;
+        check_base_url(&state, base_url).await?;
     }
     let key = state
         .db
         .update_provider_key(access.org_id(), access.actor(), id, patch)
         .await?;
-    Ok(HttpResponse::Ok().json(key))
+    Ok(HttpResponse::Ok().json(annotated(&state, key).await))
 }
 
 pub async fn delete(

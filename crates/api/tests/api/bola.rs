@@ -233,6 +233,8 @@ async fn logs_and_usage_never_mix_orgs() {
         ttfb_ms: None,
         error_class: None,
         created_at: chrono::Utc::now(),
+        endpoint_id: None,
+        attempts: None,
     };
     app.db.db.insert_request_logs(&[row]).await.unwrap();
     // Filtering org A's logs by org B's key finds nothing.

@@ -45,6 +45,16 @@ const EXPECTED: &[(&str, &str)] = &[
     ("PATCH", "/api/v1/orgs/{org_id}/provider-keys/{id}"),
     ("DELETE", "/api/v1/orgs/{org_id}/provider-keys/{id}"),
     ("POST", "/api/v1/orgs/{org_id}/provider-keys/{id}/test"),
+    ("GET", "/api/v1/orgs/{org_id}/provider-keys/{id}/endpoints"),
+    ("POST", "/api/v1/orgs/{org_id}/provider-keys/{id}/endpoints"),
+    (
+        "PATCH",
+        "/api/v1/orgs/{org_id}/provider-keys/{id}/endpoints/{endpoint_id}",
+    ),
+    (
+        "DELETE",
+        "/api/v1/orgs/{org_id}/provider-keys/{id}/endpoints/{endpoint_id}",
+    ),
     ("GET", "/api/v1/orgs/{org_id}/api-keys"),
     ("POST", "/api/v1/orgs/{org_id}/api-keys"),
     ("DELETE", "/api/v1/orgs/{org_id}/api-keys/{id}"),
@@ -127,7 +137,8 @@ async fn openapi_document_lists_every_route_the_server_answers() {
         let url = path
             .replace("{org_id}", &id.to_string())
             .replace("{id}", &id.to_string())
-            .replace("{user_id}", &id.to_string());
+            .replace("{user_id}", &id.to_string())
+            .replace("{endpoint_id}", &id.to_string());
         let r = app
             .call(
                 Method::from_bytes(method.as_bytes()).unwrap(),

@@ -454,6 +454,8 @@ fn priced_row(org: Uuid, provider: Uuid, model: &str, prompt: i64, completion: i
         ttfb_ms: None,
         error_class: None,
         created_at: Utc::now(),
+        endpoint_id: None,
+        attempts: None,
     }
 }
 

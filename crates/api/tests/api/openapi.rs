@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use storage::domain::{parse_label, BaseUrl, ProviderName};
 use storage::secrets::ProviderToken;
 
-use crate::helpers::TestApp;
+use crate::helpers::{OrgFixture, TestApp};
 
 async fn document(app: &TestApp) -> Value {
     let r = app.call(Method::GET, "/api/openapi.json", None, None).await;
@@ -276,6 +276,7 @@ async fn wrong_method_answers_405_with_the_documented_methods_in_allow() {
         let url = path
             .replace("{org_id}", &id)
             .replace("{user_id}", &id)
+            .replace("{endpoint_id}", &id)
             .replace("{id}", &id);
         let r = app
             .call(
@@ -347,4 +348,102 @@ async fn rules_no_schema_can_state_answer_their_documented_422() {
         .await;
     long.expect(401);
     assert_eq!(long.code(), "invalid_credentials");
+}
+
+/// The provider and endpoint answers carry exactly the fields their schemas
+/// name, all of them required, and the write schemas state the rules.
+#[tokio::test]
+async fn provider_and_endpoint_answers_are_what_the_document_says() {
+    let app = TestApp::spawn().await;
+    let doc = document(&app).await;
+    let fx = OrgFixture::create(&app, "doc").await;
+    let endpoints = format!(
+        "/api/v1/orgs/{}/provider-keys/{}/endpoints",
+        fx.id, fx.provider_id
+    );
+    let endpoint = app
+        .post(
+            &endpoints,
+            &fx.admin,
+            json!({"base_url": "https://gpu2.doc.example.com", "token": "sk-doc-second", "weight": 2}),
+        )
+        .await;
+    endpoint.expect(201);
+    app.patch(
+        &format!("/api/v1/orgs/{}/provider-keys/{}", fx.id, fx.provider_id),
+        &fx.admin,
+        json!({"headers": {"X-Doc": "v"}, "timeouts": {"total_ms": 1000}}),
+    )
+    .await
+    .expect(200);
+    let provider = app
+        .get(
+            &format!("/api/v1/orgs/{}/provider-keys/{}", fx.id, fx.provider_id),
+            &fx.member,
+        )
+        .await;
+    provider.expect(200);
+    let sorted = |v: &Value| {
+        let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        k.sort();
+        k
+    };
+    for (name, answer) in [
+        ("ProviderKey", &provider.body),
+        ("ProviderEndpoint", &endpoint.body),
+        ("ProviderEndpoint", &provider.body["endpoints"][0]),
+    ] {
+        let s = schema(&doc, name);
+        let mut required: Vec<String> = s["required"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_owned())
+            .collect();
+        required.sort();
+        assert_eq!(sorted(&s["properties"]), sorted(answer), "{name}");
+        assert_eq!(required, sorted(answer), "{name}");
+    }
+    let timeouts = &schema(&doc, "ProviderKey")["properties"]["timeouts"];
+    assert_eq!(
+        sorted(&timeouts["properties"]),
+        sorted(&provider.body["timeouts"])
+    );
+    let e = &schema(&doc, "ProviderEndpoint")["properties"];
+    assert_eq!(
+        e["health"]["enum"],
+        json!(["healthy", "ejected", "probing", "unknown"])
+    );
+    assert_eq!(
+        (&e["weight"]["minimum"], &e["weight"]["maximum"]),
+        (&json!(1), &json!(1000))
+    );
+    let create = schema(&doc, "ProviderEndpointCreate");
+    assert_eq!(create["required"], json!(["base_url", "token"]));
+    assert_eq!(create["additionalProperties"], false);
+    let patch = schema(&doc, "ProviderEndpointPatch");
+    assert_eq!(patch["minProperties"], 1);
+    assert!(patch["description"].as_str().unwrap().contains("token"));
+    let headers = &schema(&doc, "ProviderKeyPatch")["properties"]["headers"];
+    assert_eq!(headers["maxProperties"], 32);
+    assert_eq!(headers["writeOnly"], true);
+    let description = headers["description"].as_str().unwrap();
+    for reserved in [
+        "authorization",
+        "host",
+        "x-request-id",
+        "traceparent",
+        "proxy-*",
+    ] {
+        assert!(description.contains(reserved), "{reserved}: {description}");
+    }
+    let delete =
+        &doc["paths"]["/api/v1/orgs/{org_id}/provider-keys/{id}/endpoints/{endpoint_id}"]["delete"];
+    assert!(delete["responses"]["409"]["description"]
+        .as_str()
+        .unwrap()
+        .contains("own_endpoint"));
+    let log = &schema(&doc, "RequestLog")["properties"];
+    assert_eq!(log["endpoint_id"]["format"], "uuid");
+    assert_eq!(log["attempts"]["minimum"], 1);
 }

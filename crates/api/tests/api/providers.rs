@@ -34,15 +34,28 @@ async fn provider_key_lifecycle() {
         [
             "base_url",
             "created_at",
+            "endpoints",
+            "headers",
             "id",
             "name",
             "prices",
             "status",
+            "timeouts",
             "token_hint",
             "updated_at"
         ]
     );
     let id = created.id();
+    // Its base URL and token are its first endpoint; no headers, the gateway's timeouts.
+    assert_eq!(
+        b["endpoints"],
+        json!([{"id": id, "base_url": "https://api.example.com", "token_hint": "WXYZ", "weight": 1, "health": "unknown"}])
+    );
+    assert_eq!(b["headers"], json!([]));
+    assert_eq!(
+        b["timeouts"],
+        json!({"connect_ms": null, "first_byte_ms": null, "total_ms": null})
+    );
     let path = format!("/api/v1/orgs/{org}/provider-keys/{id}");
 
     let list = app

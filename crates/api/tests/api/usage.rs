@@ -33,6 +33,8 @@ fn row(
         ttfb_ms: None,
         error_class: None,
         created_at: at,
+        endpoint_id: None,
+        attempts: None,
     }
 }
 
