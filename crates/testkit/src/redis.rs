@@ -37,28 +37,71 @@ pub struct RedisServer {
     extra: Vec<String>,
 }
 
+/// Why a `redis-server` did not come up.
+enum Spawn {
+    /// The binary cannot be run.
+    Missing,
+    /// It exited: another process took the port first.
+    Exited,
+}
+
+/// True when the Redis answering on `port` is process `pid` (not another
+/// test's server, nor another listener that took a port picked as free).
+fn served_by(port: u16, pid: u32) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut conn) = TcpStream::connect_timeout(
+        &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_millis(200),
+    ) else {
+        return false;
+    };
+    let _ = conn.set_read_timeout(Some(Duration::from_millis(500)));
+    if conn.write_all(b"INFO server\r\n").is_err() {
+        return false;
+    }
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n @ 1..) = conn.read(&mut buf) {
+        seen.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&seen);
+        if let Some(rest) = text.split("process_id:").nth(1) {
+            if let Some((id, _)) = rest.split_once("\r\n") {
+                return id.trim() == pid.to_string();
+            }
+        }
+    }
+    false
+}
+
 impl RedisServer {
     /// A server on a free port; `None` when `redis-server` is missing.
     pub fn start() -> Option<Self> {
-        Self::start_with(free_port(), Vec::new())
+        Self::start_with(|_| Vec::new())
     }
 
-    fn start_with(port: u16, extra: Vec<String>) -> Option<Self> {
-        let mut me = Self {
-            child: None,
-            port,
-            extra,
-        };
-        if !me.spawn() {
-            crate::skip_unless_ci(&format!("the redis-server binary ({INSTALL})"));
-            return None;
+    /// A server on a free port with the options `extra(port)`.
+    fn start_with(extra: impl Fn(u16) -> Vec<String>) -> Option<Self> {
+        for _ in 0..5 {
+            let port = free_port();
+            let mut me = Self {
+                child: None,
+                port,
+                extra: extra(port),
+            };
+            match me.spawn() {
+                Ok(()) => return Some(me),
+                Err(Spawn::Exited) => continue,
+                Err(Spawn::Missing) => {
+                    crate::skip_unless_ci(&format!("the redis-server binary ({INSTALL})"));
+                    return None;
+                }
+            }
         }
-        Some(me)
+        panic!("redis-server exited at start on five free ports");
     }
 
-    /// Starts the process and waits until it accepts connections; false
-    /// when the binary cannot be run.
-    fn spawn(&mut self) -> bool {
+    /// Starts the process and waits until it answers on its port.
+    fn spawn(&mut self) -> Result<(), Spawn> {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
@@ -67,11 +110,16 @@ impl RedisServer {
             .stderr(Stdio::null())
             .spawn();
         let Ok(child) = child else {
-            return false;
+            return Err(Spawn::Missing);
         };
-        self.child = Some(child);
+        let pid = child.id();
+        let child = self.child.insert(child);
         let deadline = Instant::now() + Duration::from_secs(5);
-        while !listening(self.port) {
+        while !served_by(self.port, pid) {
+            if child.try_wait().ok().flatten().is_some() {
+                self.child = None;
+                return Err(Spawn::Exited);
+            }
             assert!(
                 Instant::now() < deadline,
                 "redis-server did not start on port {}",
@@ -79,7 +127,7 @@ impl RedisServer {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        true
+        Ok(())
     }
 
     pub fn port(&self) -> u16 {
@@ -103,7 +151,11 @@ impl RedisServer {
     /// Starts it again on the same port (empty: nothing was persisted).
     pub fn restart(&mut self) {
         self.kill();
-        assert!(self.spawn(), "redis-server could not be started again");
+        assert!(
+            self.spawn().is_ok(),
+            "redis-server could not be started again on port {}",
+            self.port
+        );
     }
 }
 
@@ -134,30 +186,35 @@ impl RedisCluster {
             dir,
         };
         for _ in 0..n {
-            let port = free_port();
-            let conf = me.dir.join(format!("nodes-{port}.conf"));
-            let extra = [
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                &conf.to_string_lossy(),
-                "--dir",
-                &me.dir.to_string_lossy(),
-            ]
-            .map(str::to_owned);
-            me.nodes
-                .push(RedisServer::start_with(port, extra.to_vec())?);
+            let dir = me.dir.to_string_lossy().into_owned();
+            let node = RedisServer::start_with(|port| {
+                let conf = format!("{dir}/nodes-{port}.conf");
+                [
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    &conf,
+                    "--dir",
+                    &dir,
+                ]
+                .map(str::to_owned)
+                .to_vec()
+            })?;
+            me.nodes.push(node);
         }
         let created = Command::new("redis-cli")
             .args(["--cluster", "create"])
             .args(me.nodes.iter().map(|s| format!("127.0.0.1:{}", s.port)))
             .args(["--cluster-replicas", "0", "--cluster-yes"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+            .output();
         match created {
-            Ok(s) if s.success() => {}
-            Ok(s) => panic!("redis-cli --cluster create failed: {s}"),
+            Ok(o) if o.status.success() => {}
+            Ok(o) => panic!(
+                "redis-cli --cluster create failed ({}):\n{}{}",
+                o.status,
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
             Err(_) => {
                 crate::skip_unless_ci(&format!("the redis-cli binary ({INSTALL})"));
                 return None;
