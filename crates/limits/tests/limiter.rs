@@ -4,34 +4,20 @@
 //!
 //! Every test uses its own org and key ids, so tests share Redis safely.
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use limits::{Config, Decision, Lease, Limiter, Limits, RefusalKind, Request};
 use rust_decimal::Decimal;
+use testkit::{RedisCluster, RedisServer};
 use uuid::Uuid;
 
 const SHARED_REDIS: &str = "redis://127.0.0.1:6379";
 
-/// Fails under CI when a prerequisite is missing; skips (true) otherwise.
-fn missing(what: &str) -> bool {
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{what} is required under CI");
-    }
-    eprintln!("skipping: {what} is not available");
-    true
-}
-
-fn redis_up(addr: &str) -> bool {
-    std::net::TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_millis(200)).is_ok()
-}
-
 /// A Redis limiter that has connected (waits up to 5 s).
 async fn shared(cfg: Config) -> Option<Limiter> {
-    if !redis_up("127.0.0.1:6379") {
-        missing("Redis at 127.0.0.1:6379");
+    if !testkit::redis::listening(6379) {
+        testkit::skip_unless_ci("Redis at 127.0.0.1:6379 (.ci/run starts one)");
         return None;
     }
     let l = Limiter::redis(SHARED_REDIS, cfg).unwrap();
@@ -332,58 +318,12 @@ async fn two_limiters_share_one_window() {
     assert!((1..=60).contains(&r.retry_after_secs));
 }
 
-/// A port nobody listens on.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn redis_server(port: u16, extra: &[&str]) -> Option<Server> {
-    let child = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn();
-    let Ok(child) = child else {
-        missing("redis-server");
-        return None;
-    };
-    let server = Server(child);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !redis_up(&format!("127.0.0.1:{port}")) {
-        assert!(Instant::now() < deadline, "redis-server did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Some(server)
-}
-
 #[tokio::test]
 async fn redis_stopped_mid_run_follows_the_setting_and_recovers() {
-    let port = free_port();
-    let Some(server) = redis_server(port, &[]) else {
+    let Some(mut server) = RedisServer::start() else {
         return;
     };
-    let url = format!("redis://127.0.0.1:{port}");
+    let url = server.url();
     let open = Limiter::redis(&url, Config::default()).unwrap();
     let closed = Limiter::redis(
         &url,
@@ -403,7 +343,7 @@ async fn redis_stopped_mid_run_follows_the_setting_and_recovers() {
     let none = Limits::default();
     admitted(open.admit(&req(org, key, &lim, &none)).await);
 
-    drop(server);
+    server.kill();
     for _ in 0..5 {
         let t = Instant::now();
         // Fail-open: served on this replica's counters, quickly.
@@ -431,7 +371,7 @@ async fn redis_stopped_mid_run_follows_the_setting_and_recovers() {
     refused(open.admit(&req(org, k2, &one, &none)).await);
 
     // Redis back on the same port: both recover by themselves.
-    let _server = redis_server(port, &[]).unwrap();
+    server.restart();
     wait_connected(&open).await;
     wait_connected(&closed).await;
     admitted(closed.admit(&req(org, key, &lim, &none)).await);
@@ -439,55 +379,10 @@ async fn redis_stopped_mid_run_follows_the_setting_and_recovers() {
 
 #[tokio::test]
 async fn limits_hold_on_a_three_node_cluster() {
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let dir = std::env::temp_dir().join(format!("llmgw-cluster-{}", Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut servers = Vec::new();
-    for p in &ports {
-        let conf = dir.join(format!("nodes-{p}.conf"));
-        let Some(s) = redis_server(
-            *p,
-            &[
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                conf.to_str().unwrap(),
-                "--dir",
-                dir.to_str().unwrap(),
-            ],
-        ) else {
-            return;
-        };
-        servers.push(s);
-    }
-    let nodes: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-    let status = Command::new("redis-cli")
-        .args(["--cluster", "create"])
-        .args(&nodes)
-        .args(["--cluster-replicas", "0", "--cluster-yes"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-    if !status.is_ok_and(|s| s.success()) {
-        missing("redis-cli --cluster create");
+    let Some(cluster) = RedisCluster::start(3) else {
         return;
-    }
-    // Wait until every node reports the cluster healthy.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    for p in &ports {
-        loop {
-            let out = Command::new("redis-cli")
-                .args(["-p", &p.to_string(), "cluster", "info"])
-                .output()
-                .unwrap();
-            if String::from_utf8_lossy(&out.stdout).contains("cluster_state:ok") {
-                break;
-            }
-            assert!(Instant::now() < deadline, "cluster never became ok");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-    let urls: Vec<String> = nodes.iter().map(|n| format!("redis://{n}")).collect();
+    };
+    let urls = cluster.urls();
     let a = Limiter::redis_cluster(
         &urls,
         Config {
@@ -537,6 +432,5 @@ async fn limits_hold_on_a_three_node_cluster() {
             failures
         );
     }
-    drop(servers);
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(cluster);
 }

@@ -11,6 +11,10 @@
 //! the SDK's own documented hooks (an httpx event hook, a `fetch` option)
 //! in a scratch directory, so the upstream's body is compared with what the
 //! client really sent.
+//!
+//! Spend controls as the SDKs see them: `RateLimitError` with the
+//! `x-ratelimit-*` headers, a concurrency refusal retried after its
+//! `Retry-After`, and `insufficient_quota` never retried.
 
 mod common;
 
@@ -355,12 +359,18 @@ out = {}
 
 impl Stack {
     async fn run_python(&self, python: &str, body: &str) -> Value {
+        self.run_python_with(python, body, &[]).await
+    }
+
+    /// [`Stack::run_python`] with more arguments (`sys.argv[4:]`).
+    async fn run_python_with(&self, python: &str, body: &str, args: &[&str]) -> Value {
         let mut cmd = Command::new(python);
         cmd.arg("-c")
             .arg(format!("{PY_PRELUDE}{body}\nprint(json.dumps(out))\n"))
             .arg(&self.running.gateway)
             .arg(&self.tenant.api_key)
-            .arg(self.dir());
+            .arg(self.dir())
+            .args(args);
         self.run(cmd).await
     }
 }
@@ -831,5 +841,235 @@ async fn sdk_node() {
         client_tokens(&v["embeddings"]["usage"]),
         (Some(6), None, Some(6))
     );
+    s.finish().await;
+}
+
+/// Three limited keys of the stack's org, as `(requests_per_minute: 1,
+/// max_concurrent_requests: 1, tokens_per_day: 0)`.
+async fn limited_keys(s: &Stack) -> [String; 3] {
+    let key = |name: &'static str, limits: Value| async move {
+        common::create_key(&s.running.api, &s.tenant, name, limits).await
+    };
+    [
+        key("rpm", json!({"requests_per_minute": 1})).await,
+        key("busy", json!({"max_concurrent_requests": 1})).await,
+        key("quota", json!({"tokens_per_day": 0})).await,
+    ]
+}
+
+impl Stack {
+    /// The statuses and error classes of the rows of each id, once each id
+    /// has at least `want` rows and a few more flushes brought no more.
+    async fn row_statuses(&self, want: &[(&str, usize)]) -> HashMap<String, Vec<(i16, String)>> {
+        let read = || async {
+            let all: Vec<(String, i16, Option<String>)> = sqlx::query_as(
+                "SELECT request_id, status_code, error_class FROM request_logs ORDER BY created_at",
+            )
+            .fetch_all(self.t.db.pool())
+            .await
+            .unwrap();
+            let mut by_id: HashMap<String, Vec<(i16, String)>> = HashMap::new();
+            for (id, status, class) in all {
+                by_id
+                    .entry(id)
+                    .or_default()
+                    .push((status, class.unwrap_or_default()));
+            }
+            by_id
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let rows = read().await;
+            if want
+                .iter()
+                .all(|(id, n)| rows.get(*id).map_or(0, Vec::len) >= *n)
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "usage rows missing: {rows:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Rows are flushed every 200 ms: wait for any straggler.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        read().await
+    }
+
+    /// What either SDK's limits script reported (`v`), the rows the gateway
+    /// wrote for it and what reached the upstream.
+    async fn assert_limit_refusals(&self, prefix: &str, v: &Value) {
+        let header = |h: &Value, name: &str| -> u64 {
+            h[name]
+                .as_str()
+                .unwrap_or_else(|| panic!("no {name} in {h}"))
+                .parse()
+                .unwrap()
+        };
+        // Admitted: the request headers only (no token limit is set).
+        let ok = &v["rpm_ok"];
+        let mut names: Vec<&String> = ok.as_object().unwrap().keys().collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "x-ratelimit-limit-requests",
+                "x-ratelimit-remaining-requests",
+                "x-ratelimit-reset-requests"
+            ],
+            "{v}"
+        );
+        assert_eq!(header(ok, "x-ratelimit-limit-requests"), 1, "{v}");
+        assert_eq!(header(ok, "x-ratelimit-remaining-requests"), 0, "{v}");
+        // Refused: RateLimitError, with the same headers and a Retry-After
+        // that is the reset in whole seconds, rounded up. The scripts read it
+        // with retries off: at the SDKs' default of two, both would sleep
+        // that Retry-After (here about 60 s) before each retry.
+        let r = &v["rpm_refused"];
+        assert_eq!(r["class"], "RateLimitError", "{v}");
+        assert_eq!(r["status"], 429, "{v}");
+        assert_eq!(r["type"], "requests", "{v}");
+        assert_eq!(r["code"], "rate_limit_exceeded", "{v}");
+        let h = &r["headers"];
+        assert_eq!(header(h, "x-ratelimit-limit-requests"), 1, "{v}");
+        assert_eq!(header(h, "x-ratelimit-remaining-requests"), 0, "{v}");
+        let retry = header(h, "retry-after");
+        assert!((1..=60).contains(&retry), "{v}");
+        let reset = common::parse_reset(h["x-ratelimit-reset-requests"].as_str().unwrap());
+        assert_eq!(reset.as_millis().div_ceil(1000) as u64, retry, "{v}");
+        assert!(h.get("x-should-retry").is_none(), "{v}");
+
+        // A concurrency refusal says Retry-After: 1, and both SDKs, left at
+        // their default of two retries, retry it: a 429 without
+        // `x-should-retry` is retryable for them, and they sleep its
+        // Retry-After first, so the call is sent three times, a second apart,
+        // before RateLimitError reaches the caller (the stream holding the
+        // slot is still open).
+        let busy = &v["busy"];
+        assert_eq!(busy["class"], "RateLimitError", "{v}");
+        assert_eq!(busy["status"], 429, "{v}");
+        assert_eq!(busy["code"], "rate_limit_exceeded", "{v}");
+        assert_eq!(busy["headers"]["retry-after"], "1", "{v}");
+        let waited = busy["seconds"].as_f64().unwrap();
+        assert!(
+            (2.0..10.0).contains(&waited),
+            "two retries a second apart: {waited} s"
+        );
+        // insufficient_quota says `x-should-retry: false`, which both SDKs
+        // obey before looking at the status: one request, at once, even at
+        // their default of two retries.
+        let quota = &v["quota"];
+        assert_eq!(quota["class"], "RateLimitError", "{v}");
+        assert_eq!(quota["status"], 429, "{v}");
+        assert_eq!(quota["type"], "insufficient_quota", "{v}");
+        assert_eq!(quota["code"], "insufficient_quota", "{v}");
+        assert_eq!(quota["headers"]["x-should-retry"], "false", "{v}");
+        assert!(quota["headers"].get("retry-after").is_none(), "{v}");
+        assert!(quota["seconds"].as_f64().unwrap() < 1.0, "{v}");
+
+        // What the gateway counted: one row per request it received.
+        let id = |n: &str| format!("{prefix}{n}");
+        let rows = self
+            .row_statuses(&[
+                (&id("rpm-ok"), 1),
+                (&id("rpm-refused"), 1),
+                (&id("busy"), 3),
+                (&id("quota"), 1),
+            ])
+            .await;
+        let limited = (429, "rate_limit_exceeded".to_owned());
+        assert_eq!(rows[&id("rpm-ok")], [(200, String::new())], "{rows:?}");
+        assert_eq!(rows[&id("rpm-refused")], vec![limited.clone()], "{rows:?}");
+        assert_eq!(rows[&id("busy")], vec![limited; 3], "{rows:?}");
+        assert_eq!(
+            rows[&id("quota")],
+            [(429, "insufficient_quota".to_owned())],
+            "{rows:?}"
+        );
+        // Refusals never reach the upstream.
+        for n in ["rpm-refused", "busy", "quota"] {
+            assert!(
+                !self
+                    .upstream
+                    .seen()
+                    .iter()
+                    .any(|r| r.header("x-request-id") == Some(id(n).as_str())),
+                "{n} reached the upstream"
+            );
+        }
+    }
+}
+
+/// The Python SDK against limited keys: `RateLimitError` with the headers;
+/// a retried concurrency refusal; an `insufficient_quota` sent once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_python_sees_rate_limits_and_does_not_retry_insufficient_quota() {
+    let Some(python) = python() else { return };
+    let s = Stack::start().await;
+    let [rpm, busy, quota] = limited_keys(&s).await;
+    let script = r#"
+import time
+rpm_key, busy_key, quota_key = sys.argv[4:7]
+M = [{"role": "user", "content": "hi"}]
+
+def limit_headers(h):
+    return {k: v for k, v in h.items()
+            if k.startswith("x-ratelimit-") or k in ("retry-after", "x-should-retry")}
+
+def refusal(e, started):
+    return {"class": type(e).__name__, "status": e.status_code, "type": e.type, "code": e.code,
+            "headers": limit_headers(e.response.headers), "seconds": time.monotonic() - started}
+
+def sdk(key, **kw):
+    return openai.OpenAI(base_url=gateway + "/v1", api_key=key, timeout=30, **kw)
+
+c = sdk(rpm_key, max_retries=0)
+r = c.chat.completions.with_raw_response.create(model="mycompany/m", messages=M, **rid("rpm-ok"))
+out["rpm_ok"] = limit_headers(r.headers)
+t = time.monotonic()
+try:
+    c.chat.completions.create(model="mycompany/m", messages=M, **rid("rpm-refused"))
+    out["rpm_refused"] = None
+except openai.RateLimitError as e:
+    out["rpm_refused"] = refusal(e, t)
+
+# The SDK's default retries (max_retries=2) from here on.
+b = sdk(busy_key)
+stream = b.chat.completions.create(model="mycompany/slowstream-50", messages=M, stream=True,
+                                   **rid("busy-stream"))
+next(iter(stream))
+t = time.monotonic()
+try:
+    b.chat.completions.create(model="mycompany/m", messages=M, **rid("busy"))
+    out["busy"] = None
+except openai.RateLimitError as e:
+    out["busy"] = refusal(e, t)
+stream.close()
+
+t = time.monotonic()
+try:
+    sdk(quota_key).chat.completions.create(model="mycompany/m", messages=M, **rid("quota"))
+    out["quota"] = None
+except openai.RateLimitError as e:
+    out["quota"] = refusal(e, t)
+"#;
+    let v = s
+        .run_python_with(&python, script, &[&rpm, &busy, &quota])
+        .await;
+    s.assert_limit_refusals("py-", &v).await;
+    s.finish().await;
+}
+
+/// The same through the Node SDK.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_node_sees_rate_limits_and_does_not_retry_insufficient_quota() {
+    let Some(sdk) = node_sdk_dir() else { return };
+    let s = Stack::start().await;
+    let [rpm, busy, quota] = limited_keys(&s).await;
+    let mut cmd = Command::new("node");
+    cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/node/limits.mjs"))
+        .arg(&s.running.gateway)
+        .args([&rpm, &busy, &quota])
+        .arg(&sdk);
+    let v = s.run(cmd).await;
+    s.assert_limit_refusals("node-", &v).await;
     s.finish().await;
 }

@@ -1,13 +1,16 @@
 //! Test support shared by every crate's tests: a fresh migrated database per
-//! test, and real HTTPS upstreams on 127.0.0.1 with certificates made here.
+//! test, real HTTPS upstreams on 127.0.0.1 with certificates made here, and
+//! Redis servers (single or Cluster) started by the test.
 
 pub mod db;
 pub mod raw;
+pub mod redis;
 pub mod tls;
 pub mod upstream;
 
 pub use db::TestDb;
 pub use raw::{RawAnswer, RawClient};
+pub use redis::{RedisCluster, RedisServer};
 pub use tls::TestCa;
 pub use upstream::{MockUpstream, SeenRequest};
 

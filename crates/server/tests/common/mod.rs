@@ -63,6 +63,11 @@ impl Running {
         Self::spawn(cmd, &["serve", "--only", "gateway"])
     }
 
+    /// `llmgw serve --only api` (its `gateway` address is not served).
+    pub fn start_api_only(cmd: Command) -> Self {
+        Self::spawn(cmd, &["serve", "--only", "api"])
+    }
+
     /// `llmgw serve` with both listeners given as `{host}:{port}` (e.g. `localhost`).
     pub fn start_on_host(cmd: Command, host: &str) -> Self {
         Self::spawn_on(cmd, &["serve"], host)
@@ -73,7 +78,10 @@ impl Running {
     }
 
     fn spawn_on(mut cmd: Command, args: &[&str], host: &str) -> Self {
-        let only_gateway = args.contains(&"--only");
+        let only = args
+            .iter()
+            .position(|a| *a == "--only")
+            .and_then(|i| args.get(i + 1).copied());
         let (gw, api) = (free_port(), free_port());
         cmd.args(args)
             .env("LLMGW_GATEWAY_ADDR", format!("{host}:{gw}"))
@@ -97,18 +105,19 @@ impl Running {
             gateway: format!("http://{host}:{gw}"),
             api: format!("http://{host}:{api}"),
         };
-        me.wait_healthy(only_gateway);
+        me.wait_healthy(only);
         me
     }
 
-    fn wait_healthy(&self, only_gateway: bool) {
+    /// Waits for `/healthz` on the listeners that `--only` (if given) serves.
+    fn wait_healthy(&self, only: Option<&str>) {
         let deadline = Instant::now() + Duration::from_secs(60);
         let client = reqwest::blocking::Client::new();
         loop {
-            let bases = if only_gateway {
-                vec![&self.gateway]
-            } else {
-                vec![&self.gateway, &self.api]
+            let bases = match only {
+                Some("gateway") => vec![&self.gateway],
+                Some("api") => vec![&self.api],
+                _ => vec![&self.gateway, &self.api],
             };
             let ok = bases.iter().all(|base| {
                 client
@@ -140,6 +149,29 @@ impl Running {
     pub fn signal_term(&self) {
         // SAFETY: kill on our own child's pid.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+    }
+
+    /// Sends SIGKILL (no shutdown, nothing released) and waits for the exit.
+    pub fn kill_hard(&mut self) {
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+        assert!(
+            self.wait_exit(Duration::from_secs(10)).is_some(),
+            "llmgw survived SIGKILL"
+        );
+    }
+
+    /// Waits up to `limit` until the logs contain `needle`.
+    pub fn wait_for_log(&self, needle: &str, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while !self.logs().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} in the logs within {limit:?}:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Waits up to `limit` for the process to exit; `None` if it is still running.
@@ -197,17 +229,19 @@ pub struct Tenant {
     pub api_key: String,
 }
 
+/// Sends `r` and returns the JSON body of its 2xx answer.
+async fn send(r: reqwest::RequestBuilder) -> Value {
+    let r = r.send().await.unwrap();
+    let status = r.status();
+    let body: Value = r.json().await.unwrap();
+    assert!(status.is_success(), "{status}: {body}");
+    body
+}
+
 /// Signup → org → provider (`mycompany` at `base_url`) → API key.
 pub async fn provision(api_base: &str, base_url: &str, provider_token: &str) -> Tenant {
     let http = reqwest::Client::new();
     let api = format!("{api_base}/api/v1");
-    let send = |r: reqwest::RequestBuilder| async move {
-        let r = r.send().await.unwrap();
-        let status = r.status();
-        let body: Value = r.json().await.unwrap();
-        assert!(status.is_success(), "{status}: {body}");
-        body
-    };
     let email = format!("owner-{}@example.com", uuid::Uuid::new_v4().simple());
     let session = send(
         http.post(format!("{api}/auth/signup"))
@@ -239,4 +273,64 @@ pub async fn provision(api_base: &str, base_url: &str, provider_token: &str) -> 
         org_id,
         api_key: key["key"].as_str().unwrap().to_owned(),
     }
+}
+
+/// `POST /orgs/{org}/api-keys` with these `limits` (the owner's session);
+/// the new key's secret.
+pub async fn create_key(api_base: &str, tenant: &Tenant, name: &str, limits: Value) -> String {
+    let key = send(
+        reqwest::Client::new()
+            .post(format!("{api_base}/api/v1/orgs/{}/api-keys", tenant.org_id))
+            .header("authorization", &tenant.bearer)
+            .json(&json!({"name": name, "limits": limits})),
+    )
+    .await;
+    key["key"].as_str().unwrap().to_owned()
+}
+
+/// `PATCH /orgs/{org}` with these `limits` (the owner's session).
+pub async fn set_org_limits(api_base: &str, tenant: &Tenant, limits: Value) {
+    send(
+        reqwest::Client::new()
+            .patch(format!("{api_base}/api/v1/orgs/{}", tenant.org_id))
+            .header("authorization", &tenant.bearer)
+            .json(&json!({"limits": limits})),
+    )
+    .await;
+}
+
+/// The value of the unlabelled metric `name` at `{base}/metrics`.
+pub async fn metric(base: &str, name: &str) -> f64 {
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
+}
+
+/// `x-ratelimit-reset-*` as the gateway writes it (`20ms`, `59.5s`,
+/// `1m0s`, `1h0m0s`), to the millisecond.
+pub fn parse_reset(text: &str) -> Duration {
+    let bad = || -> ! { panic!("not a reset: {text:?}") };
+    if let Some(ms) = text.strip_suffix("ms") {
+        return Duration::from_millis(ms.parse().unwrap_or_else(|_| bad()));
+    }
+    let mut rest = text.strip_suffix('s').unwrap_or_else(|| bad());
+    let mut ms = 0u64;
+    for (unit, factor) in [('h', 3_600_000), ('m', 60_000)] {
+        if let Some((n, tail)) = rest.split_once(unit) {
+            ms += n.parse::<u64>().unwrap_or_else(|_| bad()) * factor;
+            rest = tail;
+        }
+    }
+    let (secs, frac) = rest.split_once('.').unwrap_or((rest, ""));
+    let frac = format!("{frac:0<3}");
+    ms += secs.parse::<u64>().unwrap_or_else(|_| bad()) * 1000;
+    ms += frac.parse::<u64>().unwrap_or_else(|_| bad());
+    Duration::from_millis(ms)
 }
