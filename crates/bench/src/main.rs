@@ -261,7 +261,12 @@ async fn provision(g: &Gateway, up: &MockUpstream, limited: bool) -> (String, Op
     .await;
     let key = |body: Value| {
         let (c, url, tok) = (&c, format!("{}/orgs/{org}/api-keys", g.api), &tok);
-        async move { post(c, &url, Some(tok), body).await["key"].as_str().unwrap().to_owned() }
+        async move {
+            post(c, &url, Some(tok), body).await["key"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        }
     };
     let plain = key(json!({"name": "bench"})).await;
     let limited = if limited {
