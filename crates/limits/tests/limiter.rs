@@ -643,6 +643,59 @@ async fn a_webhook_that_never_answers_counts_as_failed() {
     assert!(rx.got.lock().unwrap().is_empty());
 }
 
+/// A backend that counts the calls it gets and answers none of them.
+#[derive(Default)]
+struct Counting(std::sync::atomic::AtomicU64);
+
+impl limits::Backend for Counting {
+    fn admit<'a>(
+        &'a self,
+        _: &'a limits::Admission,
+    ) -> limits::BoxFuture<'a, Result<limits::Outcome, limits::BackendError>> {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        Box::pin(async { Err(limits::BackendError::NotConnected) })
+    }
+    fn settle<'a>(
+        &'a self,
+        _: &'a limits::Settlement,
+    ) -> limits::BoxFuture<'a, Result<Vec<limits::Crossing>, limits::BackendError>> {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        Box::pin(async { Err(limits::BackendError::NotConnected) })
+    }
+    fn consumption<'a>(
+        &'a self,
+        _: &'a [String; 2],
+    ) -> limits::BoxFuture<'a, Result<limits::Consumption, limits::BackendError>> {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        Box::pin(async { Err(limits::BackendError::NotConnected) })
+    }
+}
+
+#[tokio::test]
+async fn a_soft_threshold_alone_never_reaches_the_backend() {
+    let backend = Arc::new(Counting::default());
+    let rx = Receiver::start(0).await;
+    let l = Limiter::with_backend(Some(backend.clone()), alerting(&rx));
+    let soft = Limits {
+        soft_limit_percent: Some(80),
+        ..Limits::default()
+    };
+    for _ in 0..3 {
+        let (lease, headers) = admitted(
+            l.admit(&req(Uuid::new_v4(), Uuid::new_v4(), &soft, &soft))
+                .await,
+        );
+        assert_eq!(headers, limits::Headers::default());
+        lease.settle(Some(1_000), Some(usd("1"))).await;
+    }
+    assert_eq!(
+        backend.0.load(Ordering::Relaxed),
+        0,
+        "no call for a key without limits"
+    );
+    assert_eq!(l.stats().redis_failures.load(Ordering::Relaxed), 0);
+}
+
 /// A port nobody listens on.
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
