@@ -56,6 +56,10 @@ pub struct ApiConfig {
     pub trusted_proxies: TrustedProxies,
     /// The admin UI's and browser sessions' settings.
     pub browser: BrowserConfig,
+    /// The spend controls' shared counters (on Redis), read for
+    /// `GET …/api-keys/{id}/limits`. `None`: they are not reachable from
+    /// here (each gateway counts in its own memory), so `used` is `null`.
+    pub limiter: Option<limits::Limiter>,
 }
 
 /// Password-hashing threads: one per core, at most this many (19 MiB each).

@@ -242,6 +242,11 @@ fn schemas() -> Value {
     );
     budget["nullable"] = json!(true);
     limit_props.insert("budget_per_month_usd".to_owned(), budget);
+    limit_props.insert(
+        "soft_limit_percent".to_owned(),
+        json!({"type": "integer", "minimum": 1, "maximum": 100, "nullable": true,
+               "description": "a warning threshold in percent of each limit above (limits nothing by itself): `/limits` shows it, and the alert webhook is called once per period when the day and month budgets' settled usage reaches it and again at the limit; null or absent: none"}),
+    );
     let limits = json!({"type": "object", "additionalProperties": false, "properties": limit_props,
         "description": "Each field optional; null or absent: no limit of that kind. A key is held to its own limits and its organization's (the tighter applies)."});
     let allowed_models = json!({"type": "array", "nullable": true, "maxItems": MAX_PATTERNS,
@@ -560,13 +565,15 @@ fn schemas() -> Value {
             json!({
                 "type": "object", "required": ["data"],
                 "properties": {"data": {"type": "array", "items": {
-                    "type": "object", "required": ["limit", "scope", "max", "used", "remaining", "resets_at"],
+                    "type": "object", "required": ["limit", "scope", "max", "soft", "used", "remaining", "soft_reached", "resets_at"],
                     "properties": {
                         "limit": {"type": "string", "enum": COUNT_LIMITS.iter().copied().chain(["budget_per_month_usd"]).collect::<Vec<_>>()},
                         "scope": {"type": "string", "enum": ["api_key", "organization"]},
                         "max": {"description": "an integer; for budget_per_month_usd a decimal string"},
-                        "used": {"nullable": true, "description": "null while unknown (no limiter counters reachable)"},
-                        "remaining": {"nullable": true, "description": "null while unknown"},
+                        "soft": {"nullable": true, "description": "the soft threshold (soft_limit_percent of max, rounded up) in max's unit; null without soft_limit_percent"},
+                        "used": {"nullable": true, "description": "what admission counts against max (settled usage plus reservations of requests still running), in max's unit; null while unknown (without Redis each gateway counts in its own memory)"},
+                        "remaining": {"nullable": true, "description": "max minus used, at least 0; null while unknown"},
+                        "soft_reached": {"type": "boolean", "nullable": true, "description": "used has reached soft; null while either is unknown"},
                         "resets_at": {"type": "string", "format": "date-time", "nullable": true,
                                       "description": "end of the UTC day or month for those periods; null for the sliding minute and for concurrency"},
                     },

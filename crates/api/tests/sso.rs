@@ -161,6 +161,7 @@ fn api_instance(db: &TestDb, public_url: &str, issuer: &str, ca: &TestCa, s: Set
                 password_login: s.password_login,
                 sso: true,
             },
+            limiter: None,
         },
         SsoConfig {
             password_login: s.password_login,

@@ -378,11 +378,12 @@ function addDecimal(a, b) {
 }
 function limitsText(l) {
   const set = LIMITS.filter(([k]) => l && l[k] !== null && l[k] !== undefined);
-  return set.length ? set.map(([k, , u]) => (u ? `${fmtNum(l[k])} ${u}` : `$${l[k]}/month`)).join(' · ') : 'No limits';
+  const soft = l && l.soft_limit_percent ? ` · warn at ${l.soft_limit_percent} %` : '';
+  return set.length ? set.map(([k, , u]) => (u ? `${fmtNum(l[k])} ${u}` : `$${l[k]}/month`)).join(' · ') + soft : 'No limits' + soft;
 }
 const modelsText = (m) => (!m ? 'all models' : m.length ? m.join(', ') : 'no model (every request refused)');
 
-// The six limit inputs in a fieldset; their fields join `fields` as `limits.<name>`, the names the server's refusals use.
+// The six limit inputs and the soft threshold in a fieldset; their fields join `fields` as `limits.<name>`, the names the server's refusals use.
 function limitsFieldset(fields, current, legend) {
   const cur = current || {};
   const inputs = LIMITS.map(([k, label]) => {
@@ -391,7 +392,10 @@ function limitsFieldset(fields, current, legend) {
     f.grouped = true; fields['limits.' + k] = f;
     return f;
   });
-  return h('fieldset', h('legend', legend), h('p.hint', 'Empty: no limit. 0 refuses every request. Day and month limits reset at 00:00 UTC.'), h('div.grid', inputs));
+  const soft = field('Warn at, % of each limit', { name: 'soft_limit_percent', inputmode: 'numeric', autocomplete: 'off', value: cur.soft_limit_percent ?? null, placeholder: 'no warning' },
+    '1–100, e.g. 80. Shown against usage; day and month budgets alert the operator’s webhook once per period.');
+  soft.grouped = true; fields['limits.soft_limit_percent'] = soft;
+  return h('fieldset', h('legend', legend), h('p.hint', 'Empty: no limit. 0 refuses every request. Day and month limits reset at 00:00 UTC.'), h('div.grid', inputs, soft));
 }
 // The limits as the API takes them (every field, null for none); refusals go into `errs`.
 function readLimits(fields, errs) {
@@ -404,9 +408,14 @@ function readLimits(fields, errs) {
     else if (!/^\d{1,16}$/.test(s) || BigInt(s) > 10n ** 15n) errs['limits.' + k] = 'A whole number (0 or more), or empty for no limit.';
     else out[k] = Number(s); // an integer up to 10^15: exact as a JSON number
   }
+  const soft = val(fields['limits.soft_limit_percent']);
+  out.soft_limit_percent = null;
+  if (soft && (!/^\d{1,3}$/.test(soft) || Number(soft) < 1 || Number(soft) > 100)) errs['limits.soft_limit_percent'] = 'A whole percentage from 1 to 100, or empty for no warning.';
+  else if (soft) out.soft_limit_percent = Number(soft);
   return out;
 }
-const sameLimits = (a, b) => LIMITS.every(([k]) => String((a || {})[k] ?? '') === String((b || {})[k] ?? ''));
+const LIMIT_FIELDS = LIMITS.map(([k]) => k).concat('soft_limit_percent');
+const sameLimits = (a, b) => LIMIT_FIELDS.every((k) => String((a || {})[k] ?? '') === String((b || {})[k] ?? ''));
 function modelsField(current) {
   return field('Allowed models', { type: 'textarea', name: 'allowed_models', rows: '3', spellcheck: 'false', autocomplete: 'off', value: (current || []).join('\n'), placeholder: 'mycompany/*' },
     `One pattern per line, matched against the model clients ask for ({customName}/{modelName}). * matches any characters, / included: mycompany/* is every model of mycompany, */llama* any provider's llama models. Empty: every model.${current && !current.length ? ' Now: no model at all.' : ''}`);
@@ -520,12 +529,18 @@ function keyDialog(k) {
   api('GET', orgPath(`/api-keys/${k.id}/limits`)).then((r) => {
     const rows = r.data.map((x) => {
       const money = x.limit === 'budget_per_month_usd';
-      const show = (v) => (v === null || v === undefined ? '—' : money ? '$' + v : fmtNum(v));
-      return h('tr', { 'data-limit': `${x.scope}.${x.limit}` }, h('th', { scope: 'row' }, LIMIT_LABEL[x.limit] || x.limit), h('td', x.scope === 'api_key' ? 'this key' : 'organization'),
-        h('td', show(x.max)), h('td', show(x.used)), h('td', show(x.remaining)), h('td', x.resets_at ? fmtTime(x.resets_at) : '—'));
+      const known = (v) => v !== null && v !== undefined;
+      const show = (v) => (!known(v) ? '—' : money ? '$' + v : fmtNum(v));
+      const label = LIMIT_LABEL[x.limit] || x.limit;
+      // The bar is a picture of the numbers beside it (money as a float only here, for drawing).
+      const bar = known(x.used) ? h('meter', { min: '0', max: String(Number(x.max) || 1), value: String(Number(x.used)), high: known(x.soft) ? String(Number(x.soft)) : null, optimum: '0', 'aria-label': 'share of the limit used' }) : null;
+      const used = h('td.used', h('span', known(x.used) ? `${show(x.used)} of ${show(x.max)}` : '—'), bar);
+      const soft = h('td', known(x.soft) ? show(x.soft) : '—', x.soft_reached ? h('span.badge.warn', 'reached') : null);
+      return h('tr', { 'data-limit': `${x.scope}.${x.limit}` }, h('th', { scope: 'row' }, label), h('td', x.scope === 'api_key' ? 'this key' : 'organization'),
+        h('td', show(x.max)), used, h('td', show(x.remaining)), soft, h('td', x.resets_at ? fmtTime(x.resets_at) : '—'));
     });
-    state.replaceChildren(table(['Limit', 'Set on', 'Max', 'Used', 'Remaining', 'Resets'], rows, 'Limits in force', 'No limits: neither the key nor the organization has any.'),
-      h('p.hint', `Models: ${modelsText(k.allowed_models)}. “—”: not known to the API (no shared counters).`));
+    state.replaceChildren(table(['Limit', 'Set on', 'Max', 'Used', 'Remaining', 'Warn at', 'Resets'], rows, 'Limits in force', 'No limits: neither the key nor the organization has any.'),
+      h('p.hint', `Models: ${modelsText(k.allowed_models)}. Used counts requests still running at their reservation. “—”: not known to the API (no shared counters without Redis).`));
   }, (e) => state.replaceChildren(h('p.form-err', { role: 'alert' }, e.message)));
 }
 

@@ -46,12 +46,54 @@ pub struct Limits {
     /// USD, at most [`BUDGET_SCALE`] decimal places; JSON carries it as a string.
     #[serde(default, with = "rust_decimal::serde::str_option")]
     pub budget_per_month_usd: Option<Decimal>,
+    /// A warning threshold, in percent (1–100) of each limit above: shown
+    /// in `/limits`, and alerted on for the day and month budgets.
+    #[serde(default)]
+    pub soft_limit_percent: Option<u8>,
 }
 
 impl Limits {
-    /// True when no limit is set.
+    /// True when no limit is set. A soft threshold alone limits nothing, so
+    /// it does not count: such a key never reaches the limiter.
     pub fn is_empty(&self) -> bool {
-        *self == Self::default()
+        // Destructured, so a new limit cannot be forgotten here.
+        let Self {
+            requests_per_minute,
+            tokens_per_minute,
+            max_concurrent_requests,
+            tokens_per_day,
+            tokens_per_month,
+            budget_per_month_usd,
+            soft_limit_percent: _,
+        } = self;
+        [
+            requests_per_minute,
+            tokens_per_minute,
+            max_concurrent_requests,
+            tokens_per_day,
+            tokens_per_month,
+        ]
+        .iter()
+        .all(|l| l.is_none())
+            && budget_per_month_usd.is_none()
+    }
+
+    /// The soft threshold of the integer limit `max`: the least count that
+    /// is at least `soft_limit_percent` % of it.
+    pub fn soft_count(&self, max: u64) -> Option<u64> {
+        let pct = u128::from(self.soft_limit_percent?);
+        Some((u128::from(max) * pct).div_ceil(100) as u64)
+    }
+
+    /// The soft threshold of the money limit `max`, rounded up to the
+    /// micro-dollar (what the counters hold).
+    pub fn soft_usd(&self, max: Decimal) -> Option<Decimal> {
+        let pct = Decimal::from(self.soft_limit_percent?);
+        let exact = max.checked_mul(pct)? / Decimal::ONE_HUNDRED;
+        Some(exact.round_dp_with_strategy(
+            BUDGET_SCALE,
+            rust_decimal::RoundingStrategy::ToPositiveInfinity,
+        ))
     }
 
     /// The integer limit named `name` (one of [`COUNT_LIMITS`]).
@@ -103,6 +145,17 @@ impl Limits {
                     },
                     _ => errors.push(count_error(field)),
                 }
+            } else if k == "soft_limit_percent" {
+                match v {
+                    Value::Null => {}
+                    _ => match v.as_u64().filter(|n| (1..=100).contains(n)) {
+                        Some(n) => out.soft_limit_percent = Some(n as u8),
+                        None => errors.push(ValidationError::new(
+                            "limits.soft_limit_percent",
+                            "limits.soft_limit_percent must be an integer from 1 to 100 (percent of each limit that counts as nearly used up), or null for none",
+                        )),
+                    },
+                }
             } else if k == "budget_per_month_usd" {
                 match v {
                     Value::Null => {}
@@ -115,7 +168,7 @@ impl Limits {
                 errors.push(ValidationError::new(
                     "limits",
                     format!(
-                        "limits has an unknown field; the fields are {}, budget_per_month_usd",
+                        "limits has an unknown field; the fields are {}, budget_per_month_usd, soft_limit_percent",
                         COUNT_LIMITS.join(", ")
                     ),
                 ));
@@ -145,6 +198,17 @@ fn count_error(field: &'static str) -> ValidationError {
         field,
         format!("{field} must be an integer from 0 to {MAX_COUNT} (0 blocks every request), or null for no limit"),
     )
+}
+
+/// `amount` as answers write money: as many decimal places as it needs,
+/// and at least as many as `like` (the limit it is compared with) was
+/// written with, so a `"12.50"` budget shows `"10.00"` used, not `"10"`.
+pub fn usd_like(amount: Decimal, like: Decimal) -> String {
+    let mut d = amount.normalize();
+    if d.scale() < like.scale() {
+        d.rescale(like.scale());
+    }
+    d.to_string()
 }
 
 /// A non-negative USD amount given as a decimal string (`"12.50"`) or a JSON
@@ -232,5 +296,43 @@ mod tests {
         assert_eq!(stored["budget_per_month_usd"], "12.50");
         assert_eq!(serde_json::from_value::<Limits>(stored).unwrap(), l);
         assert_eq!(parse_usd("x", &json!(0.1), 6).unwrap(), Decimal::new(1, 1));
+    }
+
+    #[test]
+    fn soft_thresholds_round_up_and_limit_nothing_alone() {
+        let soft = Limits::parse(&json!({"soft_limit_percent": 80})).unwrap();
+        assert_eq!(soft.soft_limit_percent, Some(80));
+        assert!(soft.is_empty(), "a soft threshold alone is not a limit");
+        assert_ne!(soft, Limits::default());
+        assert_eq!(soft.soft_count(100), Some(80));
+        // The least count at or above 80 % of 7 (5.6).
+        assert_eq!(soft.soft_count(7), Some(6));
+        assert_eq!(soft.soft_count(0), Some(0));
+        assert_eq!(soft.soft_count(MAX_COUNT), Some(MAX_COUNT / 10 * 8));
+        let max = Decimal::from_str("12.50").unwrap();
+        assert_eq!(usd_like(soft.soft_usd(max).unwrap(), max), "10.00");
+        let tiny = Decimal::from_str("0.000001").unwrap();
+        assert_eq!(
+            soft.soft_usd(tiny),
+            Some(tiny),
+            "rounded up to the micro-dollar"
+        );
+        assert_eq!(
+            usd_like(Decimal::new(1_234_500, 6), Decimal::from(5)),
+            "1.2345"
+        );
+        assert_eq!(usd_like(Decimal::ZERO, max), "0.00");
+        assert_eq!(Limits::default().soft_count(10), None);
+        for bad in [json!(0), json!(101), json!(50.5), json!("80"), json!(-1)] {
+            let e = Limits::parse(&json!({ "soft_limit_percent": bad })).unwrap_err();
+            assert_eq!(e[0].field, "limits.soft_limit_percent");
+        }
+        assert_eq!(
+            Limits::parse(&json!({"soft_limit_percent": null})).unwrap(),
+            Limits::default()
+        );
+        let stored = serde_json::to_value(&soft).unwrap();
+        assert_eq!(stored["soft_limit_percent"], 80);
+        assert_eq!(serde_json::from_value::<Limits>(stored).unwrap(), soft);
     }
 }

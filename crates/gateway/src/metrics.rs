@@ -312,6 +312,25 @@ impl Metrics {
                  # TYPE llmgw_gateway_limits_shared gauge\nllmgw_gateway_limits_shared {}",
                 u8::from(l.is_shared())
             );
+            let _ = writeln!(
+                out,
+                "# HELP llmgw_gateway_limit_alerts_total Spend alerts for the webhook (LLMGW_ALERT_WEBHOOK_URL), by outcome: delivered, failed after every retry, or dropped from a full queue.\n\
+                 # TYPE llmgw_gateway_limit_alerts_total counter"
+            );
+            let alerts = l.alert_stats();
+            let count = |c: fn(&limits::AlertStats) -> &std::sync::atomic::AtomicU64| {
+                alerts.map_or(0, |a| c(a).load(Relaxed))
+            };
+            for (outcome, n) in [
+                ("delivered", count(|a| &a.delivered)),
+                ("failed", count(|a| &a.failed)),
+                ("dropped", count(|a| &a.dropped)),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "llmgw_gateway_limit_alerts_total{{outcome=\"{outcome}\"}} {n}"
+                );
+            }
         }
         out
     }

@@ -138,6 +138,11 @@ async fn requests_per_minute_admits_that_many_then_429_with_retry_after() {
         "{metrics}"
     );
     assert!(metrics.contains("llmgw_gateway_limits_shared 0"));
+    // No webhook configured: the alert counters are there, at 0.
+    assert!(
+        metrics.contains("llmgw_gateway_limit_alerts_total{outcome=\"dropped\"} 0"),
+        "{metrics}"
+    );
     let rows = env.rows().await;
     assert_eq!(rows.len(), 5);
     let refused: Vec<_> = rows.iter().filter(|r| r.status_code == 429).collect();

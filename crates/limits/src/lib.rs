@@ -11,8 +11,12 @@
 //! within the call timeout (fail-open) — or it refuses instead (fail-closed).
 //!
 //! The gateway calls [`Limiter::admit`] before it forwards a request and
-//! [`Lease::settle`] when the request ends.
+//! [`Lease::settle`] when the request ends; the settings API reads the
+//! counters with [`Limiter::consumption`]. A limiter given [`Alerts`] raises
+//! one alert per period when a day or month budget's settled usage reaches
+//! its soft threshold, and one when it reaches the limit.
 
+mod alert;
 mod local;
 mod remote;
 
@@ -24,12 +28,23 @@ use std::time::Duration;
 
 use rust_decimal::prelude::ToPrimitive;
 use rust_decimal::Decimal;
+use serde_json::Value;
 use uuid::Uuid;
 
+pub use alert::{Alert, AlertStats, Alerts};
 pub use local::LocalBackend;
 pub use remote::RedisBackend;
 
 pub use domain::limits::Limits;
+
+/// The counter prefixes of a key scope and its org scope, both under the
+/// org's hash tag: `llmgw:{<org>}:k:<key>`, `llmgw:{<org>}:o`.
+fn prefixes(org: Uuid, key: Uuid) -> [String; 2] {
+    [
+        format!("llmgw:{{{org}}}:k:{key}"),
+        format!("llmgw:{{{org}}}:o"),
+    ]
+}
 
 /// The script's view of a scope's limits: -1 for none, money in micro-USD.
 fn slots(l: &Limits) -> [i64; 6] {
@@ -42,6 +57,25 @@ fn slots(l: &Limits) -> [i64; 6] {
         c(l.tokens_per_month),
         l.budget_per_month_usd.map_or(-1, micro_usd),
     ]
+}
+
+/// The settle script's watch list of a scope: limit and soft threshold of
+/// tokens/day, tokens/month and money (micro-USD), -1 when not watched.
+fn watch(l: &Limits) -> [i64; 6] {
+    let c = |v: u64| v.min(MAX_COUNT) as i64;
+    let count = |max: Option<u64>| match max.and_then(|m| Some((m, l.soft_count(m)?))) {
+        Some((m, soft)) => [c(m), c(soft)],
+        None => [-1, -1],
+    };
+    let money = match l
+        .budget_per_month_usd
+        .and_then(|m| Some((m, l.soft_usd(m)?)))
+    {
+        Some((m, soft)) => [micro_usd(m), micro_usd(soft)],
+        None => [-1, -1],
+    };
+    let [d, m] = [count(l.tokens_per_day), count(l.tokens_per_month)];
+    [d[0], d[1], m[0], m[1], money[0], money[1]]
 }
 
 /// Counts above this are treated as this (exact in a Lua number).
@@ -156,10 +190,113 @@ pub struct Settlement {
     /// Used minus reserved (negative when less was used).
     pub token_delta: i64,
     pub micro_usd_delta: i64,
+    /// What was reserved at admission: with the delta, what the request is
+    /// charged in all (added to the settled totals of the period budgets).
+    pub reserve_tokens: i64,
+    pub reserve_micro_usd: i64,
     /// Renew the lease for this long instead of settling.
     pub renew: Option<Duration>,
     /// Per scope: tokens/min, concurrency, tokens/day, tokens/month, money applied.
     pub flags: [[bool; 5]; 2],
+    /// Per scope: limit and soft threshold of tokens/day, tokens/month and
+    /// money (micro-USD) watched for alerts, -1 when not watched; `None`
+    /// when nothing is (boxed: most settlements watch nothing).
+    pub watch: Option<Box<[[i64; 6]; 2]>>,
+}
+
+impl Settlement {
+    /// Tokens and micro-USD the request is charged in all.
+    pub fn charged(&self) -> (i64, i64) {
+        (
+            self.reserve_tokens + self.token_delta,
+            self.reserve_micro_usd + self.micro_usd_delta,
+        )
+    }
+}
+
+/// A day or month budget, as alerts and [`Crossing`]s name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Budget {
+    TokensPerDay,
+    TokensPerMonth,
+    UsdPerMonth,
+}
+
+impl Budget {
+    const ALL: [Budget; 3] = [Self::TokensPerDay, Self::TokensPerMonth, Self::UsdPerMonth];
+
+    /// The limit's name in `limits`.
+    pub fn limit(self) -> &'static str {
+        match self {
+            Self::TokensPerDay => "tokens_per_day",
+            Self::TokensPerMonth => "tokens_per_month",
+            Self::UsdPerMonth => "budget_per_month_usd",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// A settlement that took a watched budget's settled total to its soft
+/// threshold or its limit, first in its period (the backend decides "first").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Crossing {
+    /// 0: the key scope, 1: the org scope.
+    pub scope: usize,
+    pub budget: Budget,
+    /// The limit itself (else the soft threshold).
+    pub reached: bool,
+    /// The settled total after this settlement (tokens, or micro-USD).
+    pub total: i64,
+}
+
+/// What one scope has used of each kind of limit: what admission compares
+/// with (settled usage plus the reservations of requests still running).
+/// A counter runs only while its limit is set.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Used {
+    /// Requests admitted in the sliding minute.
+    pub requests_per_minute: u64,
+    /// Tokens of the last 60 seconds.
+    pub tokens_per_minute: u64,
+    /// Open concurrency leases.
+    pub max_concurrent_requests: u64,
+    /// Tokens of the current UTC day and month.
+    pub tokens_per_day: u64,
+    pub tokens_per_month: u64,
+    /// Micro-USD of the current UTC month.
+    pub micro_usd_per_month: u64,
+}
+
+impl Used {
+    /// What is used of the integer limit `name` (one of
+    /// [`domain::limits::COUNT_LIMITS`]).
+    pub fn count(&self, name: &str) -> Option<u64> {
+        Some(match name {
+            "requests_per_minute" => self.requests_per_minute,
+            "tokens_per_minute" => self.tokens_per_minute,
+            "max_concurrent_requests" => self.max_concurrent_requests,
+            "tokens_per_day" => self.tokens_per_day,
+            "tokens_per_month" => self.tokens_per_month,
+            _ => return None,
+        })
+    }
+
+    /// The month's spend in USD.
+    pub fn usd(&self) -> Decimal {
+        Decimal::new(self.micro_usd_per_month.min(MAX_COUNT) as i64, 6)
+    }
+}
+
+/// A key's and its organization's counters, read at one instant.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Consumption {
+    pub key: Used,
+    pub org: Used,
+    /// The Unix second they were read at (Redis `TIME` on Redis).
+    pub now_s: i64,
 }
 
 /// A failure to reach the backend.
@@ -179,7 +316,17 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// Where the counters live.
 pub trait Backend: Send + Sync + 'static {
     fn admit<'a>(&'a self, a: &'a Admission) -> BoxFuture<'a, Result<Outcome, BackendError>>;
-    fn settle<'a>(&'a self, s: &'a Settlement) -> BoxFuture<'a, Result<(), BackendError>>;
+    /// Settles (or renews) and answers the alerts this settlement raises.
+    fn settle<'a>(
+        &'a self,
+        s: &'a Settlement,
+    ) -> BoxFuture<'a, Result<Vec<Crossing>, BackendError>>;
+    /// Reads the counters of a key scope and its org scope (prefixes as in
+    /// [`Admission`]) without changing them.
+    fn consumption<'a>(
+        &'a self,
+        prefixes: &'a [String; 2],
+    ) -> BoxFuture<'a, Result<Consumption, BackendError>>;
 }
 
 /// Settings of a limiter.
@@ -191,6 +338,8 @@ pub struct Config {
     pub fail_open: bool,
     /// How long a concurrency slot outlives a process that stopped renewing it.
     pub lease_ttl: Duration,
+    /// Where soft-threshold and limit alerts go (`None`: none are raised).
+    pub alerts: Option<Alerts>,
 }
 
 impl Default for Config {
@@ -199,6 +348,7 @@ impl Default for Config {
             timeout: Duration::from_millis(50),
             fail_open: true,
             lease_ttl: Duration::from_secs(30),
+            alerts: None,
         }
     }
 }
@@ -270,6 +420,28 @@ impl Limiter {
         &self.inner.stats
     }
 
+    /// What became of the alerts, when this limiter raises them.
+    pub fn alert_stats(&self) -> Option<&AlertStats> {
+        self.inner.cfg.alerts.as_ref().map(Alerts::stats)
+    }
+
+    /// The counters of `key` and of its organization, read where admission
+    /// keeps them (Redis when shared; else this process's own). Waits on
+    /// Redis no longer than the configured timeout.
+    pub async fn consumption(&self, org: Uuid, key: Uuid) -> Result<Consumption, BackendError> {
+        let prefixes = prefixes(org, key);
+        let inner = &self.inner;
+        match &inner.remote {
+            None => Ok(inner.local.consumption_now(&prefixes, local::now_us())),
+            Some(remote) => {
+                match tokio::time::timeout(inner.cfg.timeout, remote.consumption(&prefixes)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(BackendError::Redis("timed out".into())),
+                }
+            }
+        }
+    }
+
     /// True when counters are shared through Redis.
     pub fn is_shared(&self) -> bool {
         self.inner.remote.is_some()
@@ -285,10 +457,7 @@ impl Limiter {
             };
         }
         let a = Admission {
-            prefixes: [
-                format!("llmgw:{{{}}}:k:{}", req.org, req.key),
-                format!("llmgw:{{{}}}:o", req.org),
-            ],
+            prefixes: prefixes(req.org, req.key),
             lease_id: Uuid::new_v4().simple().to_string(),
             reserve_tokens: req.reserve_tokens.min(MAX_COUNT) as i64,
             reserve_micro_usd: micro_usd(req.budget_reserve),
@@ -328,6 +497,16 @@ impl Limiter {
             });
         }
         let flags = |l: &[i64; 6]| [l[1] >= 0, l[2] >= 0, l[3] >= 0, l[4] >= 0, l[5] >= 0];
+        // Watched only with somewhere to send alerts and a budget with a
+        // soft threshold.
+        let scopes = [req.key_limits, req.org_limits];
+        let watch = inner
+            .cfg
+            .alerts
+            .as_ref()
+            .map(|_| scopes.map(watch))
+            .filter(|w| w.iter().any(|w| w[1] >= 0 || w[3] >= 0 || w[5] >= 0));
+        let watching = inner.cfg.alerts.as_ref().filter(|_| watch.is_some());
         let pending = Pending {
             backend,
             timeout: inner.cfg.timeout,
@@ -339,11 +518,20 @@ impl Limiter {
                 month: outcome.month,
                 token_delta: 0,
                 micro_usd_delta: 0,
+                reserve_tokens: a.reserve_tokens,
+                reserve_micro_usd: a.reserve_micro_usd,
                 renew: None,
                 flags: [flags(&a.limits[0]), flags(&a.limits[1])],
+                watch: watch.map(Box::new),
             },
-            reserve_tokens: a.reserve_tokens,
-            reserve_micro_usd: a.reserve_micro_usd,
+            watching: watching.map(|alerts| {
+                Box::new(Watching {
+                    alerts: alerts.clone(),
+                    org: req.org,
+                    key: req.key,
+                    usd_max: scopes.map(|l| l.budget_per_month_usd),
+                })
+            }),
         };
         let concurrency = a.limits[0][2] >= 0 || a.limits[1][2] >= 0;
         Decision::Admitted {
@@ -362,17 +550,73 @@ struct Pending {
     backend: Arc<dyn Backend>,
     timeout: Duration,
     settlement: Settlement,
-    reserve_tokens: i64,
-    reserve_micro_usd: i64,
+    /// Set when the settlement is watched for alerts.
+    watching: Option<Box<Watching>>,
+}
+
+/// Where a watched settlement's alerts go, and what they name.
+struct Watching {
+    alerts: Alerts,
+    org: Uuid,
+    key: Uuid,
+    /// The money budgets as written, so amounts keep their decimal places.
+    usd_max: [Option<Decimal>; 2],
+}
+
+impl Watching {
+    fn alert(&self, s: &Settlement, c: &Crossing) -> Alert {
+        let w = s.watch.as_deref().map_or([-1; 6], |w| w[c.scope]);
+        let i = c.budget.index() * 2;
+        let (max, soft, used) = match (c.budget, self.usd_max[c.scope]) {
+            (Budget::UsdPerMonth, Some(like)) => {
+                let usd = |micro: i64| {
+                    Value::from(domain::limits::usd_like(Decimal::new(micro, 6), like))
+                };
+                (Value::from(like.to_string()), usd(w[i + 1]), usd(c.total))
+            }
+            _ => (w[i].into(), w[i + 1].into(), c.total.into()),
+        };
+        let ends = match c.budget {
+            Budget::TokensPerDay => local::day_end(s.day),
+            _ => local::month_end(s.month),
+        };
+        Alert {
+            kind: if c.reached {
+                "limit.reached"
+            } else {
+                "limit.soft_reached"
+            },
+            org_id: self.org,
+            api_key_id: (c.scope == 0).then_some(self.key),
+            scope: if c.scope == 0 {
+                "api_key"
+            } else {
+                "organization"
+            },
+            limit: c.budget.limit(),
+            max,
+            soft,
+            used,
+            resets_at: chrono::DateTime::from_timestamp(ends, 0)
+                .unwrap_or_default()
+                .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+        }
+    }
 }
 
 impl Pending {
     async fn run(mut self, tokens: Option<u64>, cost: Option<Decimal>) {
         let s = &mut self.settlement;
-        s.token_delta = tokens.map_or(0, |t| t.min(MAX_COUNT) as i64 - self.reserve_tokens);
-        s.micro_usd_delta = cost.map_or(0, |c| micro_usd(c) - self.reserve_micro_usd);
+        s.token_delta = tokens.map_or(0, |t| t.min(MAX_COUNT) as i64 - s.reserve_tokens);
+        s.micro_usd_delta = cost.map_or(0, |c| micro_usd(c) - s.reserve_micro_usd);
         match tokio::time::timeout(self.timeout * 4, self.backend.settle(s)).await {
-            Ok(Ok(())) => {}
+            Ok(Ok(crossings)) => {
+                if let Some(w) = &self.watching {
+                    for c in &crossings {
+                        w.alerts.send(w.alert(s, c));
+                    }
+                }
+            }
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "limits: settling a request failed; its reservation stands")
             }

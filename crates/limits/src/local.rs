@@ -7,7 +7,8 @@ use std::sync::{Mutex, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::{
-    Admission, Backend, BackendError, BoxFuture, Headers, Outcome, RefusalKind, Settlement, Window,
+    Admission, Backend, BackendError, BoxFuture, Budget, Consumption, Crossing, Headers, Outcome,
+    RefusalKind, Settlement, Used, Window,
 };
 
 const WINDOW_US: i64 = 60_000_000;
@@ -32,6 +33,65 @@ struct Scope {
     day: (i64, i64),
     month_tokens: (i64, i64),
     month_usd: (i64, i64),
+    /// Settled totals and the alerts raised, per budget (day tokens, month
+    /// tokens, month money).
+    settled: [Settled; 3],
+}
+
+/// A budget's settled total in a period, and the thresholds alerted on in it.
+#[derive(Debug, Clone, Copy)]
+struct Settled {
+    period: i64,
+    total: i64,
+    /// The soft threshold and the limit last alerted on (-1: none yet).
+    soft_alerted: i64,
+    limit_alerted: i64,
+}
+
+impl Default for Settled {
+    fn default() -> Self {
+        Self {
+            period: 0,
+            total: 0,
+            soft_alerted: -1,
+            limit_alerted: -1,
+        }
+    }
+}
+
+impl Settled {
+    /// Adds `by` in `period` and answers which of `soft` and `limit` it
+    /// crossed first in the period (`soft` -1: not watched).
+    fn add(&mut self, period: i64, by: i64, limit: i64, soft: i64) -> [Option<bool>; 2] {
+        if period < self.period {
+            // Settled after its period ended: a later period runs now.
+            return [None, None];
+        }
+        if period > self.period {
+            *self = Self {
+                period,
+                ..Self::default()
+            };
+        }
+        self.total = self.total.saturating_add(by).max(0);
+        if soft < 0 {
+            return [None, None];
+        }
+        let mut raised = [None, None];
+        for (i, (mark, alerted, reached)) in [
+            (soft, &mut self.soft_alerted, false),
+            (limit, &mut self.limit_alerted, true),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            if self.total >= mark && *alerted != mark {
+                *alerted = mark;
+                raised[i] = Some(reached);
+            }
+        }
+        raised
+    }
 }
 
 impl Scope {
@@ -43,6 +103,7 @@ impl Scope {
             && self.day.1 == 0
             && !month_live(self.month_tokens)
             && !month_live(self.month_usd)
+            && self.settled.iter().all(|b| b.total == 0)
     }
 }
 
@@ -83,6 +144,18 @@ fn days_from_civil(y: i64, m: i64) -> i64 {
     let mp = if m > 2 { m - 3 } else { m + 9 };
     let doy = (153 * mp + 2) / 5;
     era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468
+}
+
+/// When UTC day number `day` ends (Unix seconds).
+pub(crate) fn day_end(day: i64) -> i64 {
+    (day + 1) * 86_400
+}
+
+/// When the `YYYYMM` month ends (Unix seconds).
+pub(crate) fn month_end(month: i64) -> i64 {
+    let (y, m) = (month / 100, month % 100);
+    let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+    days_from_civil(ny, nm) * 86_400
 }
 
 /// The current value of a period counter (0 once the period has passed).
@@ -250,10 +323,11 @@ impl LocalBackend {
         }
     }
 
-    /// [`settle.lua`](crate) at time `now` (µs).
-    pub fn settle_now(&self, st: &Settlement, now: i64) {
+    /// [`settle.lua`](crate) at time `now` (µs); answers the alerts raised.
+    pub fn settle_now(&self, st: &Settlement, now: i64) -> Vec<Crossing> {
         let mut map = self.scopes.lock().unwrap_or_else(PoisonError::into_inner);
         let now_s = now.div_euclid(1_000_000);
+        let mut crossings = Vec::new();
         for (i, prefix) in st.prefixes.iter().enumerate() {
             let [tpm, cc, tpd, tpmo, usd] = st.flags[i];
             let Some(s) = map.get_mut(prefix) else {
@@ -287,6 +361,61 @@ impl LocalBackend {
             if usd && st.micro_usd_delta != 0 && s.month_usd.0 == st.month {
                 fix(&mut s.month_usd.1, st.micro_usd_delta);
             }
+            let (tokens, micro_usd) = st.charged();
+            let w = st.watch.as_deref().map_or([-1; 6], |w| w[i]);
+            let budgets = [
+                (tpd, st.day, tokens),
+                (tpmo, st.month, tokens),
+                (usd, st.month, micro_usd),
+            ];
+            for (b, (applied, period, by)) in budgets.into_iter().enumerate() {
+                if !applied {
+                    continue;
+                }
+                let (limit, soft) = (w[b * 2], w[b * 2 + 1]);
+                let settled = &mut s.settled[b];
+                for reached in settled.add(period, by, limit, soft).into_iter().flatten() {
+                    crossings.push(Crossing {
+                        scope: i,
+                        budget: Budget::ALL[b],
+                        reached,
+                        total: settled.total,
+                    });
+                }
+            }
+        }
+        crossings
+    }
+
+    /// [`consumption.lua`](crate) at time `now` (µs).
+    pub fn consumption_now(&self, prefixes: &[String; 2], now: i64) -> Consumption {
+        let map = self.scopes.lock().unwrap_or_else(PoisonError::into_inner);
+        let now_s = now.div_euclid(1_000_000);
+        let (day, month, _, _) = calendar(now_s);
+        let used = |prefix: &String| {
+            let Some(s) = map.get(prefix) else {
+                return Used::default();
+            };
+            let at = |(id, n): (i64, i64), want: i64| if id == want { n.max(0) as u64 } else { 0 };
+            Used {
+                requests_per_minute: s.requests.iter().filter(|t| **t > now - WINDOW_US).count()
+                    as u64,
+                tokens_per_minute: s
+                    .tokens
+                    .iter()
+                    .filter(|(sec, _)| *sec > now_s - 60)
+                    .map(|(_, n)| (*n).max(0) as u64)
+                    .sum(),
+                max_concurrent_requests: s.leases.values().filter(|exp| **exp > now).count() as u64,
+                tokens_per_day: at(s.day, day),
+                tokens_per_month: at(s.month_tokens, month),
+                micro_usd_per_month: at(s.month_usd, month),
+            }
+        };
+        Consumption {
+            key: used(&prefixes[0]),
+            org: used(&prefixes[1]),
+            now_s,
         }
     }
 }
@@ -296,11 +425,18 @@ impl Backend for LocalBackend {
         Box::pin(async move { Ok(self.admit_now(a, now_us())) })
     }
 
-    fn settle<'a>(&'a self, s: &'a Settlement) -> BoxFuture<'a, Result<(), BackendError>> {
-        Box::pin(async move {
-            self.settle_now(s, now_us());
-            Ok(())
-        })
+    fn settle<'a>(
+        &'a self,
+        s: &'a Settlement,
+    ) -> BoxFuture<'a, Result<Vec<Crossing>, BackendError>> {
+        Box::pin(async move { Ok(self.settle_now(s, now_us())) })
+    }
+
+    fn consumption<'a>(
+        &'a self,
+        prefixes: &'a [String; 2],
+    ) -> BoxFuture<'a, Result<Consumption, BackendError>> {
+        Box::pin(async move { Ok(self.consumption_now(prefixes, now_us())) })
     }
 }
 
@@ -318,5 +454,9 @@ mod tests {
         assert_eq!(calendar(1_798_761_599).2, 1);
         assert_eq!(calendar(1_798_761_599).3, 1);
         assert_eq!(calendar(1_798_761_600).1, 202_701);
+        // Period ends: the next midnight, the first of the next month.
+        assert_eq!(day_end(19_782), 1_709_251_200);
+        assert_eq!(month_end(202_402), 1_709_251_200);
+        assert_eq!(month_end(202_612), 1_798_761_600);
     }
 }

@@ -1,4 +1,5 @@
-//! The Redis backend: `admit.lua` and `settle.lua`, sent by EVALSHA (loaded
+//! The Redis backend: `admit.lua`, `settle.lua` and `consumption.lua`, each
+//! after `clock.lua`, sent by EVALSHA (loaded
 //! on first use, and again after a Redis restart), over one multiplexed
 //! connection that reconnects by itself — to a single server or a Cluster.
 
@@ -10,11 +11,13 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Script, Value};
 
 use crate::{
-    Admission, Backend, BackendError, BoxFuture, Headers, Outcome, RefusalKind, Settlement, Window,
+    Admission, Backend, BackendError, BoxFuture, Budget, Consumption, Crossing, Headers, Outcome,
+    RefusalKind, Settlement, Used, Window,
 };
 
-const ADMIT: &str = include_str!("admit.lua");
-const SETTLE: &str = include_str!("settle.lua");
+const ADMIT: &str = concat!(include_str!("clock.lua"), include_str!("admit.lua"));
+const SETTLE: &str = concat!(include_str!("clock.lua"), include_str!("settle.lua"));
+const CONSUMPTION: &str = concat!(include_str!("clock.lua"), include_str!("consumption.lua"));
 
 #[derive(Clone)]
 enum Conn {
@@ -27,6 +30,7 @@ pub struct RedisBackend {
     conn: Arc<RwLock<Option<Conn>>>,
     admit: Script,
     settle: Script,
+    consumption: Script,
 }
 
 fn redis_err(e: redis::RedisError) -> BackendError {
@@ -98,6 +102,7 @@ impl RedisBackend {
             conn: Arc::new(RwLock::new(None)),
             admit: Script::new(ADMIT),
             settle: Script::new(SETTLE),
+            consumption: Script::new(CONSUMPTION),
         }
     }
 
@@ -162,6 +167,50 @@ fn outcome(v: &[i64]) -> Result<Outcome, BackendError> {
     })
 }
 
+/// Decodes `settle.lua`'s answer: four numbers per alert raised.
+fn crossings(v: &[i64]) -> Result<Vec<Crossing>, BackendError> {
+    let bad = || BackendError::Redis("unexpected script answer".into());
+    if !v.len().is_multiple_of(4) {
+        return Err(bad());
+    }
+    v.chunks_exact(4)
+        .map(|c| {
+            Ok(Crossing {
+                scope: usize::from(c[0] == 2),
+                budget: *usize::try_from(c[1] - 1)
+                    .ok()
+                    .and_then(|i| Budget::ALL.get(i))
+                    .ok_or_else(bad)?,
+                reached: c[2] == 2,
+                total: c[3],
+            })
+        })
+        .collect()
+}
+
+/// Decodes `consumption.lua`'s answer.
+fn consumption(v: &[i64]) -> Result<Consumption, BackendError> {
+    if v.len() != 13 {
+        return Err(BackendError::Redis("unexpected script answer".into()));
+    }
+    let used = |c: &[i64]| {
+        let u = |i: usize| c[i].max(0) as u64;
+        Used {
+            requests_per_minute: u(0),
+            tokens_per_minute: u(1),
+            max_concurrent_requests: u(2),
+            tokens_per_day: u(3),
+            tokens_per_month: u(4),
+            micro_usd_per_month: u(5),
+        }
+    };
+    Ok(Consumption {
+        now_s: v[0],
+        key: used(&v[1..7]),
+        org: used(&v[7..13]),
+    })
+}
+
 impl Backend for RedisBackend {
     fn admit<'a>(&'a self, a: &'a Admission) -> BoxFuture<'a, Result<Outcome, BackendError>> {
         Box::pin(async move {
@@ -179,7 +228,10 @@ impl Backend for RedisBackend {
         })
     }
 
-    fn settle<'a>(&'a self, s: &'a Settlement) -> BoxFuture<'a, Result<(), BackendError>> {
+    fn settle<'a>(
+        &'a self,
+        s: &'a Settlement,
+    ) -> BoxFuture<'a, Result<Vec<Crossing>, BackendError>> {
         Box::pin(async move {
             let mut inv = self.settle.prepare_invoke();
             inv.key(&s.prefixes[0])
@@ -190,11 +242,30 @@ impl Backend for RedisBackend {
                 .arg(s.month)
                 .arg(s.token_delta)
                 .arg(s.micro_usd_delta)
-                .arg(s.renew.map_or(0, |d| d.as_millis() as u64));
-            for f in s.flags.iter().flatten() {
-                inv.arg(if *f { "1" } else { "0" });
+                .arg(s.renew.map_or(0, |d| d.as_millis() as u64))
+                .arg(s.charged().0)
+                .arg(s.charged().1);
+            let watch = s.watch.as_deref().copied().unwrap_or([[-1; 6]; 2]);
+            for (flags, watch) in s.flags.iter().zip(&watch) {
+                for f in flags {
+                    inv.arg(if *f { "1" } else { "0" });
+                }
+                for w in watch {
+                    inv.arg(*w);
+                }
             }
-            self.run(inv).await.map(|_| ())
+            crossings(&ints(self.run(inv).await?)?)
+        })
+    }
+
+    fn consumption<'a>(
+        &'a self,
+        prefixes: &'a [String; 2],
+    ) -> BoxFuture<'a, Result<Consumption, BackendError>> {
+        Box::pin(async move {
+            let mut inv = self.consumption.prepare_invoke();
+            inv.key(&prefixes[0]).key(&prefixes[1]);
+            consumption(&ints(self.run(inv).await?)?)
         })
     }
 }

@@ -1,15 +1,20 @@
 //! The limiter's rules, each pinned on the shared Redis (127.0.0.1:6379)
 //! and on the in-process backend alike; a Redis started by the test for the
-//! outage cases; a three-node Redis Cluster.
+//! outage cases; a three-node Redis Cluster; the counters as the settings
+//! API reads them; alerts, received by a small webhook server.
 //!
 //! Every test uses its own org and key ids, so tests share Redis safely.
 
 use std::str::FromStr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use limits::{Config, Decision, Lease, Limiter, Limits, RefusalKind, Request};
+use limits::{Alerts, Config, Decision, Lease, Limiter, Limits, RefusalKind, Request, Used};
 use rust_decimal::Decimal;
+use serde_json::{json, Value};
 use testkit::{RedisCluster, RedisServer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
 
 const SHARED_REDIS: &str = "redis://127.0.0.1:6379";
@@ -316,6 +321,365 @@ async fn two_limiters_share_one_window() {
     assert_eq!(ok, 60, "exactly the limit across both");
     let r = refused(a.admit(&req(org, key, &lim, &none)).await);
     assert!((1..=60).contains(&r.retry_after_secs));
+}
+
+fn usd(s: &str) -> Decimal {
+    Decimal::from_str(s).unwrap()
+}
+
+async fn consumption_reads_every_counter(l: Limiter) {
+    let (org, key) = (Uuid::new_v4(), Uuid::new_v4());
+    assert_eq!(
+        l.consumption(org, key).await.unwrap().key,
+        Used::default(),
+        "nothing counted yet"
+    );
+    let key_lim = Limits {
+        requests_per_minute: Some(100),
+        tokens_per_minute: Some(10_000),
+        max_concurrent_requests: Some(10),
+        tokens_per_day: Some(10_000),
+        tokens_per_month: Some(100_000),
+        budget_per_month_usd: Some(usd("5")),
+        ..Limits::default()
+    };
+    let org_lim = Limits {
+        requests_per_minute: Some(1000),
+        tokens_per_day: Some(1_000_000),
+        ..Limits::default()
+    };
+    let mut r = req(org, key, &key_lim, &org_lim);
+    r.reserve_tokens = 50;
+    r.budget_reserve = usd("0.01");
+    let (a, _) = admitted(l.admit(&r).await);
+    let (b, _) = admitted(l.admit(&r).await);
+    let (open, _) = admitted(l.admit(&r).await);
+    a.settle(Some(20), Some(usd("0.002"))).await;
+    b.settle(Some(30), Some(usd("0.003"))).await;
+    let c = l.consumption(org, key).await.unwrap();
+    // Settled usage plus the reservation of the request still open.
+    assert_eq!(
+        c.key,
+        Used {
+            requests_per_minute: 3,
+            tokens_per_minute: 100,
+            max_concurrent_requests: 1,
+            tokens_per_day: 100,
+            tokens_per_month: 100,
+            micro_usd_per_month: 15_000,
+        }
+    );
+    assert_eq!(c.key.usd(), usd("0.015"));
+    // The org counts only what it limits.
+    assert_eq!(
+        c.org,
+        Used {
+            requests_per_minute: 3,
+            tokens_per_day: 100,
+            ..Used::default()
+        }
+    );
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!((c.now_s - wall).abs() <= 5, "{} vs {wall}", c.now_s);
+    // Another key of the org: nothing of its own, the org's shared.
+    let other = l.consumption(org, Uuid::new_v4()).await.unwrap();
+    assert_eq!((other.key, other.org), (Used::default(), c.org));
+    open.settle(Some(0), Some(Decimal::ZERO)).await;
+    let c = l.consumption(org, key).await.unwrap();
+    assert_eq!(c.key.max_concurrent_requests, 0);
+    assert_eq!(c.key.tokens_per_day, 50);
+    assert_eq!(c.key.micro_usd_per_month, 5_000);
+}
+on_both!(consumption, consumption_reads_every_counter);
+
+/// A webhook receiver on 127.0.0.1: keeps the JSON bodies it accepted, and
+/// answers 503 to its first `fail_first` requests.
+struct Receiver {
+    url: String,
+    got: Arc<Mutex<Vec<Value>>>,
+}
+
+impl Receiver {
+    async fn start(fail_first: usize) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hooks/llmgw", listener.local_addr().unwrap());
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::new(Mutex::new(0usize));
+        let (g, n) = (got.clone(), seen.clone());
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let (g, n) = (g.clone(), n.clone());
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    let (head_end, length) = loop {
+                        let read = conn.read(&mut chunk).await.unwrap_or(0);
+                        if read == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..read]);
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&buf[..i]).to_ascii_lowercase();
+                            assert!(head.starts_with("post /hooks/llmgw "), "{head}");
+                            assert!(head.contains("content-type: application/json"), "{head}");
+                            let length = head
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length:"))
+                                .and_then(|v| v.trim().parse::<usize>().ok())
+                                .unwrap_or(0);
+                            break (i + 4, length);
+                        }
+                    };
+                    while buf.len() < head_end + length {
+                        let read = conn.read(&mut chunk).await.unwrap_or(0);
+                        if read == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..read]);
+                    }
+                    let fail = {
+                        let mut n = n.lock().unwrap();
+                        *n += 1;
+                        *n <= fail_first
+                    };
+                    let status = if fail {
+                        "503 Service Unavailable"
+                    } else {
+                        let body = &buf[head_end..head_end + length];
+                        g.lock()
+                            .unwrap()
+                            .push(serde_json::from_slice(body).unwrap());
+                        "204 No Content"
+                    };
+                    let answer = format!("HTTP/1.1 {status}\r\nconnection: close\r\n\r\n");
+                    let _ = conn.write_all(answer.as_bytes()).await;
+                });
+            }
+        });
+        Self { url, got }
+    }
+
+    /// Waits until `n` alerts arrived (and a little more, so an extra one
+    /// would show), then answers them all.
+    async fn wait_for(&self, n: usize) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.got.lock().unwrap().len() < n && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        self.got.lock().unwrap().clone()
+    }
+}
+
+fn alerting(rx: &Receiver) -> Config {
+    Config {
+        alerts: Some(Alerts::webhook(&rx.url).unwrap()),
+        ..Config::default()
+    }
+}
+
+/// Twelve requests admitted, then settled all at once on `replicas` (10
+/// tokens and $0.10 each): the key's 100 tokens/day at 80 % and the org's
+/// $1.00 at 50 % are each crossed, then reached, exactly once.
+async fn settle_past(replicas: &[Limiter; 2], key_lim: &Limits, org_lim: &Limits) -> (Uuid, Uuid) {
+    let (org, key) = (Uuid::new_v4(), Uuid::new_v4());
+    let mut leases = Vec::new();
+    for i in 0..12 {
+        let l = &replicas[i % 2];
+        leases.push(admitted(l.admit(&req(org, key, key_lim, org_lim)).await).0);
+    }
+    let settles: Vec<_> = leases
+        .into_iter()
+        .map(|lease| tokio::spawn(lease.settle(Some(10), Some(usd("0.10")))))
+        .collect();
+    for s in settles {
+        s.await.unwrap();
+    }
+    // Over both limits now.
+    let refusal = refused(replicas[0].admit(&req(org, key, key_lim, org_lim)).await);
+    assert_eq!(refusal.kind, RefusalKind::Quota);
+    (org, key)
+}
+
+fn soft_limits() -> (Limits, Limits) {
+    (
+        Limits {
+            tokens_per_day: Some(100),
+            soft_limit_percent: Some(80),
+            ..Limits::default()
+        },
+        Limits {
+            budget_per_month_usd: Some(usd("1.00")),
+            soft_limit_percent: Some(50),
+            ..Limits::default()
+        },
+    )
+}
+
+async fn alerts_are_raised_once(replicas: [Limiter; 2], rx: &Receiver) {
+    let (key_lim, org_lim) = soft_limits();
+    let (org, key) = settle_past(&replicas, &key_lim, &org_lim).await;
+    let mut got = rx.wait_for(4).await;
+    got.sort_by_key(|e| (e["limit"].to_string(), e["type"].to_string()));
+    let day_end = {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        (now / 86_400 + 1) * 86_400
+    };
+    let midnight = chrono::DateTime::from_timestamp(day_end, 0)
+        .unwrap()
+        .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
+    let key_event = |kind: &str, used: i64| {
+        json!({"type": kind, "org_id": org, "api_key_id": key, "scope": "api_key",
+               "limit": "tokens_per_day", "max": 100, "soft": 80, "used": used,
+               "resets_at": midnight})
+    };
+    assert_eq!(got.len(), 4, "{got:#?}");
+    // budget_per_month_usd sorts first: limit.reached, limit.soft_reached.
+    for (e, (kind, used)) in got[..2]
+        .iter()
+        .zip([("limit.reached", "1.00"), ("limit.soft_reached", "0.50")])
+    {
+        assert_eq!(e["type"], kind);
+        assert_eq!(e["org_id"], json!(org));
+        assert_eq!(e["api_key_id"], Value::Null);
+        assert_eq!(e["scope"], "organization");
+        assert_eq!(
+            (&e["max"], &e["soft"], &e["used"]),
+            (&json!("1.00"), &json!("0.50"), &json!(used))
+        );
+        let ends: chrono::DateTime<chrono::Utc> = e["resets_at"].as_str().unwrap().parse().unwrap();
+        assert_eq!(ends.format("%d %H:%M:%S").to_string(), "01 00:00:00");
+        assert!(ends > chrono::Utc::now());
+    }
+    assert_eq!(got[2], key_event("limit.reached", 100));
+    assert_eq!(got[3], key_event("limit.soft_reached", 80));
+    let delivered: u64 = replicas
+        .iter()
+        .map(|l| l.alert_stats().unwrap().delivered.load(Ordering::Relaxed))
+        .sum();
+    // The same limiter twice (in process) counts its deliveries twice.
+    let per = if replicas[0].is_shared() { 1 } else { 2 };
+    assert_eq!(delivered, 4 * per);
+}
+
+#[tokio::test]
+async fn two_replicas_on_redis_raise_each_alert_once() {
+    let rx = Receiver::start(0).await;
+    let (Some(a), Some(b)) = (shared(alerting(&rx)).await, shared(alerting(&rx)).await) else {
+        return;
+    };
+    alerts_are_raised_once([a, b], &rx).await;
+}
+
+#[tokio::test]
+async fn the_local_backend_raises_each_alert_once_and_retries_delivery() {
+    // The first try is refused: the retry delivers it.
+    let rx = Receiver::start(1).await;
+    let l = Limiter::local(alerting(&rx));
+    alerts_are_raised_once([l.clone(), l.clone()], &rx).await;
+    assert_eq!(l.alert_stats().unwrap().failed.load(Ordering::Relaxed), 0);
+}
+
+async fn no_alert_without_a_soft_threshold(replicas: [Limiter; 2], rx: &Receiver) {
+    let (mut key_lim, mut org_lim) = soft_limits();
+    key_lim.soft_limit_percent = None;
+    org_lim.soft_limit_percent = None;
+    settle_past(&replicas, &key_lim, &org_lim).await;
+    assert_eq!(rx.wait_for(1).await, Vec::<Value>::new());
+}
+
+#[tokio::test]
+async fn no_alert_without_a_soft_threshold_on_redis() {
+    let rx = Receiver::start(0).await;
+    let (Some(a), Some(b)) = (shared(alerting(&rx)).await, shared(alerting(&rx)).await) else {
+        return;
+    };
+    no_alert_without_a_soft_threshold([a, b], &rx).await;
+}
+
+#[tokio::test]
+async fn no_alert_without_a_soft_threshold_in_process() {
+    let rx = Receiver::start(0).await;
+    let l = Limiter::local(alerting(&rx));
+    no_alert_without_a_soft_threshold([l.clone(), l], &rx).await;
+}
+
+#[tokio::test]
+async fn a_webhook_that_never_answers_counts_as_failed() {
+    let rx = Receiver::start(usize::MAX).await;
+    let l = Limiter::local(alerting(&rx));
+    let (key_lim, org_lim) = soft_limits();
+    settle_past(&[l.clone(), l.clone()], &key_lim, &org_lim).await;
+    let stats = l.alert_stats().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while stats.failed.load(Ordering::Relaxed) < 4 {
+        assert!(
+            Instant::now() < deadline,
+            "the alerts were never given up on"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(stats.delivered.load(Ordering::Relaxed), 0);
+    assert!(rx.got.lock().unwrap().is_empty());
+}
+
+/// A backend that counts the calls it gets and answers none of them.
+#[derive(Default)]
+struct Counting(std::sync::atomic::AtomicU64);
+
+impl limits::Backend for Counting {
+    fn admit<'a>(
+        &'a self,
+        _: &'a limits::Admission,
+    ) -> limits::BoxFuture<'a, Result<limits::Outcome, limits::BackendError>> {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        Box::pin(async { Err(limits::BackendError::NotConnected) })
+    }
+    fn settle<'a>(
+        &'a self,
+        _: &'a limits::Settlement,
+    ) -> limits::BoxFuture<'a, Result<Vec<limits::Crossing>, limits::BackendError>> {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        Box::pin(async { Err(limits::BackendError::NotConnected) })
+    }
+    fn consumption<'a>(
+        &'a self,
+        _: &'a [String; 2],
+    ) -> limits::BoxFuture<'a, Result<limits::Consumption, limits::BackendError>> {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        Box::pin(async { Err(limits::BackendError::NotConnected) })
+    }
+}
+
+#[tokio::test]
+async fn a_soft_threshold_alone_never_reaches_the_backend() {
+    let backend = Arc::new(Counting::default());
+    let rx = Receiver::start(0).await;
+    let l = Limiter::with_backend(Some(backend.clone()), alerting(&rx));
+    let soft = Limits {
+        soft_limit_percent: Some(80),
+        ..Limits::default()
+    };
+    for _ in 0..3 {
+        let (lease, headers) = admitted(
+            l.admit(&req(Uuid::new_v4(), Uuid::new_v4(), &soft, &soft))
+                .await,
+        );
+        assert_eq!(headers, limits::Headers::default());
+        lease.settle(Some(1_000), Some(usd("1"))).await;
+    }
+    assert_eq!(
+        backend.0.load(Ordering::Relaxed),
+        0,
+        "no call for a key without limits"
+    );
+    assert_eq!(l.stats().redis_failures.load(Ordering::Relaxed), 0);
 }
 
 #[tokio::test]

@@ -65,6 +65,7 @@ pub const SETTINGS: &[Setting] = &[
     s("LLMGW_REDIS_URL", "", "Redis holding the spend controls' counters for every replica (redis://host:6379, rediss:// for TLS; several comma-separated URLs: the nodes of a Redis Cluster). Unset: limits are counted in this process (one replica), with a warning at start."),
     s("LLMGW_LIMITS_FAIL_OPEN", "true", "Redis unreachable or slower than 50 ms: keep serving on this replica's own counters (true), or refuse limited requests with 503 (false)."),
     s("LLMGW_LIMITS_LEASE_TTL_MS", "30000", "How long a concurrency slot outlives a gateway that stopped renewing it (killed), milliseconds."),
+    s("LLMGW_ALERT_WEBHOOK_URL", "", "http(s) URL the gateways POST a JSON event to when a key's or org's day or month budget reaches its soft_limit_percent, and when it reaches the limit (once per period across every replica). Called as configured (private addresses allowed). Unset: no alerts."),
 ];
 
 /// The settings as `--help` shows them: name, default, wrapped description.
@@ -197,6 +198,8 @@ pub struct Config {
     pub redis_urls: Vec<String>,
     pub limits_fail_open: bool,
     pub limits_lease_ttl: Duration,
+    /// `LLMGW_ALERT_WEBHOOK_URL`: where spend alerts are POSTed.
+    pub alert_webhook_url: Option<String>,
 }
 
 impl std::fmt::Debug for Config {
@@ -270,6 +273,24 @@ fn public_url(env: Env, var: &'static str) -> Result<Option<String>, ConfigError
         return Err(bad("expected no user, query or fragment"));
     }
     Ok(Some(v.trim_end_matches('/').to_owned()))
+}
+
+/// An `http(s)://` URL with a host, kept as written (a query or a secret
+/// path is the receiver's business).
+fn webhook_url(env: Env, var: &'static str) -> Result<Option<String>, ConfigError> {
+    let Some(v) = get(env, var) else {
+        return Ok(None);
+    };
+    // The URL often carries a token: the message does not repeat it.
+    let bad = || ConfigError {
+        var,
+        message: "expected an http(s) URL with a host".into(),
+    };
+    let url = url::Url::parse(&v).map_err(|_| bad())?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(bad());
+    }
+    Ok(Some(v))
 }
 
 fn millis(env: Env, var: &'static str, default_ms: u64) -> Result<Duration, ConfigError> {
@@ -492,6 +513,7 @@ impl Config {
             redis_urls: redis_urls(env)?,
             limits_fail_open: flag(env, "LLMGW_LIMITS_FAIL_OPEN", true)?,
             limits_lease_ttl: millis(env, "LLMGW_LIMITS_LEASE_TTL_MS", 30_000)?,
+            alert_webhook_url: webhook_url(env, "LLMGW_ALERT_WEBHOOK_URL")?,
         })
     }
 }
@@ -555,6 +577,8 @@ mod tests {
             ("LLMGW_UPSTREAM_CA_FILE", "/does/not/exist.pem"),
             ("LLMGW_TRUSTED_PROXIES", "10.0.0.0/8,proxy.internal"),
             ("DATABASE_URL", "mysql://x"),
+            ("LLMGW_ALERT_WEBHOOK_URL", "hooks.example.com/llmgw"),
+            ("LLMGW_ALERT_WEBHOOK_URL", "ftp://hooks.example.com/llmgw"),
         ] {
             let e = cfg(&[(var, val)]).unwrap_err();
             assert_eq!(e.var, var, "{e}");
@@ -701,6 +725,16 @@ mod tests {
             cfg(&[("LLMGW_PUBLIC_URL", "ftp://x")]).unwrap_err().var,
             "LLMGW_PUBLIC_URL"
         );
+    }
+
+    #[test]
+    fn alert_webhook_url_is_kept_as_written_and_not_echoed_when_bad() {
+        let url = "https://hooks.example.com/T0/B1/secret?x=1";
+        let c = cfg(&[("LLMGW_ALERT_WEBHOOK_URL", url)]).unwrap();
+        assert_eq!(c.alert_webhook_url.as_deref(), Some(url));
+        assert!(cfg(&[]).unwrap().alert_webhook_url.is_none());
+        let e = cfg(&[("LLMGW_ALERT_WEBHOOK_URL", "secret-token-123")]).unwrap_err();
+        assert!(!e.to_string().contains("secret-token-123"), "{e}");
     }
 
     #[test]

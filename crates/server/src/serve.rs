@@ -107,22 +107,49 @@ pub async fn serve(cfg: Config, only: Option<Listener>) -> Result<(), String> {
 }
 
 /// The spend controls' limiter: on Redis when `LLMGW_REDIS_URL` names one
-/// (or a Cluster's nodes), else in process.
+/// (or a Cluster's nodes), else in process; raising alerts to
+/// `LLMGW_ALERT_WEBHOOK_URL` when it is set.
 fn limiter(cfg: &Config) -> Result<limits::Limiter, String> {
+    let alerts = cfg
+        .alert_webhook_url
+        .as_deref()
+        .map(limits::Alerts::webhook)
+        .transpose()
+        .map_err(|e| format!("LLMGW_ALERT_WEBHOOK_URL: {e}"))?;
     let lcfg = limits::Config {
         fail_open: cfg.limits_fail_open,
         lease_ttl: cfg.limits_lease_ttl,
+        alerts,
         ..limits::Config::default()
     };
-    let limiter = match cfg.redis_urls.as_slice() {
-        [] => {
-            tracing::warn!("LLMGW_REDIS_URL is unset: spend limits are counted in this process only; with several replicas each one admits the whole limit");
-            return Ok(limits::Limiter::local(lcfg));
-        }
+    if cfg.redis_urls.is_empty() {
+        tracing::warn!("LLMGW_REDIS_URL is unset: spend limits are counted in this process only; with several replicas each one admits the whole limit");
+        return Ok(limits::Limiter::local(lcfg));
+    }
+    shared_limiter(cfg, lcfg)
+}
+
+/// A limiter on the Redis (or Cluster) of `LLMGW_REDIS_URL`.
+fn shared_limiter(cfg: &Config, lcfg: limits::Config) -> Result<limits::Limiter, String> {
+    match cfg.redis_urls.as_slice() {
         [one] => limits::Limiter::redis(one, lcfg),
         nodes => limits::Limiter::redis_cluster(nodes, lcfg),
+    }
+    .map_err(|e| format!("LLMGW_REDIS_URL: {e}"))
+}
+
+/// The API's own reader of the shared counters (for `/limits`), only with
+/// Redis: without it the counters live in each gateway's memory.
+fn api_limiter(cfg: &Config) -> Result<Option<limits::Limiter>, String> {
+    if cfg.redis_urls.is_empty() {
+        return Ok(None);
+    }
+    let lcfg = limits::Config {
+        // A settings page may wait longer than a proxied request.
+        timeout: Duration::from_millis(250),
+        ..limits::Config::default()
     };
-    limiter.map_err(|e| format!("LLMGW_REDIS_URL: {e}"))
+    shared_limiter(cfg, lcfg).map(Some)
 }
 
 async fn run(
@@ -202,6 +229,7 @@ async fn run(
                     password_login: cfg.sso.password_login,
                     sso: cfg.sso.oidc.is_some(),
                 },
+                limiter: api_limiter(cfg)?,
             },
             cfg.sso.clone(),
         )

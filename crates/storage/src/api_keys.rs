@@ -192,7 +192,7 @@ impl Db {
         .fetch_one(&mut *tx)
         .await?;
         let mut details = json!({"name": name, "prefix": key.prefix});
-        if !options.limits.is_empty() {
+        if options.limits != Limits::default() {
             details["limits"] = json!(options.limits);
         }
         if options.allowed_models.is_some() {

@@ -11,7 +11,7 @@ use serde_json::Value;
 use crate::domain::ValidationError;
 
 pub use crate::domain::limits::{
-    parse_usd, Limits, Money, BUDGET_SCALE, COUNT_LIMITS, MAX_COUNT, MAX_USD,
+    parse_usd, usd_like, Limits, Money, BUDGET_SCALE, COUNT_LIMITS, MAX_COUNT, MAX_USD,
 };
 
 /// Most decimal places of a price per million tokens.

@@ -5,7 +5,7 @@ use chrono::{DateTime, Datelike, Duration, NaiveDate, Utc};
 use serde::Serialize;
 use serde_json::{json, Value};
 use storage::api_keys::ApiKey;
-use storage::limits::{Limits, COUNT_LIMITS};
+use storage::limits::{usd_like, Limits, Money, COUNT_LIMITS};
 
 use super::List;
 use crate::error::ApiError;
@@ -95,19 +95,18 @@ pub struct LimitState {
     pub scope: &'static str,
     /// An integer, or for `budget_per_month_usd` a decimal string.
     pub max: Value,
+    /// The warning threshold (`soft_limit_percent` of `max`, in its unit);
+    /// `null` without one.
+    pub soft: Option<Value>,
+    /// What admission counts against `max`: settled usage plus the
+    /// reservations of requests still running; `null` while unknown.
     pub used: Option<Value>,
     pub remaining: Option<Value>,
+    /// `used` has reached `soft`; `null` while either is unknown.
+    pub soft_reached: Option<bool>,
     /// When the current period ends (day and month limits, UTC); `null`
     /// for the sliding minute window and for concurrency.
     pub resets_at: Option<DateTime<Utc>>,
-}
-
-/// Consumption of one limit. The counters live in the limiter (Redis or the
-/// gateway's own memory), which this API does not reach yet, so nothing is
-/// known: `used` and `remaining` answer `null`. This is the one place to
-/// fill them in once the API holds a limiter handle.
-fn consumption(_limit: &str, _max: &Value) -> (Option<Value>, Option<Value>) {
-    (None, None)
 }
 
 /// When the period of `limit` ends after `now` (UTC calendar days and months).
@@ -128,36 +127,82 @@ fn resets_at(limit: &str, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
     Some(next.and_hms_opt(0, 0, 0)?.and_utc())
 }
 
-fn states(scope: &'static str, limits: &Limits, now: DateTime<Utc>, out: &mut Vec<LimitState>) {
-    let counts = COUNT_LIMITS
-        .iter()
-        .filter_map(|name| limits.count(name).map(|n| (*name, json!(n))));
-    let money = limits
-        .budget_per_month_usd
-        .map(|d| ("budget_per_month_usd", json!(d.to_string())));
-    for (limit, max) in counts.chain(money) {
-        let (used, remaining) = consumption(limit, &max);
+/// The entries of one scope's limits; `used` is that scope's counters
+/// (`None`: unknown).
+fn states(
+    scope: &'static str,
+    limits: &Limits,
+    used: Option<&limits::Used>,
+    now: DateTime<Utc>,
+    out: &mut Vec<LimitState>,
+) {
+    for limit in COUNT_LIMITS {
+        let Some(max) = limits.count(limit) else {
+            continue;
+        };
+        let soft = limits.soft_count(max);
+        let used = used.and_then(|u| u.count(limit));
         out.push(LimitState {
             limit,
             scope,
-            max,
-            used,
-            remaining,
+            max: json!(max),
+            soft: soft.map(|s| json!(s)),
+            used: used.map(|u| json!(u)),
+            remaining: used.map(|u| json!(max.saturating_sub(u))),
+            soft_reached: soft.zip(used).map(|(s, u)| u >= s),
+            resets_at: resets_at(limit, now),
+        });
+    }
+    if let Some(max) = limits.budget_per_month_usd {
+        let limit = "budget_per_month_usd";
+        let soft = limits.soft_usd(max);
+        let used = used.map(limits::Used::usd);
+        let text = |d: Money| json!(usd_like(d, max));
+        out.push(LimitState {
+            limit,
+            scope,
+            max: json!(max.to_string()),
+            soft: soft.map(text),
+            used: used.map(text),
+            remaining: used.map(|u| text((max - u).max(Money::ZERO))),
+            soft_reached: soft.zip(used).map(|(s, u)| u >= s),
             resets_at: resets_at(limit, now),
         });
     }
 }
 
-/// Every limit that applies to the key: its own, then its organization's.
+/// Every limit that applies to the key: its own, then its organization's,
+/// with what is used of each when the shared counters can be read.
 pub async fn limits(
     state: web::Data<State>,
     access: OrgAccess<role::Member>,
     id: ItemId,
 ) -> Result<HttpResponse, ApiError> {
     let key = state.db.get_api_key(access.org_id(), id.get()?).await?;
-    let now = Utc::now();
+    let limited = !key.limits.is_empty() || !access.org.limits.is_empty();
+    let counters = match &state.cfg.limiter {
+        Some(limiter) if limited => match limiter.consumption(access.org_id(), key.id).await {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!(error = %e, "limits: cannot read the counters; used answers null");
+                None
+            }
+        },
+        _ => None,
+    };
+    // The counters' own clock decides which day and month they are of.
+    let now = counters
+        .and_then(|c| DateTime::from_timestamp(c.now_s, 0))
+        .unwrap_or_else(Utc::now);
     let mut data = Vec::new();
-    states("api_key", &key.limits, now, &mut data);
-    states("organization", &access.org.limits, now, &mut data);
+    let used = |scope: fn(&limits::Consumption) -> &limits::Used| counters.as_ref().map(scope);
+    states("api_key", &key.limits, used(|c| &c.key), now, &mut data);
+    states(
+        "organization",
+        &access.org.limits,
+        used(|c| &c.org),
+        now,
+        &mut data,
+    );
     Ok(HttpResponse::Ok().json(json!({ "data": data })))
 }

@@ -59,6 +59,8 @@ pub struct Opts {
     pub ca_file: Option<PathBuf>,
     pub trusted_proxies: api::TrustedProxies,
     pub browser: api::BrowserConfig,
+    /// The limiter whose counters `/limits` shows (`None`: no Redis).
+    pub limiter: Option<limits::Limiter>,
 }
 
 impl Default for Opts {
@@ -74,6 +76,7 @@ impl Default for Opts {
             ca_file: None,
             trusted_proxies: api::TrustedProxies::default(),
             browser: api::BrowserConfig::default(),
+            limiter: None,
         }
     }
 }
@@ -161,6 +164,7 @@ impl TestApp {
                 upstream,
                 trusted_proxies: opts.trusted_proxies.clone(),
                 browser: opts.browser.clone(),
+                limiter: opts.limiter.clone(),
             },
         );
         let (base, handle) = spawn_http(move |cfg| api.configure(cfg));

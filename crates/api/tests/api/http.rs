@@ -320,6 +320,7 @@ async fn database_outage_answers_503() {
             upstream,
             trusted_proxies: api::TrustedProxies::default(),
             browser: api::BrowserConfig::default(),
+            limiter: None,
         },
     );
     let (base, handle) = testkit::spawn_http(move |cfg| api.configure(cfg));

@@ -5,6 +5,7 @@ mod accounts;
 mod api_keys;
 mod bola;
 mod browser;
+mod consumption;
 mod endpoints;
 mod helpers;
 mod http;

@@ -26,7 +26,18 @@ const UPSTREAM_TOKEN = 'sk-upstream-secret-9876';
 const VIEWPORTS = { laptop: { width: 1280, height: 800 }, phone: { width: 390, height: 844 } };
 
 let server, upstream, browser, api, gateway, dbName, dbUrl, tls, upstreamUrl;
+// Redis on 127.0.0.1:6379 (required under CI): the counters /limits shows are shared there.
+let redis = false;
 const logs = [];
+
+function redisUp() {
+  return new Promise((resolve) => {
+    const c = net.connect(6379, '127.0.0.1');
+    c.setTimeout(300, () => { c.destroy(); resolve(false); });
+    c.once('connect', () => { c.end(); resolve(true); });
+    c.once('error', () => resolve(false));
+  });
+}
 
 function freePort() {
   return new Promise((resolve, reject) => {
@@ -92,6 +103,9 @@ before(async () => {
   const [apiPort, gwPort] = [await freePort(), await freePort()];
   api = `http://127.0.0.1:${apiPort}`;
   gateway = `http://127.0.0.1:${gwPort}`;
+  redis = await redisUp();
+  if (!redis && process.env.CI === 'true') throw new Error('Redis at 127.0.0.1:6379 is required under CI');
+  if (!redis) console.log('Redis is not running: usage against limits shows as unknown');
   server = spawn(BIN, ['serve'], {
     env: {
       PATH: process.env.PATH, DATABASE_URL: dbUrl,
@@ -100,6 +114,7 @@ before(async () => {
       LLMGW_GATEWAY_PUBLIC_URL: gateway,
       LLMGW_UPSTREAM_ALLOW_PRIVATE: 'true', LLMGW_UPSTREAM_ALLOW_HTTP: 'true', LLMGW_UPSTREAM_CA_FILE: tls.ca,
       LLMGW_LOG_FORMAT: 'pretty', RUST_LOG: 'warn',
+      ...(redis ? { LLMGW_REDIS_URL: 'redis://127.0.0.1:6379' } : {}),
     },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
@@ -329,6 +344,8 @@ async function signIn(page, email) {
   await page.getByLabel('Password').fill(PASSWORD);
   await page.getByRole('button', { name: 'Sign in' }).click();
   await page.locator('main h1', { hasText: 'Quick start' }).waitFor();
+  // Its data too: a page still loading would finish on top of the next one.
+  await page.waitForFunction(() => document.body.dataset.page === '/quickstart' && !document.body.dataset.busy);
 }
 
 test('an admin sets the limits and allowed models of a key and an owner the organization\'s; they are there after a reload', async () => {
@@ -343,30 +360,50 @@ test('an admin sets the limits and allowed models of a key and an owner the orga
   await orgLimits.getByRole('button', { name: 'Save organization limits' }).click();
   await orgLimits.locator('.err', { hasText: 'A decimal amount in USD' }).waitFor();
   await orgLimits.getByLabel('Budget per month, USD').fill('');
+  // A soft threshold is a percentage from 1 to 100.
+  await orgLimits.getByLabel('Warn at, % of each limit').fill('150');
+  await orgLimits.getByRole('button', { name: 'Save organization limits' }).click();
+  await orgLimits.locator('.err', { hasText: 'A whole percentage from 1 to 100' }).waitFor();
+  await orgLimits.getByLabel('Warn at, % of each limit').fill('80');
   await orgLimits.getByRole('button', { name: 'Save organization limits' }).click();
   await page.locator('#toast', { hasText: 'Organization limits saved' }).waitFor();
   await shoot(page, 'org-limits');
   await axeCheck(page, 'organization limits');
   await page.reload();
   await page.waitForFunction(() => document.body.dataset.page === '/org');
-  assert.equal(await page.locator('section', { has: page.locator('#olim-h') }).getByLabel('Requests per minute').inputValue(), '1000');
+  const reloaded = page.locator('section', { has: page.locator('#olim-h') });
+  assert.equal(await reloaded.getByLabel('Requests per minute').inputValue(), '1000');
+  assert.equal(await reloaded.getByLabel('Warn at, % of each limit').inputValue(), '80');
 
   // A key created with one limit, then edited in the dialog.
   await open(page, '/keys', 'API keys');
   const create = page.locator('section', { has: page.locator('#newkey-h') });
   await create.getByLabel('Name', { exact: true }).fill('scoped');
   await create.getByLabel('Requests per minute').fill('120');
+  await create.getByLabel('Warn at, % of each limit').fill('90');
   await create.getByRole('button', { name: 'Create key' }).click();
   await page.locator('#new-key').waitFor();
+  // Two calls through the gateway count against the key's limit.
+  const scopedKey = await page.locator('#new-key').inputValue();
+  for (let i = 0; i < 2; i++) assert.equal((await chat(scopedKey)).status, 200);
   const row = page.locator('tr[data-key="scoped"]');
-  assert.match(await row.locator('td.limits').innerText(), /120 req\/min[\s\S]*Models: all models/);
+  assert.match(await row.locator('td.limits').innerText(), /120 req\/min · warn at 90 %[\s\S]*Models: all models/);
   await row.getByRole('button', { name: 'Edit limits' }).click();
   const dlg = page.locator('dialog[open]');
   const own = dlg.locator('tr[data-limit="api_key.requests_per_minute"]');
   await own.waitFor();
-  assert.match(await own.innerText(), /Requests per minute[\s\S]*this key[\s\S]*120[\s\S]*—[\s\S]*—/);
-  assert.match(await dlg.locator('tr[data-limit="organization.requests_per_minute"]').innerText(), /organization[\s\S]*1,?000/);
+  // Max, used (of max), remaining, the soft threshold (90 % of 120), resets.
+  if (redis) {
+    assert.match(await own.innerText(), /Requests per minute[\s\S]*this key[\s\S]*120[\s\S]*2 of 120[\s\S]*118[\s\S]*108[\s\S]*—/);
+    const meter = own.locator('meter');
+    assert.deepEqual([await meter.getAttribute('value'), await meter.getAttribute('max'), await meter.getAttribute('high')], ['2', '120', '108']);
+  } else {
+    assert.match(await own.innerText(), /Requests per minute[\s\S]*this key[\s\S]*120[\s\S]*—[\s\S]*—[\s\S]*108/);
+  }
+  assert.match(await dlg.locator('tr[data-limit="organization.requests_per_minute"]').innerText(), /organization[\s\S]*1,?000[\s\S]*800/);
   assert.equal(await dlg.getByLabel('Requests per minute').inputValue(), '120');
+  assert.equal(await dlg.getByLabel('Warn at, % of each limit').inputValue(), '90');
+  await dlg.getByLabel('Warn at, % of each limit').fill('75');
   await dlg.getByLabel('Budget per month, USD').fill('25.50');
   await dlg.getByLabel('Tokens per day (UTC)').fill('100000');
   // The server's refusal of a pattern is shown at the field.
@@ -384,11 +421,15 @@ test('an admin sets the limits and allowed models of a key and an owner the orga
   await page.reload();
   await page.locator('tr[data-key="scoped"]').waitFor();
   const cell = await page.locator('tr[data-key="scoped"] td.limits').innerText();
-  assert.match(cell, /120 req\/min · 100,?000 tokens\/day · \$25\.50?\/month/);
+  assert.match(cell, /120 req\/min · 100,?000 tokens\/day · \$25\.50?\/month · warn at 75 %/);
   assert.match(cell, /Models: mycompany\/\*, \*\/qwen/);
   await page.locator('tr[data-key="scoped"]').getByRole('button', { name: 'Edit limits' }).click();
   await dlg.locator('tr[data-limit="api_key.tokens_per_day"]').waitFor();
-  assert.match(await dlg.locator('tr[data-limit="api_key.tokens_per_day"]').innerText(), /100,?000[\s\S]*—[\s\S]*—[\s\S]*\d/);
+  // Counted from when the limit was set: nothing yet. Warn at 75 % of it.
+  const day = await dlg.locator('tr[data-limit="api_key.tokens_per_day"]').innerText();
+  assert.match(day, redis ? /100,?000[\s\S]*0 of 100,?000[\s\S]*100,?000[\s\S]*75,?000[\s\S]*\d/ : /100,?000[\s\S]*—[\s\S]*—[\s\S]*75,?000[\s\S]*\d/);
+  assert.match(await dlg.locator('tr[data-limit="api_key.budget_per_month_usd"]').innerText(), /\$25\.50[\s\S]*\$19\.125/);
+  assert.equal(await dlg.getByLabel('Warn at, % of each limit').inputValue(), '75');
   assert.equal(await dlg.getByLabel('Allowed models').inputValue(), 'mycompany/*\n*/qwen');
   assert.equal(await dlg.getByLabel('Tokens per day (UTC)').inputValue(), '100000');
   // Escape closes the dialog.
