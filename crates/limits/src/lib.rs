@@ -609,6 +609,10 @@ impl Pending {
         let s = &mut self.settlement;
         s.token_delta = tokens.map_or(0, |t| t.min(MAX_COUNT) as i64 - s.reserve_tokens);
         s.micro_usd_delta = cost.map_or(0, |c| micro_usd(c) - s.reserve_micro_usd);
+        // Only request counts apply (nothing reserved, no slot held): nothing to settle.
+        if s.flags.iter().flatten().all(|f| !f) {
+            return;
+        }
         match tokio::time::timeout(self.timeout * 4, self.backend.settle(s)).await {
             Ok(Ok(crossings)) => {
                 if let Some(w) = &self.watching {
