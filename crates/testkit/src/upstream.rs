@@ -120,16 +120,26 @@ impl MockUpstream {
     }
 
     pub async fn start_with_ca(ca: Arc<TestCa>) -> Self {
-        Self::start_inner(ca, true).await
+        Self::start_inner(ca, true, 0).await
+    }
+
+    /// Starts an HTTPS upstream on `port` (one stopped there comes back).
+    pub async fn start_on(ca: Arc<TestCa>, port: u16) -> Self {
+        Self::start_inner(ca, true, port).await
+    }
+
+    /// Stops listening and drops every connection at once (a server gone down).
+    pub async fn stop(&self) {
+        self.handle.stop(false).await;
     }
 
     /// Starts the same upstream speaking plain http, as vLLM, Ollama and
     /// llama.cpp do by default (`base_url` is `http://127.0.0.1:{port}`).
     pub async fn start_plain_http() -> Self {
-        Self::start_inner(Arc::new(TestCa::new()), false).await
+        Self::start_inner(Arc::new(TestCa::new()), false, 0).await
     }
 
-    async fn start_inner(ca: Arc<TestCa>, tls: bool) -> Self {
+    async fn start_inner(ca: Arc<TestCa>, tls: bool, port: u16) -> Self {
         let state = Arc::new(State::default());
         *state.models.lock().unwrap() = vec!["model-a".into(), "model-b".into()];
         let st = state.clone();
@@ -148,9 +158,9 @@ impl MockUpstream {
             ext.insert(Arc::new(Live::new(&connections)));
         });
         let server = if tls {
-            server.bind_rustls_0_23(("127.0.0.1", 0), ca.server_config())
+            server.bind_rustls_0_23(("127.0.0.1", port), ca.server_config())
         } else {
-            server.bind(("127.0.0.1", 0))
+            server.bind(("127.0.0.1", port))
         }
         .expect("bind mock upstream");
         let port = server.addrs()[0].port();

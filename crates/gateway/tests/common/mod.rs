@@ -162,6 +162,16 @@ impl Env {
 
     /// [`Env::with`], the gateway's spend controls on `limiter` (default: in process).
     pub async fn with_limiter(opts: Opts, limiter: Option<limits::Limiter>) -> Self {
+        Self::with_config(opts, |cfg| {
+            if let Some(l) = limiter {
+                cfg.limiter = l;
+            }
+        })
+        .await
+    }
+
+    /// [`Env::with`], the gateway's configuration changed by `edit` last.
+    pub async fn with_config(opts: Opts, edit: impl FnOnce(&mut GatewayConfig)) -> Self {
         let tdb = TestDb::new().await;
         let org = make_org(&tdb.db).await;
         let upstream = MockUpstream::start().await;
@@ -170,9 +180,7 @@ impl Env {
         cfg.max_body_bytes = opts.max_body_bytes;
         cfg.max_response_bytes = opts.max_response_bytes;
         cfg.client_body_timeout = opts.client_body_timeout;
-        if let Some(l) = limiter {
-            cfg.limiter = l;
-        }
+        edit(&mut cfg);
         let gw = Gateway::start(tdb.db.clone(), cfg).await;
         let served = serve_with(&gw, opts.client_request_timeout);
         Self {

@@ -1,0 +1,148 @@
+//! One provider, several HTTPS endpoints: traffic follows the weights, and
+//! an endpoint whose server goes down under load costs no request (each is
+//! retried on another, those that meet a dead pooled connection included);
+//! it is ejected within a few failures and takes traffic again once it is
+//! back and has passed its probe.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use gateway::HealthConfig;
+use serde_json::json;
+use storage::domain::routing::Weight;
+use storage::domain::BaseUrl;
+use storage::endpoints::NewEndpoint;
+use storage::secrets::ProviderToken;
+use storage::Actor;
+use testkit::MockUpstream;
+use uuid::Uuid;
+
+/// Adds an endpoint at `up` with `weight` to the provider `provider`.
+async fn add_endpoint(env: &Env, provider: Uuid, up: &MockUpstream, weight: u64) {
+    env.db()
+        .create_endpoint(
+            env.org.id,
+            Actor(None),
+            provider,
+            &NewEndpoint {
+                base_url: BaseUrl::parse(&up.base_url).unwrap(),
+                token: ProviderToken::parse(TOKEN).unwrap(),
+                weight: Weight::parse(&json!(weight)).unwrap(),
+            },
+        )
+        .await
+        .unwrap();
+}
+
+fn chats(up: &MockUpstream) -> usize {
+    up.seen()
+        .iter()
+        .filter(|r| r.path.ends_with("/chat/completions"))
+        .count()
+}
+
+async fn ok_chat(env: &Env) {
+    let resp = env
+        .chat(&json!({"model": "pool/m", "messages": messages()}))
+        .await;
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+}
+
+#[tokio::test]
+async fn weights_1_to_3_share_4000_requests_25_to_75() {
+    let env = Env::new().await;
+    let heavy = MockUpstream::start_with_ca(env.upstream.ca.clone()).await;
+    let light = MockUpstream::start_with_ca(env.upstream.ca.clone()).await;
+    // The provider's own endpoint has weight 1.
+    let pool = add_provider(env.db(), env.org.id, "pool", &light.base_url).await;
+    add_endpoint(&env, pool, &heavy, 3).await;
+    for _ in 0..4000 {
+        ok_chat(&env).await;
+    }
+    let (l, h) = (chats(&light), chats(&heavy));
+    assert_eq!(l + h, 4000);
+    let share = l as f64 / 4000.0;
+    assert!((0.22..=0.28).contains(&share), "light {l}, heavy {h}");
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_server_gone_under_load_costs_no_request_and_comes_back_after_its_probe() {
+    let env = Env::with_config(Opts::default(), |cfg| {
+        cfg.health = HealthConfig {
+            eject_after: 3,
+            cooldown: Duration::from_millis(300),
+            max_cooldown: Duration::from_secs(1),
+        };
+    })
+    .await;
+    let ca = env.upstream.ca.clone();
+    let a = MockUpstream::start_with_ca(ca.clone()).await;
+    let b = MockUpstream::start_with_ca(ca.clone()).await;
+    let c = MockUpstream::start_with_ca(ca.clone()).await;
+    let pool = add_provider(env.db(), env.org.id, "pool", &a.base_url).await;
+    add_endpoint(&env, pool, &b, 1).await;
+    add_endpoint(&env, pool, &c, 1).await;
+    let env = Arc::new(env);
+    let done = Arc::new(AtomicUsize::new(0));
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            let (env, done) = (env.clone(), done.clone());
+            tokio::spawn(async move {
+                while done.fetch_add(1, Ordering::Relaxed) < 600 {
+                    ok_chat(&env).await;
+                }
+            })
+        })
+        .collect();
+    while done.load(Ordering::Relaxed) < 150 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let before = chats(&c);
+    assert!(before > 0, "c took no traffic before it went down");
+    c.stop().await;
+    for w in workers {
+        w.await.expect("a request failed while one server was down");
+    }
+    let metrics = env
+        .http
+        .get(format!("{}/metrics", env.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("llmgw_gateway_endpoints{health=\"ejected\"} 1")
+            || metrics.contains("llmgw_gateway_endpoints{health=\"probing\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("llmgw_gateway_upstream_retries_total 0\n"),
+        "nothing was retried: {metrics}"
+    );
+    // Back on the same port: traffic returns once a probe has passed.
+    let port = c.port;
+    drop(c);
+    let c = MockUpstream::start_on(ca, port).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while chats(&c) == 0 {
+        assert!(Instant::now() < deadline, "the endpoint never came back");
+        ok_chat(&env).await;
+    }
+    assert!(
+        c.seen().iter().any(|r| r.path.ends_with("/v1/models")),
+        "traffic before a probe"
+    );
+    let env = Arc::try_unwrap(env).ok().unwrap();
+    let rows = env.rows().await;
+    assert!(rows.iter().all(|r| r.status_code == 200));
+    assert!(rows.iter().any(|r| r.attempts.is_some_and(|n| n > 1)));
+    assert!(rows.iter().all(|r| r.endpoint_id.is_some()));
+    env.stop().await;
+}
