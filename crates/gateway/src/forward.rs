@@ -349,6 +349,9 @@ where
                 return Err(Sent::Failed(e));
             }
             Err(refused) => {
+                if let Sent::Refused(GatewayError::UpstreamTimeout { .. }) = &refused {
+                    gw.health.failed(&up.health);
+                }
                 log.attempts += attempt;
                 log.endpoint_id = Some(up.id);
                 return Err(refused);
