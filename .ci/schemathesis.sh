@@ -89,6 +89,10 @@ def provider(name):
     return call("POST", f"/api/v1/orgs/{org}/provider-keys", token,
                 {"name": name, "base_url": "https://llm.example.com", "token": "sk-schemathesis-0000"})["id"]
 kept, deleted = provider("kept"), provider("deleted")
+def endpoint(host):
+    return call("POST", f"/api/v1/orgs/{org}/provider-keys/{kept}/endpoints", token,
+                {"base_url": f"https://{host}.example.com", "token": "sk-schemathesis-0001", "weight": 2})["id"]
+kept_endpoint, deleted_endpoint = endpoint("gpu2"), endpoint("gpu3")
 api_key = call("POST", f"/api/v1/orgs/{org}/api-keys", token, {"name": "schemathesis"})["id"]
 
 def op(ids, **params):
@@ -105,7 +109,10 @@ with open(config, "w") as f:
                org_id=org))
     f.write(op(["deleteOrg"], org_id=spare_org))
     f.write(op(["setMemberRole", "removeMember"], org_id=org, user_id=user))
-    f.write(op(["getProviderKey", "updateProviderKey", "testProviderKey"], org_id=org, id=kept))
+    f.write(op(["getProviderKey", "updateProviderKey", "testProviderKey", "listProviderEndpoints",
+                "createProviderEndpoint"], org_id=org, id=kept))
+    f.write(op(["updateProviderEndpoint"], org_id=org, id=kept, endpoint_id=kept_endpoint))
+    f.write(op(["deleteProviderEndpoint"], org_id=org, id=kept, endpoint_id=deleted_endpoint))
     f.write(op(["deleteProviderKey"], org_id=org, id=deleted))
     f.write(op(["revokeApiKey"], org_id=org, id=api_key))
 with open(ids, "w") as f:

@@ -3,7 +3,7 @@
 // the session lives in the HttpOnly `llmgw_session` cookie, out of this script's reach.
 'use strict';
 
-const S = { cfg: null, user: null, orgs: [], org: null, lastTests: {} };
+const S = { cfg: null, user: null, orgs: [], org: null, lastTests: {}, openEndpoints: null };
 const $ = (sel, root) => (root || document).querySelector(sel);
 const ROLES = ['member', 'admin', 'owner'];
 const NAME_RULE = 'Lowercase letters a–z only, at most 64 (e.g. mycompany). Not MyCompany, my-company, my_company or 123test.';
@@ -237,6 +237,17 @@ function orgSettings(main) {
 }
 
 // ---------- providers ----------
+// The base URL rule of providers and endpoints alike ('' when it holds).
+function baseUrlError(url) {
+  let u = null;
+  try { u = new URL(url); } catch (e) { u = null; }
+  const http = S.cfg && S.cfg.allow_http;
+  if (!u || !u.host) return 'Enter a full URL, e.g. https://llm.example.com';
+  if (u.protocol !== 'https:' && !(http && u.protocol === 'http:')) return http ? 'Use an https:// or http:// URL.' : 'Use an https:// URL (plain http is off on this server).';
+  if (u.username || u.password || u.search || u.hash) return 'No user, query string or fragment.';
+  if (/\/v1\/?$/.test(u.pathname)) return 'Leave out the /v1 suffix: the gateway appends /v1/chat/completions itself.';
+  return '';
+}
 function providerRules(f, editing) {
   const errs = {};
   const name = val(f.name);
@@ -244,18 +255,54 @@ function providerRules(f, editing) {
     if (!/^[a-z]+$/.test(name) || name.length > 64) errs.name = NAME_RULE;
   }
   const url = val(f.base_url);
-  if (!editing || url) {
-    let u = null;
-    try { u = new URL(url); } catch (e) { u = null; }
-    const http = S.cfg && S.cfg.allow_http;
-    if (!u || !u.host) errs.base_url = 'Enter a full URL, e.g. https://llm.example.com';
-    else if (u.protocol !== 'https:' && !(http && u.protocol === 'http:')) errs.base_url = http ? 'Use an https:// or http:// URL.' : 'Use an https:// URL (plain http is off on this server).';
-    else if (u.username || u.password || u.search || u.hash) errs.base_url = 'No user, query string or fragment.';
-    else if (/\/v1\/?$/.test(u.pathname)) errs.base_url = 'Leave out the /v1 suffix: the gateway appends /v1/chat/completions itself.';
-  }
+  if ((!editing || url) && baseUrlError(url)) errs.base_url = baseUrlError(url);
   if (f.token && !editing && !f.token.input.value.trim()) errs.token = 'The provider’s API token is required.';
   return errs;
 }
+const BASE_URL_HINT = () => `${S.cfg && S.cfg.allow_http ? 'https:// (or http://, allowed on this server)' : 'https:// only'}; no /v1 at the end — https://api.example.com is called as https://api.example.com/v1/chat/completions.`;
+const WEIGHT_HINT = 'From 1 to 1000: the endpoint’s share of the provider’s requests, relative to the others’.';
+function weightError(s) { return /^\d+$/.test(s) && Number(s) >= 1 && Number(s) <= 1000 ? '' : 'A whole number from 1 to 1000.'; }
+
+// Static upstream headers, typed one per line as `Name: value`. Values are write-only.
+function headersField(current) {
+  const now = current && current.length ? ` Now: ${current.join(', ')} (values are never shown); leave empty to keep them, or enter the whole set again to replace them.` : '';
+  return field('Static headers (optional)', { type: 'textarea', name: 'headers', rows: '3', spellcheck: 'false', autocomplete: 'off', placeholder: 'X-Tenant: acme' },
+    'One per line, Name: value, sent with every request to each of the provider’s endpoints and stored encrypted. Not Authorization (that is the token), Host, hop-by-hop headers, x-request-id or traceparent.' + now);
+}
+function readHeaders(f, errs) {
+  const out = {};
+  for (const line of f.headers.input.value.split('\n').map((l) => l.trim()).filter(Boolean)) {
+    const i = line.indexOf(':');
+    const name = i > 0 ? line.slice(0, i).trim() : '';
+    if (!/^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$/.test(name) || !line.slice(i + 1).trim()) { errs.headers = 'Each line is Name: value, the name without spaces.'; continue; }
+    if (Object.keys(out).some((k) => k.toLowerCase() === name.toLowerCase())) { errs.headers = `${name} is given twice.`; continue; }
+    out[name] = line.slice(i + 1).trim();
+  }
+  return out;
+}
+// Per-provider timeouts in milliseconds; empty: the gateway's setting.
+const TIMEOUTS = [['connect_ms', 'Connect'], ['first_byte_ms', 'First byte'], ['total_ms', 'Total']];
+function timeoutsFieldset(fields, current) {
+  const parts = TIMEOUTS.map(([k, label]) => {
+    const f = field(`${label} (ms)`, { type: 'number', min: '1', max: '600000', step: '1', inputmode: 'numeric', value: current && current[k] !== null ? current[k] : null });
+    f.grouped = true; fields['timeouts.' + k] = f;
+    return f;
+  });
+  return h('fieldset', h('legend', 'Timeouts (optional)'),
+    h('p.hint', 'Milliseconds, 1 to 600000; empty uses the gateway’s setting. Connect: TCP and TLS. First byte: until the answer starts. Total: the whole exchange.'),
+    h('div.grid', parts));
+}
+function readTimeouts(fields, errs) {
+  const out = {};
+  for (const [k] of TIMEOUTS) {
+    const s = val(fields['timeouts.' + k]);
+    if (!s) { out[k] = null; continue; }
+    if (!/^\d+$/.test(s) || Number(s) < 1 || Number(s) > 600000) errs['timeouts.' + k] = 'A whole number of milliseconds from 1 to 600000.';
+    else out[k] = Number(s);
+  }
+  return out;
+}
+const sameTimeouts = (a, b) => TIMEOUTS.every(([k]) => (a[k] ?? null) === ((b || {})[k] ?? null));
 function showRules(f, errs) {
   for (const k of Object.keys(f)) f[k].setError(errs[k] || '');
   const first = Object.keys(errs)[0];
@@ -273,29 +320,105 @@ async function providers(main) {
       h('button', { type: 'button', onclick: () => editProvider(main, p) }, 'Edit'),
       h('button', { type: 'button', onclick: async () => { await api('PATCH', orgPath(`/provider-keys/${p.id}`), { status: p.status === 'active' ? 'inactive' : 'active' }); toast(`${p.name} ${p.status === 'active' ? 'disabled' : 'enabled'}.`); render(); } }, p.status === 'active' ? 'Disable' : 'Enable'),
       h('button.danger', { type: 'button', onclick: async () => { if (!confirm(`Delete provider ${p.name}? Requests for ${p.name}/… will fail.`)) return; await api('DELETE', orgPath(`/provider-keys/${p.id}`)); toast(`Deleted ${p.name}.`); render(); } }, 'Delete')) : null;
+    const eps = p.endpoints || [];
+    const count = `${eps.length} endpoint${eps.length === 1 ? '' : 's'}`;
+    const epCell = h('td.endpoints', h('button', { type: 'button', 'aria-label': `${count} of ${p.name}`, onclick: () => showEndpoints(main, p) }, count),
+      h('span.hint', ' ' + eps.map((e) => e.health).filter((x, i, a) => a.indexOf(x) === i).join(', ')));
     return h('tr', { 'data-provider': p.name }, h('th', { scope: 'row' }, p.name), h('td.url', p.base_url), h('td', '••••' + p.token_hint),
-      h('td', h('span.badge.' + p.status, p.status)), testCell, canAdmin() ? h('td', actions) : null);
+      epCell, h('td', h('span.badge.' + p.status, p.status)), testCell, canAdmin() ? h('td', actions) : null);
   });
-  const headers = ['Name', 'Base URL', 'Token', 'Status', 'Last test'].concat(canAdmin() ? ['Actions'] : []);
+  const headers = ['Name', 'Base URL', 'Token', 'Endpoints', 'Status', 'Last test'].concat(canAdmin() ? ['Actions'] : []);
   main.append(table(headers, rows, 'Providers'));
+  const open = list.find((p) => p.id === S.openEndpoints);
+  if (open) await showEndpoints(main, open); else S.openEndpoints = null;
   if (!canAdmin()) { main.append(h('p.note', 'Your role (member) can read providers; admins add and change them.')); return; }
   const f = {
     name: field('Name', { name: 'name', autocomplete: 'off', required: true, pattern: '[a-z]+', maxlength: '64', spellcheck: 'false' }, NAME_RULE + ' Clients call models as name/model.'),
-    base_url: field('Base URL', { name: 'base_url', type: 'url', required: true, placeholder: 'https://llm.example.com', spellcheck: 'false' },
-      `${S.cfg && S.cfg.allow_http ? 'https:// (or http://, allowed on this server)' : 'https:// only'}; no /v1 at the end — https://api.example.com is called as https://api.example.com/v1/chat/completions.`),
+    base_url: field('Base URL', { name: 'base_url', type: 'url', required: true, placeholder: 'https://llm.example.com', spellcheck: 'false' }, BASE_URL_HINT()),
     token: field('API token', { name: 'token', type: 'password', autocomplete: 'off', required: true }, 'Write-only: stored encrypted, never shown again (only its last 4 characters).'),
+    headers: headersField(null),
   };
   const prices = pricesEditor(f, []);
+  const timeouts = timeoutsFieldset(f, null);
   main.append(h('section', { 'aria-labelledby': 'add-h' }, h('h2#add-h', 'Add a provider'),
     form(f, 'Add provider', async () => {
       const errs = providerRules(f, false);
       const list = prices.read(errs);
+      const hdrs = readHeaders(f, errs);
+      const tos = readTimeouts(f, errs);
       showRules(f, errs);
       const body = { name: val(f.name), base_url: val(f.base_url), token: f.token.input.value.trim() };
       if (list.length) body.prices = list;
+      if (Object.keys(hdrs).length) body.headers = hdrs;
+      if (!sameTimeouts(tos, {})) body.timeouts = tos;
       const p = await api('POST', orgPath('/provider-keys'), body);
-      toast(`Added ${p.name}.`); render();
-    }, prices)));
+      toast(`Added ${p.name}. More endpoints can be added under its Endpoints.`); render();
+    }, [prices, timeouts])));
+}
+
+// A provider's endpoints: its own (its base URL and token) first, each with
+// its weight and health; admins add, edit and remove them (tokens write-only).
+async function showEndpoints(main, p) {
+  S.openEndpoints = p.id;
+  const list = (await api('GET', orgPath(`/provider-keys/${p.id}/endpoints`))).data;
+  const done = (msg) => { toast(msg); render(); };
+  const sec = h('section.endpoints.card', { 'aria-labelledby': 'ep-h' });
+  const rows = list.map((e) => {
+    const own = e.id === p.id;
+    const actions = canAdmin() ? h('div.actions',
+      h('button', { type: 'button', 'aria-label': `Edit endpoint ${e.base_url}`, onclick: () => editEndpoint(sec, p, e, done) }, 'Edit'),
+      own ? null : h('button.danger', { type: 'button', 'aria-label': `Remove endpoint ${e.base_url}`, onclick: async () => {
+        if (!confirm(`Remove endpoint ${e.base_url} from ${p.name}?`)) return;
+        await api('DELETE', orgPath(`/provider-keys/${p.id}/endpoints/${e.id}`)); done(`Removed ${e.base_url}.`);
+      } }, 'Remove')) : null;
+    return h('tr', { 'data-endpoint': e.base_url }, h('td.url', e.base_url, own ? h('span.hint', ' (the provider’s own)') : null), h('td', '••••' + e.token_hint),
+      h('td.weight', String(e.weight)), h('td', h('span.badge.' + e.health, e.health)), canAdmin() ? h('td', actions) : null);
+  });
+  const close = h('button', { type: 'button', onclick: () => { S.openEndpoints = null; sec.remove(); } }, 'Close');
+  sec.append(h('h2#ep-h', `Endpoints of ${p.name}`),
+    h('p.hint', 'Requests for this provider are spread over its endpoints by weight. Health is what the gateways report; unknown until they do. The first endpoint is the provider’s own base URL and token: it can be edited, not removed.'),
+    table(['Base URL', 'Token', 'Weight', 'Health'].concat(canAdmin() ? ['Actions'] : []), rows, `Endpoints of ${p.name}`), h('p', close));
+  if (canAdmin()) {
+    const f = {
+      base_url: field('Endpoint base URL', { name: 'base_url', type: 'url', required: true, placeholder: 'https://gpu2.example.com', spellcheck: 'false' }, BASE_URL_HINT()),
+      token: field('Endpoint API token', { name: 'token', type: 'password', autocomplete: 'off', required: true }, 'Write-only: stored encrypted, sent only to this endpoint’s base URL.'),
+      weight: field('Weight', { name: 'weight', type: 'number', min: '1', max: '1000', step: '1', value: '1', inputmode: 'numeric' }, WEIGHT_HINT),
+    };
+    sec.append(h('h3', 'Add an endpoint'), form(f, 'Add endpoint', async () => {
+      const errs = {};
+      if (baseUrlError(val(f.base_url))) errs.base_url = baseUrlError(val(f.base_url));
+      if (!f.token.input.value.trim()) errs.token = 'The endpoint’s API token is required.';
+      if (weightError(val(f.weight))) errs.weight = weightError(val(f.weight));
+      showRules(f, errs);
+      const e = await api('POST', orgPath(`/provider-keys/${p.id}/endpoints`), { base_url: val(f.base_url), token: f.token.input.value.trim(), weight: Number(val(f.weight)) });
+      done(`Added endpoint ${e.base_url} to ${p.name}.`);
+    }));
+  }
+  const old = $('section.endpoints', main); if (old) old.replaceWith(sec); else main.querySelector('.table-wrap').after(sec);
+}
+
+function editEndpoint(sec, p, e, done) {
+  const f = {
+    base_url: field('Base URL', { name: 'base_url', type: 'url', value: e.base_url, spellcheck: 'false' }, 'Changing it needs the token again.'),
+    token: field('New API token', { name: 'token', type: 'password', autocomplete: 'off' }, 'Leave empty to keep the current token (unless the base URL changes).'),
+    weight: field('Weight', { name: 'weight', type: 'number', min: '1', max: '1000', step: '1', value: String(e.weight), inputmode: 'numeric' }, WEIGHT_HINT),
+  };
+  const box = h('div.edit-endpoint', h('h3', `Edit endpoint ${e.base_url}`),
+    form(f, 'Save endpoint', async () => {
+      const body = {}; const errs = {};
+      if (val(f.base_url) !== e.base_url) { body.base_url = val(f.base_url); if (baseUrlError(body.base_url)) errs.base_url = baseUrlError(body.base_url); }
+      if (f.token.input.value.trim()) body.token = f.token.input.value.trim();
+      if (body.base_url && !body.token) errs.token = 'Enter the token again: the base URL changed.';
+      if (weightError(val(f.weight))) errs.weight = weightError(val(f.weight));
+      else if (Number(val(f.weight)) !== e.weight) body.weight = Number(val(f.weight));
+      showRules(f, errs);
+      if (!Object.keys(body).length) { toast('Nothing changed.'); return; }
+      await api('PATCH', orgPath(`/provider-keys/${p.id}/endpoints/${e.id}`), body);
+      done(`Saved endpoint ${body.base_url || e.base_url}.`);
+    }, h('button', { type: 'button', onclick: () => box.remove() }, 'Cancel')));
+  const old = $('.edit-endpoint', sec); if (old) old.remove();
+  sec.querySelector('.table-wrap').after(box);
+  f.weight.input.focus();
 }
 
 function testText(t) {
@@ -321,7 +444,10 @@ function editProvider(main, p) {
     base_url: field('Base URL', { name: 'base_url', type: 'url', value: p.base_url, spellcheck: 'false' }, 'Changing the host, scheme or port needs the token again.'),
     token: field('New API token', { name: 'token', type: 'password', autocomplete: 'off' }, 'Leave empty to keep the current token (unless the base URL changes).'),
   };
+  f.headers = headersField(p.headers);
+  if ((p.headers || []).length) f.clear_headers = field('Remove all static headers', { type: 'checkbox', name: 'clear_headers' }, `Removes ${p.headers.join(', ')}.`);
   const prices = pricesEditor(f, p.prices);
+  const timeouts = timeoutsFieldset(f, p.timeouts);
   f.base_url.input.addEventListener('input', () => {
     const changed = val(f.base_url) !== p.base_url;
     f.token.input.required = changed;
@@ -339,11 +465,16 @@ function editProvider(main, p) {
       if (body.base_url && !body.token) errs.token = 'Enter the token again: the base URL changed.';
       const list = prices.read(errs);
       if (JSON.stringify(list) !== JSON.stringify(p.prices || [])) body.prices = list;
+      const hdrs = readHeaders(f, errs);
+      if (f.clear_headers && f.clear_headers.input.checked) body.headers = null;
+      else if (Object.keys(hdrs).length) body.headers = hdrs;
+      const tos = readTimeouts(f, errs);
+      if (!sameTimeouts(tos, p.timeouts)) body.timeouts = tos;
       showRules(f, errs);
       if (!Object.keys(body).length) { toast('Nothing changed.'); return; }
       await api('PATCH', orgPath(`/provider-keys/${p.id}`), body);
       toast(`Saved ${body.name || p.name}.`); render();
-    }, [prices, h('button', { type: 'button', onclick: () => dlg.remove() }, 'Cancel')]));
+    }, [prices, timeouts, h('button', { type: 'button', onclick: () => dlg.remove() }, 'Cancel')]));
   const old = $('section.edit', main); if (old) old.remove();
   main.insertBefore(dlg, main.children[1]);
   f.name.input.focus();

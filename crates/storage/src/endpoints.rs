@@ -16,7 +16,7 @@ use crate::db::Db;
 use crate::domain::routing::{EndpointHealth, Weight, MAX_ENDPOINTS};
 use crate::domain::{BaseUrl, ValidationError};
 use crate::error::{Result, StorageError};
-use crate::providers::{ProviderPatch, StoredToken};
+use crate::providers::{PatchedAs, ProviderPatch, StoredToken};
 use crate::secrets::ProviderToken;
 
 /// An endpoint as shown to clients: the token appears only as its hint.
@@ -261,7 +261,7 @@ impl Db {
                         weight: patch.weight,
                         ..ProviderPatch::default()
                     },
-                    "provider_endpoint.update",
+                    PatchedAs::OwnEndpoint,
                 )
                 .await?;
             return provider

@@ -576,19 +576,19 @@ impl Db {
         id: Uuid,
         patch: ProviderPatch,
     ) -> Result<ProviderKey> {
-        self.patch_provider(org_id, actor, id, patch, "provider_key.update")
+        self.patch_provider(org_id, actor, id, patch, PatchedAs::Provider)
             .await
     }
 
-    /// [`Db::update_provider_key`], recorded under `action` (the provider's
-    /// own endpoint is edited through the same row).
+    /// [`Db::update_provider_key`], audited as the provider or as its own
+    /// endpoint (which is edited through the same row).
     pub(crate) async fn patch_provider(
         &self,
         org_id: Uuid,
         actor: Actor,
         id: Uuid,
         patch: ProviderPatch,
-        action: &str,
+        kind: PatchedAs,
     ) -> Result<ProviderKey> {
         let mut tx = self.pool.begin().await?;
         let cur = Self::provider_row(&mut tx, org_id, id, true).await?;
@@ -640,7 +640,7 @@ impl Db {
         .fetch_one(&mut *tx)
         .await?;
         let mut changed = serde_json::Map::new();
-        if action != "provider_key.update" {
+        if kind == PatchedAs::OwnEndpoint {
             changed.insert("provider_key_id".into(), json!(id));
         }
         if patch.name.is_some() {
@@ -681,12 +681,8 @@ impl Db {
             &mut tx,
             org_id,
             actor,
-            action,
-            if action == "provider_key.update" {
-                "provider_key"
-            } else {
-                "provider_endpoint"
-            },
+            kind.action(),
+            kind.target_type(),
             Some(id),
             changed.into(),
         )
@@ -838,6 +834,31 @@ impl Db {
     /// format; idempotent, safe while serving.
     pub async fn rotate_tokens(&self) -> Result<ResealReport> {
         self.reseal_all(ResealScope::NotCurrent).await
+    }
+}
+
+/// What a provider-row PATCH is, for the audit log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PatchedAs {
+    /// `PATCH /provider-keys/{id}`.
+    Provider,
+    /// `PATCH /provider-keys/{id}/endpoints/{id}` of the provider's own endpoint.
+    OwnEndpoint,
+}
+
+impl PatchedAs {
+    fn action(self) -> &'static str {
+        match self {
+            Self::Provider => "provider_key.update",
+            Self::OwnEndpoint => "provider_endpoint.update",
+        }
+    }
+
+    fn target_type(self) -> &'static str {
+        match self {
+            Self::Provider => "provider_key",
+            Self::OwnEndpoint => "provider_endpoint",
+        }
     }
 }
 

@@ -254,6 +254,45 @@ test('a new admin adds a provider in the UI, then calls the gateway with a key m
   await shoot(page, 'providers');
   await axeCheck(page, 'providers');
 
+  // Endpoints: the provider's own first; another added with its weight, edited, removed.
+  await row.getByRole('button', { name: '1 endpoint of mycompany' }).click();
+  const eps = page.locator('section.endpoints');
+  await eps.locator('tr[data-endpoint]').first().waitFor();
+  const own = eps.locator(`tr[data-endpoint="${upstreamUrl}"]`);
+  assert.match(await own.innerText(), /the provider’s own[\s\S]*••••9876[\s\S]*1[\s\S]*unknown/);
+  assert.equal(await own.getByRole('button', { name: /^Remove/ }).count(), 0, 'the provider’s own endpoint cannot be removed');
+  const second = `${upstreamUrl}/second`;
+  const secondToken = 'sk-second-endpoint-5150';
+  await eps.getByLabel('Endpoint base URL').fill(`${upstreamUrl}/v1`);
+  await eps.getByLabel('Endpoint API token').fill(secondToken);
+  await eps.getByLabel('Weight').fill('0');
+  await eps.getByRole('button', { name: 'Add endpoint' }).click();
+  await eps.locator('.err', { hasText: 'Leave out the /v1 suffix' }).waitFor();
+  await eps.locator('.err', { hasText: 'from 1 to 1000' }).waitFor();
+  await eps.getByLabel('Endpoint base URL').fill(second);
+  await eps.getByLabel('Weight').fill('3');
+  await eps.getByRole('button', { name: 'Add endpoint' }).click();
+  const added = page.locator(`section.endpoints tr[data-endpoint="${second}"]`);
+  await added.waitFor();
+  assert.match(await added.innerText(), /••••5150[\s\S]*3[\s\S]*unknown/);
+  assert.match(await page.locator('tr[data-provider="mycompany"] td.endpoints').innerText(), /2 endpoints/);
+  assert.ok(!(await page.content()).includes(secondToken), 'the endpoint token came back to the page');
+  await shoot(page, 'endpoints');
+  await axeCheck(page, 'endpoints');
+  await added.getByRole('button', { name: `Edit endpoint ${second}` }).click();
+  const epEdit = page.locator('section.endpoints .edit-endpoint');
+  await epEdit.getByLabel('Base URL').fill(`${upstreamUrl}/third`);
+  await epEdit.getByRole('button', { name: 'Save endpoint' }).click();
+  await epEdit.locator('.err', { hasText: 'Enter the token again' }).waitFor();
+  await epEdit.getByLabel('Base URL').fill(second);
+  await epEdit.getByLabel('Weight').fill('5');
+  await epEdit.getByRole('button', { name: 'Save endpoint' }).click();
+  await page.locator(`section.endpoints tr[data-endpoint="${second}"] td.weight`, { hasText: /^5$/ }).waitFor();
+  await page.locator(`section.endpoints tr[data-endpoint="${second}"]`).getByRole('button', { name: `Remove endpoint ${second}` }).click();
+  await page.locator(`section.endpoints tr[data-endpoint="${second}"]`).waitFor({ state: 'detached' });
+  assert.match(await page.locator('tr[data-provider="mycompany"] td.endpoints').innerText(), /1 endpoint\b/);
+  await page.locator('section.endpoints').getByRole('button', { name: 'Close' }).click();
+
   // Editing the base URL asks for the token again; disable and enable flip the status.
   await row.getByRole('button', { name: 'Edit' }).click();
   const edit = page.locator('section.edit');
@@ -264,6 +303,20 @@ test('a new admin adds a provider in the UI, then calls the gateway with a key m
   await edit.getByRole('button', { name: 'Save changes' }).click();
   await edit.locator('.err', { hasText: 'Enter the token again' }).waitFor();
   await axeCheck(page, 'provider edit');
+  await edit.getByRole('button', { name: 'Cancel' }).click();
+  // Static headers: a reserved name is refused by the server, named under the field; values never come back.
+  await row.getByRole('button', { name: 'Edit' }).click();
+  await edit.getByLabel('Static headers (optional)').fill('Authorization: Bearer sk-header-attempt');
+  await edit.getByRole('button', { name: 'Save changes' }).click();
+  await edit.locator('.err', { hasText: 'Authorization cannot be a static header' }).waitFor();
+  await edit.getByLabel('Static headers (optional)').fill('X-Tenant: acme-header-value-31');
+  await edit.getByLabel('Total (ms)').fill('60000');
+  await edit.getByRole('button', { name: 'Save changes' }).click();
+  await edit.waitFor({ state: 'detached' });
+  await page.locator('tr[data-provider="mycompany"]').getByRole('button', { name: 'Edit' }).click();
+  assert.match(await edit.locator('.field', { has: page.getByLabel('Static headers (optional)') }).innerText(), /Now: X-Tenant \(values are never shown\)/);
+  assert.equal(await edit.getByLabel('Total (ms)').inputValue(), '60000');
+  assert.ok(!(await page.content()).includes('acme-header-value-31'), 'a header value came back to the page');
   await edit.getByRole('button', { name: 'Cancel' }).click();
   await row.getByRole('button', { name: 'Disable' }).click();
   await page.locator('tr[data-provider="mycompany"] .badge', { hasText: 'inactive' }).waitFor();
