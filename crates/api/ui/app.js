@@ -142,11 +142,15 @@ async function render() {
   if (S.user && !S.org && !page.noOrg && path !== '/org') return go('/org');
   document.title = `${page.title} · llmgw`;
   renderChrome(path);
-  const main = $('#main');
+  // A fresh <main> per render: a page still loading when the next one starts
+  // finishes into its own detached element, never on top of the new page.
+  const main = $('#main').cloneNode(false);
+  $('#main').replaceWith(main);
   const t0 = performance.now();
   document.body.dataset.busy = path;
   main.replaceChildren(h('h1', page.title));
   try { await page.render(main); } catch (e) { main.append(h('p.form-err', { role: 'alert' }, e.message)); }
+  if (!main.isConnected) return;
   // For the browser test: which page is on screen and how long it took to render.
   document.body.dataset.page = path;
   document.body.dataset.renderMs = String(Math.round(performance.now() - t0));
