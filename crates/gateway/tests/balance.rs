@@ -108,15 +108,7 @@ async fn a_server_gone_under_load_costs_no_request_and_comes_back_after_its_prob
     for w in workers {
         w.await.expect("a request failed while one server was down");
     }
-    let metrics = env
-        .http
-        .get(format!("{}/metrics", env.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = env.metrics().await;
     assert!(
         metrics.contains("llmgw_gateway_endpoints{health=\"ejected\"} 1")
             || metrics.contains("llmgw_gateway_endpoints{health=\"probing\"} 1"),

@@ -634,15 +634,7 @@ async fn database_down_known_key_still_served_unknown_key_503_and_drops_counted(
     assert_eq!(ready.status(), 503);
 
     env.gw.shutdown().await;
-    let text = env
-        .http
-        .get(format!("{}/metrics", env.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = env.metrics().await;
     let dropped: u64 = text
         .lines()
         .find_map(|l| l.strip_prefix("llmgw_gateway_usage_rows_dropped_total "))

@@ -80,6 +80,29 @@ async fn settled(env: &Env, n: i64) {
     tokio::time::sleep(Duration::from_millis(50)).await;
 }
 
+/// Sends `body(n)` with `key` until it is refused, each answer read whole
+/// (and checked by `check`) and its charge settled before the next; the
+/// number of successes and the refusal.
+async fn until_refused(
+    env: &Env,
+    key: &str,
+    body: impl Fn(usize) -> Value,
+    check: impl Fn(&str),
+) -> (usize, reqwest::Response) {
+    let mut n = 0;
+    loop {
+        let resp = env.chat_with_key(key, &body(n)).await;
+        if resp.status() == 429 {
+            return (n, resp);
+        }
+        assert_eq!(resp.status(), 200);
+        check(&resp.text().await.unwrap());
+        n += 1;
+        settled(env, n as i64).await;
+        assert!(n < 10, "never refused");
+    }
+}
+
 #[tokio::test]
 async fn requests_per_minute_admits_that_many_then_429_with_retry_after() {
     let env = Env::new().await;
@@ -124,15 +147,7 @@ async fn requests_per_minute_admits_that_many_then_429_with_retry_after() {
     let resp = env.chat(&body("mycompany/m", false)).await;
     assert_eq!(resp.status(), 200);
     assert!(header(&resp, "x-ratelimit-limit-requests").is_none());
-    let metrics = env
-        .http
-        .get(format!("{}/metrics", env.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = env.metrics().await;
     assert!(
         metrics.contains("llmgw_gateway_limited_total{kind=\"requests\"} 1"),
         "{metrics}"
@@ -199,28 +214,20 @@ async fn a_token_budget_holds_at_the_usage_reported_and_streams_count() {
     )
     .await;
     // Each answer reports 16 tokens; each request reserves about 23.
-    let mut used = 0i64;
-    let mut n = 0;
-    let refusal = loop {
-        let stream = n % 2 == 1;
-        let resp = env.chat_with_key(&key, &body("mycompany/m", stream)).await;
-        if resp.status() == 429 {
-            break resp;
-        }
-        assert_eq!(resp.status(), 200);
-        let text = resp.text().await.unwrap();
-        assert!(!stream || text.contains("[DONE]"), "{text}");
-        n += 1;
-        settled(&env, n).await;
-        used = sqlx::query_scalar(
-            "SELECT coalesce(sum(total_tokens), 0)::int8 FROM request_logs WHERE org_id = $1",
-        )
-        .bind(env.org.id)
-        .fetch_one(env.db().pool())
-        .await
-        .unwrap();
-        assert!(n < 10, "never refused ({used} tokens used)");
-    };
+    let (n, refusal) = until_refused(
+        &env,
+        &key,
+        |n| body("mycompany/m", n % 2 == 1),
+        |text| assert!(!text.contains("data:") || text.contains("[DONE]"), "{text}"),
+    )
+    .await;
+    let used: i64 = sqlx::query_scalar(
+        "SELECT coalesce(sum(total_tokens), 0)::int8 FROM request_logs WHERE org_id = $1",
+    )
+    .bind(env.org.id)
+    .fetch_one(env.db().pool())
+    .await
+    .unwrap();
     assert!(n >= 2, "a stream was admitted and counted");
     assert!(used >= 40, "refused at {used} settled tokens");
     assert!(used - 16 < 40, "admitted past the budget ({used})");
@@ -337,17 +344,7 @@ async fn a_money_budget_is_charged_at_the_provider_s_prices() {
         },
     )
     .await;
-    let mut n = 0;
-    let refusal = loop {
-        let resp = env.chat_with_key(&key, &body("priced/m", false)).await;
-        if resp.status() == 429 {
-            break resp;
-        }
-        assert_eq!(resp.status(), 200);
-        n += 1;
-        settled(&env, n).await;
-        assert!(n < 10, "never refused");
-    };
+    let (n, refusal) = until_refused(&env, &key, |_| body("priced/m", false), |_| ()).await;
     assert_eq!(n, 2, "$0.000016 twice crosses $0.00003");
     assert_eq!(header(&refusal, "x-should-retry"), Some("false"));
     assert_eq!(

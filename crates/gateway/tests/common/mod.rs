@@ -210,6 +210,18 @@ impl Env {
             .unwrap()
     }
 
+    /// The gateway's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub async fn chat(&self, body: &Value) -> reqwest::Response {
         self.chat_with_key(&self.org.key, body).await
     }
