@@ -7,6 +7,7 @@ mod serve;
 
 use std::io::BufRead;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use storage::domain::{parse_label, Email};
@@ -158,6 +159,9 @@ fn main() -> ExitCode {
         Err(e) => return fail(format!("cannot start runtime: {e}")),
     };
     let result = rt.block_on(run(cli.command, cfg));
+    // Every phase of a shutdown is bounded; a task still running now (a
+    // blocking call that never returns) must not keep the process alive.
+    rt.shutdown_timeout(Duration::from_secs(1));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e),

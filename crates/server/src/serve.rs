@@ -265,6 +265,8 @@ async fn run(
             tracing::error!(?r, "a listener stopped unexpectedly");
         }
     }
+    // The whole shutdown fits in the grace period plus the bounded flush
+    // that follows: each phase gets what the previous ones left.
     let grace = cfg.shutdown_grace;
     let deadline = tokio::time::Instant::now() + grace;
     let mut graceful = true;
@@ -273,26 +275,33 @@ async fn run(
         // requests drain: a database connection opened on one worker's
         // runtime is shared through the pool and dies with that runtime, so a
         // worker that finished early could break the others' requests.
-        futures_util::future::join_all(handles.iter().map(|h| h.pause())).await;
+        let pausing = futures_util::future::join_all(handles.iter().map(|h| h.pause()));
+        if tokio::time::timeout_at(deadline, pausing).await.is_err() {
+            tracing::warn!("the listeners did not pause within the grace period");
+        }
         gw.begin_shutdown();
+        tracing::info!(in_flight = gw.in_flight(), "draining proxied requests");
         while gw.in_flight() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         // Whatever still runs when the grace period is over is cut now.
         graceful = gw.in_flight() == 0;
     }
-    // Stop; requests still in flight (API calls) get up to the grace period.
+    // Stop; requests still in flight (API calls, idle keep-alive
+    // connections) get what is left of the grace period, then are cut.
+    tracing::info!(graceful, "stopping the listeners");
     let stopping = futures_util::future::join_all(handles.iter().map(|h| h.stop(graceful)));
-    if tokio::time::timeout(grace + Duration::from_secs(1), stopping)
-        .await
-        .is_err()
-    {
+    let left = deadline + Duration::from_secs(1);
+    if tokio::time::timeout_at(left, stopping).await.is_err() {
         tracing::warn!(
             ?grace,
-            "in-flight requests did not finish within the grace period"
+            "in-flight requests did not finish within the grace period; cutting them"
         );
+        let cutting = futures_util::future::join_all(handles.iter().map(|h| h.stop(false)));
+        let _ = tokio::time::timeout(Duration::from_secs(2), cutting).await;
     }
     if let Some(gw) = gateway {
+        tracing::info!("writing the last usage rows");
         gw.shutdown().await;
     }
     Ok(())

@@ -423,7 +423,9 @@ async fn database_outage_keeps_cached_keys_serving_and_writes_usage_after_recove
         )
         .env("LLMGW_UPSTREAM_ALLOW_PRIVATE", "true")
         .env("LLMGW_UPSTREAM_CA_FILE", &upstream.ca.ca_file)
-        .env("LLMGW_LOG_FLUSH_INTERVAL_MS", "100");
+        .env("LLMGW_LOG_FLUSH_INTERVAL_MS", "100")
+        // Not a drain test: a connection left open must not hold the exit for 30 s.
+        .env("LLMGW_SHUTDOWN_GRACE_MS", "5000");
     let running = tokio::task::spawn_blocking(move || Running::start(cmd))
         .await
         .unwrap();

@@ -190,12 +190,21 @@ impl Running {
         }
     }
 
-    /// Sends SIGTERM and returns the exit status.
+    /// Sends SIGTERM and returns the exit status. The wait covers the
+    /// default 30 s grace period and the bounded flush after it.
     pub fn terminate(mut self) -> (ExitStatus, String) {
         self.signal_term();
-        match self.wait_exit(Duration::from_secs(30)) {
+        match self.wait_exit(Duration::from_secs(50)) {
             Some(status) => (status, self.logs()),
-            None => panic!("llmgw did not exit after SIGTERM\n{}", self.logs()),
+            None => {
+                // The shutdown's own lines first: a long log is cut in the middle.
+                let logs = self.logs();
+                let since = logs.find("SIGTERM received").unwrap_or(0);
+                panic!(
+                    "llmgw did not exit after SIGTERM; since the signal:\n{}\n\nall logs:\n{logs}",
+                    &logs[since..]
+                )
+            }
         }
     }
 }
