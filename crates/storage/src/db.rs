@@ -9,7 +9,16 @@ use crate::crypto::Keyring;
 use crate::error::Result;
 
 /// The embedded migrations (`migrations/` at the workspace root).
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
+///
+/// Migrations are expand/contract: a release's schema still serves the
+/// previous release's binary, so replicas upgrade one at a time. A database
+/// a newer release has already migrated is therefore not refused: its
+/// unknown (newer) migrations are ignored, and this binary's own must all be
+/// applied, unchanged (their checksums are still checked).
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate::Migrator {
+    ignore_missing: true,
+    ..sqlx::migrate!("../../migrations")
+};
 
 /// Pool settings.
 #[derive(Debug, Clone)]

@@ -85,6 +85,37 @@ async fn migrations_are_idempotent() {
     t.db.migrate().await.unwrap();
 }
 
+/// A rolling upgrade or a rollback: a newer release has migrated the
+/// database further than this binary knows. This binary still starts (its
+/// own migrations are all there), and runs nothing of its own again.
+#[tokio::test]
+async fn a_database_migrated_by_a_newer_release_is_not_refused() {
+    let t = TestDb::new().await;
+    let before: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations")
+        .fetch_one(t.db.pool())
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+         VALUES (99999, 'from a newer release', true, '\\x00'::bytea, 1)",
+    )
+    .execute(t.db.pool())
+    .await
+    .unwrap();
+    t.db.migrate().await.unwrap();
+    let after: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations")
+        .fetch_one(t.db.pool())
+        .await
+        .unwrap();
+    assert_eq!(after, before + 1);
+    // An edited migration of its own is still refused: checksums hold.
+    sqlx::query("UPDATE _sqlx_migrations SET checksum = '\\x00'::bytea WHERE version = 1")
+        .execute(t.db.pool())
+        .await
+        .unwrap();
+    assert!(t.db.migrate().await.is_err());
+}
+
 #[tokio::test]
 async fn provider_token_round_trips_through_the_database() {
     let t = TestDb::new().await;
