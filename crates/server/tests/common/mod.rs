@@ -25,7 +25,13 @@ pub fn free_port() -> u16 {
 
 /// A `Command` for the binary with a clean `LLMGW_*`/`DATABASE_URL` environment.
 pub fn llmgw() -> Command {
-    let mut c = Command::new(BIN);
+    binary(BIN)
+}
+
+/// A `Command` for the `llmgw` binary at `path` (this build's, or another
+/// release's) with a clean `LLMGW_*`/`DATABASE_URL` environment.
+pub fn binary(path: &str) -> Command {
+    let mut c = Command::new(path);
     for (k, _) in std::env::vars() {
         if k.starts_with("LLMGW_") || k == "DATABASE_URL" {
             c.env_remove(k);
@@ -38,7 +44,11 @@ pub fn llmgw() -> Command {
 /// A running `llmgw serve` whose stderr is captured.
 /// `llmgw` on a test database, trusting (and allowed to reach) a local mock upstream.
 pub fn llmgw_against(t: &testkit::TestDb, upstream: &testkit::MockUpstream) -> Command {
-    let mut c = llmgw();
+    against(llmgw(), t, upstream)
+}
+
+/// `c` (a [`binary`]) on a test database, trusting and allowed to reach a local mock upstream.
+pub fn against(mut c: Command, t: &testkit::TestDb, upstream: &testkit::MockUpstream) -> Command {
     c.env("DATABASE_URL", t.url())
         .env("LLMGW_ENCRYPTION_KEYS", &t.keys)
         .env("LLMGW_UPSTREAM_ALLOW_PRIVATE", "true")
