@@ -163,6 +163,18 @@ pub struct Sealed {
     pub ciphertext: Vec<u8>,
 }
 
+impl Sealed {
+    /// A sealed value as its four stored columns hold it.
+    pub fn from_columns(key_id: i32, aad_version: i16, nonce: &[u8], ciphertext: &[u8]) -> Self {
+        Self {
+            key_id,
+            aad_version,
+            nonce: nonce.to_vec(),
+            ciphertext: ciphertext.to_vec(),
+        }
+    }
+}
+
 impl fmt::Debug for Sealed {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Sealed")

@@ -80,12 +80,12 @@ const COLUMNS: &str =
 
 impl EndpointRow {
     fn sealed(&self) -> Sealed {
-        Sealed {
-            key_id: self.key_id,
-            aad_version: self.aad_version,
-            nonce: self.token_nonce.clone(),
-            ciphertext: self.token_ciphertext.clone(),
-        }
+        Sealed::from_columns(
+            self.key_id,
+            self.aad_version,
+            &self.token_nonce,
+            &self.token_ciphertext,
+        )
     }
 
     /// What this row's token is sealed to: its org, its id, its base URL.

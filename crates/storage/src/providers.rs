@@ -133,12 +133,12 @@ fn p_columns() -> &'static str {
 
 impl Row {
     fn sealed(&self) -> Sealed {
-        Sealed {
-            key_id: self.key_id,
-            aad_version: self.aad_version,
-            nonce: self.token_nonce.clone(),
-            ciphertext: self.token_ciphertext.clone(),
-        }
+        Sealed::from_columns(
+            self.key_id,
+            self.aad_version,
+            &self.token_nonce,
+            &self.token_ciphertext,
+        )
     }
 
     /// What this row's token is sealed to: its org, its id, its base URL.
@@ -147,12 +147,12 @@ impl Row {
     }
 
     fn sealed_headers(&self) -> Option<Sealed> {
-        Some(Sealed {
-            key_id: self.headers_key_id?,
-            aad_version: AAD_V2,
-            nonce: self.headers_nonce.clone()?,
-            ciphertext: self.headers_ciphertext.clone()?,
-        })
+        Some(Sealed::from_columns(
+            self.headers_key_id?,
+            AAD_V2,
+            self.headers_nonce.as_deref()?,
+            self.headers_ciphertext.as_deref()?,
+        ))
     }
 
     /// The provider's own endpoint.
@@ -902,12 +902,7 @@ struct SealedRow {
 
 impl SealedRow {
     fn sealed(&self) -> Sealed {
-        Sealed {
-            key_id: self.key_id,
-            aad_version: self.aad_version,
-            nonce: self.nonce.clone(),
-            ciphertext: self.ciphertext.clone(),
-        }
+        Sealed::from_columns(self.key_id, self.aad_version, &self.nonce, &self.ciphertext)
     }
 }
 

@@ -112,28 +112,20 @@ impl Db {
         ttl: Duration,
         max: u32,
     ) -> Result<bool> {
-        let mut tx = self.pool.begin().await?;
-        one_insert_at_a_time(&mut tx, "sso_pending").await?;
-        // The pruning runs whatever the INSERT does; both see the rows as
-        // they were, hence the count of live rows only.
-        let written = sqlx::query(
-            "WITH pruned AS (DELETE FROM sso_pending WHERE expires_at <= now())
-             INSERT INTO sso_pending (state_digest, nonce, pkce_verifier, browser_digest, expires_at)
-             SELECT $1, $2, $3, $4, now() + make_interval(secs => $5)
-             WHERE (SELECT count(*) FROM sso_pending WHERE expires_at > now()) < $6",
+        let values = [
+            Value::Bytes(&state_digest[..]),
+            Value::Text(&pending.nonce),
+            Value::Text(&pending.pkce_verifier),
+            Value::Bytes(&pending.browser_digest[..]),
+        ];
+        self.insert_capped(
+            "sso_pending",
+            "state_digest, nonce, pkce_verifier, browser_digest",
+            &values,
+            ttl,
+            max,
         )
-        .bind(&state_digest[..])
-        .bind(&pending.nonce)
-        .bind(&pending.pkce_verifier)
-        .bind(&pending.browser_digest[..])
-        .bind(ttl.as_secs_f64())
-        .bind(i64::from(max))
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            == 1;
-        tx.commit().await?;
-        Ok(written)
+        .await
     }
 
     /// Takes the sign-in started with the state of this digest: deleted
@@ -167,26 +159,65 @@ impl Db {
         ttl: Duration,
         max: u32,
     ) -> Result<bool> {
-        let mut tx = self.pool.begin().await?;
-        one_insert_at_a_time(&mut tx, "sso_link_pending").await?;
-        let written = sqlx::query(
-            "WITH pruned AS (DELETE FROM sso_link_pending WHERE expires_at <= now())
-             INSERT INTO sso_link_pending
-                 (link_digest, user_id, issuer, subject, email, browser_digest, expires_at)
-             SELECT $1, $2, $3, $4, $5, $6, now() + make_interval(secs => $7)
-             WHERE (SELECT count(*) FROM sso_link_pending WHERE expires_at > now()) < $8",
+        let values = [
+            Value::Bytes(&link_digest[..]),
+            Value::Uuid(link.user_id),
+            Value::Text(&link.issuer),
+            Value::Text(&link.subject),
+            Value::Text(&link.email),
+            Value::Bytes(&link.browser_digest[..]),
+        ];
+        self.insert_capped(
+            "sso_link_pending",
+            "link_digest, user_id, issuer, subject, email, browser_digest",
+            &values,
+            ttl,
+            max,
         )
-        .bind(&link_digest[..])
-        .bind(link.user_id)
-        .bind(&link.issuer)
-        .bind(&link.subject)
-        .bind(&link.email)
-        .bind(&link.browser_digest[..])
-        .bind(ttl.as_secs_f64())
-        .bind(i64::from(max))
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
+        .await
+    }
+
+    /// Inserts one row of `values` into `columns` of `table`, expiring
+    /// after `ttl`, unless `max` live rows are there already; expired rows
+    /// are pruned on the way. One such insert per table at a time, so the
+    /// cap holds under concurrent sign-ins. True when the row was written.
+    async fn insert_capped(
+        &self,
+        table: &'static str,
+        columns: &'static str,
+        values: &[Value<'_>],
+        ttl: Duration,
+        max: u32,
+    ) -> Result<bool> {
+        let n = values.len();
+        let placeholders: Vec<String> = (1..=n).map(|i| format!("${i}")).collect();
+        // The pruning runs whatever the INSERT does; both see the rows as
+        // they were, hence the count of live rows only.
+        let sql = format!(
+            "WITH pruned AS (DELETE FROM {table} WHERE expires_at <= now())
+             INSERT INTO {table} ({columns}, expires_at)
+             SELECT {}, now() + make_interval(secs => ${})
+             WHERE (SELECT count(*) FROM {table} WHERE expires_at > now()) < ${}",
+            placeholders.join(", "),
+            n + 1,
+            n + 2,
+        );
+        let mut tx = self.pool.begin().await?;
+        one_insert_at_a_time(&mut tx, table).await?;
+        let mut query = sqlx::query(&sql);
+        for v in values {
+            query = match *v {
+                Value::Bytes(b) => query.bind(b),
+                Value::Text(t) => query.bind(t),
+                Value::Uuid(u) => query.bind(u),
+            };
+        }
+        let written = query
+            .bind(ttl.as_secs_f64())
+            .bind(i64::from(max))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
             == 1;
         tx.commit().await?;
         Ok(written)
@@ -288,4 +319,11 @@ impl Db {
         tx.commit().await?;
         Ok(Some(link))
     }
+}
+
+/// A value bound into [`Db::insert_capped`]'s row.
+enum Value<'a> {
+    Bytes(&'a [u8]),
+    Text(&'a str),
+    Uuid(Uuid),
 }
