@@ -33,6 +33,38 @@ impl ValidationError {
     }
 }
 
+/// A settings object's JSON (`limits`, `timeouts`): `null` is `None` (none
+/// set), an object its fields; anything else is refused with `message`
+/// against `field`.
+pub(crate) fn settings_object<'a>(
+    value: &'a serde_json::Value,
+    field: &'static str,
+    message: &str,
+) -> Result<Option<&'a serde_json::Map<String, serde_json::Value>>, Vec<ValidationError>> {
+    match value {
+        serde_json::Value::Null => Ok(None),
+        serde_json::Value::Object(m) => Ok(Some(m)),
+        _ => Err(vec![ValidationError::new(field, message)]),
+    }
+}
+
+/// One optional integer field of a settings object: `null` leaves it unset,
+/// an integer within `range` sets it; `Err` for anything else (a string, a
+/// fraction, out of range), for the caller to name.
+pub(crate) fn optional_integer(
+    value: &serde_json::Value,
+    range: std::ops::RangeInclusive<u64>,
+) -> Result<Option<u64>, ()> {
+    match value {
+        serde_json::Value::Null => Ok(None),
+        _ => value
+            .as_u64()
+            .filter(|n| range.contains(n))
+            .map(Some)
+            .ok_or(()),
+    }
+}
+
 /// A custom provider's name: `^[a-z]+$`, at most 64 characters.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 #[serde(transparent)]

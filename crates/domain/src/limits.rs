@@ -122,39 +122,29 @@ impl Limits {
     /// Parses the client's `limits` object (`null`: no limits). Every refusal
     /// names the field as `limits.<name>`; all are reported.
     pub fn parse(value: &Value) -> Result<Self, Vec<ValidationError>> {
-        let map = match value {
-            Value::Null => return Ok(Self::default()),
-            Value::Object(m) => m,
-            _ => {
-                return Err(vec![ValidationError::new(
-                    "limits",
-                    "limits must be an object (or null for none)",
-                )])
-            }
+        let Some(map) = crate::settings_object(
+            value,
+            "limits",
+            "limits must be an object (or null for none)",
+        )?
+        else {
+            return Ok(Self::default());
         };
         let mut out = Self::default();
         let mut errors = Vec::new();
         for (k, v) in map {
             if let Some(slot) = out.count_mut(k) {
-                let field = count_field(k);
-                match v {
-                    Value::Null => {}
-                    Value::Number(n) => match n.as_u64().filter(|n| *n <= MAX_COUNT) {
-                        Some(n) => *slot = Some(n),
-                        None => errors.push(count_error(field)),
-                    },
-                    _ => errors.push(count_error(field)),
+                match crate::optional_integer(v, 0..=MAX_COUNT) {
+                    Ok(n) => *slot = n,
+                    Err(()) => errors.push(count_error(count_field(k))),
                 }
             } else if k == "soft_limit_percent" {
-                match v {
-                    Value::Null => {}
-                    _ => match v.as_u64().filter(|n| (1..=100).contains(n)) {
-                        Some(n) => out.soft_limit_percent = Some(n as u8),
-                        None => errors.push(ValidationError::new(
-                            "limits.soft_limit_percent",
-                            "limits.soft_limit_percent must be an integer from 1 to 100 (percent of each limit that counts as nearly used up), or null for none",
-                        )),
-                    },
+                match crate::optional_integer(v, 1..=100) {
+                    Ok(n) => out.soft_limit_percent = n.map(|n| n as u8),
+                    Err(()) => errors.push(ValidationError::new(
+                        "limits.soft_limit_percent",
+                        "limits.soft_limit_percent must be an integer from 1 to 100 (percent of each limit that counts as nearly used up), or null for none",
+                    )),
                 }
             } else if k == "budget_per_month_usd" {
                 match v {

@@ -147,14 +147,13 @@ impl StaticHeaders {
     /// refusal has the field `headers` and names the header it is about.
     pub fn parse(value: &Value) -> Result<Self, Vec<ValidationError>> {
         let err = |m: String| ValidationError::new("headers", m);
-        let map = match value {
-            Value::Null => return Ok(Self::default()),
-            Value::Object(m) => m,
-            _ => {
-                return Err(vec![err(
-                    "headers must be an object of header name to value (or null for none)".into(),
-                )])
-            }
+        let Some(map) = crate::settings_object(
+            value,
+            "headers",
+            "headers must be an object of header name to value (or null for none)",
+        )?
+        else {
+            return Ok(Self::default());
         };
         if map.len() > MAX_HEADERS {
             return Err(vec![err(format!(
@@ -269,15 +268,13 @@ impl Timeouts {
     /// Reads the client's `timeouts` object (`null` or `{}`: the gateway's
     /// settings for all three). Fields are named `timeouts.<name>`.
     pub fn parse(value: &Value) -> Result<Self, Vec<ValidationError>> {
-        let map = match value {
-            Value::Null => return Ok(Self::default()),
-            Value::Object(m) => m,
-            _ => {
-                return Err(vec![ValidationError::new(
-                    "timeouts",
-                    "timeouts must be an object with connect_ms, first_byte_ms, total_ms (or null for the gateway's settings)",
-                )])
-            }
+        let Some(map) = crate::settings_object(
+            value,
+            "timeouts",
+            "timeouts must be an object with connect_ms, first_byte_ms, total_ms (or null for the gateway's settings)",
+        )?
+        else {
+            return Ok(Self::default());
         };
         let mut out = Self::default();
         let mut errors = Vec::new();
@@ -297,18 +294,12 @@ impl Timeouts {
                     continue;
                 }
             };
-            match v {
-                Value::Null => {}
-                _ => match v
-                    .as_u64()
-                    .filter(|ms| (1..=u64::from(MAX_TIMEOUT_MS)).contains(ms))
-                {
-                    Some(ms) => *slot = Some(ms as u32),
-                    None => errors.push(ValidationError::new(
-                        field,
-                        format!("{field} must be an integer number of milliseconds from 1 to {MAX_TIMEOUT_MS}, or null for the gateway's setting"),
-                    )),
-                },
+            match crate::optional_integer(v, 1..=u64::from(MAX_TIMEOUT_MS)) {
+                Ok(ms) => *slot = ms.map(|ms| ms as u32),
+                Err(()) => errors.push(ValidationError::new(
+                    field,
+                    format!("{field} must be an integer number of milliseconds from 1 to {MAX_TIMEOUT_MS}, or null for the gateway's setting"),
+                )),
             }
         }
         if let Some(total) = out.total_ms {
