@@ -15,8 +15,14 @@
 //! counters with [`Limiter::consumption`]. A limiter given [`Alerts`] raises
 //! one alert per period when a day or month budget's settled usage reaches
 //! its soft threshold, and one when it reaches the limit.
+//!
+//! The crate also holds llmgw's one Redis connection code (`conn.rs`), which
+//! [`HealthViews`] uses too: the gateways' views of endpoint health, shared
+//! through the same Redis for the settings API to show.
 
 mod alert;
+mod conn;
+pub mod health;
 mod local;
 mod remote;
 
@@ -32,6 +38,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 pub use alert::{Alert, AlertStats, Alerts};
+pub use health::HealthViews;
 pub use local::LocalBackend;
 pub use remote::RedisBackend;
 

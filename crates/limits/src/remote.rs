@@ -1,15 +1,12 @@
 //! The Redis backend: `admit.lua`, `settle.lua` and `consumption.lua`, each
-//! after `clock.lua`, sent by EVALSHA (loaded
-//! on first use, and again after a Redis restart), over one multiplexed
-//! connection that reconnects by itself — to a single server or a Cluster.
+//! after `clock.lua`, sent by EVALSHA (loaded on first use, and again after
+//! a Redis restart) over the connection of [`crate::conn`].
 
-use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
-use redis::cluster_async::ClusterConnection;
-use redis::{Script, Value};
+use redis::Script;
 
+use crate::conn::{ints, RedisConn};
 use crate::{
     Admission, Backend, BackendError, BoxFuture, Budget, Consumption, Crossing, Headers, Outcome,
     RefusalKind, Settlement, Used, Window,
@@ -19,120 +16,33 @@ const ADMIT: &str = concat!(include_str!("clock.lua"), include_str!("admit.lua")
 const SETTLE: &str = concat!(include_str!("clock.lua"), include_str!("settle.lua"));
 const CONSUMPTION: &str = concat!(include_str!("clock.lua"), include_str!("consumption.lua"));
 
-#[derive(Clone)]
-enum Conn {
-    Single(ConnectionManager),
-    Cluster(ClusterConnection),
-}
-
 /// Counters on Redis, shared by every replica.
 pub struct RedisBackend {
-    conn: Arc<RwLock<Option<Conn>>>,
+    conn: RedisConn,
     admit: Script,
     settle: Script,
     consumption: Script,
 }
 
-fn redis_err(e: redis::RedisError) -> BackendError {
-    BackendError::Redis(e.to_string())
-}
-
 impl RedisBackend {
     /// A single Redis server (`redis://host:port/db`); connects in the background.
     pub fn single(url: &str, timeout: Duration) -> Result<Self, BackendError> {
-        let client = redis::Client::open(url).map_err(redis_err)?;
-        let cfg = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout.max(Duration::from_millis(200))))
-            .set_response_timeout(Some(timeout))
-            .set_max_delay(Duration::from_secs(1));
-        let this = Self::empty();
-        let slot = this.conn.clone();
-        tokio::spawn(async move {
-            let mut wait = Duration::from_millis(50);
-            loop {
-                match ConnectionManager::new_with_config(client.clone(), cfg.clone()).await {
-                    Ok(c) => {
-                        *slot.write().unwrap_or_else(|e| e.into_inner()) = Some(Conn::Single(c));
-                        tracing::info!("limits: connected to Redis");
-                        return;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "limits: cannot connect to Redis yet; retrying");
-                        tokio::time::sleep(wait).await;
-                        wait = (wait * 2).min(Duration::from_secs(2));
-                    }
-                }
-            }
-        });
-        Ok(this)
+        Ok(Self::on(RedisConn::single(url, timeout, "limits")?))
     }
 
     /// A Redis Cluster, discovered through any of `urls`.
     pub fn cluster(urls: &[String], timeout: Duration) -> Result<Self, BackendError> {
-        let client = redis::cluster::ClusterClientBuilder::new(urls.to_vec())
-            .connection_timeout(timeout.max(Duration::from_millis(200)))
-            .response_timeout(timeout)
-            .retries(1)
-            .build()
-            .map_err(redis_err)?;
-        let this = Self::empty();
-        let slot = this.conn.clone();
-        tokio::spawn(async move {
-            let mut wait = Duration::from_millis(50);
-            loop {
-                match client.get_async_connection().await {
-                    Ok(c) => {
-                        *slot.write().unwrap_or_else(|e| e.into_inner()) = Some(Conn::Cluster(c));
-                        tracing::info!("limits: connected to Redis Cluster");
-                        return;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "limits: cannot connect to Redis Cluster yet; retrying");
-                        tokio::time::sleep(wait).await;
-                        wait = (wait * 2).min(Duration::from_secs(2));
-                    }
-                }
-            }
-        });
-        Ok(this)
+        Ok(Self::on(RedisConn::cluster(urls, timeout, "limits")?))
     }
 
-    fn empty() -> Self {
+    fn on(conn: RedisConn) -> Self {
         Self {
-            conn: Arc::new(RwLock::new(None)),
+            conn,
             admit: Script::new(ADMIT),
             settle: Script::new(SETTLE),
             consumption: Script::new(CONSUMPTION),
         }
     }
-
-    fn conn(&self) -> Result<Conn, BackendError> {
-        self.conn
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .ok_or(BackendError::NotConnected)
-    }
-
-    async fn run(&self, inv: redis::ScriptInvocation<'_>) -> Result<Value, BackendError> {
-        match self.conn()? {
-            Conn::Single(mut c) => inv.invoke_async(&mut c).await.map_err(redis_err),
-            Conn::Cluster(mut c) => inv.invoke_async(&mut c).await.map_err(redis_err),
-        }
-    }
-}
-
-fn ints(v: Value) -> Result<Vec<i64>, BackendError> {
-    let Value::Array(items) = v else {
-        return Err(BackendError::Redis("unexpected script answer".into()));
-    };
-    items
-        .into_iter()
-        .map(|i| match i {
-            Value::Int(n) => Ok(n),
-            _ => Err(BackendError::Redis("unexpected script answer".into())),
-        })
-        .collect()
 }
 
 /// Decodes `admit.lua`'s answer.
@@ -224,7 +134,7 @@ impl Backend for RedisBackend {
             for l in a.limits.iter().flatten() {
                 inv.arg(*l);
             }
-            outcome(&ints(self.run(inv).await?)?)
+            outcome(&ints(self.conn.run(inv).await?)?)
         })
     }
 
@@ -254,7 +164,7 @@ impl Backend for RedisBackend {
                     inv.arg(*w);
                 }
             }
-            crossings(&ints(self.run(inv).await?)?)
+            crossings(&ints(self.conn.run(inv).await?)?)
         })
     }
 
@@ -265,7 +175,7 @@ impl Backend for RedisBackend {
         Box::pin(async move {
             let mut inv = self.consumption.prepare_invoke();
             inv.key(&prefixes[0]).key(&prefixes[1]);
-            consumption(&ints(self.run(inv).await?)?)
+            consumption(&ints(self.conn.run(inv).await?)?)
         })
     }
 }
