@@ -60,6 +60,9 @@ pub struct ApiConfig {
     /// `GET …/api-keys/{id}/limits`. `None`: they are not reachable from
     /// here (each gateway counts in its own memory), so `used` is `null`.
     pub limiter: Option<limits::Limiter>,
+    /// Endpoint health as the gateways report it on Redis (`LLMGW_REDIS_URL`),
+    /// read for every endpoint shown. `None`: every endpoint is `unknown`.
+    pub health: Option<limits::HealthViews>,
 }
 
 /// Password-hashing threads: one per core, at most this many (19 MiB each).
@@ -111,6 +114,7 @@ impl Api {
         let passwords =
             storage::secrets::PasswordPool::new(workers, workers * PASSWORD_QUEUE_PER_WORKER)
                 .expect("cannot start the password-hashing threads");
+        let health = health::HealthReports::new(cfg.health.clone());
         Self {
             state: Arc::new(State {
                 db,
@@ -119,7 +123,7 @@ impl Api {
                 passwords,
                 throttle: throttle::AuthThrottle::new(),
                 sso,
-                health: health::HealthReports::default(),
+                health,
             }),
         }
     }

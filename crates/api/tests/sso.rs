@@ -162,6 +162,7 @@ fn api_instance(db: &TestDb, public_url: &str, issuer: &str, ca: &TestCa, s: Set
                 sso: true,
             },
             limiter: None,
+            health: None,
         },
         SsoConfig {
             password_login: s.password_login,

@@ -14,7 +14,8 @@
 //! again (and its cooldown resets) or ejected once more. While every endpoint of a
 //! provider is out, they are still tried (a request gets a chance rather
 //! than a certain refusal). Health is per endpoint id and outlives reloads
-//! of the provider's cache entry.
+//! of the provider's cache entry. Each change wakes [`HealthTable::changed`]:
+//! `health_report.rs` writes this replica's view to Redis for the settings API.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
@@ -23,7 +24,9 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 use reqwest::header::HeaderValue;
+use storage::domain::routing::EndpointHealth;
 use storage::domain::BaseUrl;
+use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::endpoint::Endpoint;
@@ -38,6 +41,8 @@ pub(crate) struct Upstream {
     pub auth: HeaderValue,
     /// 1–1000.
     pub weight: u32,
+    /// The provider's `connect_ms`, over the client's connect timeout.
+    pub connect: Option<Duration>,
     /// Set when the connect-time SSRF policy refuses this base URL.
     pub refused: Option<upstream::UpstreamFailure>,
     pub health: Arc<Health>,
@@ -63,10 +68,14 @@ pub(crate) enum State {
 
 impl State {
     pub fn as_str(self) -> &'static str {
+        self.health().as_str()
+    }
+
+    pub fn health(self) -> EndpointHealth {
         match self {
-            State::Healthy => "healthy",
-            State::Ejected => "ejected",
-            State::Probing => "probing",
+            State::Healthy => EndpointHealth::Healthy,
+            State::Ejected => EndpointHealth::Ejected,
+            State::Probing => EndpointHealth::Probing,
         }
     }
 }
@@ -92,8 +101,10 @@ impl Default for HealthConfig {
 }
 
 /// What the gateway has seen of one endpoint.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Health {
+    /// The endpoint's organization (its reports go under its hash tag).
+    pub org: Uuid,
     /// Requests sent and not yet answered (the head), for balancing.
     outstanding: AtomicU32,
     /// Failures in a row.
@@ -103,9 +114,34 @@ pub(crate) struct Health {
     until_ms: AtomicU64,
     /// Ejections in a row (cooldown doubling).
     ejections: AtomicU32,
+    /// When a provider entry last took it (ms on the table's clock).
+    seen_ms: AtomicU64,
+    /// The state last written to Redis ([`NOT_REPORTED`] before the first).
+    reported: AtomicU8,
 }
 
+/// [`Health::reported`] before anything was.
+const NOT_REPORTED: u8 = u8::MAX;
+
 impl Health {
+    fn new(org: Uuid, now_ms: u64) -> Self {
+        Self {
+            org,
+            outstanding: AtomicU32::new(0),
+            failures: AtomicU32::new(0),
+            state: AtomicU8::new(State::Healthy as u8),
+            until_ms: AtomicU64::new(0),
+            ejections: AtomicU32::new(0),
+            seen_ms: AtomicU64::new(now_ms),
+            reported: AtomicU8::new(NOT_REPORTED),
+        }
+    }
+
+    /// `state` was written to Redis.
+    pub fn reported(&self, state: State) {
+        self.reported.store(state as u8, Relaxed);
+    }
+
     pub fn state(&self) -> State {
         match self.state.load(Relaxed) {
             1 => State::Ejected,
@@ -142,10 +178,14 @@ pub(crate) struct HealthTable {
     epoch: Instant,
     /// Ejections since start.
     ejections: AtomicU64,
+    /// Woken on every change of an endpoint's state.
+    pub changed: Notify,
 }
 
 /// Endpoints remembered at most before unused ones are forgotten.
 const MAX_TRACKED: usize = 65_536;
+/// How long an endpoint no cached provider holds is still reported.
+const REPORT_UNUSED_FOR: Duration = Duration::from_secs(600);
 
 impl HealthTable {
     pub fn new(cfg: HealthConfig) -> Self {
@@ -154,17 +194,40 @@ impl HealthTable {
             cfg,
             epoch: Instant::now(),
             ejections: AtomicU64::new(0),
+            changed: Notify::new(),
         }
     }
 
-    /// The health of endpoint `id` (new endpoints start healthy).
-    pub fn of(&self, id: Uuid) -> Arc<Health> {
+    /// The health of endpoint `id` of organization `org` (new endpoints start healthy).
+    pub fn of(&self, org: Uuid, id: Uuid) -> Arc<Health> {
+        let now = self.now_ms();
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         if map.len() >= MAX_TRACKED && !map.contains_key(&id) {
             // Only entries no cached provider holds any more.
             map.retain(|_, h| Arc::strong_count(h) > 1);
         }
-        map.entry(id).or_default().clone()
+        let h = map
+            .entry(id)
+            .or_insert_with(|| Arc::new(Health::new(org, now)));
+        h.seen_ms.store(now, Relaxed);
+        h.clone()
+    }
+
+    /// The endpoints this replica reports (held by a cached provider, or
+    /// taken by one within [`REPORT_UNUSED_FOR`]), with their state; only
+    /// those whose state changed since it was last reported unless `all`.
+    pub fn to_report(&self, all: bool) -> Vec<(Uuid, State, Arc<Health>)> {
+        let now = self.now_ms();
+        let idle = REPORT_UNUSED_FOR.as_millis() as u64;
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.iter()
+            .filter(|(_, h)| {
+                Arc::strong_count(h) > 1 || now.saturating_sub(h.seen_ms.load(Relaxed)) < idle
+            })
+            .map(|(id, h)| (*id, h.state(), h))
+            .filter(|(_, state, h)| all || h.reported.load(Relaxed) != *state as u8)
+            .map(|(id, state, h)| (id, state, h.clone()))
+            .collect()
     }
 
     /// Endpoints by state (healthy, ejected, probing) and ejections so far, for `/metrics`.
@@ -217,6 +280,7 @@ impl HealthTable {
         h.until_ms
             .store(self.now_ms() + cooldown.as_millis() as u64, Relaxed);
         h.state.store(State::Ejected as u8, Relaxed);
+        self.changed.notify_one();
     }
 
     /// A probe's verdict on an endpoint in `probing`.
@@ -225,6 +289,7 @@ impl HealthTable {
             h.failures.store(0, Relaxed);
             h.ejections.store(0, Relaxed);
             h.state.store(State::Healthy as u8, Relaxed);
+            self.changed.notify_one();
         } else {
             self.eject(h);
         }
@@ -248,6 +313,7 @@ impl HealthTable {
                         .is_ok()
                 {
                     *probe = true;
+                    self.changed.notify_one();
                 }
                 false
             }
@@ -321,6 +387,7 @@ fn two_choices(upstreams: &[Upstream], from: &[usize]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures_util::FutureExt;
 
     fn upstreams(table: &HealthTable, weights: &[u32]) -> Vec<Upstream> {
         weights
@@ -335,8 +402,9 @@ mod tests {
                     base_url,
                     auth: HeaderValue::from_static("Bearer x"),
                     weight: *w,
+                    connect: None,
                     refused: None,
-                    health: table.of(id),
+                    health: table.of(Uuid::nil(), id),
                 }
             })
             .collect()
@@ -405,6 +473,36 @@ mod tests {
             seen[pick(&table, &ups, &[]).0.unwrap()] = true;
         }
         assert_eq!(seen, [true, true]);
+    }
+
+    #[test]
+    fn held_endpoints_are_reported_and_changes_alone_between_refreshes() {
+        let table = HealthTable::new(HealthConfig::default());
+        let org = Uuid::new_v4();
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let held = [table.of(org, a), table.of(org, b)];
+        let ids = |v: Vec<(Uuid, State, Arc<Health>)>| {
+            let mut v: Vec<(Uuid, State)> = v.into_iter().map(|(id, s, _)| (id, s)).collect();
+            v.sort_by_key(|(id, _)| *id);
+            v
+        };
+        let mut both = vec![(a, State::Healthy), (b, State::Healthy)];
+        both.sort_by_key(|(id, _)| *id);
+        assert_eq!(ids(table.to_report(false)), both, "never reported yet");
+        for (_, state, h) in table.to_report(true) {
+            assert_eq!(h.org, org);
+            h.reported(state);
+        }
+        assert!(table.to_report(false).is_empty(), "nothing changed");
+        for _ in 0..3 {
+            table.failed(&held[1]);
+        }
+        assert!(
+            table.changed.notified().now_or_never().is_some(),
+            "an ejection wakes the reporter"
+        );
+        assert_eq!(ids(table.to_report(false)), [(b, State::Ejected)]);
+        assert_eq!(table.to_report(true).len(), 2);
     }
 
     #[test]

@@ -322,29 +322,25 @@ impl ProviderEntry {
         health: &HealthTable,
     ) -> Option<Self> {
         let name = p.provider.name.as_str().to_owned();
+        let of = Of {
+            org: p.provider.org_id,
+            connect: p.provider.timeouts.connect(),
+            client,
+            health,
+            provider: &name,
+        };
         let mut upstreams = Vec::with_capacity(p.endpoints.len().max(1));
         if p.endpoints.is_empty() {
-            upstreams.push(upstream_of(
+            upstreams.push(of.upstream(
                 p.provider.id,
                 p.provider.base_url,
                 p.token.expose_secret(),
                 1,
-                client,
-                health,
-                &name,
             )?);
         }
         for (i, e) in p.endpoints.into_iter().enumerate() {
             let weight = u32::from(e.weight.get());
-            match upstream_of(
-                e.id,
-                e.base_url,
-                e.token.expose_secret(),
-                weight,
-                client,
-                health,
-                &name,
-            ) {
+            match of.upstream(e.id, e.base_url, e.token.expose_secret(), weight) {
                 Some(u) => upstreams.push(u),
                 None if i == 0 => return None,
                 None => {
@@ -376,32 +372,36 @@ impl ProviderEntry {
     }
 }
 
-/// One endpoint ready for calls: URL parsed, token as a header, the SSRF
-/// policy's verdict, its health.
-fn upstream_of(
-    id: Uuid,
-    base_url: BaseUrl,
-    token: &str,
-    weight: u32,
-    client: &upstream::UpstreamClient,
-    health: &HealthTable,
-    provider: &str,
-) -> Option<Upstream> {
-    let chat_url = reqwest::Url::parse(&base_url.endpoint("chat/completions")).ok()?;
-    let auth = upstream::bearer(token)?;
-    let refused = client.check(&base_url).err().map(|e| {
-        tracing::info!(provider, error = %e, "endpoint refused by the SSRF policy");
-        upstream::UpstreamFailure::from(&e)
-    });
-    Some(Upstream {
-        id,
-        base_url,
-        chat_url,
-        auth,
-        weight: weight.clamp(1, 1000),
-        refused,
-        health: health.of(id),
-    })
+/// What every endpoint of a provider being prepared shares.
+struct Of<'a> {
+    org: Uuid,
+    connect: Option<Duration>,
+    client: &'a upstream::UpstreamClient,
+    health: &'a HealthTable,
+    provider: &'a str,
+}
+
+impl Of<'_> {
+    /// One endpoint ready for calls: URL parsed, token as a header, the SSRF
+    /// policy's verdict, its health.
+    fn upstream(&self, id: Uuid, base_url: BaseUrl, token: &str, weight: u32) -> Option<Upstream> {
+        let chat_url = reqwest::Url::parse(&base_url.endpoint("chat/completions")).ok()?;
+        let auth = upstream::bearer(token)?;
+        let refused = self.client.check(&base_url).err().map(|e| {
+            tracing::info!(provider = self.provider, error = %e, "endpoint refused by the SSRF policy");
+            upstream::UpstreamFailure::from(&e)
+        });
+        Some(Upstream {
+            id,
+            base_url,
+            chat_url,
+            auth,
+            weight: weight.clamp(1, 1000),
+            connect: self.connect,
+            refused,
+            health: self.health.of(self.org, id),
+        })
+    }
 }
 
 #[derive(Clone)]

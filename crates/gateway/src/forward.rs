@@ -70,7 +70,7 @@ pub(crate) fn request(
 ) -> reqwest::RequestBuilder {
     let mut rb = gw
         .client
-        .http()
+        .http_with(upstream.connect)
         .request(method, url)
         .header(rq::AUTHORIZATION, upstream.auth.clone());
     for (name, value) in &provider.headers {
@@ -380,12 +380,13 @@ fn all_refused(provider: &ProviderEntry) -> Sent {
 /// request path; its verdict decides whether it takes traffic again.
 fn probe_later(gw: &State, up: &Upstream) {
     let (client, health, table) = (gw.client.clone(), up.health.clone(), gw.health.clone());
-    let (base_url, auth) = (up.base_url.clone(), up.auth.clone());
+    let (base_url, auth, connect) = (up.base_url.clone(), up.auth.clone(), up.connect);
     tokio::spawn(async move {
         let probe = upstream::models::ModelsProbe {
             client: &client,
             base_url: &base_url,
             auth: &auth,
+            connect,
         };
         let ok = probe.list().await.is_ok_and(|a| a.is_success());
         tracing::info!(base_url = %base_url.as_str(), healthy = ok, "endpoint probed");

@@ -12,6 +12,7 @@ mod collect;
 mod endpoint;
 mod error;
 mod forward;
+mod health_report;
 mod listen;
 mod metrics;
 mod models;
@@ -74,6 +75,9 @@ pub struct GatewayConfig {
     pub limiter: limits::Limiter,
     /// How endpoints are ejected and brought back.
     pub health: HealthConfig,
+    /// `LLMGW_REDIS_URL`: where this replica reports its view of endpoint
+    /// health for the settings API; `None`: not reported (the API shows `unknown`).
+    pub health_views: Option<limits::HealthViews>,
 }
 
 impl GatewayConfig {
@@ -91,6 +95,7 @@ impl GatewayConfig {
             metrics_on_gateway: true,
             limiter: limits::Limiter::local(limits::Config::default()),
             health: HealthConfig::default(),
+            health_views: None,
         }
     }
 }
@@ -154,6 +159,16 @@ impl Gateway {
             shutdown_rx.clone(),
         );
         *inner.writer.lock().unwrap_or_else(|p| p.into_inner()) = Some(tokio::spawn(writer.run()));
+        if let Some(views) = cfg.health_views {
+            let replica = uuid::Uuid::new_v4().simple().to_string();
+            let report =
+                health_report::run(inner.health.clone(), views, replica, shutdown_rx.clone());
+            inner
+                .tasks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(tokio::spawn(report));
+        }
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let listener = tokio::spawn(listen::listen(inner.clone(), shutdown_rx, ready_tx));
         inner

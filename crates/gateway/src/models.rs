@@ -198,6 +198,7 @@ pub(crate) fn probe<'a>(u: &'a Upstream, client: &'a upstream::UpstreamClient) -
         client,
         base_url: &u.base_url,
         auth: &u.auth,
+        connect: u.connect,
     }
 }
 

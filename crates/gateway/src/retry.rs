@@ -3,7 +3,8 @@
 //! only for bodies the gateway holds (a streamed upload never), and only
 //! for failures that say the upstream did not take the request on:
 //!
-//! - a connection that could not be made (refused, unreachable, no such name);
+//! - a connection that could not be made (refused, unreachable, no such
+//!   name, or not made within the connect timeout: nothing was sent);
 //! - a connection lost before any byte of the answer (a pooled connection
 //!   the server had closed);
 //! - a 502 or 503 answer;
@@ -93,7 +94,7 @@ pub(crate) fn retryable_failure(e: &reqwest::Error) -> bool {
             | FailureClass::Unreachable
             | FailureClass::NameDoesNotResolve
             | FailureClass::ConnectionBroke
-    ) || (e.is_connect() && !e.is_timeout())
+    ) || e.is_connect()
 }
 
 /// Whether an answer's status (and `Retry-After`) asks for another try elsewhere.

@@ -138,6 +138,23 @@ fn shared_limiter(cfg: &Config, lcfg: limits::Config) -> Result<limits::Limiter,
     .map_err(|e| format!("LLMGW_REDIS_URL: {e}"))
 }
 
+/// Longest wait for a gateway's report of endpoint health (a background
+/// task; nothing waits on it).
+const GATEWAY_HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
+/// Longest wait of an API answer for the endpoints' health (then `unknown`).
+const API_HEALTH_TIMEOUT: Duration = Duration::from_millis(50);
+
+/// Endpoint health views on the Redis (or Cluster) of `LLMGW_REDIS_URL`,
+/// each call bounded by `timeout`; `None` without Redis.
+fn health_views(cfg: &Config, timeout: Duration) -> Result<Option<limits::HealthViews>, String> {
+    if cfg.redis_urls.is_empty() {
+        return Ok(None);
+    }
+    limits::HealthViews::open(&cfg.redis_urls, timeout)
+        .map(Some)
+        .map_err(|e| format!("LLMGW_REDIS_URL: {e}"))
+}
+
 /// The API's own reader of the shared counters (for `/limits`), only with
 /// Redis: without it the counters live in each gateway's memory.
 fn api_limiter(cfg: &Config) -> Result<Option<limits::Limiter>, String> {
@@ -181,6 +198,7 @@ async fn run(
                 models_cache_ttl: Duration::from_secs(60),
                 metrics_on_gateway: cfg.metrics_addr.is_none(),
                 limiter,
+                health_views: health_views(cfg, GATEWAY_HEALTH_TIMEOUT)?,
                 ..gateway::GatewayConfig::new(upstream.clone())
             },
         )
@@ -230,6 +248,7 @@ async fn run(
                     sso: cfg.sso.oidc.is_some(),
                 },
                 limiter: api_limiter(cfg)?,
+                health: health_views(cfg, API_HEALTH_TIMEOUT)?,
             },
             cfg.sso.clone(),
         )

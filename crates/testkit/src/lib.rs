@@ -2,12 +2,14 @@
 //! test, real HTTPS upstreams on 127.0.0.1 with certificates made here, and
 //! Redis servers (single or Cluster) started by the test.
 
+pub mod blackhole;
 pub mod db;
 pub mod raw;
 pub mod redis;
 pub mod tls;
 pub mod upstream;
 
+pub use blackhole::Blackhole;
 pub use db::TestDb;
 pub use raw::{RawAnswer, RawClient};
 pub use redis::{RedisCluster, RedisServer};

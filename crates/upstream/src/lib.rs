@@ -16,7 +16,7 @@ pub mod policy;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use domain::BaseUrl;
@@ -186,6 +186,11 @@ impl Resolve for GuardedResolver {
 /// one client shared by the server's per-thread runtimes would pay a
 /// cross-thread wake-up per read and write, and would lose its connections
 /// when the thread that opened them stops first (graceful shutdown).
+///
+/// A connect timeout is client-wide in reqwest, so a provider's own
+/// `connect_ms` ([`Self::http_with`]) gets a client of its own, built
+/// lazily from the same settings (TLS roots, SSRF guard, no redirects):
+/// at most [`MAX_CONNECT_TIMEOUTS`] distinct timeouts besides the global one.
 #[derive(Debug, Clone)]
 pub struct UpstreamClient {
     settings: Arc<Settings>,
@@ -201,13 +206,52 @@ struct Settings {
     /// Built in `new` with the same guards; used if a thread's own build
     /// ever fails, so the SSRF guard and no-redirect rule fail closed.
     fallback: Option<reqwest::Client>,
+    /// The connect timeouts other than `cfg.connect_timeout` given a client
+    /// so far (every thread builds the same ones), [`MAX_CONNECT_TIMEOUTS`] at most.
+    connects: Mutex<Vec<Duration>>,
 }
 
+/// Distinct per-provider connect timeouts with a client of their own; a
+/// further one is served by the client whose timeout is nearest (logged).
+pub const MAX_CONNECT_TIMEOUTS: usize = 16;
+
+impl Settings {
+    /// The connect timeout a client is built with for a call asking `want`.
+    fn connect_timeout(&self, want: Option<Duration>) -> Duration {
+        let global = self.cfg.connect_timeout;
+        let Some(want) = want.filter(|w| *w != global) else {
+            return global;
+        };
+        let mut known = self.connects.lock().unwrap_or_else(|p| p.into_inner());
+        if known.contains(&want) {
+            return want;
+        }
+        if known.len() < MAX_CONNECT_TIMEOUTS {
+            known.push(want);
+            return want;
+        }
+        let near = known
+            .iter()
+            .copied()
+            .chain([global])
+            .min_by_key(|d| d.abs_diff(want))
+            .unwrap_or(global);
+        tracing::warn!(
+            wanted_ms = want.as_millis() as u64,
+            used_ms = near.as_millis() as u64,
+            "more than {MAX_CONNECT_TIMEOUTS} distinct provider connect timeouts; using the nearest one"
+        );
+        near
+    }
+}
+
+/// This thread's clients: the settings they were built from, their connect
+/// timeout, the client. Entries of dropped `UpstreamClient`s are pruned when
+/// a new one is added.
+type ThreadClients = Vec<(std::sync::Weak<Settings>, Duration, reqwest::Client)>;
+
 thread_local! {
-    /// This thread's clients, by the settings they were built from; entries
-    /// of dropped `UpstreamClient`s are pruned when a new one is added.
-    static CLIENTS: std::cell::RefCell<Vec<(std::sync::Weak<Settings>, reqwest::Client)>> =
-        const { std::cell::RefCell::new(Vec::new()) };
+    static CLIENTS: std::cell::RefCell<ThreadClients> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Why [`UpstreamClient::check`] refuses a base URL before connecting. Its
@@ -248,9 +292,10 @@ impl UpstreamClient {
             cfg: cfg.clone(),
             roots,
             fallback: None,
+            connects: Mutex::new(Vec::new()),
         };
         // Build once now so a bad setting fails at startup, not on a request.
-        settings.fallback = Some(Self::build(&settings)?);
+        settings.fallback = Some(Self::build(&settings, cfg.connect_timeout)?);
         Ok(Self {
             settings: Arc::new(settings),
             allow_private: cfg.allow_private,
@@ -259,7 +304,7 @@ impl UpstreamClient {
         })
     }
 
-    fn build(s: &Settings) -> Result<reqwest::Client, BuildError> {
+    fn build(s: &Settings, connect_timeout: Duration) -> Result<reqwest::Client, BuildError> {
         let cfg = &s.cfg;
         let mut b = reqwest::Client::builder()
             .use_rustls_tls()
@@ -268,7 +313,7 @@ impl UpstreamClient {
             // Backs up `check`: without the opt-in, no request goes out in clear text.
             .https_only(!cfg.allow_http)
             .tcp_nodelay(true)
-            .connect_timeout(cfg.connect_timeout)
+            .connect_timeout(connect_timeout)
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(256)
             .user_agent(concat!("llmgw/", env!("CARGO_PKG_VERSION")));
@@ -288,23 +333,37 @@ impl UpstreamClient {
 
     /// This thread's client, for building requests after [`Self::check`].
     pub fn http(&self) -> reqwest::Client {
+        self.http_with(None)
+    }
+
+    /// This thread's client whose connect timeout is `connect` (a
+    /// provider's `connect_ms`; `None`: the global one), built on first use.
+    pub fn http_with(&self, connect: Option<Duration>) -> reqwest::Client {
+        let mine = |c: &ThreadClients, timeout: Duration| {
+            c.iter()
+                .find(|(s, t, _)| {
+                    *t == timeout && std::ptr::eq(s.as_ptr(), Arc::as_ptr(&self.settings))
+                })
+                .map(|(_, _, client)| client.clone())
+        };
         CLIENTS.with(|c| {
-            if let Some((_, client)) = c
-                .borrow()
-                .iter()
-                .find(|(s, _)| std::ptr::eq(s.as_ptr(), Arc::as_ptr(&self.settings)))
-            {
-                return client.clone();
+            let wanted = connect.unwrap_or(self.settings.cfg.connect_timeout);
+            if let Some(client) = mine(&c.borrow(), wanted) {
+                return client;
+            }
+            let timeout = self.settings.connect_timeout(connect);
+            if let Some(client) = mine(&c.borrow(), timeout) {
+                return client;
             }
             // The same settings built fine in `new`; should a build fail now,
             // the guarded client from `new` serves, never an unguarded default.
-            let client = Self::build(&self.settings)
+            let client = Self::build(&self.settings, timeout)
                 .ok()
                 .or_else(|| self.settings.fallback.clone())
                 .expect("the fallback client is built in `new`");
             let mut c = c.borrow_mut();
-            c.retain(|(s, _)| s.strong_count() > 0);
-            c.push((Arc::downgrade(&self.settings), client.clone()));
+            c.retain(|(s, _, _)| s.strong_count() > 0);
+            c.push((Arc::downgrade(&self.settings), timeout, client.clone()));
             client
         })
     }
@@ -481,6 +540,88 @@ mod tests {
     async fn fail(client: &UpstreamClient, url: &str) -> UpstreamFailure {
         let e = client.http().get(url).send().await.unwrap_err();
         UpstreamFailure::of(&e)
+    }
+
+    /// A provider's connect timeout applies, on a client with the same
+    /// guards; the global one is untouched.
+    #[tokio::test]
+    async fn a_provider_connect_timeout_gets_a_client_of_its_own() {
+        let hole = testkit::Blackhole::start();
+        let slow = UpstreamClient::new(&UpstreamConfig {
+            allow_private: true,
+            connect_timeout: Duration::from_secs(5),
+            ..UpstreamConfig::default()
+        })
+        .unwrap();
+        let url = format!("{}/v1/models", hole.base_url());
+        let start = std::time::Instant::now();
+        let e = slow
+            .http_with(Some(Duration::from_millis(200)))
+            .get(&url)
+            .send()
+            .await
+            .unwrap_err();
+        let took = start.elapsed();
+        assert!(e.is_connect() && e.is_timeout(), "{e:?}");
+        assert!(
+            took >= Duration::from_millis(190) && took < Duration::from_millis(1500),
+            "{took:?}"
+        );
+        // The global client still waits longer than that.
+        let start = std::time::Instant::now();
+        let global = tokio::time::timeout(Duration::from_millis(600), slow.http().get(&url).send());
+        assert!(global.await.is_err(), "the global connect timeout changed");
+        assert!(start.elapsed() >= Duration::from_millis(600));
+
+        // The SSRF guard is on every client.
+        let mock = testkit::MockUpstream::start().await;
+        let guarded = client(false, Some(&mock.ca));
+        let e = guarded
+            .http_with(Some(Duration::from_millis(300)))
+            .get(format!("https://localhost:{}/v1/models", mock.port))
+            .send()
+            .await
+            .unwrap_err();
+        assert_eq!(
+            UpstreamFailure::of(&e).class,
+            FailureClass::AddressNotAllowed
+        );
+        let trusting = client(true, Some(&mock.ca));
+        let ok = trusting
+            .http_with(Some(Duration::from_millis(300)))
+            .get(format!("{}/v1/models", mock.base_url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(ok.status(), 200, "the test CA is trusted by it too");
+    }
+
+    #[test]
+    fn distinct_connect_timeouts_are_capped_and_a_further_one_gets_the_nearest() {
+        let c = UpstreamClient::new(&UpstreamConfig::default()).unwrap();
+        let s = &c.settings;
+        let ms = Duration::from_millis;
+        assert_eq!(s.connect_timeout(None), ms(5000));
+        assert_eq!(s.connect_timeout(Some(ms(5000))), ms(5000));
+        for i in 1..=MAX_CONNECT_TIMEOUTS as u64 {
+            assert_eq!(s.connect_timeout(Some(ms(i * 100))), ms(i * 100));
+        }
+        assert_eq!(s.connect_timeout(Some(ms(300))), ms(300), "known");
+        assert_eq!(s.connect_timeout(Some(ms(251))), ms(300), "nearest");
+        assert_eq!(
+            s.connect_timeout(Some(ms(4900))),
+            ms(5000),
+            "the global one counts"
+        );
+        assert_eq!(s.connects.lock().unwrap().len(), MAX_CONNECT_TIMEOUTS);
+        // Each thread builds a client per timeout once, then reuses it.
+        let _ = c.http_with(Some(ms(300)));
+        let _ = c.http_with(Some(ms(251)));
+        let _ = c.http();
+        let n = CLIENTS.with(|t| t.borrow().len());
+        let _ = c.http_with(Some(ms(300)));
+        assert_eq!(CLIENTS.with(|t| t.borrow().len()), n);
+        assert_eq!(n, 2, "one for 300 ms (and 251 ms), one global");
     }
 
     #[tokio::test]

@@ -29,6 +29,8 @@ pub struct ModelsProbe<'a> {
     pub base_url: &'a BaseUrl,
     /// `Bearer {token}` (see [`crate::bearer`]).
     pub auth: &'a HeaderValue,
+    /// The provider's `connect_ms` (`None`: the client's connect timeout).
+    pub connect: Option<Duration>,
 }
 
 /// What the provider answered (whatever its status).
@@ -88,7 +90,7 @@ impl ModelsProbe<'_> {
         let start = Instant::now();
         let resp = self
             .client
-            .http()
+            .http_with(self.connect)
             .get(url)
             .header(AUTHORIZATION, self.auth.clone())
             .header(ACCEPT, HeaderValue::from_static("application/json"))

@@ -189,6 +189,7 @@ async fn probe(client: &UpstreamClient, p: &ProviderWithToken) -> TestReport {
         client,
         base_url,
         auth: &auth,
+        connect: p.provider.timeouts.connect(),
     };
     let answer = match probe.list().await {
         Ok(a) => a,

@@ -712,3 +712,123 @@ async fn endpoint_tokens_and_header_values_are_never_disclosed() {
         assert!(!dump.contains(secret.as_str()), "{secret} in a table");
     }
 }
+
+/// Health as the gateways report it on Redis: the worst fresh view of each
+/// endpoint, in the endpoint list and in the provider's answers alike;
+/// `unknown` where no replica reported; and when Redis is gone, `unknown`
+/// at once rather than an error.
+#[tokio::test]
+async fn health_is_the_worst_view_the_gateways_report_and_unknown_when_redis_is_gone() {
+    use std::time::{Duration, Instant};
+    use storage::domain::routing::EndpointHealth::{Ejected, Healthy, Probing};
+    use uuid::Uuid;
+
+    let Some(mut redis) = testkit::RedisServer::start() else {
+        return;
+    };
+    let urls = [redis.url()];
+    let app = TestApp::spawn_with(crate::helpers::Opts {
+        health: Some(limits::HealthViews::open(&urls, Duration::from_millis(50)).unwrap()),
+        ..Default::default()
+    })
+    .await;
+    let fx = OrgFixture::create(&app, "health").await;
+    let list = endpoints_of(&fx);
+    let mut ids = vec![fx.provider_id.clone()];
+    for (n, token) in [
+        (2, "sk-second-endpoint-1111"),
+        (3, "sk-third-endpoint-2222"),
+    ] {
+        let body =
+            json!({"base_url": format!("https://gpu{n}.health.example.com"), "token": token});
+        ids.push(app.post(&list, &fx.admin, body).await.expect(201).id());
+    }
+    let [own, second, third] = [0, 1, 2].map(|i| Uuid::parse_str(&ids[i]).unwrap());
+    let org = Uuid::parse_str(&fx.id).unwrap();
+
+    // Two gateway replicas: one sees the second endpoint ejected, the other healthy.
+    let gateways = limits::HealthViews::open(&urls, Duration::from_millis(500)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gateways
+        .report("replica-a", org, &[(own, Healthy), (second, Healthy)])
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "never reached Redis");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    gateways
+        .report("replica-b", org, &[(own, Probing), (second, Ejected)])
+        .await
+        .unwrap();
+    let healths = |r: &Resp| -> Vec<String> {
+        r.body["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["health"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let want = ["probing", "ejected", "unknown"];
+    // The API's own connection is made in the background.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = app.get(&list, &fx.member).await;
+        r.expect(200);
+        if healths(&r) == want {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{}", r.text);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let p = app.get(&provider_of(&fx), &fx.member).await;
+    let shown: Vec<&str> = p.body["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["health"].as_str().unwrap())
+        .collect();
+    assert_eq!(shown, want);
+    let all = app
+        .get(&format!("/api/v1/orgs/{}/provider-keys", fx.id), &fx.member)
+        .await;
+    assert_eq!(all.body["data"][0]["endpoints"], p.body["endpoints"]);
+    // A changed endpoint is answered with its health too.
+    let patched = app
+        .patch(
+            &format!("{list}/{}", ids[1]),
+            &fx.admin,
+            json!({"weight": 2}),
+        )
+        .await;
+    patched.expect(200);
+    assert_eq!(patched.body["health"], "ejected");
+    // Replica B's view recovers: healthy over healthy.
+    gateways
+        .report(
+            "replica-b",
+            org,
+            &[(own, Healthy), (second, Healthy), (third, Healthy)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        healths(&app.get(&list, &fx.member).await),
+        ["healthy", "healthy", "healthy"]
+    );
+
+    // Redis gone: every endpoint unknown, quickly, never an error.
+    redis.kill();
+    for _ in 0..5 {
+        let start = Instant::now();
+        let r = app.get(&list, &fx.member).await;
+        r.expect(200);
+        assert_eq!(healths(&r), ["unknown", "unknown", "unknown"]);
+        assert!(
+            start.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            start.elapsed()
+        );
+        app.get(&provider_of(&fx), &fx.member).await.expect(200);
+    }
+}

@@ -61,6 +61,8 @@ pub struct Opts {
     pub browser: api::BrowserConfig,
     /// The limiter whose counters `/limits` shows (`None`: no Redis).
     pub limiter: Option<limits::Limiter>,
+    /// Where endpoint health is read (`None`: no Redis, all `unknown`).
+    pub health: Option<limits::HealthViews>,
 }
 
 impl Default for Opts {
@@ -77,6 +79,7 @@ impl Default for Opts {
             trusted_proxies: api::TrustedProxies::default(),
             browser: api::BrowserConfig::default(),
             limiter: None,
+            health: None,
         }
     }
 }
@@ -165,6 +168,7 @@ impl TestApp {
                 trusted_proxies: opts.trusted_proxies.clone(),
                 browser: opts.browser.clone(),
                 limiter: opts.limiter.clone(),
+                health: opts.health.clone(),
             },
         );
         let (base, handle) = spawn_http(move |cfg| api.configure(cfg));

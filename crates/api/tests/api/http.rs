@@ -321,6 +321,7 @@ async fn database_outage_answers_503() {
             trusted_proxies: api::TrustedProxies::default(),
             browser: api::BrowserConfig::default(),
             limiter: None,
+            health: None,
         },
     );
     let (base, handle) = testkit::spawn_http(move |cfg| api.configure(cfg));
