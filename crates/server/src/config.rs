@@ -62,7 +62,7 @@ pub const SETTINGS: &[Setting] = &[
     s("LLMGW_LOG_QUEUE_CAPACITY", "100000", "Usage rows held in memory while the database is slow or down."),
     s("LLMGW_LOG_BATCH_SIZE", "500", "Usage rows written per INSERT."),
     s("LLMGW_LOG_FLUSH_INTERVAL_MS", "200", "Longest wait before a partial batch of usage rows is written, milliseconds."),
-    s("LLMGW_REDIS_URL", "", "Redis holding the spend controls' counters for every replica (redis://host:6379, rediss:// for TLS; several comma-separated URLs: the nodes of a Redis Cluster). Unset: limits are counted in this process (one replica), with a warning at start."),
+    s("LLMGW_REDIS_URL", "", "Redis holding the spend controls' counters for every replica and the gateways' views of endpoint health (redis://host:6379, rediss:// for TLS; several comma-separated URLs: the nodes of a Redis Cluster). Unset: limits are counted in this process (one replica), with a warning at start, and the API shows every endpoint's health as unknown."),
     s("LLMGW_LIMITS_FAIL_OPEN", "true", "Redis unreachable or slower than 50 ms: keep serving on this replica's own counters (true), or refuse limited requests with 503 (false)."),
     s("LLMGW_LIMITS_LEASE_TTL_MS", "30000", "How long a concurrency slot outlives a gateway that stopped renewing it (killed), milliseconds."),
     s("LLMGW_ALERT_WEBHOOK_URL", "", "http(s) URL the gateways POST a JSON event to when a key's or org's day or month budget reaches its soft_limit_percent, and when it reaches the limit (once per period across every replica). Called as configured (private addresses allowed). Unset: no alerts."),
