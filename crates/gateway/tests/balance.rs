@@ -138,3 +138,80 @@ async fn a_server_gone_under_load_costs_no_request_and_comes_back_after_its_prob
     assert!(rows.iter().all(|r| r.endpoint_id.is_some()));
     env.stop().await;
 }
+
+/// A provider's `connect_ms` applies, not the longer global connect
+/// timeout: an endpoint that never answers a connection fails in about
+/// 200 ms, and the request falls over to its fallback model; the same
+/// address without `connect_ms` is still waiting after a second.
+#[tokio::test]
+async fn connect_ms_200_fails_over_a_blackholed_endpoint_in_about_200_ms() {
+    let ca = Arc::new(testkit::TestCa::new());
+    let backup = MockUpstream::start_with_ca(ca.clone()).await;
+    let ca_file = ca.ca_file.clone();
+    let env = Env::with_config(Opts::default(), |cfg| {
+        cfg.upstream = upstream::UpstreamClient::new(&upstream::UpstreamConfig {
+            allow_private: true,
+            ca_file: Some(ca_file),
+            connect_timeout: Duration::from_secs(3),
+            timeout: Duration::from_secs(10),
+            ..upstream::UpstreamConfig::default()
+        })
+        .unwrap();
+    })
+    .await;
+    let hole = testkit::Blackhole::start();
+    let quick = add_provider(env.db(), env.org.id, "quick", &hole.base_url()).await;
+    env.db()
+        .update_provider_key(
+            env.org.id,
+            Actor(None),
+            quick,
+            storage::providers::ProviderPatch {
+                timeouts: Some(
+                    storage::domain::routing::Timeouts::parse(&json!({"connect_ms": 200}))
+                        .unwrap(),
+                ),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    add_provider(env.db(), env.org.id, "patient", &hole.base_url()).await;
+    add_provider(env.db(), env.org.id, "backup", &backup.base_url).await;
+
+    for _ in 0..3 {
+        let start = Instant::now();
+        let resp = env
+            .chat(&json!({"model": "quick/m", "models": ["backup/m"], "messages": messages()}))
+            .await;
+        let took = start.elapsed();
+        assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+        assert_eq!(resp.headers()["x-llmgw-model"], "backup/m");
+        assert!(
+            took >= Duration::from_millis(190) && took < Duration::from_millis(1500),
+            "{took:?}"
+        );
+    }
+    let start = Instant::now();
+    let resp = env
+        .chat(&json!({"model": "quick/m", "messages": messages()}))
+        .await;
+    assert!(resp.status().is_server_error(), "{}", resp.status());
+    assert!(start.elapsed() < Duration::from_millis(1500), "{:?}", start.elapsed());
+
+    let waiting = tokio::time::timeout(
+        Duration::from_secs(1),
+        env.chat(&json!({"model": "patient/m", "messages": messages()})),
+    )
+    .await;
+    assert!(waiting.is_err(), "the global connect timeout no longer applies");
+    let rows = env.rows().await;
+    assert!(
+        rows.iter()
+            .filter(|r| r.requested_model.as_deref() == Some("quick/m"))
+            .take(3)
+            .all(|r| r.status_code == 200 && r.provider_name.as_deref() == Some("backup")),
+        "{rows:?}"
+    );
+    env.stop().await;
+}
