@@ -168,8 +168,7 @@ async fn connect_ms_200_fails_over_a_blackholed_endpoint_in_about_200_ms() {
             quick,
             storage::providers::ProviderPatch {
                 timeouts: Some(
-                    storage::domain::routing::Timeouts::parse(&json!({"connect_ms": 200}))
-                        .unwrap(),
+                    storage::domain::routing::Timeouts::parse(&json!({"connect_ms": 200})).unwrap(),
                 ),
                 ..Default::default()
             },
@@ -197,14 +196,21 @@ async fn connect_ms_200_fails_over_a_blackholed_endpoint_in_about_200_ms() {
         .chat(&json!({"model": "quick/m", "messages": messages()}))
         .await;
     assert!(resp.status().is_server_error(), "{}", resp.status());
-    assert!(start.elapsed() < Duration::from_millis(1500), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        start.elapsed()
+    );
 
     let waiting = tokio::time::timeout(
         Duration::from_secs(1),
         env.chat(&json!({"model": "patient/m", "messages": messages()})),
     )
     .await;
-    assert!(waiting.is_err(), "the global connect timeout no longer applies");
+    assert!(
+        waiting.is_err(),
+        "the global connect timeout no longer applies"
+    );
     let rows = env.rows().await;
     assert!(
         rows.iter()
