@@ -85,16 +85,20 @@ pub(crate) fn backoff(n: u32) -> Duration {
 
 /// Whether a call that failed before any answer may be tried again.
 pub(crate) fn retryable_failure(e: &reqwest::Error) -> bool {
-    if e.is_timeout() && !e.is_connect() {
-        return false;
-    }
-    matches!(
-        UpstreamFailure::of(e).class,
+    match UpstreamFailure::of(e).class {
+        // Nothing reached the server, or it dropped the connection before
+        // answering (a pooled connection it had closed).
         FailureClass::ConnectionRefused
-            | FailureClass::Unreachable
-            | FailureClass::NameDoesNotResolve
-            | FailureClass::ConnectionBroke
-    ) || e.is_connect()
+        | FailureClass::Unreachable
+        | FailureClass::NameDoesNotResolve
+        | FailureClass::ConnectionBroke => !e.is_timeout() || e.is_connect(),
+        // Not connected within the connect timeout: nothing was sent. A
+        // timeout waiting for the answer is never retried.
+        FailureClass::TimedOut => e.is_connect(),
+        // TLS, the SSRF policy, anything else: a property of the endpoint's
+        // configuration, and an answer the client should see.
+        _ => false,
+    }
 }
 
 /// Whether an answer's status (and `Retry-After`) asks for another try elsewhere.

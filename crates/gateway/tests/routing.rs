@@ -1,8 +1,8 @@
 //! Retries and fallbacks (`"models": [...]`): what is tried again and what
 //! never is. A dead provider falls back to a live one (the upstream never
 //! sees `models`, `x-llmgw-model` and the row name what served); a 503 falls
-//! back; a 504, a first-byte timeout, a client's 400 and a stream broken
-//! after its first chunk do not.
+//! back; a 504, a first-byte timeout, a client's 400, a TLS failure and a
+//! stream broken after its first chunk do not.
 
 mod common;
 
@@ -78,6 +78,31 @@ async fn a_503_falls_back_but_a_504_a_timeout_and_a_client_error_do_not() {
     assert_eq!(resp.status(), 504);
     assert!(started.elapsed() < Duration::from_millis(1500));
     assert_eq!(backup.seen().len(), 1, "only the 503 fell back");
+    env.stop().await;
+}
+
+/// A TLS failure (here: a certificate from a CA the gateway does not
+/// trust) is the endpoint's configuration, not a passing fault: the client
+/// sees it, and no fallback hides it.
+#[tokio::test]
+async fn a_tls_failure_is_not_retried() {
+    let env = Env::new().await;
+    let untrusted = MockUpstream::start().await;
+    add_provider(env.db(), env.org.id, "untrusted", &untrusted.base_url).await;
+    let resp = env.chat(&body("untrusted/m", &["mycompany/m"])).await;
+    assert_eq!(resp.status(), 502);
+    let v: Value = resp.json_value().await;
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("certificate")),
+        "{v}"
+    );
+    assert!(untrusted.seen().is_empty());
+    assert!(
+        env.upstream.seen().is_empty(),
+        "fell back after a TLS failure"
+    );
     env.stop().await;
 }
 
