@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use testkit::{MockUpstream, RedisServer, TestDb};
 
-use common::{provision, Running, Tenant};
+use common::{chat, provision, Running, Tenant};
 
 const REPLICAS: usize = 3;
 
@@ -95,28 +95,6 @@ impl Deployment {
             body["key"].as_str().unwrap().to_owned(),
         )
     }
-}
-
-/// One chat completion through `gateway` with `key`, sending `request_id`:
-/// the status and the answer's headers (`None` when the gateway is gone).
-async fn chat(
-    http: &reqwest::Client,
-    gateway: &str,
-    key: &str,
-    request_id: &str,
-) -> Option<(u16, reqwest::header::HeaderMap)> {
-    let r = http
-        .post(format!("{gateway}/v1/chat/completions"))
-        .bearer_auth(key)
-        .header("x-request-id", request_id)
-        .json(&json!({"model": "mycompany/m", "messages": [{"role": "user", "content": "hi"}]}))
-        .send()
-        .await
-        .ok()?;
-    let status = r.status().as_u16();
-    let headers = r.headers().clone();
-    r.bytes().await.ok()?;
-    Some((status, headers))
 }
 
 /// Polls every gateway with `key` until `seen` holds for its answer; each

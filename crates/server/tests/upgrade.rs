@@ -26,18 +26,12 @@ use testkit::{MockUpstream, TestDb};
 
 use common::{provision, Running};
 
+/// The status of one chat completion through `gateway` (which must answer).
 async fn chat(http: &reqwest::Client, gateway: &str, key: &str, request_id: &str) -> u16 {
-    let r = http
-        .post(format!("{gateway}/v1/chat/completions"))
-        .bearer_auth(key)
-        .header("x-request-id", request_id)
-        .json(&json!({"model": "mycompany/m", "messages": [{"role": "user", "content": "hi"}]}))
-        .send()
+    common::chat(http, gateway, key, request_id)
         .await
-        .unwrap();
-    let status = r.status().as_u16();
-    r.bytes().await.unwrap();
-    status
+        .expect("the gateway answers")
+        .0
 }
 
 /// A new request id, recorded in `sent` (for a request expected to succeed).

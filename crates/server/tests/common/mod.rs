@@ -353,3 +353,25 @@ pub fn parse_reset(text: &str) -> Duration {
     ms += frac.parse::<u64>().unwrap_or_else(|_| bad());
     Duration::from_millis(ms)
 }
+
+/// One chat completion through `gateway` with `key`, sending `request_id`:
+/// the status and the answer's headers (`None` when the gateway is gone).
+pub async fn chat(
+    http: &reqwest::Client,
+    gateway: &str,
+    key: &str,
+    request_id: &str,
+) -> Option<(u16, reqwest::header::HeaderMap)> {
+    let r = http
+        .post(format!("{gateway}/v1/chat/completions"))
+        .bearer_auth(key)
+        .header("x-request-id", request_id)
+        .json(&json!({"model": "mycompany/m", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .ok()?;
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    r.bytes().await.ok()?;
+    Some((status, headers))
+}
