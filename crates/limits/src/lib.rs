@@ -5,7 +5,9 @@
 //!
 //! [`Limiter::redis`] shares the counters between every replica: one Lua
 //! script per admission (EVALSHA), time from Redis `TIME`, every key of an
-//! org under the hash tag `llmgw:{<org>}:` so Redis Cluster works.
+//! org under the hash tag `llmgw:{<org>}:` so Redis Cluster works. A busy
+//! key's admission is a grant of several requests that the replica then
+//! admits itself for [`Config::hold`] (`grant.rs` says what stays exact).
 //! [`Limiter::local`] runs the same rules in process for a single replica,
 //! and is what a Redis limiter falls back to when Redis does not answer
 //! within the call timeout (fail-open) — or it refuses instead (fail-closed).
@@ -22,6 +24,7 @@
 
 mod alert;
 mod conn;
+mod grant;
 pub mod health;
 mod local;
 mod remote;
@@ -84,6 +87,10 @@ fn watch(l: &Limits) -> [i64; 6] {
     let [d, m] = [count(l.tokens_per_day), count(l.tokens_per_month)];
     [d[0], d[1], m[0], m[1], money[0], money[1]]
 }
+
+/// Margin after a grant's hold before a refused request asks again (the
+/// grant's closing settlement is on its way).
+const HOLD_SLACK: Duration = Duration::from_millis(15);
 
 /// Counts above this are treated as this (exact in a Lua number).
 const MAX_COUNT: u64 = 1 << 52;
@@ -171,6 +178,13 @@ pub struct Admission {
     pub reserve_micro_usd: i64,
     pub lease_ttl: Duration,
     pub limits: [[i64; 6]; 2],
+    /// Request units asked for (a grant of several; 1 for one request).
+    pub count: i64,
+    /// Concurrency slots asked for (0 when no concurrency limit applies).
+    pub slots: i64,
+    /// How long the replica may use the units: each counts in the sliding
+    /// minute as of `now + hold_us`.
+    pub hold_us: i64,
 }
 
 /// A backend's answer to an admission.
@@ -180,6 +194,9 @@ pub struct Outcome {
     pub kind: Option<RefusalKind>,
     pub retry_after_secs: u64,
     pub headers: Headers,
+    /// How long until the last unit another grant holds in the sliding
+    /// minute is given back or used (µs; 0: none is held).
+    pub held_us: i64,
     /// The UTC second, day number and `YYYYMM` the admission was counted in.
     pub second: i64,
     pub day: i64,
@@ -203,6 +220,10 @@ pub struct Settlement {
     pub reserve_micro_usd: i64,
     /// Renew the lease for this long instead of settling.
     pub renew: Option<Duration>,
+    /// Request units given back unused: the first and last (0, 0: none).
+    pub returned: (i64, i64),
+    /// The grant's concurrency slots to free (or renew), by number.
+    pub slot_ids: Vec<i64>,
     /// Per scope: tokens/min, concurrency, tokens/day, tokens/month, money applied.
     pub flags: [[bool; 5]; 2],
     /// Per scope: limit and soft threshold of tokens/day, tokens/month and
@@ -347,6 +368,9 @@ pub struct Config {
     pub lease_ttl: Duration,
     /// Where soft-threshold and limit alerts go (`None`: none are raised).
     pub alerts: Option<Alerts>,
+    /// With Redis: how long a replica admits a busy key's requests from a
+    /// grant before it asks Redis again (zero: every request asks).
+    pub hold: Duration,
 }
 
 impl Default for Config {
@@ -356,6 +380,7 @@ impl Default for Config {
             fail_open: true,
             lease_ttl: Duration::from_secs(30),
             alerts: None,
+            hold: Duration::from_millis(50),
         }
     }
 }
@@ -367,6 +392,8 @@ pub struct Stats {
     pub redis_failures: AtomicU64,
     /// Admissions decided on local counters because Redis did not answer.
     pub fallbacks: AtomicU64,
+    /// Admission calls that reached Redis (grants asked for).
+    pub redis_admissions: AtomicU64,
 }
 
 struct Inner {
@@ -374,6 +401,7 @@ struct Inner {
     local: Arc<LocalBackend>,
     cfg: Config,
     stats: Stats,
+    grants: grant::Grants,
 }
 
 /// The limiter: cheap to clone, shared by every request.
@@ -419,6 +447,7 @@ impl Limiter {
                 local: Arc::new(LocalBackend::default()),
                 cfg,
                 stats: Stats::default(),
+                grants: grant::Grants::default(),
             }),
         }
     }
@@ -455,7 +484,8 @@ impl Limiter {
     }
 
     /// Admits or refuses one request. Never waits on Redis longer than the
-    /// configured timeout.
+    /// configured timeout. With Redis, a busy key's requests are mostly
+    /// admitted from a grant this replica holds (see `grant.rs`).
     pub async fn admit(&self, req: &Request<'_>) -> Decision {
         if req.key_limits.is_empty() && req.org_limits.is_empty() {
             return Decision::Admitted {
@@ -463,46 +493,179 @@ impl Limiter {
                 headers: Headers::default(),
             };
         }
-        let a = Admission {
+        let limits = [slots(req.key_limits), slots(req.org_limits)];
+        let need = (
+            req.reserve_tokens.min(MAX_COUNT) as i64,
+            micro_usd(req.budget_reserve),
+        );
+        let inner = &self.inner;
+        let why = match &inner.remote {
+            None => None,
+            Some(remote) => {
+                let pair = (req.org, req.key);
+                if let Some((held, headers)) = inner.grants.draw(pair, &limits, need) {
+                    return Decision::Admitted {
+                        lease: Lease::held(held),
+                        headers,
+                    };
+                }
+                match self.ask_grant(remote, req, limits, need).await {
+                    Ok(decision) => return decision,
+                    Err(why) => Some(why),
+                }
+            }
+        };
+        let a = self.admission(req, limits, need, 1, 1, 0);
+        if let Some(why) = why {
+            inner.stats.redis_failures.fetch_add(1, Ordering::Relaxed);
+            if !inner.cfg.fail_open {
+                tracing::warn!(error = %why, "limits: Redis unavailable; refusing (fail-closed)");
+                return Decision::Refused(Refusal {
+                    kind: RefusalKind::Unavailable,
+                    retry_after_secs: 1,
+                    headers: Headers::default(),
+                });
+            }
+            inner.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(error = %why, "limits: Redis unavailable; using this replica's own counters (fail-open)");
+        }
+        let outcome = local_admit(&inner.local, &a);
+        if !outcome.admitted {
+            return Decision::Refused(refusal(&outcome));
+        }
+        let (settlement, watching) = self.settlement(req, &a, &outcome);
+        let pending = Pending {
+            backend: inner.local.clone(),
+            timeout: inner.cfg.timeout,
+            settlement,
+            watching,
+        };
+        let concurrency = a.limits[0][2] >= 0 || a.limits[1][2] >= 0;
+        Decision::Admitted {
+            lease: Lease::new(pending, concurrency.then_some(inner.cfg.lease_ttl)),
+            headers: outcome.headers,
+        }
+    }
+
+    /// What a backend is asked: `count` units and `slots` slots (when a
+    /// concurrency limit applies), with `need` reserved per unit.
+    fn admission(
+        &self,
+        req: &Request<'_>,
+        limits: [[i64; 6]; 2],
+        need: (i64, i64),
+        count: i64,
+        slots: i64,
+        hold_us: i64,
+    ) -> Admission {
+        let concurrency = limits[0][2] >= 0 || limits[1][2] >= 0;
+        Admission {
             prefixes: prefixes(req.org, req.key),
             lease_id: Uuid::new_v4().simple().to_string(),
-            reserve_tokens: req.reserve_tokens.min(MAX_COUNT) as i64,
-            reserve_micro_usd: micro_usd(req.budget_reserve),
+            reserve_tokens: need.0.saturating_mul(count).min(MAX_COUNT as i64),
+            reserve_micro_usd: need.1.saturating_mul(count).min(MAX_COUNT as i64),
             lease_ttl: self.inner.cfg.lease_ttl,
-            limits: [slots(req.key_limits), slots(req.org_limits)],
-        };
+            limits,
+            count,
+            slots: if concurrency { slots } else { 0 },
+            hold_us,
+        }
+    }
+
+    /// Asks Redis for a grant sized from the key's last one; when a grant of
+    /// several units does not fit, for one unit (the request alone). Both
+    /// calls together wait no longer than the timeout.
+    async fn ask_grant(
+        &self,
+        remote: &Arc<dyn Backend>,
+        req: &Request<'_>,
+        limits: [[i64; 6]; 2],
+        need: (i64, i64),
+    ) -> Result<Decision, String> {
         let inner = &self.inner;
-        let (outcome, backend): (Outcome, Arc<dyn Backend>) = match &inner.remote {
-            None => (local_admit(&inner.local, &a), inner.local.clone()),
-            Some(remote) => match tokio::time::timeout(inner.cfg.timeout, remote.admit(&a)).await {
-                Ok(Ok(o)) => (o, remote.clone()),
-                failed => {
-                    inner.stats.redis_failures.fetch_add(1, Ordering::Relaxed);
-                    let why = match failed {
-                        Ok(Err(e)) => e.to_string(),
-                        _ => "timed out".to_owned(),
-                    };
-                    if !inner.cfg.fail_open {
-                        tracing::warn!(error = %why, "limits: Redis unavailable; refusing (fail-closed)");
-                        return Decision::Refused(Refusal {
-                            kind: RefusalKind::Unavailable,
-                            retry_after_secs: 1,
-                            headers: Headers::default(),
-                        });
-                    }
-                    inner.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(error = %why, "limits: Redis unavailable; using this replica's own counters (fail-open)");
-                    (local_admit(&inner.local, &a), inner.local.clone())
-                }
-            },
+        let pair = (req.org, req.key);
+        let hold = inner.cfg.hold;
+        let (units, slots) = if hold.is_zero() {
+            (1, 1)
+        } else {
+            inner.grants.size(pair, need.0)
         };
-        if !outcome.admitted {
-            return Decision::Refused(Refusal {
-                kind: outcome.kind.unwrap_or(RefusalKind::Requests),
-                retry_after_secs: outcome.retry_after_secs.max(1),
+        let mut deadline = tokio::time::Instant::now() + inner.cfg.timeout;
+        let hold_of = |count: i64| if count > 1 { hold } else { Duration::ZERO };
+        let mut a = self.admission(
+            req,
+            limits,
+            need,
+            units,
+            slots,
+            hold_of(units).as_micros() as i64,
+        );
+        let mut waited = false;
+        loop {
+            let sent = tokio::time::Instant::now();
+            inner.stats.redis_admissions.fetch_add(1, Ordering::Relaxed);
+            let outcome = match tokio::time::timeout_at(deadline, remote.admit(&a)).await {
+                Ok(Ok(o)) => o,
+                Ok(Err(e)) => return Err(e.to_string()),
+                Err(_) => return Err("timed out".to_owned()),
+            };
+            if !outcome.admitted {
+                if a.count > 1 {
+                    a = self.admission(req, limits, need, 1, 1, 0);
+                    continue;
+                }
+                // The minute is full, but grants hold units that may come
+                // back unused: ask once more when their holds have ended.
+                let held = Duration::from_micros(outcome.held_us.max(0) as u64);
+                if outcome.kind == Some(RefusalKind::Requests)
+                    && !waited
+                    && !held.is_zero()
+                    && held <= hold * 2
+                {
+                    waited = true;
+                    tokio::time::sleep(held + HOLD_SLACK).await;
+                    deadline = tokio::time::Instant::now() + inner.cfg.timeout;
+                    continue;
+                }
+                return Ok(Decision::Refused(refusal(&outcome)));
+            }
+            let (base, watching) = self.settlement(req, &a, &outcome);
+            let terms = grant::Terms {
+                limits,
+                count: a.count,
+                slots: a.slots,
+                tokens: a.reserve_tokens,
+                micro_usd: a.reserve_micro_usd,
                 headers: outcome.headers,
+                base,
+                watching,
+                expires: sent + hold_of(a.count),
+            };
+            let (g, held, headers) = grant::Grant::start(
+                terms,
+                remote.clone(),
+                inner.cfg.timeout,
+                inner.cfg.lease_ttl,
+                hold,
+                need,
+            );
+            inner.grants.put(pair, g);
+            return Ok(Decision::Admitted {
+                lease: Lease::held(held),
+                headers,
             });
         }
+    }
+
+    /// The settlement an admission starts from (nothing used yet), and where
+    /// its alerts go when it is watched.
+    fn settlement(
+        &self,
+        req: &Request<'_>,
+        a: &Admission,
+        outcome: &Outcome,
+    ) -> (Settlement, Option<Box<Watching>>) {
+        let inner = &self.inner;
         let flags = |l: &[i64; 6]| [l[1] >= 0, l[2] >= 0, l[3] >= 0, l[4] >= 0, l[5] >= 0];
         // Watched only with somewhere to send alerts and a budget with a
         // soft threshold.
@@ -514,37 +677,39 @@ impl Limiter {
             .map(|_| scopes.map(watch))
             .filter(|w| w.iter().any(|w| w[1] >= 0 || w[3] >= 0 || w[5] >= 0));
         let watching = inner.cfg.alerts.as_ref().filter(|_| watch.is_some());
-        let pending = Pending {
-            backend,
-            timeout: inner.cfg.timeout,
-            settlement: Settlement {
-                prefixes: a.prefixes,
-                lease_id: a.lease_id,
-                second: outcome.second,
-                day: outcome.day,
-                month: outcome.month,
-                token_delta: 0,
-                micro_usd_delta: 0,
-                reserve_tokens: a.reserve_tokens,
-                reserve_micro_usd: a.reserve_micro_usd,
-                renew: None,
-                flags: [flags(&a.limits[0]), flags(&a.limits[1])],
-                watch: watch.map(Box::new),
-            },
-            watching: watching.map(|alerts| {
-                Box::new(Watching {
-                    alerts: alerts.clone(),
-                    org: req.org,
-                    key: req.key,
-                    usd_max: scopes.map(|l| l.budget_per_month_usd),
-                })
-            }),
+        let settlement = Settlement {
+            prefixes: a.prefixes.clone(),
+            lease_id: a.lease_id.clone(),
+            second: outcome.second,
+            day: outcome.day,
+            month: outcome.month,
+            token_delta: 0,
+            micro_usd_delta: 0,
+            reserve_tokens: a.reserve_tokens,
+            reserve_micro_usd: a.reserve_micro_usd,
+            renew: None,
+            returned: (0, 0),
+            slot_ids: if a.slots > 0 { vec![1] } else { Vec::new() },
+            flags: [flags(&a.limits[0]), flags(&a.limits[1])],
+            watch: watch.map(Box::new),
         };
-        let concurrency = a.limits[0][2] >= 0 || a.limits[1][2] >= 0;
-        Decision::Admitted {
-            lease: Lease::new(pending, concurrency.then_some(inner.cfg.lease_ttl)),
-            headers: outcome.headers,
-        }
+        let watching = watching.map(|alerts| {
+            Box::new(Watching {
+                alerts: alerts.clone(),
+                org: req.org,
+                key: req.key,
+                usd_max: scopes.map(|l| l.budget_per_month_usd),
+            })
+        });
+        (settlement, watching)
+    }
+}
+
+fn refusal(outcome: &Outcome) -> Refusal {
+    Refusal {
+        kind: outcome.kind.unwrap_or(RefusalKind::Requests),
+        retry_after_secs: outcome.retry_after_secs.max(1),
+        headers: outcome.headers,
     }
 }
 
@@ -562,7 +727,7 @@ struct Pending {
 }
 
 /// Where a watched settlement's alerts go, and what they name.
-struct Watching {
+pub(crate) struct Watching {
     alerts: Alerts,
     org: Uuid,
     key: Uuid,
@@ -620,20 +785,31 @@ impl Pending {
         if s.flags.iter().flatten().all(|f| !f) {
             return;
         }
-        match tokio::time::timeout(self.timeout * 4, self.backend.settle(s)).await {
-            Ok(Ok(crossings)) => {
-                if let Some(w) = &self.watching {
-                    for c in &crossings {
-                        w.alerts.send(w.alert(s, c));
-                    }
+        settle_and_alert(&*self.backend, self.timeout, s, self.watching.as_deref()).await;
+    }
+}
+
+/// Sends a settlement (bounded by four call timeouts) and raises the alerts
+/// it answers.
+pub(crate) async fn settle_and_alert(
+    backend: &dyn Backend,
+    timeout: Duration,
+    s: &Settlement,
+    watching: Option<&Watching>,
+) {
+    match tokio::time::timeout(timeout * 4, backend.settle(s)).await {
+        Ok(Ok(crossings)) => {
+            if let Some(w) = watching {
+                for c in &crossings {
+                    w.alerts.send(w.alert(s, c));
                 }
             }
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "limits: settling a request failed; its reservation stands")
-            }
-            Err(_) => {
-                tracing::warn!("limits: settling a request timed out; its reservation stands")
-            }
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "limits: settling a request failed; its reservation stands")
+        }
+        Err(_) => {
+            tracing::warn!("limits: settling a request timed out; its reservation stands")
         }
     }
 }
@@ -642,14 +818,16 @@ impl Pending {
 /// [`Lease::settle`] it when the request ends; dropped unsettled, it is
 /// charged its reservation (a client that disconnects still pays).
 pub struct Lease {
-    pending: Option<Pending>,
+    pending: Option<Box<Pending>>,
     renewer: Option<tokio::task::JoinHandle<()>>,
+    /// Drawn from a grant (counters on Redis).
+    held: Option<grant::Held>,
 }
 
 impl std::fmt::Debug for Lease {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Lease")
-            .field("active", &self.pending.is_some())
+            .field("active", &(self.pending.is_some() || self.held.is_some()))
             .finish()
     }
 }
@@ -659,7 +837,30 @@ impl Lease {
         Self {
             pending: None,
             renewer: None,
+            held: None,
         }
+    }
+
+    fn held(held: grant::Held) -> Self {
+        Self {
+            pending: None,
+            renewer: None,
+            held: Some(held),
+        }
+    }
+
+    /// A grant's request, ended: what it is charged in all counted into its
+    /// grant, and the settlement that leaves to send, if any.
+    fn finish_held(
+        &mut self,
+        tokens: Option<u64>,
+        cost: Option<Decimal>,
+    ) -> Option<grant::Closing> {
+        let h = self.held.take()?;
+        let (rt, rm) = h.reserved();
+        let tokens = tokens.map_or(rt, |t| t.min(MAX_COUNT) as i64);
+        let usd = cost.map_or(rm, micro_usd);
+        h.finish(tokens, usd)
     }
 
     fn new(pending: Pending, renew_every_ttl: Option<Duration>) -> Self {
@@ -678,8 +879,9 @@ impl Lease {
             })
         });
         Self {
-            pending: Some(pending),
+            pending: Some(Box::new(pending)),
             renewer,
+            held: None,
         }
     }
 
@@ -688,6 +890,9 @@ impl Lease {
     /// concurrency slot.
     pub async fn settle(mut self, tokens: Option<u64>, cost: Option<Decimal>) {
         self.stop_renewing();
+        if let Some(c) = self.finish_held(tokens, cost) {
+            c.send().await;
+        }
         if let Some(p) = self.pending.take() {
             p.run(tokens, cost).await;
         }
@@ -697,10 +902,11 @@ impl Lease {
     /// (outside a runtime, the reservation is charged as when dropped).
     pub fn settle_in_background(mut self, tokens: Option<u64>, cost: Option<Decimal>) {
         self.stop_renewing();
+        if let Some(c) = self.finish_held(tokens, cost) {
+            spawn(c.send());
+        }
         if let Some(p) = self.pending.take() {
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                rt.spawn(p.run(tokens, cost));
-            }
+            spawn(p.run(tokens, cost));
         }
     }
 
@@ -710,6 +916,9 @@ impl Lease {
     pub fn abandon(mut self) {
         self.stop_renewing();
         self.pending = None;
+        if let Some(h) = self.held.take() {
+            h.abandon();
+        }
     }
 
     fn stop_renewing(&mut self) {
@@ -722,10 +931,19 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         self.stop_renewing();
-        if let Some(p) = self.pending.take() {
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                rt.spawn(p.run(None, None));
-            }
+        if let Some(c) = self.finish_held(None, None) {
+            spawn(c.send());
         }
+        if let Some(p) = self.pending.take() {
+            spawn(p.run(None, None));
+        }
+    }
+}
+
+/// Spawns on the current runtime (outside one, the work is dropped: a
+/// reservation stands charged).
+fn spawn(f: impl Future<Output = ()> + Send + 'static) {
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        rt.spawn(f);
     }
 }

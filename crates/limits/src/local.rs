@@ -1,6 +1,8 @@
 //! The in-process backend: the rules of `admit.lua` and `settle.lua` on
 //! this replica's own counters (a single replica without Redis, or the
 //! fallback while Redis does not answer). Time is this machine's clock.
+//! It admits one request at a time: `count`, `slots` and `hold_us` of an
+//! [`Admission`] are for grants, which only a shared backend is asked for.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, PoisonError};
@@ -320,6 +322,7 @@ impl LocalBackend {
             second: now_s,
             day,
             month,
+            held_us: 0,
         }
     }
 

@@ -47,7 +47,7 @@ impl RedisBackend {
 
 /// Decodes `admit.lua`'s answer.
 fn outcome(v: &[i64]) -> Result<Outcome, BackendError> {
-    if v.len() != 12 {
+    if v.len() != 13 {
         return Err(BackendError::Redis("unexpected script answer".into()));
     }
     let window = |limit: i64, remaining: i64, reset_ms: i64| {
@@ -74,6 +74,7 @@ fn outcome(v: &[i64]) -> Result<Outcome, BackendError> {
         second: v[9],
         day: v[10],
         month: v[11],
+        held_us: v[12],
     })
 }
 
@@ -134,6 +135,7 @@ impl Backend for RedisBackend {
             for l in a.limits.iter().flatten() {
                 inv.arg(*l);
             }
+            inv.arg(a.count).arg(a.slots).arg(a.hold_us);
             outcome(&ints(self.conn.run(inv).await?)?)
         })
     }
@@ -163,6 +165,10 @@ impl Backend for RedisBackend {
                 for w in watch {
                     inv.arg(*w);
                 }
+            }
+            inv.arg(s.returned.0).arg(s.returned.1);
+            for id in &s.slot_ids {
+                inv.arg(*id);
             }
             crossings(&ints(self.conn.run(inv).await?)?)
         })

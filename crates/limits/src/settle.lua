@@ -12,7 +12,10 @@
 --       8 tokens charged, 9 micro-USD charged, then per scope (key, org) 11:
 --       5 flags (1: the limit applied at admission) in the order tokens/min,
 --       concurrent, tokens/day, tokens/month, money; then limit and soft
---       threshold (-1: not watched) of tokens/day, tokens/month, money.
+--       threshold (-1: not watched) of tokens/day, tokens/month, money;
+--       32, 33 the first and last request unit given back unused (0 0:
+--       none), then the concurrency slots to free (or renew): lease
+--       members `<id>:<i>` as admit.lua made them.
 -- Answer: {scope, budget, kind, settled total, ...} per alert raised:
 --         scope 1 key, 2 org; budget 1 tokens/day, 2 tokens/month, 3 money;
 --         kind 1 soft threshold, 2 limit.
@@ -23,6 +26,12 @@ local renew = tonumber(ARGV[7])
 local charged, charged_usd = tonumber(ARGV[8]), tonumber(ARGV[9])
 local DAY_TTL, MONTH_TTL = 90000, 2764800
 local alerts = {}
+local back_from, back_to = tonumber(ARGV[32]), tonumber(ARGV[33])
+local function slot_members()
+  local m = {}
+  for j = 34, #ARGV do m[#m + 1] = lease .. ':' .. ARGV[j] end
+  return m
+end
 
 -- Adds `by` to a settled total; raises what it crossed.
 local function settled(p, scope, budget, tag, period, ttl, by, max, soft)
@@ -48,12 +57,18 @@ for i = 1, 2 do
   local w = {}
   for j = 1, 6 do w[j] = tonumber(ARGV[b + 5 + j]) end
   if renew > 0 then
-    if cc == '1' then
-      redis.call('ZADD', p .. ':cc', 'XX', n(now_us + renew * 1000), lease)
+    if cc == '1' and #ARGV >= 34 then
+      local until_us = n(now_us + renew * 1000)
+      for _, m in ipairs(slot_members()) do redis.call('ZADD', p .. ':cc', 'XX', until_us, m) end
       redis.call('PEXPIRE', p .. ':cc', n(renew * 2))
     end
   else
-    if cc == '1' then redis.call('ZREM', p .. ':cc', lease) end
+    if cc == '1' and #ARGV >= 34 then redis.call('ZREM', p .. ':cc', unpack(slot_members())) end
+    if back_from > 0 then
+      local m = {}
+      for j = back_from, back_to do m[#m + 1] = lease .. ':' .. j end
+      redis.call('ZREM', p .. ':rq', unpack(m))
+    end
     if delta ~= 0 then
       -- A bucket that has left the window no longer counts: nothing to fix.
       if tpm == '1' and tonumber(sec) > now_s - 60 then

@@ -90,10 +90,13 @@ fn refused(d: Decision) -> limits::Refusal {
 /// Runs `check` on a Redis limiter and on a local one.
 macro_rules! on_both {
     ($name:ident, $check:ident) => {
+        on_both!($name, $check, limits::Config::default());
+    };
+    ($name:ident, $check:ident, $redis_cfg:expr) => {
         mod $name {
             #[tokio::test]
             async fn on_redis() {
-                if let Some(l) = super::shared(limits::Config::default()).await {
+                if let Some(l) = super::shared($redis_cfg).await {
                     super::$check(l).await;
                 }
             }
@@ -393,7 +396,16 @@ async fn consumption_reads_every_counter(l: Limiter) {
     assert_eq!(c.key.tokens_per_day, 50);
     assert_eq!(c.key.micro_usd_per_month, 5_000);
 }
-on_both!(consumption, consumption_reads_every_counter);
+// Read right after each settlement: every request asks Redis (no grants),
+// so each settles on its own at once.
+on_both!(
+    consumption,
+    consumption_reads_every_counter,
+    limits::Config {
+        hold: std::time::Duration::ZERO,
+        ..limits::Config::default()
+    }
+);
 
 /// A webhook receiver on 127.0.0.1: keeps the JSON bodies it accepted, and
 /// answers 503 to its first `fail_first` requests.
@@ -474,9 +486,12 @@ impl Receiver {
     }
 }
 
+/// Alerts name the settled total of the settlement that crossed; without
+/// grants every request settles alone, so the totals are the exact steps.
 fn alerting(rx: &Receiver) -> Config {
     Config {
         alerts: Some(Alerts::webhook(&rx.url).unwrap()),
+        hold: Duration::ZERO,
         ..Config::default()
     }
 }
@@ -797,4 +812,84 @@ async fn limits_hold_on_a_three_node_cluster() {
         );
     }
     drop(cluster);
+}
+
+/// Grants: two replicas admitting a busy key mostly from quota they hold
+/// ask Redis far less than once per request, and once the holds are over
+/// Redis counts exactly what was used: units not used are given back, and
+/// tokens and money are settled at what each request was charged.
+#[tokio::test]
+async fn grants_admit_locally_and_give_back_what_was_not_used() {
+    let (Some(a), Some(b)) = (
+        shared(Config::default()).await,
+        shared(Config::default()).await,
+    ) else {
+        return;
+    };
+    let (org, key) = (Uuid::new_v4(), Uuid::new_v4());
+    let lim = Limits {
+        requests_per_minute: Some(100_000),
+        tokens_per_minute: Some(10_000_000),
+        max_concurrent_requests: Some(1000),
+        tokens_per_day: Some(10_000_000),
+        budget_per_month_usd: Some(usd("1000")),
+        ..Limits::default()
+    };
+    let none = Limits::default();
+    let before = [&a, &b].map(|l| l.stats().redis_admissions.load(Ordering::Relaxed));
+    let n = 400u64;
+    for i in 0..n {
+        let l = if i % 2 == 0 { &a } else { &b };
+        let mut r = req(org, key, &lim, &none);
+        r.reserve_tokens = 100;
+        r.budget_reserve = usd("0.01");
+        let (lease, h) = admitted(l.admit(&r).await);
+        assert!(h.requests.is_some() && h.tokens.is_some());
+        lease.settle(Some(7), Some(usd("0.001"))).await;
+    }
+    let asked: u64 = [&a, &b]
+        .iter()
+        .zip(before)
+        .map(|(l, b)| l.stats().redis_admissions.load(Ordering::Relaxed) - b)
+        .sum();
+    assert!(
+        asked < n / 4,
+        "{asked} admissions reached Redis for {n} requests"
+    );
+    // After the holds (50 ms, and as long again for the closing settlement).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let c = a.consumption(org, key).await.unwrap().key;
+    assert_eq!(c.requests_per_minute, n, "unused units given back");
+    assert_eq!(c.max_concurrent_requests, 0, "every slot freed");
+    assert_eq!(c.tokens_per_day, 7 * n);
+    assert_eq!(c.tokens_per_minute, 7 * n);
+    assert_eq!(c.micro_usd_per_month, 1_000 * n);
+}
+
+/// A grant never takes a key past its requests per minute: with grants on
+/// both replicas, a burst is admitted exactly up to the limit.
+#[tokio::test]
+async fn grants_never_admit_past_the_minute() {
+    let (Some(a), Some(b)) = (
+        shared(Config::default()).await,
+        shared(Config::default()).await,
+    ) else {
+        return;
+    };
+    let (org, key) = (Uuid::new_v4(), Uuid::new_v4());
+    let lim = Limits {
+        requests_per_minute: Some(150),
+        ..Limits::default()
+    };
+    let mut ok = 0;
+    for i in 0..400 {
+        let l = if i % 3 == 0 { &a } else { &b };
+        if let Decision::Admitted { lease, .. } =
+            l.admit(&req(org, key, &lim, &Limits::default())).await
+        {
+            ok += 1;
+            lease.settle(None, None).await;
+        }
+    }
+    assert_eq!(ok, 150, "exactly the limit across both");
 }

@@ -198,6 +198,7 @@ pub struct Config {
     pub redis_urls: Vec<String>,
     pub limits_fail_open: bool,
     pub limits_lease_ttl: Duration,
+    pub limits_hold: Duration,
     /// `LLMGW_ALERT_WEBHOOK_URL`: where spend alerts are POSTed.
     pub alert_webhook_url: Option<String>,
 }
@@ -299,6 +300,19 @@ fn millis(env: Env, var: &'static str, default_ms: u64) -> Result<Duration, Conf
         return Err(ConfigError {
             var,
             message: "must be greater than 0".into(),
+        });
+    }
+    Ok(Duration::from_millis(ms))
+}
+
+/// `LLMGW_LIMITS_HOLD_MS`: 0 (every request asks Redis) to 1000.
+fn limits_hold(env: Env) -> Result<Duration, ConfigError> {
+    let var = "LLMGW_LIMITS_HOLD_MS";
+    let ms: u64 = parse(env, var, 50, "a whole number of milliseconds")?;
+    if ms > 1000 {
+        return Err(ConfigError {
+            var,
+            message: "must be at most 1000".into(),
         });
     }
     Ok(Duration::from_millis(ms))
@@ -513,6 +527,7 @@ impl Config {
             redis_urls: redis_urls(env)?,
             limits_fail_open: flag(env, "LLMGW_LIMITS_FAIL_OPEN", true)?,
             limits_lease_ttl: millis(env, "LLMGW_LIMITS_LEASE_TTL_MS", 30_000)?,
+            limits_hold: limits_hold(env)?,
             alert_webhook_url: webhook_url(env, "LLMGW_ALERT_WEBHOOK_URL")?,
         })
     }

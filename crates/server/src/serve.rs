@@ -119,6 +119,7 @@ fn limiter(cfg: &Config) -> Result<limits::Limiter, String> {
     let lcfg = limits::Config {
         fail_open: cfg.limits_fail_open,
         lease_ttl: cfg.limits_lease_ttl,
+        hold: cfg.limits_hold,
         alerts,
         ..limits::Config::default()
     };

