@@ -114,7 +114,9 @@ before(async () => {
       LLMGW_GATEWAY_PUBLIC_URL: gateway,
       LLMGW_UPSTREAM_ALLOW_PRIVATE: 'true', LLMGW_UPSTREAM_ALLOW_HTTP: 'true', LLMGW_UPSTREAM_CA_FILE: tls.ca,
       LLMGW_LOG_FORMAT: 'pretty', RUST_LOG: 'warn',
-      ...(redis ? { LLMGW_REDIS_URL: 'redis://127.0.0.1:6379' } : {}),
+      // The limits dialog is read right after the requests: with every
+      // request asking Redis (no grants held ahead), "used" is exact at once.
+      ...(redis ? { LLMGW_REDIS_URL: 'redis://127.0.0.1:6379', LLMGW_LIMITS_HOLD_MS: '0' } : {}),
     },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
