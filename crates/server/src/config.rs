@@ -65,6 +65,7 @@ pub const SETTINGS: &[Setting] = &[
     s("LLMGW_REDIS_URL", "", "Redis holding the spend controls' counters for every replica and the gateways' views of endpoint health (redis://host:6379, rediss:// for TLS; several comma-separated URLs: the nodes of a Redis Cluster). Unset: limits are counted in this process (one replica), with a warning at start, and the API shows every endpoint's health as unknown."),
     s("LLMGW_LIMITS_FAIL_OPEN", "true", "Redis unreachable or slower than 50 ms: keep serving on this replica's own counters (true), or refuse limited requests with 503 (false)."),
     s("LLMGW_LIMITS_LEASE_TTL_MS", "30000", "How long a concurrency slot outlives a gateway that stopped renewing it (killed), milliseconds."),
+    s("LLMGW_LIMITS_HOLD_MS", "50", "With Redis: how long a gateway admits a busy key's requests from quota it took from Redis ahead (a grant), before asking again, milliseconds (0 to 1000; 0: every request asks Redis). Units a replica holds unused are unavailable to the others for at most this long."),
     s("LLMGW_ALERT_WEBHOOK_URL", "", "http(s) URL the gateways POST a JSON event to when a key's or org's day or month budget reaches its soft_limit_percent, and when it reaches the limit (once per period across every replica). Called as configured (private addresses allowed). Unset: no alerts."),
 ];
 
