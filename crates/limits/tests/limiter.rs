@@ -30,6 +30,14 @@ async fn shared(cfg: Config) -> Option<Limiter> {
     Some(l)
 }
 
+/// Two Redis limiters with the default settings: two replicas on one Redis.
+async fn two_shared() -> Option<(Limiter, Limiter)> {
+    Some((
+        shared(Config::default()).await?,
+        shared(Config::default()).await?,
+    ))
+}
+
 async fn wait_connected(l: &Limiter) {
     let probe = Limits {
         requests_per_minute: Some(u64::MAX),
@@ -296,10 +304,7 @@ async fn abandoned_leases_expire_in_process() {
 
 #[tokio::test]
 async fn two_limiters_share_one_window() {
-    let (Some(a), Some(b)) = (
-        shared(Config::default()).await,
-        shared(Config::default()).await,
-    ) else {
+    let Some((a, b)) = two_shared().await else {
         return;
     };
     let (org, key) = (Uuid::new_v4(), Uuid::new_v4());
@@ -820,10 +825,7 @@ async fn limits_hold_on_a_three_node_cluster() {
 /// tokens and money are settled at what each request was charged.
 #[tokio::test]
 async fn grants_admit_locally_and_give_back_what_was_not_used() {
-    let (Some(a), Some(b)) = (
-        shared(Config::default()).await,
-        shared(Config::default()).await,
-    ) else {
+    let Some((a, b)) = two_shared().await else {
         return;
     };
     let (org, key) = (Uuid::new_v4(), Uuid::new_v4());
@@ -870,10 +872,7 @@ async fn grants_admit_locally_and_give_back_what_was_not_used() {
 /// both replicas, a burst is admitted exactly up to the limit.
 #[tokio::test]
 async fn grants_never_admit_past_the_minute() {
-    let (Some(a), Some(b)) = (
-        shared(Config::default()).await,
-        shared(Config::default()).await,
-    ) else {
+    let Some((a, b)) = two_shared().await else {
         return;
     };
     let (org, key) = (Uuid::new_v4(), Uuid::new_v4());
