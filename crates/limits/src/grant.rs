@@ -20,6 +20,7 @@
 //! admitted one request per round trip, exactly as without grants.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -363,7 +364,38 @@ fn flags_any(s: &Settlement) -> [bool; 5] {
 /// This replica's open grant per (org, key), and what the last one used.
 #[derive(Default)]
 pub(crate) struct Grants {
-    map: Mutex<HashMap<(Uuid, Uuid), Arc<Grant>>>,
+    map: Mutex<HashMap<(Uuid, Uuid), Entry>>,
+}
+
+#[derive(Default)]
+struct Entry {
+    grant: Option<Arc<Grant>>,
+    turn: Arc<Turn>,
+}
+
+/// Who asks Redis for a pair's next grant: one request at a time, while
+/// the others wait for its answer instead of each asking for a grant of
+/// its own (which would replace one another and waste their units).
+#[derive(Default)]
+pub(crate) struct Turn {
+    lock: tokio::sync::Mutex<()>,
+    waiting: AtomicI64,
+}
+
+impl Turn {
+    /// Waits for this pair's turn to ask; `waiting` counts the requests
+    /// queued meanwhile, so the grant asked for covers them.
+    pub async fn take(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let guard = self.lock.lock().await;
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
+        guard
+    }
+
+    /// Requests waiting for this turn.
+    pub fn waiting(&self) -> i64 {
+        self.waiting.load(Ordering::Relaxed)
+    }
 }
 
 impl Grants {
@@ -375,31 +407,28 @@ impl Grants {
         limits: &[[i64; 6]; 2],
         need: (i64, i64),
     ) -> Option<(Held, Headers)> {
-        let g = self
-            .map
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&pair)
-            .cloned()?;
+        let g = self.lock().get(&pair)?.grant.clone()?;
         if !g.serves(limits) {
             return None;
         }
         g.draw(need)
     }
 
-    /// The size (units, slots) to ask for next, from the pair's last grant,
-    /// capped by the room that grant's answer showed.
-    pub fn size(&self, pair: (Uuid, Uuid), need_tokens: i64) -> (i64, i64) {
-        let Some(g) = self
-            .map
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&pair)
-            .cloned()
-        else {
-            return (1, 1);
+    /// The pair's turn to ask for a grant.
+    pub fn turn(&self, pair: (Uuid, Uuid)) -> Arc<Turn> {
+        self.lock().entry(pair).or_default().turn.clone()
+    }
+
+    /// The size (units, slots) to ask for next, from the pair's last grant
+    /// and the requests waiting for it, capped by the room that grant's
+    /// answer showed.
+    pub fn size(&self, pair: (Uuid, Uuid), need_tokens: i64, waiting: i64) -> (i64, i64) {
+        let Some(g) = self.lock().get(&pair).and_then(|e| e.grant.clone()) else {
+            let n = (waiting + 1).min(MAX_UNITS);
+            return (n, n);
         };
-        let (mut units, slots) = g.next_size();
+        let (units, slots) = g.next_size();
+        let mut units = units.max(waiting + 1).min(MAX_UNITS);
         let h = &g.terms.headers;
         if let Some(w) = h.requests {
             units = units.min((w.remaining / 2) as i64);
@@ -408,15 +437,24 @@ impl Grants {
             units = units.min((w.remaining / 2) as i64 / need_tokens);
         }
         let units = units.max(1);
-        (units, slots.min(units))
+        (units, slots.max(waiting + 1).min(units))
     }
 
     pub fn put(&self, pair: (Uuid, Uuid), g: Arc<Grant>) {
-        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut map = self.lock();
         if map.len() > PRUNE_AT {
             let now = Instant::now();
-            map.retain(|_, g| g.terms.expires + g.hold > now);
+            map.retain(|_, e| {
+                Arc::strong_count(&e.turn) > 1
+                    || e.grant
+                        .as_ref()
+                        .is_some_and(|g| g.terms.expires + g.hold > now)
+            });
         }
-        map.insert(pair, g);
+        map.entry(pair).or_default().grant = Some(g);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(Uuid, Uuid), Entry>> {
+        self.map.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }

@@ -503,13 +503,39 @@ impl Limiter {
             None => None,
             Some(remote) => {
                 let pair = (req.org, req.key);
-                if let Some((held, headers)) = inner.grants.draw(pair, &limits, need) {
-                    return Decision::Admitted {
+                let drawn = || {
+                    let (held, headers) = inner.grants.draw(pair, &limits, need)?;
+                    Some(Decision::Admitted {
                         lease: Lease::held(held),
                         headers,
-                    };
+                    })
+                };
+                if let Some(admitted) = drawn() {
+                    return admitted;
                 }
-                match self.ask_grant(remote, req, limits, need).await {
+                let mut deadline = tokio::time::Instant::now() + inner.cfg.timeout;
+                // With grants, one request at a time asks for the pair's
+                // next one; those queued behind it draw from its answer. One
+                // that waited a whole timeout asks for itself, with its own.
+                let turn = (!inner.cfg.hold.is_zero()).then(|| inner.grants.turn(pair));
+                let _turn = match &turn {
+                    Some(t) => match tokio::time::timeout_at(deadline, t.take()).await {
+                        Ok(guard) => Some(guard),
+                        Err(_) => {
+                            deadline = tokio::time::Instant::now() + inner.cfg.timeout;
+                            None
+                        }
+                    },
+                    None => None,
+                };
+                if let Some(admitted) = turn.as_ref().and_then(|_| drawn()) {
+                    return admitted;
+                }
+                let waiting = turn.as_ref().map_or(0, |t| t.waiting());
+                match self
+                    .ask_grant(remote, req, limits, need, deadline, waiting)
+                    .await
+                {
                     Ok(decision) => return decision,
                     Err(why) => Some(why),
                 }
@@ -572,15 +598,18 @@ impl Limiter {
         }
     }
 
-    /// Asks Redis for a grant sized from the key's last one; when a grant of
-    /// several units does not fit, for one unit (the request alone). Both
-    /// calls together wait no longer than the timeout.
+    /// Asks Redis for a grant sized from the key's last one and the
+    /// requests `waiting` for it; when a grant of several units does not
+    /// fit, for one unit (the request alone). Both calls together end by
+    /// `deadline`.
     async fn ask_grant(
         &self,
         remote: &Arc<dyn Backend>,
         req: &Request<'_>,
         limits: [[i64; 6]; 2],
         need: (i64, i64),
+        mut deadline: tokio::time::Instant,
+        waiting: i64,
     ) -> Result<Decision, String> {
         let inner = &self.inner;
         let pair = (req.org, req.key);
@@ -588,9 +617,8 @@ impl Limiter {
         let (units, slots) = if hold.is_zero() {
             (1, 1)
         } else {
-            inner.grants.size(pair, need.0)
+            inner.grants.size(pair, need.0, waiting)
         };
-        let mut deadline = tokio::time::Instant::now() + inner.cfg.timeout;
         let hold_of = |count: i64| if count > 1 { hold } else { Duration::ZERO };
         let mut a = self.admission(
             req,

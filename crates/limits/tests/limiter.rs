@@ -868,6 +868,46 @@ async fn grants_admit_locally_and_give_back_what_was_not_used() {
     assert_eq!(c.micro_usd_per_month, 1_000 * n);
 }
 
+/// Many requests of one key arriving at once on one replica wait for one
+/// grant instead of each asking Redis for its own, and every one of them
+/// is counted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_on_one_replica_asks_redis_for_few_grants() {
+    let Some((a, _b)) = two_shared().await else {
+        return;
+    };
+    let (org, key) = (Uuid::new_v4(), Uuid::new_v4());
+    let lim = Limits {
+        requests_per_minute: Some(100_000),
+        max_concurrent_requests: Some(1000),
+        ..Limits::default()
+    };
+    let before = a.stats().redis_admissions.load(Ordering::Relaxed);
+    let n = 256u64;
+    let burst: Vec<_> = (0..n)
+        .map(|_| {
+            let (a, lim) = (a.clone(), lim.clone());
+            tokio::spawn(async move {
+                let (lease, _) = admitted(a.admit(&req(org, key, &lim, &Limits::default())).await);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                lease.settle(Some(1), None).await;
+            })
+        })
+        .collect();
+    for t in burst {
+        t.await.unwrap();
+    }
+    let asked = a.stats().redis_admissions.load(Ordering::Relaxed) - before;
+    assert!(
+        asked <= 16,
+        "{asked} admissions reached Redis for {n} concurrent requests"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let c = a.consumption(org, key).await.unwrap().key;
+    assert_eq!(c.requests_per_minute, n, "each request counted once");
+    assert_eq!(c.max_concurrent_requests, 0, "every slot freed");
+}
+
 /// A grant never takes a key past its requests per minute: with grants on
 /// both replicas, a burst is admitted exactly up to the limit.
 #[tokio::test]
