@@ -378,24 +378,15 @@ struct Entry {
 /// its own (which would replace one another and waste their units).
 #[derive(Default)]
 pub(crate) struct Turn {
-    lock: tokio::sync::Mutex<()>,
+    lock: Arc<tokio::sync::Mutex<()>>,
     waiting: AtomicI64,
 }
 
-impl Turn {
-    /// Waits for this pair's turn to ask; `waiting` counts the requests
-    /// queued meanwhile, so the grant asked for covers them.
-    pub async fn take(&self) -> tokio::sync::MutexGuard<'_, ()> {
-        self.waiting.fetch_add(1, Ordering::Relaxed);
-        let guard = self.lock.lock().await;
-        self.waiting.fetch_sub(1, Ordering::Relaxed);
-        guard
-    }
-
-    /// Requests waiting for this turn.
-    pub fn waiting(&self) -> i64 {
-        self.waiting.load(Ordering::Relaxed)
-    }
+/// A request's turn to ask for its pair's next grant, and how many
+/// requests are queued behind it (the grant asked for covers them).
+pub(crate) struct MyTurn {
+    _guard: tokio::sync::OwnedMutexGuard<()>,
+    pub waiting: i64,
 }
 
 impl Grants {
@@ -414,9 +405,17 @@ impl Grants {
         g.draw(need)
     }
 
-    /// The pair's turn to ask for a grant.
-    pub fn turn(&self, pair: (Uuid, Uuid)) -> Arc<Turn> {
-        self.lock().entry(pair).or_default().turn.clone()
+    /// Waits until `deadline` for the pair's turn to ask Redis for a grant.
+    /// `None` when the wait ran out: the caller asks for itself.
+    pub async fn my_turn(&self, pair: (Uuid, Uuid), deadline: Instant) -> Option<MyTurn> {
+        let turn = self.lock().entry(pair).or_default().turn.clone();
+        turn.waiting.fetch_add(1, Ordering::Relaxed);
+        let guard = tokio::time::timeout_at(deadline, turn.lock.clone().lock_owned()).await;
+        turn.waiting.fetch_sub(1, Ordering::Relaxed);
+        Some(MyTurn {
+            _guard: guard.ok()?,
+            waiting: turn.waiting.load(Ordering::Relaxed),
+        })
     }
 
     /// The size (units, slots) to ask for next, from the pair's last grant
@@ -445,7 +444,7 @@ impl Grants {
         if map.len() > PRUNE_AT {
             let now = Instant::now();
             map.retain(|_, e| {
-                Arc::strong_count(&e.turn) > 1
+                Arc::strong_count(&e.turn.lock) > 1
                     || e.grant
                         .as_ref()
                         .is_some_and(|g| g.terms.expires + g.hold > now)

@@ -517,21 +517,19 @@ impl Limiter {
                 // With grants, one request at a time asks for the pair's
                 // next one; those queued behind it draw from its answer. One
                 // that waited a whole timeout asks for itself, with its own.
-                let turn = (!inner.cfg.hold.is_zero()).then(|| inner.grants.turn(pair));
-                let _turn = match &turn {
-                    Some(t) => match tokio::time::timeout_at(deadline, t.take()).await {
-                        Ok(guard) => Some(guard),
-                        Err(_) => {
-                            deadline = tokio::time::Instant::now() + inner.cfg.timeout;
-                            None
-                        }
-                    },
-                    None => None,
+                let mut waiting = 0;
+                let _turn = if inner.cfg.hold.is_zero() {
+                    None
+                } else if let Some(turn) = inner.grants.my_turn(pair, deadline).await {
+                    if let Some(admitted) = drawn() {
+                        return admitted;
+                    }
+                    waiting = turn.waiting;
+                    Some(turn)
+                } else {
+                    deadline = tokio::time::Instant::now() + inner.cfg.timeout;
+                    None
                 };
-                if let Some(admitted) = turn.as_ref().and_then(|_| drawn()) {
-                    return admitted;
-                }
-                let waiting = turn.as_ref().map_or(0, |t| t.waiting());
                 match self
                     .ask_grant(remote, req, limits, need, deadline, waiting)
                     .await
