@@ -513,27 +513,25 @@ impl Limiter {
                 if let Some(admitted) = drawn() {
                     return admitted;
                 }
-                let mut deadline = tokio::time::Instant::now() + inner.cfg.timeout;
                 // With grants, one request at a time asks for the pair's
                 // next one; those queued behind it draw from its answer. One
-                // that waited a whole timeout asks for itself, with its own.
+                // that waited a whole timeout asks for itself. The queue is
+                // not Redis: the call to Redis gets its own timeout after it.
                 let mut waiting = 0;
                 let _turn = if inner.cfg.hold.is_zero() {
                     None
-                } else if let Some(turn) = inner.grants.my_turn(pair, deadline).await {
-                    if let Some(admitted) = drawn() {
-                        return admitted;
-                    }
-                    waiting = turn.waiting;
-                    Some(turn)
                 } else {
-                    deadline = tokio::time::Instant::now() + inner.cfg.timeout;
-                    None
+                    let until = tokio::time::Instant::now() + inner.cfg.timeout;
+                    let turn = inner.grants.my_turn(pair, until).await;
+                    if let Some(t) = &turn {
+                        if let Some(admitted) = drawn() {
+                            return admitted;
+                        }
+                        waiting = t.waiting;
+                    }
+                    turn
                 };
-                match self
-                    .ask_grant(remote, req, limits, need, deadline, waiting)
-                    .await
-                {
+                match self.ask_grant(remote, req, limits, need, waiting).await {
                     Ok(decision) => return decision,
                     Err(why) => Some(why),
                 }
@@ -598,15 +596,14 @@ impl Limiter {
 
     /// Asks Redis for a grant sized from the key's last one and the
     /// requests `waiting` for it; when a grant of several units does not
-    /// fit, for one unit (the request alone). Both calls together end by
-    /// `deadline`.
+    /// fit, for one unit (the request alone). Both calls together wait no
+    /// longer than the timeout.
     async fn ask_grant(
         &self,
         remote: &Arc<dyn Backend>,
         req: &Request<'_>,
         limits: [[i64; 6]; 2],
         need: (i64, i64),
-        mut deadline: tokio::time::Instant,
         waiting: i64,
     ) -> Result<Decision, String> {
         let inner = &self.inner;
@@ -617,6 +614,7 @@ impl Limiter {
         } else {
             inner.grants.size(pair, need.0, waiting)
         };
+        let mut deadline = tokio::time::Instant::now() + inner.cfg.timeout;
         let hold_of = |count: i64| if count > 1 { hold } else { Duration::ZERO };
         let mut a = self.admission(
             req,
