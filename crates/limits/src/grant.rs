@@ -18,6 +18,13 @@
 //! second its hold ends. Grants grow (doubling) while a key is busy and are
 //! capped by the room the last answer showed, so a key near its limit is
 //! admitted one request per round trip, exactly as without grants.
+//!
+//! A busy key's next grant is asked for **ahead**, by the request that
+//! finds the open one running low (a quarter of its units left, or an
+//! eighth of its hold), in the background: the key's requests then rarely
+//! wait for Redis. A replica holds at most two grants per key at a time,
+//! the open one and the next; the next starts admitting when the open one
+//! has nothing left, and one never used is given back when its hold ends.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -90,15 +97,15 @@ pub(crate) struct Held {
 
 impl Grant {
     /// A grant just answered by Redis, with the first unit already drawn
-    /// for the request that asked (it fits by construction).
+    /// for the request that asked, when one did (it fits by construction).
     pub fn start(
         terms: Terms,
         backend: Arc<dyn Backend>,
         timeout: Duration,
         lease_ttl: Duration,
         hold: Duration,
-        need: (i64, i64),
-    ) -> (Arc<Self>, Held, Headers) {
+        need: Option<(i64, i64)>,
+    ) -> (Arc<Self>, Option<(Held, Headers)>) {
         let state = State {
             free: (1..=terms.slots).rev().collect(),
             ..State::default()
@@ -112,11 +119,14 @@ impl Grant {
             state: Mutex::new(state),
             idle: Notify::new(),
         });
-        let (held, headers) = g
-            .take(need, true)
-            .expect("a new grant covers the request that asked for it");
+        let first = need.map(|need| {
+            let (held, headers, _) = g
+                .take(need, true)
+                .expect("a new grant covers the request that asked for it");
+            (held, headers)
+        });
         tokio::spawn(g.clone().run());
-        (g, held, headers)
+        (g, first)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -129,19 +139,25 @@ impl Grant {
     }
 
     /// Draws one request's unit, slot and reservations, when the grant is
-    /// still open and has them.
-    pub fn draw(self: &Arc<Self>, need: (i64, i64)) -> Option<(Held, Headers)> {
-        if Instant::now() >= self.terms.expires {
+    /// still open and has them; says too whether the grant is running low
+    /// (a quarter of its units left, or an eighth of its hold), so that the
+    /// next one should be asked for.
+    pub fn draw(self: &Arc<Self>, need: (i64, i64)) -> Option<(Held, Headers, bool)> {
+        let now = Instant::now();
+        if now >= self.terms.expires {
             return None;
         }
-        self.take(need, false)
+        let (held, headers, left) = self.take(need, false)?;
+        let low = left <= self.terms.count / 4 || now + self.hold / 8 >= self.terms.expires;
+        Some((held, headers, low))
     }
 
+    /// Draws from the grant; answers too how many units are left.
     fn take(
         self: &Arc<Self>,
         (tokens, micro_usd): (i64, i64),
         first: bool,
-    ) -> Option<(Held, Headers)> {
+    ) -> Option<(Held, Headers, i64)> {
         let t = &self.terms;
         let mut s = self.lock();
         let [tpm, _, tpd, tpmo, usd] = flags_any(&t.base);
@@ -175,6 +191,7 @@ impl Grant {
                 ..w
             }),
         };
+        let left = t.count - s.used;
         drop(s);
         Some((
             Held {
@@ -184,18 +201,33 @@ impl Grant {
                 micro_usd,
             },
             headers,
+            left,
         ))
     }
 
-    /// How many units and slots the next grant for this pair should ask for.
-    fn next_size(&self) -> (i64, i64) {
+    /// How many units and slots the next grant for this pair should ask
+    /// for, and what its finished requests were charged on average (tokens,
+    /// micro-USD, rounded up; zero before any finished).
+    fn next_size(&self) -> (i64, i64, (i64, i64)) {
         let s = self.lock();
         let units = if s.used >= self.terms.count {
             self.terms.count * 2
         } else {
             s.used * 2
         };
-        (units.clamp(1, MAX_UNITS), (s.peak * 2).clamp(1, MAX_UNITS))
+        let finished = s.used - s.inflight;
+        let mean = |charged: i64| {
+            if finished > 0 {
+                (charged.max(0) + finished - 1) / finished
+            } else {
+                0
+            }
+        };
+        (
+            units.clamp(1, MAX_UNITS),
+            (s.peak * 2).clamp(1, MAX_UNITS),
+            (mean(s.charged_tokens), mean(s.charged_usd)),
+        )
     }
 
     /// Closes the grant at the end of its hold once its requests have
@@ -370,7 +402,25 @@ pub(crate) struct Grants {
 #[derive(Default)]
 struct Entry {
     grant: Option<Arc<Grant>>,
+    /// Asked for ahead, while `grant` still admits.
+    next: Option<Arc<Grant>>,
     turn: Arc<Turn>,
+}
+
+/// What a pair's next grant asks for: request units, concurrency slots,
+/// and the tokens and micro-USD reserved per unit.
+pub(crate) struct Size {
+    pub units: i64,
+    pub slots: i64,
+    pub per_unit: (i64, i64),
+}
+
+/// A draw from a pair's grants, and whether the pair's next grant should
+/// be asked for now.
+pub(crate) struct Drawn {
+    pub held: Held,
+    pub headers: Headers,
+    pub ask_ahead: bool,
 }
 
 /// Who asks Redis for a pair's next grant: one request at a time, while
@@ -390,19 +440,58 @@ pub(crate) struct MyTurn {
 }
 
 impl Grants {
-    /// A draw from the pair's open grant, when it has room and was made for
-    /// these limits.
+    /// A draw from the pair's open grant, or else from its next one (which
+    /// then becomes the open one), when it has room and was made for these
+    /// limits.
     pub fn draw(
         &self,
         pair: (Uuid, Uuid),
         limits: &[[i64; 6]; 2],
         need: (i64, i64),
-    ) -> Option<(Held, Headers)> {
-        let g = self.lock().get(&pair)?.grant.clone()?;
-        if !g.serves(limits) {
+    ) -> Option<Drawn> {
+        let (open, next) = {
+            let map = self.lock();
+            let e = map.get(&pair)?;
+            (e.grant.clone(), e.next.clone())
+        };
+        let usable = |g: &Arc<Grant>| g.serves(limits);
+        if let Some(g) = open.as_ref().filter(|g| usable(g)) {
+            if let Some((held, headers, low)) = g.draw(need) {
+                return Some(Drawn {
+                    held,
+                    headers,
+                    ask_ahead: low && next.is_none(),
+                });
+            }
+        }
+        let g = next.filter(usable)?;
+        let (held, headers, _) = g.draw(need)?;
+        let mut map = self.lock();
+        if let Some(e) = map.get_mut(&pair) {
+            if e.next.as_ref().is_some_and(|n| Arc::ptr_eq(n, &g)) {
+                e.grant = e.next.take();
+            }
+        }
+        Some(Drawn {
+            held,
+            headers,
+            ask_ahead: false,
+        })
+    }
+
+    /// The pair's turn to ask for its next grant ahead, when no request is
+    /// asking for one and none is waiting to be used.
+    pub fn turn_ahead(&self, pair: (Uuid, Uuid)) -> Option<MyTurn> {
+        let map = self.lock();
+        let e = map.get(&pair)?;
+        if e.next.is_some() {
             return None;
         }
-        g.draw(need)
+        let guard = e.turn.lock.clone().try_lock_owned().ok()?;
+        Some(MyTurn {
+            _guard: guard,
+            waiting: 0,
+        })
     }
 
     /// Waits until `deadline` for the pair's turn to ask Redis for a grant.
@@ -418,39 +507,58 @@ impl Grants {
         })
     }
 
-    /// The size (units, slots) to ask for next, from the pair's last grant
-    /// and the requests waiting for it, capped by the room that grant's
-    /// answer showed.
-    pub fn size(&self, pair: (Uuid, Uuid), need_tokens: i64, waiting: i64) -> (i64, i64) {
+    /// The size of the pair's next grant, from its last one and the
+    /// requests `waiting` for it, capped by the room that grant's answer
+    /// showed. `need` is what the request asking reserves.
+    pub fn size(&self, pair: (Uuid, Uuid), need: (i64, i64), waiting: i64) -> Size {
         let Some(g) = self.lock().get(&pair).and_then(|e| e.grant.clone()) else {
             let n = (waiting + 1).min(MAX_UNITS);
-            return (n, n);
+            return Size {
+                units: n,
+                slots: n,
+                per_unit: need,
+            };
         };
-        let (units, slots) = g.next_size();
+        let (units, slots, mean) = g.next_size();
+        // Each unit reserves what the last grant's requests were charged,
+        // when that was more than this one reserves: requests charged past
+        // their reservations (no max_tokens, a long answer) then do not
+        // use a grant up before its units.
+        let per_unit = (need.0.max(mean.0), need.1.max(mean.1));
         let mut units = units.max(waiting + 1).min(MAX_UNITS);
         let h = &g.terms.headers;
         if let Some(w) = h.requests {
             units = units.min((w.remaining / 2) as i64);
         }
-        if let (Some(w), true) = (h.tokens, need_tokens > 0) {
-            units = units.min((w.remaining / 2) as i64 / need_tokens);
+        if let (Some(w), true) = (h.tokens, per_unit.0 > 0) {
+            units = units.min((w.remaining / 2) as i64 / per_unit.0);
         }
         let units = units.max(1);
-        (units, slots.max(waiting + 1).min(units))
+        Size {
+            units,
+            slots: slots.max(waiting + 1).min(units),
+            per_unit,
+        }
     }
 
-    pub fn put(&self, pair: (Uuid, Uuid), g: Arc<Grant>) {
+    /// The pair's new open grant (`ahead`: its next one).
+    pub fn put(&self, pair: (Uuid, Uuid), g: Arc<Grant>, ahead: bool) {
         let mut map = self.lock();
         if map.len() > PRUNE_AT {
             let now = Instant::now();
+            let live =
+                |g: &Option<Arc<Grant>>| g.as_ref().is_some_and(|g| g.terms.expires + g.hold > now);
             map.retain(|_, e| {
-                Arc::strong_count(&e.turn.lock) > 1
-                    || e.grant
-                        .as_ref()
-                        .is_some_and(|g| g.terms.expires + g.hold > now)
+                Arc::strong_count(&e.turn.lock) > 1 || live(&e.grant) || live(&e.next)
             });
         }
-        map.entry(pair).or_default().grant = Some(g);
+        let e = map.entry(pair).or_default();
+        if ahead {
+            e.next = Some(g);
+        } else {
+            e.grant = Some(g);
+            e.next = None;
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(Uuid, Uuid), Entry>> {

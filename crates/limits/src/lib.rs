@@ -394,6 +394,8 @@ pub struct Stats {
     pub fallbacks: AtomicU64,
     /// Admission calls that reached Redis (grants asked for).
     pub redis_admissions: AtomicU64,
+    /// Of those, the grants asked for ahead, no request waiting on them.
+    pub asked_ahead: AtomicU64,
 }
 
 struct Inner {
@@ -504,10 +506,13 @@ impl Limiter {
             Some(remote) => {
                 let pair = (req.org, req.key);
                 let drawn = || {
-                    let (held, headers) = inner.grants.draw(pair, &limits, need)?;
+                    let d = inner.grants.draw(pair, &limits, need)?;
+                    if d.ask_ahead {
+                        self.ask_ahead(remote, req, limits, need);
+                    }
                     Some(Decision::Admitted {
-                        lease: Lease::held(held),
-                        headers,
+                        lease: Lease::held(d.held),
+                        headers: d.headers,
                     })
                 };
                 if let Some(admitted) = drawn() {
@@ -609,20 +614,24 @@ impl Limiter {
         let inner = &self.inner;
         let pair = (req.org, req.key);
         let hold = inner.cfg.hold;
-        let (units, slots) = if hold.is_zero() {
-            (1, 1)
+        let size = if hold.is_zero() {
+            grant::Size {
+                units: 1,
+                slots: 1,
+                per_unit: need,
+            }
         } else {
-            inner.grants.size(pair, need.0, waiting)
+            inner.grants.size(pair, need, waiting)
         };
         let mut deadline = tokio::time::Instant::now() + inner.cfg.timeout;
         let hold_of = |count: i64| if count > 1 { hold } else { Duration::ZERO };
         let mut a = self.admission(
             req,
             limits,
-            need,
-            units,
-            slots,
-            hold_of(units).as_micros() as i64,
+            size.per_unit,
+            size.units,
+            size.slots,
+            hold_of(size.units).as_micros() as i64,
         );
         let mut waited = false;
         loop {
@@ -653,32 +662,105 @@ impl Limiter {
                 }
                 return Ok(Decision::Refused(refusal(&outcome)));
             }
-            let (base, watching) = self.settlement(req, &a, &outcome);
-            let terms = grant::Terms {
-                limits,
-                count: a.count,
-                slots: a.slots,
-                tokens: a.reserve_tokens,
-                micro_usd: a.reserve_micro_usd,
-                headers: outcome.headers,
-                base,
-                watching,
-                expires: sent + hold_of(a.count),
-            };
-            let (g, held, headers) = grant::Grant::start(
-                terms,
-                remote.clone(),
-                inner.cfg.timeout,
-                inner.cfg.lease_ttl,
-                hold,
-                need,
-            );
-            inner.grants.put(pair, g);
+            let (held, headers) = self
+                .start_grant(remote, req, &a, &outcome, sent, Some(need))
+                .expect("a grant started for a request draws its unit");
             return Ok(Decision::Admitted {
                 lease: Lease::held(held),
                 headers,
             });
         }
+    }
+
+    /// Starts the grant Redis answered for `a` (asked for at `sent`) and
+    /// keeps it as the pair's open one, drawing the first unit for the
+    /// request that asked (`need`); without one, keeps it as the pair's
+    /// next grant.
+    fn start_grant(
+        &self,
+        remote: &Arc<dyn Backend>,
+        req: &Request<'_>,
+        a: &Admission,
+        outcome: &Outcome,
+        sent: tokio::time::Instant,
+        need: Option<(i64, i64)>,
+    ) -> Option<(grant::Held, Headers)> {
+        let inner = &self.inner;
+        let (base, watching) = self.settlement(req, a, outcome);
+        let hold = if a.count > 1 {
+            inner.cfg.hold
+        } else {
+            Duration::ZERO
+        };
+        let terms = grant::Terms {
+            limits: a.limits,
+            count: a.count,
+            slots: a.slots,
+            tokens: a.reserve_tokens,
+            micro_usd: a.reserve_micro_usd,
+            headers: outcome.headers,
+            base,
+            watching,
+            expires: sent + hold,
+        };
+        let (g, first) = grant::Grant::start(
+            terms,
+            remote.clone(),
+            inner.cfg.timeout,
+            inner.cfg.lease_ttl,
+            inner.cfg.hold,
+            need,
+        );
+        inner.grants.put((req.org, req.key), g, need.is_none());
+        first
+    }
+
+    /// Asks Redis in the background for the pair's next grant, when no
+    /// other request is asking: the open one is running low. Requests that
+    /// find the open one used up meanwhile wait for this answer as for any
+    /// request's turn. A refusal or a failure leaves things as they were
+    /// (the next request to miss asks, and falls back as usual).
+    fn ask_ahead(
+        &self,
+        remote: &Arc<dyn Backend>,
+        req: &Request<'_>,
+        limits: [[i64; 6]; 2],
+        need: (i64, i64),
+    ) {
+        let pair = (req.org, req.key);
+        let Some(turn) = self.inner.grants.turn_ahead(pair) else {
+            return;
+        };
+        let size = self.inner.grants.size(pair, need, 0);
+        if size.units <= 1 {
+            return;
+        }
+        let this = self.clone();
+        let remote = remote.clone();
+        let (key_limits, org_limits) = (req.key_limits.clone(), req.org_limits.clone());
+        let req = *req;
+        spawn(async move {
+            let _turn = turn;
+            let req = Request {
+                key_limits: &key_limits,
+                org_limits: &org_limits,
+                ..req
+            };
+            let hold_us = this.inner.cfg.hold.as_micros() as i64;
+            let a = this.admission(&req, limits, size.per_unit, size.units, size.slots, hold_us);
+            let sent = tokio::time::Instant::now();
+            let stats = &this.inner.stats;
+            stats.redis_admissions.fetch_add(1, Ordering::Relaxed);
+            stats.asked_ahead.fetch_add(1, Ordering::Relaxed);
+            match tokio::time::timeout(this.inner.cfg.timeout, remote.admit(&a)).await {
+                Ok(Ok(outcome)) if outcome.admitted => {
+                    this.start_grant(&remote, &req, &a, &outcome, sent, None);
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::debug!(error = %e, "limits: next grant not asked ahead"),
+                Err(_) => tracing::debug!("limits: next grant not asked ahead: timed out"),
+            }
+        });
     }
 
     /// The settlement an admission starts from (nothing used yet), and where

@@ -908,6 +908,51 @@ async fn a_burst_on_one_replica_asks_redis_for_few_grants() {
     assert_eq!(c.max_concurrent_requests, 0, "every slot freed");
 }
 
+/// A key busy for several holds in a row finds its next grant already
+/// asked for: its requests, one after another, almost never wait for
+/// Redis, and each is still counted once. Each is charged more tokens than
+/// it reserved (as a request without `max_tokens` is): the grants reserve
+/// what their requests were charged, so that does not use them up early.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_key_asks_for_its_next_grant_ahead() {
+    let Some((a, _b)) = two_shared().await else {
+        return;
+    };
+    let (org, key) = (Uuid::new_v4(), Uuid::new_v4());
+    let lim = Limits {
+        requests_per_minute: Some(100_000),
+        max_concurrent_requests: Some(1000),
+        tokens_per_minute: Some(100_000_000),
+        ..Limits::default()
+    };
+    let stats = a.stats();
+    let count = |s: &std::sync::atomic::AtomicU64| s.load(Ordering::Relaxed);
+    let before = (count(&stats.redis_admissions), count(&stats.asked_ahead));
+    // Ten holds of the default 50 ms, a request every millisecond.
+    let until = tokio::time::Instant::now() + Duration::from_millis(500);
+    let mut n = 0u64;
+    while tokio::time::Instant::now() < until {
+        let (lease, _) = admitted(a.admit(&req(org, key, &lim, &Limits::default())).await);
+        lease.settle(Some(3), None).await;
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let asked = count(&stats.redis_admissions) - before.0;
+    let ahead = count(&stats.asked_ahead) - before.1;
+    let waited = asked - ahead;
+    eprintln!("{n} requests: {asked} grants, {ahead} asked for ahead");
+    assert!(ahead >= 5, "{ahead} of {asked} grants asked for ahead");
+    assert!(
+        waited <= 3,
+        "{waited} of {n} requests waited for Redis ({ahead} grants asked for ahead)"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let c = a.consumption(org, key).await.unwrap().key;
+    assert_eq!(c.requests_per_minute, n, "each request counted once");
+    assert_eq!(c.tokens_per_minute, 3 * n, "each request's tokens once");
+    assert_eq!(c.max_concurrent_requests, 0, "every slot freed");
+}
+
 /// A grant never takes a key past its requests per minute: with grants on
 /// both replicas, a burst is admitted exactly up to the limit.
 #[tokio::test]
