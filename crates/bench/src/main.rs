@@ -19,6 +19,8 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 use testkit::{MockUpstream, TestDb};
 
+mod usage_logs;
+
 #[derive(Parser)]
 #[command(about = "Benchmark llmgw against a direct call to a mock upstream")]
 struct Args {
@@ -56,6 +58,13 @@ struct Args {
     /// `LLMGW_REDIS_URL` for llmgw (limits counted on Redis); unset: in process.
     #[arg(long)]
     redis: Option<String>,
+    /// Request rows to generate for the usage API's run (0 skips it; lowered
+    /// to fit the free disk): its latency over 30 days and the writer's rows/s.
+    #[arg(long, default_value_t = 0)]
+    usage_rows: u64,
+    /// Also run the usage measurement with this binary (the previous release).
+    #[arg(long)]
+    usage_before: Option<String>,
 }
 
 struct Gateway {
@@ -232,9 +241,18 @@ fn unreached_limits() -> Value {
            "tokens_per_month": 1_000_000_000_000u64, "budget_per_month_usd": "1000000"})
 }
 
-/// Sets up org → provider → key via the settings API; returns the key, and
-/// with `limited` a second key with [`unreached_limits`].
-async fn provision(g: &Gateway, up: &MockUpstream, limited: bool) -> (String, Option<String>) {
+/// What [`provision`] made.
+struct Provisioned {
+    /// The admin's session token and the org's id.
+    token: String,
+    org: String,
+    key: String,
+    limited_key: Option<String>,
+}
+
+/// Sets up org → provider → key via the settings API, and with `limited` a
+/// second key with [`unreached_limits`].
+async fn provision(g: &Gateway, up: &MockUpstream, limited: bool) -> Provisioned {
     let c = reqwest::Client::new();
     let s = post(
         &c,
@@ -269,12 +287,17 @@ async fn provision(g: &Gateway, up: &MockUpstream, limited: bool) -> (String, Op
         }
     };
     let plain = key(json!({"name": "bench"})).await;
-    let limited = if limited {
+    let limited_key = if limited {
         Some(key(json!({"name": "bench-limited", "limits": unreached_limits()})).await)
     } else {
         None
     };
-    (plain, limited)
+    Provisioned {
+        token: tok,
+        org,
+        key: plain,
+        limited_key,
+    }
 }
 
 #[derive(Clone)]
@@ -516,6 +539,21 @@ async fn run(args: Args) {
     };
 
     let up = MockUpstream::start().await;
+    if args.usage_rows > 0 {
+        let mut bins = Vec::new();
+        if let Some(before) = &args.usage_before {
+            bins.push(("before", before.as_str()));
+        }
+        bins.push(("this", bin.as_str()));
+        usage_logs::UsageBench {
+            rows: args.usage_rows,
+            queries: if args.quick { 5 } else { 50 },
+            writer_for: Duration::from_secs(if args.quick { 1 } else { 5 }),
+            up: &up,
+        }
+        .run(&bins)
+        .await;
+    }
     let t = TestDb::new().await;
     let g = start_llmgw(
         &bin,
@@ -526,7 +564,9 @@ async fn run(args: Args) {
         &up,
     )
     .await;
-    let (key, limited_key) = provision(&g, &up, args.limits).await;
+    let Provisioned {
+        key, limited_key, ..
+    } = provision(&g, &up, args.limits).await;
     let pid = g.child.id();
 
     let ca = reqwest::Certificate::from_pem(up.ca.ca_pem.as_bytes()).unwrap();
