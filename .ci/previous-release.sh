@@ -16,6 +16,9 @@ if [ ! -x "$out" ]; then
   src="$target/previous/$rev/src"
   rm -rf "$src" && mkdir -p "$src"
   git archive "$rev" | tar -x -C "$src"
+  # Fresh mtimes: the archive keeps the commit's, older than artifacts of
+  # this tree already in the target directory, which cargo would reuse.
+  find "$src" -type f -exec touch {} +
   (cd "$src" && CARGO_TARGET_DIR="$target" cargo build --quiet --bin llmgw) >&2
   cp "$target/debug/llmgw" "$out.tmp" && mv "$out.tmp" "$out"
   rm -rf "$src"
