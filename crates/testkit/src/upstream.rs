@@ -157,10 +157,11 @@ impl MockUpstream {
         .on_connect(move |_, ext| {
             ext.insert(Arc::new(Live::new(&connections)));
         });
+        let listener = nodelay_listener(port);
         let server = if tls {
-            server.bind_rustls_0_23(("127.0.0.1", port), ca.server_config())
+            server.listen_rustls_0_23(listener, ca.server_config())
         } else {
-            server.bind(("127.0.0.1", port))
+            server.listen(listener)
         }
         .expect("bind mock upstream");
         let port = server.addrs()[0].port();
@@ -879,4 +880,27 @@ fn async_stream(
             Some((Ok(Bytes::from(chunk)), i + 1))
         })
     })
+}
+
+/// A listener on 127.0.0.1:`port` whose accepted sockets have
+/// `TCP_NODELAY` (Linux copies it from the listener), TLS ones included: a
+/// response written in several parts (an HTTP/2 stream's last DATA frame
+/// and its END_STREAM) must not wait for the client's delayed ACK, as it
+/// does not from a real server.
+fn nodelay_listener(port: u16) -> std::net::TcpListener {
+    use std::os::fd::AsRawFd;
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind mock upstream");
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt on a socket we own, with a c_int option value.
+    let rc = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            std::ptr::addr_of!(on).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_NODELAY on the mock upstream's listener");
+    listener
 }
