@@ -246,7 +246,7 @@ fn row(org: Uuid, key: Uuid, provider: Uuid, writer: u32, n: u64) -> RequestLog 
         requested_model: Some(format!("bench/m{}", n % 4)),
         upstream_model: Some(format!("m{}", n % 4)),
         status_code: 200,
-        streamed: n % 3 == 0,
+        streamed: n.is_multiple_of(3),
         canceled: false,
         prompt_tokens: Some(20 + (n % 300) as i64),
         completion_tokens: Some(5 + (n % 700) as i64),
