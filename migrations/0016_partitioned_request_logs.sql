@@ -236,12 +236,15 @@ $$;
 -- Creates and attaches the partition of one UTC day when missing; false
 -- when it exists or another partition (the one of the rows before
 -- partitioning) already covers the day. The table is created first and
--- attached after, so writers are not held up.
+-- attached after, so writers are not held up. Also called by the writer for
+-- the days of rows that found no partition (a gateway's clock far off, or
+-- rows held through a long outage).
 CREATE FUNCTION llmgw_create_log_partition(day date) RETURNS boolean
     LANGUAGE plpgsql AS $$
 DECLARE
     name text := 'request_logs_' || to_char(day, 'YYYYMMDD');
 BEGIN
+    PERFORM pg_advisory_xact_lock(hashtext('llmgw:request_logs'));
     IF to_regclass(quote_ident(name)) IS NOT NULL THEN
         RETURN false;
     END IF;
@@ -266,7 +269,6 @@ DECLARE
     today date := (now() AT TIME ZONE 'UTC')::date;
     made integer := 0;
 BEGIN
-    PERFORM pg_advisory_xact_lock(hashtext('llmgw:request_logs'));
     FOR i IN -back..ahead LOOP
         IF llmgw_create_log_partition(today + i) THEN
             made := made + 1;
