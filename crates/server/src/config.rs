@@ -340,7 +340,12 @@ fn positive<T: std::str::FromStr + PartialOrd + Default>(
 /// `LLMGW_LOG_RETENTION_DAYS`: 0 or unset is the default.
 fn log_retention_days(env: Env) -> Result<u32, ConfigError> {
     let default = storage::partitions::DEFAULT_LOG_RETENTION_DAYS;
-    let days: u32 = parse(env, "LLMGW_LOG_RETENTION_DAYS", default, "a whole number of days")?;
+    let days: u32 = parse(
+        env,
+        "LLMGW_LOG_RETENTION_DAYS",
+        default,
+        "a whole number of days",
+    )?;
     Ok(if days == 0 { default } else { days })
 }
 

@@ -183,10 +183,7 @@ async fn run(
         tracing::warn!("LLMGW_UPSTREAM_ALLOW_HTTP=true: plain-http upstreams are allowed; their requests and provider tokens travel unencrypted");
     }
 
-    let maintenance = tokio::spawn(maintain_log_partitions(
-        db.clone(),
-        cfg.log_retention_days,
-    ));
+    let maintenance = tokio::spawn(maintain_log_partitions(db.clone(), cfg.log_retention_days));
     let result = listen(cfg, only, db, upstream).await;
     maintenance.abort();
     result
