@@ -45,6 +45,17 @@ BEGIN
 END;
 $$;
 
+CREATE FUNCTION llmgw_histogram_put(h integer[], bucket integer, n bigint) RETURNS integer[]
+    LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
+BEGIN
+    IF bucket IS NULL OR n IS NULL THEN
+        RETURN h;
+    END IF;
+    h[bucket + 1] := h[bucket + 1] + n;
+    RETURN h;
+END;
+$$;
+
 -- Element-wise sum of two histograms (upserts of rollups, parallel aggregation).
 CREATE FUNCTION llmgw_histogram_add(a integer[], b integer[]) RETURNS integer[]
     LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
@@ -99,6 +110,17 @@ BEGIN
     RETURN a;
 END;
 $$;
+
+-- The histogram of (bucket, count) pairs: what the hot paths build, so
+-- that the rows are counted by native aggregation and only each bucket
+-- that holds some goes through this function.
+CREATE AGGREGATE llmgw_histogram_of(integer, bigint) (
+    SFUNC = llmgw_histogram_put,
+    STYPE = integer[],
+    INITCOND = '{0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0}',
+    COMBINEFUNC = llmgw_histogram_add,
+    PARALLEL = SAFE
+);
 
 -- The sum of many histograms, in bigint (a month of a busy key's hours
 -- passes 2^31 requests).
@@ -195,19 +217,28 @@ CREATE FUNCTION llmgw_roll_up_statement(source text) RETURNS text
 INSERT INTO usage_hourly AS u (org_id, hour, api_key_id, provider_name, requested_model, endpoint,
         requests, errors, without_usage, prompt_tokens, completion_tokens, total_tokens,
         cost_usd, latency)
-SELECT org_id, date_trunc('hour', created_at, 'UTC'),
-       coalesce(api_key_id, '00000000-0000-0000-0000-000000000000'::uuid),
-       coalesce(provider_name, ''), coalesce(requested_model, ''), coalesce(endpoint, ''),
-       count(*),
-       count(*) FILTER (WHERE llmgw_is_error(status_code, error_class)),
-       count(*) FILTER (WHERE llmgw_without_usage(status_code, prompt_tokens,
-           completion_tokens, total_tokens)),
-       coalesce(sum(prompt_tokens), 0)::bigint,
-       coalesce(sum(completion_tokens), 0)::bigint,
-       coalesce(sum(total_tokens), 0)::bigint,
-       coalesce(sum(cost_usd), 0),
-       llmgw_histogram(latency_ms)
-FROM %s
+SELECT org_id, hour, api_key_id, provider_name, requested_model, endpoint,
+       sum(requests), sum(errors), sum(without_usage), sum(prompt_tokens)::bigint,
+       sum(completion_tokens)::bigint, sum(total_tokens)::bigint, sum(cost_usd),
+       llmgw_histogram_of(bucket, requests)
+FROM (
+    SELECT org_id, date_trunc('hour', created_at, 'UTC') AS hour,
+           coalesce(api_key_id, '00000000-0000-0000-0000-000000000000'::uuid) AS api_key_id,
+           coalesce(provider_name, '') AS provider_name,
+           coalesce(requested_model, '') AS requested_model,
+           coalesce(endpoint, '') AS endpoint,
+           llmgw_latency_bucket(latency_ms) AS bucket,
+           count(*) AS requests,
+           count(*) FILTER (WHERE llmgw_is_error(status_code, error_class)) AS errors,
+           count(*) FILTER (WHERE llmgw_without_usage(status_code, prompt_tokens,
+               completion_tokens, total_tokens)) AS without_usage,
+           coalesce(sum(prompt_tokens), 0) AS prompt_tokens,
+           coalesce(sum(completion_tokens), 0) AS completion_tokens,
+           coalesce(sum(total_tokens), 0) AS total_tokens,
+           coalesce(sum(cost_usd), 0) AS cost_usd
+    FROM %s
+    GROUP BY 1, 2, 3, 4, 5, 6, 7
+) per_bucket
 GROUP BY 1, 2, 3, 4, 5, 6
 ORDER BY 1, 2, 3, 4, 5, 6
 ON CONFLICT (org_id, hour, api_key_id, provider_name, requested_model, endpoint) DO UPDATE SET

@@ -316,18 +316,31 @@ impl Db {
                 FROM usage_hourly
                 WHERE org_id = $1 AND hour >= $2 AND hour < $3
                 UNION ALL
-                SELECT date_trunc('hour', created_at, 'UTC'), NULLIF(api_key_id, '{nil}'),
-                    NULLIF(provider_name, ''), NULLIF(requested_model, ''), NULLIF(endpoint, ''),
-                    count(*),
-                    count(*) FILTER (WHERE llmgw_is_error(status_code, error_class)),
-                    count(*) FILTER (WHERE llmgw_without_usage(status_code, prompt_tokens,
-                        completion_tokens, total_tokens)),
-                    coalesce(sum(prompt_tokens), 0)::int8, coalesce(sum(completion_tokens), 0)::int8,
-                    coalesce(sum(total_tokens), 0)::int8, coalesce(sum(cost_usd), 0),
-                    llmgw_histogram(latency_ms)
-                FROM request_logs
-                WHERE org_id = $1
-                  AND ((created_at >= $4 AND created_at < $5) OR (created_at >= $6 AND created_at < $7))
+                SELECT at, api_key_id, provider_name, requested_model, endpoint,
+                    sum(requests)::int8, sum(errors)::int8, sum(without_usage)::int8,
+                    sum(prompt_tokens)::int8, sum(completion_tokens)::int8, sum(total_tokens)::int8,
+                    sum(cost_usd), llmgw_histogram_of(bucket, requests)
+                FROM (
+                    -- Counted per latency bucket first, as the rollups are.
+                    SELECT date_trunc('hour', created_at, 'UTC') AS at,
+                        NULLIF(api_key_id, '{nil}') AS api_key_id,
+                        NULLIF(provider_name, '') AS provider_name,
+                        NULLIF(requested_model, '') AS requested_model,
+                        NULLIF(endpoint, '') AS endpoint,
+                        llmgw_latency_bucket(latency_ms) AS bucket,
+                        count(*) AS requests,
+                        count(*) FILTER (WHERE llmgw_is_error(status_code, error_class)) AS errors,
+                        count(*) FILTER (WHERE llmgw_without_usage(status_code, prompt_tokens,
+                            completion_tokens, total_tokens)) AS without_usage,
+                        coalesce(sum(prompt_tokens), 0) AS prompt_tokens,
+                        coalesce(sum(completion_tokens), 0) AS completion_tokens,
+                        coalesce(sum(total_tokens), 0) AS total_tokens,
+                        coalesce(sum(cost_usd), 0) AS cost_usd
+                    FROM request_logs
+                    WHERE org_id = $1
+                      AND ((created_at >= $4 AND created_at < $5) OR (created_at >= $6 AND created_at < $7))
+                    GROUP BY 1, 2, 3, 4, 5, 6
+                ) per_bucket
                 GROUP BY 1, 2, 3, 4, 5
             ), sums AS (
                 SELECT {key} AS key,
