@@ -3,8 +3,7 @@
 //! their hourly rollups once older than the retention.
 
 use chrono::{NaiveDate, TimeDelta, Utc};
-use sqlx::pool::PoolConnection;
-use sqlx::Postgres;
+use sqlx::PgConnection;
 
 use crate::db::Db;
 use crate::error::Result;
@@ -100,11 +99,7 @@ impl Db {
 }
 
 /// Drops the partitions ending on or before `cutoff`, and the rollups before it.
-async fn expire(
-    conn: &mut PoolConnection<Postgres>,
-    cutoff: NaiveDate,
-    done: &mut Maintenance,
-) -> Result<()> {
+async fn expire(conn: &mut PgConnection, cutoff: NaiveDate, done: &mut Maintenance) -> Result<()> {
     // The partitions of request_logs (attached, or detached but not yet
     // finalized), and tables an interrupted pass detached and left.
     let tables: Vec<(String, bool, bool)> = sqlx::query_as(
@@ -117,7 +112,7 @@ async fn expire(
            AND (i.inhrelid IS NOT NULL OR obj_description(c.oid, 'pg_class') = $1)",
     )
     .bind(DETACHED_MARK)
-    .fetch_all(&mut **conn)
+    .fetch_all(&mut *conn)
     .await?;
     for (name, attached, pending) in tables {
         if !partition_end(&name).is_some_and(|end| end <= cutoff) {
@@ -126,35 +121,42 @@ async fn expire(
         let table = quote_ident(&name);
         if pending {
             // A detach that was interrupted: finish it.
-            sqlx::raw_sql(&format!(
-                "ALTER TABLE request_logs DETACH PARTITION {table} FINALIZE"
-            ))
-            .execute(&mut **conn)
+            run(
+                conn,
+                format!("ALTER TABLE request_logs DETACH PARTITION {table} FINALIZE"),
+            )
             .await?;
         } else if attached {
-            sqlx::raw_sql(&format!("COMMENT ON TABLE {table} IS '{DETACHED_MARK}'"))
-                .execute(&mut **conn)
-                .await?;
+            run(
+                conn,
+                format!("COMMENT ON TABLE {table} IS '{DETACHED_MARK}'"),
+            )
+            .await?;
             // Not in a transaction: CONCURRENTLY waits for the queries that
             // use the partition instead of blocking the writers.
-            sqlx::raw_sql(&format!(
-                "ALTER TABLE request_logs DETACH PARTITION {table} CONCURRENTLY"
-            ))
-            .execute(&mut **conn)
+            run(
+                conn,
+                format!("ALTER TABLE request_logs DETACH PARTITION {table} CONCURRENTLY"),
+            )
             .await?;
         }
-        sqlx::raw_sql(&format!("DROP TABLE {table}"))
-            .execute(&mut **conn)
-            .await?;
+        run(conn, format!("DROP TABLE {table}")).await?;
         tracing::info!(partition = %name, "usage rows past their retention dropped");
         done.dropped.push(name);
     }
     let cutoff = cutoff.and_hms_opt(0, 0, 0).map(|t| t.and_utc());
     done.rollups_deleted = sqlx::query("DELETE FROM usage_hourly WHERE hour < $1")
         .bind(cutoff)
-        .execute(&mut **conn)
+        .execute(&mut *conn)
         .await?
         .rows_affected();
+    Ok(())
+}
+
+/// One statement by the simple query protocol (DDL that may not run in a
+/// transaction block, as `DETACH … CONCURRENTLY`).
+async fn run(conn: &mut PgConnection, sql: String) -> Result<()> {
+    sqlx::Executor::execute(conn, sql.as_str()).await?;
     Ok(())
 }
 
