@@ -115,7 +115,7 @@ async fn expire(conn: &mut PgConnection, cutoff: NaiveDate, done: &mut Maintenan
     .fetch_all(&mut *conn)
     .await?;
     for (name, attached, pending) in tables {
-        if !partition_end(&name).is_some_and(|end| end <= cutoff) {
+        if partition_end(&name).is_none_or(|end| end > cutoff) {
             continue;
         }
         let table = quote_ident(&name);

@@ -24,7 +24,7 @@ fn log(org: Uuid, at: DateTime<Utc>, i: usize) -> RequestLog {
         provider_name: Some("mycompany".into()),
         requested_model: Some(format!("mycompany/m{}", i % 2)),
         upstream_model: Some(format!("m{}", i % 2)),
-        status_code: if i % 10 == 0 { 500 } else { 200 },
+        status_code: if i.is_multiple_of(10) { 500 } else { 200 },
         streamed: false,
         canceled: false,
         prompt_tokens: Some(10),

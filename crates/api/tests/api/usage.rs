@@ -261,6 +261,20 @@ async fn usage_groups_by_day_model_provider_and_key() {
     r.expect(200);
     assert_eq!(r.body["group_by"], "day");
     assert_eq!(r.body["data"], json!([]));
+    // The default window ends with the current UTC hour: whole hours, which
+    // the hourly rollups answer without reading rows.
+    let parse = |k: &str| {
+        DateTime::parse_from_rfc3339(r.body[k].as_str().unwrap())
+            .unwrap()
+            .with_timezone(&Utc)
+    };
+    let (from, to) = (parse("from"), parse("to"));
+    assert_eq!(to.timestamp() % 3600, 0, "{to}");
+    assert!(
+        to > Utc::now() && to <= Utc::now() + Duration::hours(1),
+        "{to}"
+    );
+    assert_eq!(to - from, Duration::days(30));
 
     for (q, field) in [
         ("group_by=week", "group_by"),
