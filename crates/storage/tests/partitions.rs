@@ -145,6 +145,9 @@ async fn conversion_keeps_every_row_in_the_same_table_and_rolls_them_up() {
         })
         .collect();
     rows.push(log(org, now - Duration::days(400), 300));
+    // A row from a clock far ahead: it goes to its own day's partition.
+    let ahead = log(org, now + Duration::days(30), 301);
+    rows.push(ahead.clone());
     t.db.insert_request_logs(&rows).await.unwrap();
     let filenode: i64 = sqlx::query_scalar("SELECT pg_relation_filenode('request_logs')::int8")
         .fetch_one(t.db.pool())
@@ -179,6 +182,15 @@ async fn conversion_keeps_every_row_in_the_same_table_and_rolls_them_up() {
         .into_iter()
         .collect();
     assert_eq!(ids, rows.iter().map(|r| r.id).collect::<HashSet<_>>());
+    let in_its_day: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM request_logs_{} WHERE id = $1",
+        ahead.created_at.format("%Y%m%d")
+    ))
+    .bind(ahead.id)
+    .fetch_one(t.db.pool())
+    .await
+    .unwrap();
+    assert_eq!(in_its_day, 1);
     // The CHECK that spared the attach its scan is gone; the bound holds.
     let checks: Vec<String> = sqlx::query_scalar(&format!(
         "SELECT conname::text FROM pg_constraint WHERE conrelid = '{before}'::regclass AND conname LIKE '%bound%'"
