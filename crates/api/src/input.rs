@@ -692,6 +692,13 @@ pub const GROUP_BY_NAMES: [&str; GROUP_BY.len()] = {
     names
 };
 
+/// The end of `t`'s UTC hour: the default end of a usage window, so that
+/// the default window is whole hours, which the hourly rollups answer alone.
+fn end_of_hour(t: DateTime<Utc>) -> DateTime<Utc> {
+    let s = t.timestamp();
+    DateTime::from_timestamp(s - s.rem_euclid(3600) + 3600, 0).unwrap_or(t)
+}
+
 /// `from` and `to` of a time window: `from` must not come after `to`.
 fn check_window(f: &mut Fields, from: DateTime<Utc>, to: DateTime<Utc>) -> Option<()> {
     if from > to {
@@ -720,7 +727,7 @@ impl FromFields for UsageQuery {
         let provider = f.optional("provider", parse_provider);
         let api_key_id = f.optional("api_key_id", parse_uuid("api_key_id"));
         let endpoint = f.optional("endpoint", parse_filter_text("endpoint"));
-        let to = to?.unwrap_or_else(Utc::now);
+        let to = to?.unwrap_or_else(|| end_of_hour(Utc::now()));
         let from = from?.unwrap_or(to - chrono::Duration::days(DEFAULT_USAGE_DAYS));
         check_window(f, from, to)?;
         Some(Self {

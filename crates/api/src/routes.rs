@@ -186,7 +186,7 @@ const USAGE_QUERY: [Param; 7] = [
     Param {
         name: "to",
         ty: ParamType::DateTime,
-        description: "end of the window, exclusive (default: now)",
+        description: "end of the window, exclusive (default: the end of the current UTC hour). Whole UTC hours are read from hourly rollups; the partial hours at either edge from the rows",
     },
     Param {
         name: "group_by",

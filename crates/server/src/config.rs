@@ -62,6 +62,7 @@ pub const SETTINGS: &[Setting] = &[
     s("LLMGW_LOG_QUEUE_CAPACITY", "100000", "Usage rows held in memory while the database is slow or down."),
     s("LLMGW_LOG_BATCH_SIZE", "500", "Usage rows written per INSERT."),
     s("LLMGW_LOG_FLUSH_INTERVAL_MS", "200", "Longest wait before a partial batch of usage rows is written, milliseconds."),
+    s("LLMGW_LOG_RETENTION_DAYS", "90", "Days of usage rows (request_logs, one partition per UTC day) and of their hourly rollups kept; every process drops older days at start and hourly (0: the default)."),
     s("LLMGW_REDIS_URL", "", "Redis holding the spend controls' counters for every replica and the gateways' views of endpoint health (redis://host:6379, rediss:// for TLS; several comma-separated URLs: the nodes of a Redis Cluster). Unset: limits are counted in this process (one replica), with a warning at start, and the API shows every endpoint's health as unknown."),
     s("LLMGW_LIMITS_FAIL_OPEN", "true", "Redis unreachable or slower than 50 ms: keep serving on this replica's own counters (true), or refuse limited requests with 503 (false)."),
     s("LLMGW_LIMITS_LEASE_TTL_MS", "30000", "How long a concurrency slot outlives a gateway that stopped renewing it (killed), milliseconds."),
@@ -187,6 +188,8 @@ pub struct Config {
     pub log_queue_capacity: usize,
     pub log_batch_size: usize,
     pub log_flush_interval: Duration,
+    /// `LLMGW_LOG_RETENTION_DAYS`: days of usage rows and rollups kept.
+    pub log_retention_days: u32,
     pub trusted_proxies: api::TrustedProxies,
     /// `LLMGW_PUBLIC_URL`: where browsers reach the API listener (no trailing `/`;
     /// cookie `Secure` when https).
@@ -332,6 +335,18 @@ fn positive<T: std::str::FromStr + PartialOrd + Default>(
         });
     }
     Ok(v)
+}
+
+/// `LLMGW_LOG_RETENTION_DAYS`: 0 or unset is the default.
+fn log_retention_days(env: Env) -> Result<u32, ConfigError> {
+    let default = storage::partitions::DEFAULT_LOG_RETENTION_DAYS;
+    let days: u32 = parse(
+        env,
+        "LLMGW_LOG_RETENTION_DAYS",
+        default,
+        "a whole number of days",
+    )?;
+    Ok(if days == 0 { default } else { days })
 }
 
 fn redis_urls(env: Env) -> Result<Vec<String>, ConfigError> {
@@ -515,6 +530,7 @@ impl Config {
                 storage::logs::DEFAULT_LOG_BATCH_SIZE,
             )?,
             log_flush_interval: millis(env, "LLMGW_LOG_FLUSH_INTERVAL_MS", 200)?,
+            log_retention_days: log_retention_days(env)?,
             trusted_proxies: api::TrustedProxies::parse(
                 &get(env, "LLMGW_TRUSTED_PROXIES").unwrap_or_default(),
             )
@@ -594,6 +610,8 @@ mod tests {
             ("LLMGW_TRUSTED_PROXIES", "10.0.0.0/8,proxy.internal"),
             ("DATABASE_URL", "mysql://x"),
             ("LLMGW_ALERT_WEBHOOK_URL", "hooks.example.com/llmgw"),
+            ("LLMGW_LOG_RETENTION_DAYS", "-1"),
+            ("LLMGW_LOG_RETENTION_DAYS", "ninety"),
             ("LLMGW_ALERT_WEBHOOK_URL", "ftp://hooks.example.com/llmgw"),
         ] {
             let e = cfg(&[(var, val)]).unwrap_err();
@@ -751,6 +769,15 @@ mod tests {
         assert!(cfg(&[]).unwrap().alert_webhook_url.is_none());
         let e = cfg(&[("LLMGW_ALERT_WEBHOOK_URL", "secret-token-123")]).unwrap_err();
         assert!(!e.to_string().contains("secret-token-123"), "{e}");
+    }
+
+    #[test]
+    fn log_retention_of_zero_is_the_default() {
+        assert_eq!(cfg(&[]).unwrap().log_retention_days, 90);
+        let c = cfg(&[("LLMGW_LOG_RETENTION_DAYS", "0")]).unwrap();
+        assert_eq!(c.log_retention_days, 90);
+        let c = cfg(&[("LLMGW_LOG_RETENTION_DAYS", "7")]).unwrap();
+        assert_eq!(c.log_retention_days, 7);
     }
 
     #[test]

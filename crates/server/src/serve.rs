@@ -183,6 +183,44 @@ async fn run(
         tracing::warn!("LLMGW_UPSTREAM_ALLOW_HTTP=true: plain-http upstreams are allowed; their requests and provider tokens travel unencrypted");
     }
 
+    let maintenance = tokio::spawn(maintain_log_partitions(db.clone(), cfg.log_retention_days));
+    let result = listen(cfg, only, db, upstream).await;
+    maintenance.abort();
+    result
+}
+
+/// How often every process makes the coming days' partitions of
+/// `request_logs` and drops those past the retention.
+const LOG_PARTITIONS_EVERY: Duration = Duration::from_secs(3600);
+
+/// At start and hourly, in every process: a failure is logged, and the next
+/// hour tries again (the partitions are made a week ahead).
+async fn maintain_log_partitions(db: storage::Db, retention_days: u32) {
+    let mut every = tokio::time::interval(LOG_PARTITIONS_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        match db.maintain_log_partitions(Some(retention_days)).await {
+            Ok(done) => tracing::debug!(
+                created = done.created,
+                dropped = ?done.dropped,
+                rollups_deleted = done.rollups_deleted,
+                "usage log partitions maintained"
+            ),
+            Err(e) => tracing::warn!(
+                error = %error_chain(&e),
+                "cannot maintain the usage log partitions; trying again in an hour"
+            ),
+        }
+    }
+}
+
+async fn listen(
+    cfg: &Config,
+    only: Option<Listener>,
+    db: storage::Db,
+    upstream: UpstreamClient,
+) -> Result<(), String> {
     let mut servers = Vec::new();
     let mut gateway = None;
     if only != Some(Listener::Api) {

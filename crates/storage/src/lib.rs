@@ -15,6 +15,7 @@ pub mod invitations;
 pub mod limits;
 pub mod logs;
 pub mod orgs;
+pub mod partitions;
 pub mod providers;
 pub mod responses;
 pub mod sso;

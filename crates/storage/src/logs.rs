@@ -8,7 +8,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::db::Db;
-use crate::error::Result;
+use crate::error::{Result, StorageError};
 use crate::limits::Prices;
 use crate::page::{Cursor, Page};
 
@@ -123,6 +123,38 @@ impl Db {
             return Ok(());
         }
         let costs = self.costs(rows.iter().map(|(r, _)| *r)).await?;
+        match self.insert_priced(rows, &costs).await {
+            Err(e) if is_without_partition(&e) => {
+                // Rows of a day with no partition (held through a long
+                // outage, or a clock far off): make the partitions, once.
+                let mut days: Vec<chrono::NaiveDate> = rows
+                    .iter()
+                    .map(|(r, _)| r.created_at.date_naive())
+                    .collect();
+                days.sort_unstable();
+                days.dedup();
+                let made: Vec<bool> = sqlx::query_scalar(
+                    "SELECT llmgw_create_log_partition(d) FROM UNNEST($1::date[]) AS d",
+                )
+                .bind(&days)
+                .fetch_all(&self.pool)
+                .await?;
+                tracing::warn!(
+                    ?days,
+                    made = made.iter().filter(|m| **m).count(),
+                    "usage rows of days without a partition: partitions made"
+                );
+                self.insert_priced(rows, &costs).await
+            }
+            r => r,
+        }
+    }
+
+    async fn insert_priced(
+        &self,
+        rows: &[(&RequestLog, Option<&str>)],
+        costs: &[Option<Decimal>],
+    ) -> Result<()> {
         macro_rules! col {
             ($f:ident) => {
                 rows.iter().map(|(r, _)| r.$f.clone()).collect::<Vec<_>>()
@@ -252,7 +284,10 @@ impl Db {
         }))
     }
 
-    /// Aggregates the org's usage in `[from, to)`.
+    /// Aggregates the org's usage in `[from, to)`: the whole hours from the
+    /// hourly rollups (`usage_hourly`), the partial hours at the window's
+    /// edges from the rows. The sums are those of the rows; p50 and p95 come
+    /// from the latency histograms, within 6 % of the rows' own percentiles.
     pub async fn usage(
         &self,
         org_id: Uuid,
@@ -262,42 +297,190 @@ impl Db {
         filter: &UsageFilter,
     ) -> Result<Vec<UsageRow>> {
         let key = match group_by {
-            GroupBy::Day => {
-                "to_char(date_trunc('day', created_at AT TIME ZONE 'UTC'), 'YYYY-MM-DD')"
-            }
+            GroupBy::Day => "to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
             GroupBy::Model => "requested_model",
             GroupBy::Provider => "provider_name",
             GroupBy::ApiKey => "api_key_id::text",
             GroupBy::Endpoint => "endpoint",
         };
+        let span = HourSpan::new(from, to);
+        // A NULL dimension is stored in the rollups as the nil UUID or '':
+        // both branches read them back as NULL.
         Ok(sqlx::query_as::<_, UsageRow>(&format!(
-            "SELECT {key} AS key,
-                count(*) AS requests,
-                count(*) FILTER (WHERE status_code >= 400 OR error_class IS NOT NULL) AS errors,
-                coalesce(sum(prompt_tokens), 0)::int8 AS prompt_tokens,
-                coalesce(sum(completion_tokens), 0)::int8 AS completion_tokens,
-                coalesce(sum(total_tokens), 0)::int8 AS total_tokens,
-                count(*) FILTER (WHERE status_code < 400 AND prompt_tokens IS NULL
-                    AND completion_tokens IS NULL AND total_tokens IS NULL) AS requests_without_usage,
-                percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms) AS p50_latency_ms,
-                percentile_cont(0.95) WITHIN GROUP (ORDER BY latency_ms) AS p95_latency_ms,
-                trim_scale(coalesce(sum(cost_usd), 0)) AS cost_usd
-             FROM request_logs
-             WHERE org_id = $1 AND created_at >= $2 AND created_at < $3
-               AND ($4::text IS NULL OR requested_model = $4)
-               AND ($5::text IS NULL OR provider_name = $5)
-               AND ($6::uuid IS NULL OR api_key_id = $6)
-               AND ($7::text IS NULL OR endpoint = $7)
-             GROUP BY 1 ORDER BY 1"
+            "WITH src AS (
+                SELECT hour AS at, NULLIF(api_key_id, '{nil}') AS api_key_id,
+                    NULLIF(provider_name, '') AS provider_name,
+                    NULLIF(requested_model, '') AS requested_model, NULLIF(endpoint, '') AS endpoint,
+                    requests, errors, without_usage, prompt_tokens, completion_tokens, total_tokens,
+                    cost_usd, latency
+                FROM usage_hourly
+                WHERE org_id = $1 AND hour >= $2 AND hour < $3
+                UNION ALL
+                SELECT at, api_key_id, provider_name, requested_model, endpoint,
+                    sum(requests)::int8, sum(errors)::int8, sum(without_usage)::int8,
+                    sum(prompt_tokens)::int8, sum(completion_tokens)::int8, sum(total_tokens)::int8,
+                    sum(cost_usd), llmgw_histogram_of(bucket, requests)
+                FROM (
+                    -- Counted per latency bucket first, as the rollups are.
+                    SELECT date_trunc('hour', created_at, 'UTC') AS at,
+                        NULLIF(api_key_id, '{nil}') AS api_key_id,
+                        NULLIF(provider_name, '') AS provider_name,
+                        NULLIF(requested_model, '') AS requested_model,
+                        NULLIF(endpoint, '') AS endpoint,
+                        llmgw_latency_bucket(latency_ms) AS bucket,
+                        count(*) AS requests,
+                        count(*) FILTER (WHERE llmgw_is_error(status_code, error_class)) AS errors,
+                        count(*) FILTER (WHERE llmgw_without_usage(status_code, prompt_tokens,
+                            completion_tokens, total_tokens)) AS without_usage,
+                        coalesce(sum(prompt_tokens), 0) AS prompt_tokens,
+                        coalesce(sum(completion_tokens), 0) AS completion_tokens,
+                        coalesce(sum(total_tokens), 0) AS total_tokens,
+                        coalesce(sum(cost_usd), 0) AS cost_usd
+                    FROM request_logs
+                    WHERE org_id = $1
+                      AND ((created_at >= $4 AND created_at < $5) OR (created_at >= $6 AND created_at < $7))
+                    GROUP BY 1, 2, 3, 4, 5, 6
+                ) per_bucket
+                GROUP BY 1, 2, 3, 4, 5
+            ), sums AS (
+                SELECT {key} AS key,
+                    sum(requests)::int8 AS requests,
+                    sum(errors)::int8 AS errors,
+                    sum(prompt_tokens)::int8 AS prompt_tokens,
+                    sum(completion_tokens)::int8 AS completion_tokens,
+                    sum(total_tokens)::int8 AS total_tokens,
+                    sum(without_usage)::int8 AS requests_without_usage,
+                    llmgw_histogram_sum(latency) AS latency,
+                    trim_scale(sum(cost_usd)) AS cost_usd
+                FROM src
+                WHERE ($8::text IS NULL OR requested_model = $8)
+                  AND ($9::text IS NULL OR provider_name = $9)
+                  AND ($10::uuid IS NULL OR api_key_id = $10)
+                  AND ($11::text IS NULL OR endpoint = $11)
+                GROUP BY 1
+            )
+            SELECT key, requests, errors, prompt_tokens, completion_tokens, total_tokens,
+                requests_without_usage,
+                llmgw_histogram_quantile(latency, 0.5) AS p50_latency_ms,
+                llmgw_histogram_quantile(latency, 0.95) AS p95_latency_ms,
+                cost_usd
+            FROM sums ORDER BY key",
+            nil = Uuid::nil(),
         ))
         .bind(org_id)
-        .bind(from)
-        .bind(to)
+        .bind(span.rolled.0)
+        .bind(span.rolled.1)
+        .bind(span.head.0)
+        .bind(span.head.1)
+        .bind(span.tail.0)
+        .bind(span.tail.1)
         .bind(filter.model.as_deref())
         .bind(filter.provider_name.as_deref())
         .bind(filter.api_key_id)
         .bind(filter.endpoint.as_deref())
         .fetch_all(&self.pool)
         .await?)
+    }
+}
+
+/// The refusal of a row whose time no partition of `request_logs` covers.
+fn is_without_partition(e: &StorageError) -> bool {
+    match e {
+        StorageError::Database(sqlx::Error::Database(e)) => {
+            e.code().as_deref() == Some("23514")
+                && e.message().starts_with("no partition of relation")
+        }
+        _ => false,
+    }
+}
+
+/// How a usage window `[from, to)` is read: its whole UTC hours from the
+/// rollups, the partial hours at either edge from the rows. Each part is a
+/// half-open range; an empty one has its start equal to its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct HourSpan {
+    /// The whole hours, read from `usage_hourly`.
+    pub rolled: (DateTime<Utc>, DateTime<Utc>),
+    /// From `from` to the first whole hour, read from the rows.
+    pub head: (DateTime<Utc>, DateTime<Utc>),
+    /// From the end of the last whole hour to `to`, read from the rows.
+    pub tail: (DateTime<Utc>, DateTime<Utc>),
+}
+
+impl HourSpan {
+    pub fn new(from: DateTime<Utc>, to: DateTime<Utc>) -> Self {
+        match (ceil_hour(from), floor_hour(to)) {
+            (Some(first), Some(last)) if from < to && first < last => Self {
+                rolled: (first, last),
+                head: (from, first),
+                tail: (last, to),
+            },
+            // No whole hour inside: the rows alone.
+            _ => Self {
+                rolled: (from, from),
+                head: (from, to),
+                tail: (to, to),
+            },
+        }
+    }
+}
+
+fn floor_hour(t: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    let s = t.timestamp();
+    DateTime::from_timestamp(s - s.rem_euclid(3600), 0)
+}
+
+fn ceil_hour(t: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    let floor = floor_hour(t)?;
+    if floor == t {
+        Some(t)
+    } else {
+        floor.checked_add_signed(chrono::TimeDelta::hours(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn at(h: u32, m: u32, s: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 3, 1, h, m, s).unwrap()
+    }
+
+    #[test]
+    fn a_window_splits_into_whole_hours_and_partial_edges() {
+        let span = HourSpan::new(at(10, 15, 0), at(13, 30, 0));
+        assert_eq!(span.rolled, (at(11, 0, 0), at(13, 0, 0)));
+        assert_eq!(span.head, (at(10, 15, 0), at(11, 0, 0)));
+        assert_eq!(span.tail, (at(13, 0, 0), at(13, 30, 0)));
+    }
+
+    #[test]
+    fn an_aligned_window_is_all_rollups() {
+        let span = HourSpan::new(at(0, 0, 0), at(23, 0, 0));
+        assert_eq!(span.rolled, (at(0, 0, 0), at(23, 0, 0)));
+        assert_eq!(span.head.0, span.head.1);
+        assert_eq!(span.tail.0, span.tail.1);
+    }
+
+    #[test]
+    fn a_window_without_a_whole_hour_reads_rows_only() {
+        for (from, to) in [
+            (at(10, 15, 0), at(10, 45, 0)),
+            (at(10, 15, 0), at(11, 45, 0)),
+            (at(10, 0, 0), at(10, 59, 59)),
+            (at(10, 30, 0), at(10, 30, 0)),
+        ] {
+            let span = HourSpan::new(from, to);
+            assert_eq!(span.rolled.0, span.rolled.1, "{from} {to}");
+            assert_eq!(span.head, (from, to));
+            assert_eq!(span.tail.0, span.tail.1);
+        }
+        // Sub-second edges are partial too.
+        let from = at(10, 0, 0) + chrono::TimeDelta::milliseconds(1);
+        let span = HourSpan::new(from, at(12, 0, 0));
+        assert_eq!(span.rolled, (at(11, 0, 0), at(12, 0, 0)));
+        assert_eq!(span.head, (from, at(11, 0, 0)));
     }
 }

@@ -313,10 +313,12 @@ impl Db {
             .execute(&mut *tx)
             .await?;
         }
-        sqlx::query("DELETE FROM request_logs WHERE org_id = $1")
-            .bind(org_id)
-            .execute(&mut *tx)
-            .await?;
+        for table in ["request_logs", "usage_hourly"] {
+            sqlx::query(&format!("DELETE FROM {table} WHERE org_id = $1"))
+                .bind(org_id)
+                .execute(&mut *tx)
+                .await?;
+        }
         let r = sqlx::query("DELETE FROM organizations WHERE id = $1")
             .bind(org_id)
             .execute(&mut *tx)
