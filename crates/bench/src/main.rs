@@ -65,6 +65,12 @@ struct Args {
     /// Also run the usage measurement with this binary (the previous release).
     #[arg(long)]
     usage_before: Option<String>,
+    /// Requests to the usage API per grouping (default: 5 with --quick, else 20).
+    #[arg(long)]
+    usage_queries: Option<usize>,
+    /// Only the usage measurement, no load runs.
+    #[arg(long)]
+    usage_only: bool,
 }
 
 struct Gateway {
@@ -547,12 +553,18 @@ async fn run(args: Args) {
         bins.push(("this", bin.as_str()));
         usage_logs::UsageBench {
             rows: args.usage_rows,
-            queries: if args.quick { 5 } else { 50 },
+            queries: args
+                .usage_queries
+                .unwrap_or(if args.quick { 5 } else { 20 })
+                .max(1),
             writer_for: Duration::from_secs(if args.quick { 1 } else { 5 }),
             up: &up,
         }
         .run(&bins)
         .await;
+        if args.usage_only {
+            return;
+        }
     }
     let t = TestDb::new().await;
     let g = start_llmgw(
