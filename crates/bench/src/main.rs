@@ -39,6 +39,9 @@ struct Args {
     /// Concurrencies to run.
     #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
     concurrency: Vec<usize>,
+    /// Modes to run: `json` (non-streamed), `stream` (SSE), or both.
+    #[arg(long, value_delimiter = ',', default_value = "json,stream")]
+    modes: Vec<String>,
     /// Slow streams held open at once in the soak (0 skips it).
     #[arg(long, default_value_t = 10_000)]
     soak_streams: usize,
@@ -513,6 +516,14 @@ async fn soak(g: &Gateway, key: &str, streams: usize, pid: u32) {
     );
 }
 
+fn mode_name(stream: bool) -> &'static str {
+    if stream {
+        "stream"
+    } else {
+        "json"
+    }
+}
+
 fn main() {
     let args = Args::parse();
     raise_fd_limit();
@@ -631,7 +642,10 @@ async fn run(args: Args) {
         "\n| mode | conc | path | req/s | p50 ms | p99 ms | added p50 ms | added p99 ms | TTFB p50 ms | added TTFB p50 ms | llmgw CPU ms/req | llmgw RSS MiB | errors |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
-    for stream in [false, true] {
+    let modes = [false, true]
+        .into_iter()
+        .filter(|&stream| args.modes.iter().any(|m| m == mode_name(stream)));
+    for stream in modes {
         for &c in &concurrencies {
             let mut d = Sample::default();
             let mut v: Vec<Sample> = vias.iter().map(|_| Sample::default()).collect();
@@ -646,7 +660,7 @@ async fn run(args: Args) {
                 }
             }
             let (_, rss, _) = proc_stats(pid);
-            let mode = if stream { "stream" } else { "json" };
+            let mode = mode_name(stream);
             let (d50, d99, dt) = (
                 pct(&mut d.total_us, 0.5),
                 pct(&mut d.total_us, 0.99),
