@@ -115,8 +115,8 @@ impl UsageBench<'_> {
                 "{}/orgs/{}/usage?from={}&to={}&group_by={group_by}",
                 g.api,
                 p.org,
-                from.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-                now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                from.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
             );
             let mut us = Vec::with_capacity(self.queries);
             let mut counted = 0;
