@@ -43,7 +43,16 @@ pub(crate) async fn open(
     endpoint: &'static str,
 ) -> Result<(Arc<KeyEntry>, LogGuard), GatewayError> {
     let start = Instant::now();
-    let key = authenticate(gw, req).await?;
+    let trace = gw.tracer.as_ref().map(|t| t.begin(req, endpoint));
+    let key = match authenticate(gw, req).await {
+        Ok(k) => k,
+        Err(e) => {
+            if let Some(t) = trace {
+                t.refused(&request_id(req), endpoint, &e);
+            }
+            return Err(e);
+        }
+    };
     let log = LogGuard::new(
         gw.usage.clone(),
         gw.metrics.clone(),
@@ -52,6 +61,7 @@ pub(crate) async fn open(
         key.id,
         endpoint,
         start,
+        trace,
     );
     Ok((key, log))
 }
