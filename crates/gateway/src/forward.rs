@@ -107,22 +107,30 @@ pub(crate) async fn forward(
     let send = |provider: &ProviderEntry, up: &Upstream, body: Bytes, trace| {
         let url = up.url(route.endpoint);
         let rb = url.map(|url| {
-            request(gw, reqwest::Method::POST, url, provider, up, &request_id, trace)
-                .header(
-                    rq::CONTENT_TYPE,
-                    rq::HeaderValue::from_static("application/json"),
-                )
-                .header(
-                    rq::ACCEPT,
-                    rq::HeaderValue::from_static(if stream {
-                        "text/event-stream"
-                    } else if bytes_out {
-                        "*/*"
-                    } else {
-                        "application/json"
-                    }),
-                )
-                .body(body)
+            request(
+                gw,
+                reqwest::Method::POST,
+                url,
+                provider,
+                up,
+                &request_id,
+                trace,
+            )
+            .header(
+                rq::CONTENT_TYPE,
+                rq::HeaderValue::from_static("application/json"),
+            )
+            .header(
+                rq::ACCEPT,
+                rq::HeaderValue::from_static(if stream {
+                    "text/event-stream"
+                } else if bytes_out {
+                    "*/*"
+                } else {
+                    "application/json"
+                }),
+            )
+            .body(body)
         });
         let name = provider.name.clone();
         let (head, total) = (
@@ -523,9 +531,17 @@ pub(crate) async fn forward_upload(
         .url(endpoint)
         .ok_or_else(|| GatewayError::ProviderMisconfigured(provider.name.clone()))?;
     let trace = log.begin_attempt(&reqwest::Method::POST, &up.chat_url);
-    let mut rb = request(gw, reqwest::Method::POST, url, provider, up, &request_id, trace)
-        .header(rq::CONTENT_TYPE, content_type)
-        .header(rq::ACCEPT, rq::HeaderValue::from_static("*/*"));
+    let mut rb = request(
+        gw,
+        reqwest::Method::POST,
+        url,
+        provider,
+        up,
+        &request_id,
+        trace,
+    )
+    .header(rq::CONTENT_TYPE, content_type)
+    .header(rq::ACCEPT, rq::HeaderValue::from_static("*/*"));
     if let Some(n) = length {
         rb = rb.header(rq::CONTENT_LENGTH, n);
     }

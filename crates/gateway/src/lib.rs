@@ -134,8 +134,7 @@ impl Gateway {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (tracer, exporter) = match cfg.traces.as_ref().map(|t| (t, t.client())) {
             Some((t, Ok(client))) => {
-                let (exporter, task) =
-                    otlp::start(t, client, metrics.clone(), shutdown_rx.clone());
+                let (exporter, task) = otlp::start(t, client, metrics.clone(), shutdown_rx.clone());
                 tracing::info!(endpoint = %t.endpoint, "exporting traces over OTLP/HTTP");
                 let tracer = traces::Tracer::new(exporter, t.sample_ratio);
                 (Some(Arc::new(tracer)), Some(tokio::spawn(task.run())))

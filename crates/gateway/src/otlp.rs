@@ -62,8 +62,8 @@ impl TraceConfig {
             .timeout(self.export_timeout)
             .redirect(reqwest::redirect::Policy::none());
         if let Some(path) = &self.ca_file {
-            let pem = std::fs::read(path)
-                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            let pem =
+                std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
             let roots = reqwest::Certificate::from_pem_bundle(&pem)
                 .ok()
                 .filter(|r| !r.is_empty())
@@ -182,7 +182,10 @@ impl Export {
             {
                 let left = buf.len() + self.rx.len();
                 self.metrics.spans_dropped.fetch_add(left as u64, Relaxed);
-                tracing::warn!(spans = left, "traces not exported: the collector did not answer at shutdown");
+                tracing::warn!(
+                    spans = left,
+                    "traces not exported: the collector did not answer at shutdown"
+                );
                 return;
             }
         }

@@ -420,16 +420,8 @@ async fn send(
     let url = reqwest::Url::parse(&url)
         .map_err(|_| GatewayError::ProviderMisconfigured(provider.name.clone()))?;
     let trace = log.begin_attempt(&action.method(), &up.chat_url);
-    let mut rb = crate::forward::request(
-        gw,
-        action.method(),
-        url,
-        provider,
-        up,
-        &request_id,
-        trace,
-    )
-    .header(
+    let mut rb =
+        crate::forward::request(gw, action.method(), url, provider, up, &request_id, trace).header(
             rq::ACCEPT,
             rq::HeaderValue::from_static("application/json, text/event-stream"),
         );

@@ -89,8 +89,7 @@ impl Parent {
             return None;
         }
         let version = hex::<1>(&s[0..2])?[0];
-        if version == 0xff || (version == 0 && b.len() != 55) || (b.len() > 55 && b[55] != b'-')
-        {
+        if version == 0xff || (version == 0 && b.len() != 55) || (b.len() > 55 && b[55] != b'-') {
             return None;
         }
         let trace_id = hex::<16>(&s[3..35])?;
@@ -324,7 +323,8 @@ impl RequestTrace {
             a.attributes
                 .push(("http.response.status_code", Value::Int(i64::from(status))));
             if status >= 400 {
-                a.attributes.push(("error.type", Value::Str(status.to_string())));
+                a.attributes
+                    .push(("error.type", Value::Str(status.to_string())));
                 a.error = true;
             }
         }
@@ -509,7 +509,12 @@ mod tests {
             b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0g",
             "00-4bf92f3577b34da6a3ce929d0e0e47é-00f067aa0ba902b7-01".as_bytes(),
         ] {
-            assert_eq!(Parent::parse(bad), None, "{:?}", String::from_utf8_lossy(bad));
+            assert_eq!(
+                Parent::parse(bad),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 
@@ -520,8 +525,10 @@ mod tests {
             Some("gpt-4o-2024")
         );
         assert_eq!(
-            response_model(b"data: {\"model\":\"m1\",\"choices\":[]}\n\ndata: {\"model\":\"m2\"}\n\n")
-                .as_deref(),
+            response_model(
+                b"data: {\"model\":\"m1\",\"choices\":[]}\n\ndata: {\"model\":\"m2\"}\n\n"
+            )
+            .as_deref(),
             Some("m1")
         );
         assert_eq!(response_model(b"data: {\"model\":\"cut"), None);

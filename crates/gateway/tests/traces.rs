@@ -204,13 +204,18 @@ async fn a_request_is_one_server_span_continuing_the_clients_trace_and_a_client_
     assert_eq!(client.str("parentSpanId"), server.str("spanId"));
     assert_ne!(client.str("spanId"), server.str("spanId"));
     assert_eq!(client.text("server.address"), Some("127.0.0.1"));
-    assert_eq!(client.int("server.port"), Some(i64::from(env.upstream.port)));
+    assert_eq!(
+        client.int("server.port"),
+        Some(i64::from(env.upstream.port))
+    );
     assert_eq!(client.int("http.response.status_code"), Some(200));
     assert_eq!(client.text("gen_ai.request.model"), Some("gpt-test"));
 
     // The upstream was told the client span as its parent, and the client's tracestate.
     let seen = env.upstream.seen();
-    let tp = seen[0].header("traceparent").expect("a traceparent upstream");
+    let tp = seen[0]
+        .header("traceparent")
+        .expect("a traceparent upstream");
     assert_eq!(
         parts(tp),
         vec!["00", TRACE_ID, client.str("spanId"), "01"],
@@ -221,7 +226,12 @@ async fn a_request_is_one_server_span_continuing_the_clients_trace_and_a_client_
     // The collector got the configured headers, and never a secret.
     let posts = collector.posts.lock().unwrap().clone();
     let (headers, _) = &posts[0];
-    let header = |k: &str| headers.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    let header = |k: &str| {
+        headers
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.as_str())
+    };
     assert_eq!(header("x-collector-token"), Some("collector-secret"));
     assert_eq!(header("content-type"), Some("application/json"));
     let raw = collector.raw();
@@ -237,7 +247,9 @@ async fn a_streams_server_span_ends_with_the_stream_and_carries_its_usage() {
         .http
         .post(format!("{}/v1/chat/completions", env.url))
         .bearer_auth(&env.org.key)
-        .json_body(&json!({"model": "mycompany/gpt-stream", "stream": true, "messages": messages()}))
+        .json_body(
+            &json!({"model": "mycompany/gpt-stream", "stream": true, "messages": messages()}),
+        )
         .send()
         .await
         .unwrap();
@@ -250,7 +262,10 @@ async fn a_streams_server_span_ends_with_the_stream_and_carries_its_usage() {
     assert!(server.v.get("parentSpanId").is_none(), "{server:?}");
     assert_eq!(server.str("traceId").len(), 32);
     assert_ne!(server.str("traceId"), "0".repeat(32));
-    assert_eq!(server.attr("llmgw.streamed"), Some(&json!({"boolValue": true})));
+    assert_eq!(
+        server.attr("llmgw.streamed"),
+        Some(&json!({"boolValue": true}))
+    );
     let rows = env.rows().await;
     assert_eq!(
         server.int("gen_ai.usage.input_tokens"),
@@ -300,7 +315,10 @@ async fn each_attempt_and_fallback_is_its_own_client_span() {
     assert_eq!(failed.int("http.response.status_code"), Some(503));
     assert_eq!(failed.text("error.type"), Some("503"));
     assert_eq!(failed.v["status"]["code"], 2);
-    assert_eq!(failed.int("server.port"), Some(i64::from(env.upstream.port)));
+    assert_eq!(
+        failed.int("server.port"),
+        Some(i64::from(env.upstream.port))
+    );
     assert_eq!(served.int("http.response.status_code"), Some(200));
     assert_eq!(served.int("server.port"), Some(i64::from(backup.port)));
     for c in [failed, served] {
@@ -308,9 +326,8 @@ async fn each_attempt_and_fallback_is_its_own_client_span() {
         assert_eq!(c.str("traceId"), server.str("traceId"));
     }
     // Each upstream saw its own attempt's span as the parent.
-    let parent_of = |u: &MockUpstream| {
-        parts(u.seen()[0].header("traceparent").unwrap())[2].to_owned()
-    };
+    let parent_of =
+        |u: &MockUpstream| parts(u.seen()[0].header("traceparent").unwrap())[2].to_owned();
     assert_eq!(parent_of(&env.upstream), failed.str("spanId"));
     assert_eq!(parent_of(&backup), served.str("spanId"));
     env.stop().await;
@@ -331,7 +348,10 @@ async fn an_invalid_traceparent_starts_a_new_trace_and_a_refused_key_is_traced()
         .unwrap();
     assert_eq!(resp.status(), 200);
     let wrong_key = env
-        .chat_with_key("llmgw-not-a-key", &json!({"model": "mycompany/m", "messages": messages()}))
+        .chat_with_key(
+            "llmgw-not-a-key",
+            &json!({"model": "mycompany/m", "messages": messages()}),
+        )
         .await;
     assert_eq!(wrong_key.status(), 401);
     let (server, _) = collector.wait_for(2, 1).await;
@@ -389,7 +409,9 @@ async fn with_traces_off_no_traceparent_reaches_the_upstream() {
             .bearer_auth(&env.org.key)
             .json_body(&json!({"model": "mycompany/m", "messages": messages()}));
         if let Some(tp) = &traceparent {
-            rb = rb.header("traceparent", tp).header("tracestate", "vendor=abc");
+            rb = rb
+                .header("traceparent", tp)
+                .header("tracestate", "vendor=abc");
         }
         assert_eq!(rb.send().await.unwrap().status(), 200);
     }
@@ -430,7 +452,10 @@ async fn a_collector_that_is_down_costs_requests_nothing_and_its_spans_are_count
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while dropped().await < 6 {
-        assert!(std::time::Instant::now() < deadline, "spans never counted as dropped");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "spans never counted as dropped"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     env.stop().await;

@@ -390,7 +390,12 @@ fn otlp_headers(env: Env) -> Result<reqwest::header::HeaderMap, ConfigError> {
     let Some(v) = get(env, var) else {
         return Ok(headers);
     };
-    for (i, pair) in v.split(',').map(str::trim).filter(|p| !p.is_empty()).enumerate() {
+    for (i, pair) in v
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .enumerate()
+    {
         let bad = |what: &str| ConfigError {
             var,
             message: format!("pair {} {what} (expected key=value,key2=value2)", i + 1),
@@ -877,8 +882,14 @@ mod tests {
         assert_eq!(t.endpoint.as_str(), "https://c.example.com/otlp/v1/traces");
         let t = cfg(&[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://ignored:4318"),
-            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://collector:4318/custom"),
-            ("OTEL_EXPORTER_OTLP_HEADERS", "authorization=Bearer%20abc, x-tenant = t1"),
+            (
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                "http://collector:4318/custom",
+            ),
+            (
+                "OTEL_EXPORTER_OTLP_HEADERS",
+                "authorization=Bearer%20abc, x-tenant = t1",
+            ),
             ("OTEL_SERVICE_NAME", "gw-eu"),
             ("OTEL_TRACES_SAMPLER_ARG", "0.25"),
             ("OTEL_BSP_MAX_QUEUE_SIZE", "100"),
@@ -890,7 +901,10 @@ mod tests {
         assert_eq!(t.endpoint.as_str(), "http://collector:4318/custom");
         assert_eq!(t.headers["authorization"], "Bearer abc");
         assert_eq!(t.headers["x-tenant"], "t1");
-        assert_eq!((t.service_name.as_str(), t.sample_ratio, t.queue_capacity), ("gw-eu", 0.25, 100));
+        assert_eq!(
+            (t.service_name.as_str(), t.sample_ratio, t.queue_capacity),
+            ("gw-eu", 0.25, 100)
+        );
         assert!(!format!("{t:?}").contains("abc"), "{t:?}");
     }
 
@@ -898,7 +912,10 @@ mod tests {
     fn bad_otel_values_name_their_variable_and_never_echo_a_header_value() {
         for (var, val) in [
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318"),
-            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "grpc://collector:4317"),
+            (
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                "grpc://collector:4317",
+            ),
             ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
             ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
             ("OTEL_EXPORTER_OTLP_TIMEOUT", "0"),
