@@ -53,7 +53,7 @@ pub(crate) async fn open(
             return Err(e);
         }
     };
-    let log = LogGuard::new(
+    let mut log = LogGuard::new(
         gw.usage.clone(),
         gw.metrics.clone(),
         request_id(req),
@@ -61,8 +61,8 @@ pub(crate) async fn open(
         key.id,
         endpoint,
         start,
-        trace,
     );
+    log.trace = trace;
     Ok((key, log))
 }
 

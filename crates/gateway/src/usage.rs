@@ -330,7 +330,6 @@ impl LogGuard {
         api_key_id: Uuid,
         endpoint: &'static str,
         start: Instant,
-        trace: Option<Box<RequestTrace>>,
     ) -> Self {
         queue.pending.fetch_add(1, Relaxed);
         Self {
@@ -352,7 +351,7 @@ impl LogGuard {
             attempts: 0,
             endpoint_id: None,
             served: None,
-            trace,
+            trace: None,
             start,
             finished: false,
         }

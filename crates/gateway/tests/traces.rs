@@ -14,10 +14,13 @@ use gateway::TraceConfig;
 use serde_json::{json, Value};
 use testkit::MockUpstream;
 
+/// One export received: its headers and its JSON body.
+type Post = (Vec<(String, String)>, Value);
+
 /// An OTLP/HTTP receiver: every `POST /v1/traces` body, with its headers.
 #[derive(Clone, Default)]
 struct Collector {
-    posts: Arc<Mutex<Vec<(Vec<(String, String)>, Value)>>>,
+    posts: Arc<Mutex<Vec<Post>>>,
 }
 
 async fn receive(req: HttpRequest, body: web::Bytes, c: web::Data<Collector>) -> HttpResponse {
