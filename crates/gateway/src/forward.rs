@@ -1,6 +1,7 @@
 //! Stage 3: the upstream call. No client header is forwarded (so never its
 //! key, cookies or hop-by-hop headers): the upstream gets `content-type`,
-//! `accept`, `x-request-id` and `Authorization: Bearer {provider token}`.
+//! `accept`, `x-request-id` and `Authorization: Bearer {provider token}`
+//! (with traces on, also its attempt's `traceparent`, see [`crate::traces`]).
 //! Back to the client go the upstream's status, body, `content-type`,
 //! `retry-after` and `x-ratelimit-*`.
 //!
