@@ -1,6 +1,7 @@
 //! Stage 3: the upstream call. No client header is forwarded (so never its
 //! key, cookies or hop-by-hop headers): the upstream gets `content-type`,
-//! `accept`, `x-request-id` and `Authorization: Bearer {provider token}`.
+//! `accept`, `x-request-id` and `Authorization: Bearer {provider token}`
+//! (with traces on, also its attempt's `traceparent`, see [`crate::traces`]).
 //! Back to the client go the upstream's status, body, `content-type`,
 //! `retry-after` and `x-ratelimit-*`.
 //!
@@ -36,6 +37,7 @@ use crate::error::{ErrorClass, ErrorNote, GatewayError};
 use crate::retry::{backoff, retryable_failure, retryable_status, unhealthy_status, MAX_ATTEMPTS};
 use crate::route::{storable, Fallback, Route};
 use crate::state::State;
+use crate::traces::TraceHeaders;
 use crate::usage::{usage_of, LogGuard};
 
 static UPSTREAM_REQUEST_ID: rq::HeaderName = rq::HeaderName::from_static("x-request-id");
@@ -59,7 +61,8 @@ pub(crate) enum Answer {
 }
 
 /// An upstream call with the headers every one gets: the endpoint's token,
-/// the provider's static headers and `x-request-id`.
+/// the provider's static headers, `x-request-id`, and with traces on the
+/// attempt's `traceparent`.
 pub(crate) fn request(
     gw: &State,
     method: reqwest::Method,
@@ -67,6 +70,7 @@ pub(crate) fn request(
     provider: &ProviderEntry,
     upstream: &Upstream,
     request_id: &str,
+    trace: Option<TraceHeaders>,
 ) -> reqwest::RequestBuilder {
     let mut rb = gw
         .client
@@ -75,6 +79,9 @@ pub(crate) fn request(
         .header(rq::AUTHORIZATION, upstream.auth.clone());
     for (name, value) in &provider.headers {
         rb = rb.header(name.clone(), value.clone());
+    }
+    if let Some(t) = trace {
+        rb = t.apply(rb);
     }
     match rq::HeaderValue::from_str(request_id) {
         Ok(id) => rb.header(UPSTREAM_REQUEST_ID.clone(), id),
@@ -98,25 +105,33 @@ pub(crate) async fn forward(
     let streamed = stream || bytes_out;
     let timeout = gw.client.timeout();
     let request_id = log.row.request_id.clone();
-    let send = |provider: &ProviderEntry, up: &Upstream, body: Bytes| {
+    let send = |provider: &ProviderEntry, up: &Upstream, body: Bytes, trace| {
         let url = up.url(route.endpoint);
         let rb = url.map(|url| {
-            request(gw, reqwest::Method::POST, url, provider, up, &request_id)
-                .header(
-                    rq::CONTENT_TYPE,
-                    rq::HeaderValue::from_static("application/json"),
-                )
-                .header(
-                    rq::ACCEPT,
-                    rq::HeaderValue::from_static(if stream {
-                        "text/event-stream"
-                    } else if bytes_out {
-                        "*/*"
-                    } else {
-                        "application/json"
-                    }),
-                )
-                .body(body)
+            request(
+                gw,
+                reqwest::Method::POST,
+                url,
+                provider,
+                up,
+                &request_id,
+                trace,
+            )
+            .header(
+                rq::CONTENT_TYPE,
+                rq::HeaderValue::from_static("application/json"),
+            )
+            .header(
+                rq::ACCEPT,
+                rq::HeaderValue::from_static(if stream {
+                    "text/event-stream"
+                } else if bytes_out {
+                    "*/*"
+                } else {
+                    "application/json"
+                }),
+            )
+            .body(body)
         });
         let name = provider.name.clone();
         let (head, total) = (
@@ -161,8 +176,8 @@ pub(crate) async fn forward(
         } else {
             None
         };
-        let result = attempts(gw, provider, prefer, deadline, log, |up| {
-            send(provider, up, body.clone())
+        let result = attempts(gw, provider, prefer, deadline, log, |up, trace| {
+            send(provider, up, body.clone(), trace)
         })
         .await;
         let failed_over = match &result {
@@ -174,6 +189,7 @@ pub(crate) async fn forward(
             Some(f) if failed_over && tokio::time::Instant::now() < deadline => {
                 tracing::info!(request_id = %request_id, from = %provider.name, to = %f.model, "falling back to the next model");
                 gw.metrics.retries.fetch_add(1, Relaxed);
+                log.end_attempt();
                 provider = &f.provider;
                 fallback = Some(f);
                 // Asking for usage depends on what this provider accepts.
@@ -224,13 +240,16 @@ pub(crate) async fn forward(
             .source
             .as_ref()
             .ok_or_else(|| GatewayError::ProviderMisconfigured(provider.name.clone()))?;
-        upstream = send(
+        let trace = log.begin_attempt(&reqwest::Method::POST, &up.chat_url);
+        let sent = send(
             provider,
             up,
             splice.apply_as(raw, false, fallback.map(Fallback::upstream_model)),
+            trace,
         )
-        .await
-        .map_err(|e| match e {
+        .await;
+        note_attempt(log, &sent);
+        upstream = sent.map_err(|e| match e {
             Sent::Failed(e) => fail(e),
             Sent::Refused(e) => e,
         })?;
@@ -266,7 +285,7 @@ async fn attempts<'p, F, Fut>(
     send: F,
 ) -> Result<(reqwest::Response, &'p Upstream), Sent>
 where
-    F: Fn(&'p Upstream) -> Fut,
+    F: Fn(&'p Upstream, Option<TraceHeaders>) -> Fut,
     Fut: std::future::Future<Output = Result<reqwest::Response, Sent>>,
 {
     gw.retries.deposit();
@@ -305,7 +324,9 @@ where
         attempt += 1;
         tried.push(i);
         let hold = Outstanding::new(&up.health);
-        let result = send(up).await;
+        let trace = log.begin_attempt(&reqwest::Method::POST, &up.chat_url);
+        let result = send(up, trace).await;
+        note_attempt(log, &result);
         let again = |gw: &State| {
             attempt < MAX_ATTEMPTS
                 && tokio::time::Instant::now() + backoff(attempt) < deadline
@@ -322,6 +343,7 @@ where
                 if retryable_status(status, resp.headers()) && more(ups, &tried) && again(gw) {
                     tracing::info!(request_id = %log.row.request_id, provider = %provider.name, status, attempt, "retrying on another endpoint");
                     drop(resp);
+                    log.end_attempt();
                     gw.metrics.retries.fetch_add(1, Relaxed);
                     tokio::time::sleep(backoff(attempt)).await;
                     continue;
@@ -357,6 +379,15 @@ where
                 return Err(refused);
             }
         }
+    }
+}
+
+/// What an attempt's client span records of its outcome (traces on).
+fn note_attempt(log: &mut LogGuard, result: &Result<reqwest::Response, Sent>) {
+    match result {
+        Ok(r) => log.attempt_answered(r.status().as_u16()),
+        Err(Sent::Failed(e)) => log.attempt_failed(&UpstreamFailure::of(e).class.to_string()),
+        Err(Sent::Refused(e)) => log.attempt_failed(e.class().as_str()),
     }
 }
 
@@ -500,29 +531,43 @@ pub(crate) async fn forward_upload(
     let url = up
         .url(endpoint)
         .ok_or_else(|| GatewayError::ProviderMisconfigured(provider.name.clone()))?;
-    let mut rb = request(gw, reqwest::Method::POST, url, provider, up, &request_id)
-        .header(rq::CONTENT_TYPE, content_type)
-        .header(rq::ACCEPT, rq::HeaderValue::from_static("*/*"));
+    let trace = log.begin_attempt(&reqwest::Method::POST, &up.chat_url);
+    let mut rb = request(
+        gw,
+        reqwest::Method::POST,
+        url,
+        provider,
+        up,
+        &request_id,
+        trace,
+    )
+    .header(rq::CONTENT_TYPE, content_type)
+    .header(rq::ACCEPT, rq::HeaderValue::from_static("*/*"));
     if let Some(n) = length {
         rb = rb.header(rq::CONTENT_LENGTH, n);
     }
     let send = rb.body(body).send();
     tokio::pin!(send, pump);
-    let upstream = tokio::select! {
-        // The client's faults first: its 413 or 408 is the answer, and
-        // dropping `send` cuts the upload the upstream was getting.
-        biased;
-        pumped = &mut pump => {
-            pumped?;
-            match tokio::time::timeout(timeout, &mut send).await {
-                Ok(r) => r.map_err(&fail)?,
-                Err(_) => return Err(timed_out(&provider.name, timeout)),
+    let upstream = async {
+        Ok(tokio::select! {
+            // The client's faults first: its 413 or 408 is the answer, and
+            // dropping `send` cuts the upload the upstream was getting.
+            biased;
+            pumped = &mut pump => {
+                pumped?;
+                match tokio::time::timeout(timeout, &mut send).await {
+                    Ok(r) => r.map_err(&fail)?,
+                    Err(_) => return Err(timed_out(&provider.name, timeout)),
+                }
             }
-        }
-        // Answered before the whole upload was read (an early error status):
-        // the rest is not read, and the upstream's answer is relayed.
-        sent = &mut send => sent.map_err(&fail)?,
-    };
+            // Answered before the whole upload was read (an early error status):
+            // the rest is not read, and the upstream's answer is relayed.
+            sent = &mut send => sent.map_err(&fail)?,
+        })
+    }
+    .await;
+    log.attempt_result(&upstream);
+    let upstream = upstream?;
     let deadline = tokio::time::Instant::now() + timeout;
     let expect = Expect {
         stream: false,
@@ -571,6 +616,11 @@ fn full_answer(
         // Error bodies are relayed, but never with the provider's own secret in them.
         redact(bytes, provider.secrets())
     };
+    if success {
+        if let Some(t) = &mut log.trace {
+            t.answered_by(&bytes);
+        }
+    }
     let error_class = if !success {
         Some(ErrorClass::UpstreamStatus)
     } else if let Some(u) = usage_of(&bytes) {

@@ -18,12 +18,14 @@ mod metrics;
 mod models;
 mod multipart;
 mod observe;
+mod otlp;
 mod pipeline;
 mod relay;
 mod responses;
 mod retry;
 mod route;
 mod state;
+mod traces;
 mod upload;
 mod usage;
 
@@ -37,6 +39,7 @@ use tokio::sync::watch;
 
 pub use balance::HealthConfig;
 pub use error::{ErrorClass, GatewayError};
+pub use otlp::TraceConfig;
 
 use cache::{KeyCache, ProviderCache};
 use endpoint::Endpoint;
@@ -78,6 +81,8 @@ pub struct GatewayConfig {
     /// `LLMGW_REDIS_URL`: where this replica reports its view of endpoint
     /// health for the settings API; `None`: not reported (the API shows `unknown`).
     pub health_views: Option<limits::HealthViews>,
+    /// OpenTelemetry traces over OTLP/HTTP; `None` (the default): off.
+    pub traces: Option<TraceConfig>,
 }
 
 impl GatewayConfig {
@@ -96,6 +101,7 @@ impl GatewayConfig {
             limiter: limits::Limiter::local(limits::Config::default()),
             health: HealthConfig::default(),
             health_views: None,
+            traces: None,
         }
     }
 }
@@ -126,6 +132,19 @@ impl Gateway {
         let (usage, rx) = UsageQueue::new(cfg.log_queue_capacity, metrics.clone());
         let health = Arc::new(balance::HealthTable::new(cfg.health));
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let (tracer, exporter) = match cfg.traces.as_ref().map(|t| (t, t.client())) {
+            Some((t, Ok(client))) => {
+                let (exporter, task) = otlp::start(t, client, metrics.clone(), shutdown_rx.clone());
+                tracing::info!(endpoint = %t.endpoint, "exporting traces over OTLP/HTTP");
+                let tracer = traces::Tracer::new(exporter, t.sample_ratio);
+                (Some(Arc::new(tracer)), Some(tokio::spawn(task.run())))
+            }
+            Some((_, Err(e))) => {
+                tracing::error!(error = %e, "traces are off: the collector's client cannot be built");
+                (None, None)
+            }
+            None => (None, None),
+        };
         let inner = Arc::new(State {
             db: db.clone(),
             client: cfg.upstream.clone(),
@@ -142,6 +161,8 @@ impl Gateway {
             usage: usage.clone(),
             limiter: cfg.limiter.clone(),
             metrics,
+            tracer,
+            exporter: Mutex::new(exporter),
             shutdown,
             tasks: Mutex::new(Vec::new()),
             writer: Mutex::new(None),
@@ -299,6 +320,21 @@ impl Gateway {
                 let lost = usage.depth() as u64;
                 usage.dropped(lost, "the usage writer did not finish in time at shutdown");
                 tracing::error!(rows = lost, "usage writer did not finish within {budget:?}");
+            }
+        }
+        let exporter = self
+            .inner
+            .exporter
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(mut e) = exporter {
+            // The exporter bounds its own last POST; this is a backstop.
+            if tokio::time::timeout(Duration::from_secs(10), &mut e)
+                .await
+                .is_err()
+            {
+                e.abort();
             }
         }
         let tasks: Vec<_> =

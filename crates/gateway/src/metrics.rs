@@ -92,6 +92,9 @@ pub(crate) struct Metrics {
     /// Refusals by spend controls, by [`RefusalKind`] (in `LIMITED_KINDS` order).
     limited: [AtomicU64; LIMITED_KINDS.len()],
     pub retries: AtomicU64,
+    /// Spans the collector accepted, and spans dropped (queue full, collector slow or down).
+    pub spans_exported: AtomicU64,
+    pub spans_dropped: AtomicU64,
 }
 
 /// Every refusal kind, in the order `/metrics` lists them.
@@ -122,6 +125,8 @@ impl Default for Metrics {
             streams_canceled: AtomicU64::new(0),
             limited: Default::default(),
             retries: AtomicU64::new(0),
+            spans_exported: AtomicU64::new(0),
+            spans_dropped: AtomicU64::new(0),
         }
     }
 }
@@ -231,6 +236,18 @@ impl Metrics {
              llmgw_gateway_usage_queue_depth {queue_depth}\n\
              # HELP llmgw_gateway_usage_queue_capacity Usage rows the queue can hold.\n# TYPE llmgw_gateway_usage_queue_capacity gauge\n\
              llmgw_gateway_usage_queue_capacity {queue_capacity}"
+        );
+        counter(
+            &mut out,
+            "llmgw_gateway_trace_spans_exported_total",
+            "Trace spans the OTLP collector accepted.",
+            self.spans_exported.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "llmgw_gateway_trace_spans_dropped_total",
+            "Trace spans dropped: the export queue was full, or the collector failed or was too slow.",
+            self.spans_dropped.load(Relaxed),
         );
         counter(
             &mut out,

@@ -43,8 +43,17 @@ pub(crate) async fn open(
     endpoint: &'static str,
 ) -> Result<(Arc<KeyEntry>, LogGuard), GatewayError> {
     let start = Instant::now();
-    let key = authenticate(gw, req).await?;
-    let log = LogGuard::new(
+    let trace = gw.tracer.as_ref().map(|t| t.begin(req, endpoint));
+    let key = match authenticate(gw, req).await {
+        Ok(k) => k,
+        Err(e) => {
+            if let Some(t) = trace {
+                t.refused(&request_id(req), endpoint, &e);
+            }
+            return Err(e);
+        }
+    };
+    let mut log = LogGuard::new(
         gw.usage.clone(),
         gw.metrics.clone(),
         request_id(req),
@@ -53,6 +62,7 @@ pub(crate) async fn open(
         endpoint,
         start,
     );
+    log.trace = trace;
     Ok((key, log))
 }
 

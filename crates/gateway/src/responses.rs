@@ -419,8 +419,9 @@ async fn send(
     }
     let url = reqwest::Url::parse(&url)
         .map_err(|_| GatewayError::ProviderMisconfigured(provider.name.clone()))?;
-    let mut rb = crate::forward::request(gw, action.method(), url, provider, up, &request_id)
-        .header(
+    let trace = log.begin_attempt(&action.method(), &up.chat_url);
+    let mut rb =
+        crate::forward::request(gw, action.method(), url, provider, up, &request_id, trace).header(
             rq::ACCEPT,
             rq::HeaderValue::from_static("application/json, text/event-stream"),
         );
@@ -436,9 +437,11 @@ async fn send(
     let fail = |e: reqwest::Error| classify(&e, &provider.name, timeout, &request_id);
     let deadline = tokio::time::Instant::now() + timeout;
     let upstream = match tokio::time::timeout_at(deadline, rb.send()).await {
-        Ok(r) => r.map_err(fail)?,
-        Err(_) => return Err(timed_out(&provider.name, timeout)),
+        Ok(r) => r.map_err(fail),
+        Err(_) => Err(timed_out(&provider.name, timeout)),
     };
+    log.attempt_result(&upstream);
+    let upstream = upstream?;
     let status = upstream.status().as_u16();
     if (300..400).contains(&status) {
         return Err(GatewayError::UpstreamRedirect {

@@ -37,6 +37,10 @@ pub(crate) struct State {
     /// Spend controls (on Redis, or in process).
     pub limiter: limits::Limiter,
     pub metrics: Arc<Metrics>,
+    /// `Some` when traces are exported (`OTEL_EXPORTER_OTLP_*ENDPOINT`); `None` costs nothing.
+    pub tracer: Option<Arc<crate::traces::Tracer>>,
+    /// The trace exporter's task, awaited at shutdown for its last batch.
+    pub exporter: Mutex<Option<JoinHandle<()>>>,
     pub shutdown: watch::Sender<bool>,
     pub tasks: Mutex<Vec<JoinHandle<()>>>,
     pub writer: Mutex<Option<JoinHandle<()>>>,

@@ -16,6 +16,7 @@ use uuid::Uuid;
 use crate::admit::Charge;
 use crate::balance::Outstanding;
 use crate::error::ErrorClass;
+use crate::traces::{RequestTrace, TraceHeaders};
 
 /// A usage row and the endpoint it is for.
 pub(crate) type Queued = (RequestLog, &'static str);
@@ -314,6 +315,8 @@ pub(crate) struct LogGuard {
     pub endpoint_id: Option<Uuid>,
     /// With fallbacks: the `{customName}/{modelName}` that served (`x-llmgw-model`).
     pub served: Option<String>,
+    /// The request's trace, when traces are on; ended with the row.
+    pub trace: Option<Box<RequestTrace>>,
     start: Instant,
     finished: bool,
 }
@@ -348,6 +351,7 @@ impl LogGuard {
             attempts: 0,
             endpoint_id: None,
             served: None,
+            trace: None,
             start,
             finished: false,
         }
@@ -373,6 +377,51 @@ impl LogGuard {
         }
         self.row.latency_ms = self.elapsed_ms();
         self.finished = true;
+    }
+
+    /// Opens an upstream attempt's client span (traces on) and returns the headers that carry it.
+    pub fn begin_attempt(
+        &mut self,
+        method: &reqwest::Method,
+        url: &reqwest::Url,
+    ) -> Option<TraceHeaders> {
+        let row = &self.row;
+        let trace = self.trace.as_mut()?;
+        Some(trace.begin_attempt(
+            method.as_str(),
+            row.provider_name.as_deref(),
+            row.upstream_model.as_deref(),
+            url,
+        ))
+    }
+
+    /// The open attempt got an answer's head.
+    pub fn attempt_answered(&mut self, status: u16) {
+        if let Some(t) = &mut self.trace {
+            t.attempt_answered(status);
+        }
+    }
+
+    /// An attempt's outcome: an answer's head, or the gateway's error.
+    pub fn attempt_result(&mut self, r: &Result<reqwest::Response, crate::GatewayError>) {
+        match r {
+            Ok(r) => self.attempt_answered(r.status().as_u16()),
+            Err(e) => self.attempt_failed(e.class().as_str()),
+        }
+    }
+
+    /// The open attempt failed without an answer (`error.type`).
+    pub fn attempt_failed(&mut self, error_type: &str) {
+        if let Some(t) = &mut self.trace {
+            t.attempt_failed(error_type);
+        }
+    }
+
+    /// The open attempt is over (its answer will not be used).
+    pub fn end_attempt(&mut self) {
+        if let Some(t) = &mut self.trace {
+            t.end_attempt();
+        }
     }
 
     pub fn set_usage(&mut self, u: Usage) {
@@ -406,6 +455,9 @@ impl Drop for LogGuard {
         }
         if let Some(charge) = self.charge.take() {
             charge.settle(&self.row);
+        }
+        if let Some(trace) = self.trace.take() {
+            trace.finish(&self.row, self.endpoint);
         }
         let row = std::mem::replace(&mut self.row, empty_row());
         self.queue.push((row, self.endpoint));

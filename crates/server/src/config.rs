@@ -67,6 +67,16 @@ pub const SETTINGS: &[Setting] = &[
     s("LLMGW_LIMITS_FAIL_OPEN", "true", "Redis unreachable or slower than 50 ms: keep serving on this replica's own counters (true), or refuse limited requests with 503 (false)."),
     s("LLMGW_LIMITS_LEASE_TTL_MS", "30000", "How long a concurrency slot outlives a gateway that stopped renewing it (killed), milliseconds."),
     s("LLMGW_LIMITS_HOLD_MS", "50", "With Redis: how long a gateway admits a busy key's requests from quota it took from Redis ahead (a grant), before asking again, milliseconds (0 to 1000; 0: every request asks Redis). Units a replica holds unused are unavailable to the others for at most this long."),
+    s("OTEL_EXPORTER_OTLP_ENDPOINT", "", "OpenTelemetry collector base URL (http(s)://host:4318): traces of every gateway request go to {it}/v1/traces over OTLP/HTTP in JSON. Unset (and OTEL_EXPORTER_OTLP_TRACES_ENDPOINT unset): no traces, at no cost."),
+    s("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "", "The collector's full traces URL, used as written (wins over OTEL_EXPORTER_OTLP_ENDPOINT)."),
+    s("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json", "OTLP encoding: http/json only (no gRPC, no protobuf)."),
+    s("OTEL_EXPORTER_OTLP_HEADERS", "", "Headers sent to the collector, key=value pairs separated by commas, values percent-encoded (e.g. authorization=Bearer%20abc)."),
+    s("OTEL_EXPORTER_OTLP_TIMEOUT", "10000", "Longest an export to the collector may take, milliseconds; a slower one is dropped (counted in llmgw_gateway_trace_spans_dropped_total)."),
+    s("OTEL_EXPORTER_OTLP_CERTIFICATE", "", "PEM file of extra root certificates trusted for the collector's TLS."),
+    s("OTEL_SERVICE_NAME", "llmgw", "service.name of the exported traces."),
+    s("OTEL_TRACES_SAMPLER_ARG", "1.0", "Share of new traces recorded, 0 to 1 (by trace id); a client's traceparent decides for its own trace (sampled flag)."),
+    s("OTEL_BSP_MAX_QUEUE_SIZE", "2048", "Finished spans held in memory for export; beyond, new ones are dropped (counted)."),
+    s("OTEL_BSP_SCHEDULE_DELAY", "5000", "Longest wait before queued spans are exported, milliseconds."),
     s("LLMGW_ALERT_WEBHOOK_URL", "", "http(s) URL the gateways POST a JSON event to when a key's or org's day or month budget reaches its soft_limit_percent, and when it reaches the limit (once per period across every replica). Called as configured (private addresses allowed). Unset: no alerts."),
 ];
 
@@ -205,6 +215,8 @@ pub struct Config {
     pub limits_hold: Duration,
     /// `LLMGW_ALERT_WEBHOOK_URL`: where spend alerts are POSTed.
     pub alert_webhook_url: Option<String>,
+    /// The `OTEL_*` settings; `None` without a collector endpoint (traces off).
+    pub traces: Option<gateway::TraceConfig>,
 }
 
 impl std::fmt::Debug for Config {
@@ -367,6 +379,104 @@ fn redis_urls(env: Env) -> Result<Vec<String>, ConfigError> {
             }
         })
         .collect()
+}
+
+/// An `http(s)://` URL with a host, for the collector.
+fn collector_url(env: Env, var: &'static str) -> Result<Option<reqwest::Url>, ConfigError> {
+    let Some(v) = get(env, var) else {
+        return Ok(None);
+    };
+    let bad = || ConfigError {
+        var,
+        message: "expected an http(s) URL with a host (e.g. http://otel-collector:4318)".into(),
+    };
+    let url = reqwest::Url::parse(&v).map_err(|_| bad())?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(bad());
+    }
+    Ok(Some(url))
+}
+
+/// `OTEL_EXPORTER_OTLP_HEADERS`: `key=value,key2=value2`, values percent-encoded.
+/// Values are often tokens: no message repeats one.
+fn otlp_headers(env: Env) -> Result<reqwest::header::HeaderMap, ConfigError> {
+    let var = "OTEL_EXPORTER_OTLP_HEADERS";
+    let mut headers = reqwest::header::HeaderMap::new();
+    let Some(v) = get(env, var) else {
+        return Ok(headers);
+    };
+    for (i, pair) in v
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .enumerate()
+    {
+        let bad = |what: &str| ConfigError {
+            var,
+            message: format!("pair {} {what} (expected key=value,key2=value2)", i + 1),
+        };
+        let (k, v) = pair.split_once('=').ok_or_else(|| bad("has no ="))?;
+        let name = reqwest::header::HeaderName::from_bytes(k.trim().as_bytes())
+            .map_err(|_| bad("has an invalid header name"))?;
+        let value = percent_encoding::percent_decode_str(v.trim())
+            .decode_utf8()
+            .ok()
+            .and_then(|v| reqwest::header::HeaderValue::from_str(&v).ok())
+            .ok_or_else(|| bad("has an invalid value"))?;
+        headers.append(name, value);
+    }
+    Ok(headers)
+}
+
+/// The `OTEL_*` settings, all checked; `None` when no endpoint is set.
+fn traces(env: Env) -> Result<Option<gateway::TraceConfig>, ConfigError> {
+    let protocol = get(env, "OTEL_EXPORTER_OTLP_PROTOCOL");
+    if protocol.as_deref().is_some_and(|p| p != "http/json") {
+        return Err(ConfigError {
+            var: "OTEL_EXPORTER_OTLP_PROTOCOL",
+            message: format!(
+                "only http/json is supported (collectors take it on port 4318), got {:?}",
+                protocol.unwrap_or_default()
+            ),
+        });
+    }
+    let base = collector_url(env, "OTEL_EXPORTER_OTLP_ENDPOINT")?.map(|mut u| {
+        let path = format!("{}/v1/traces", u.path().trim_end_matches('/'));
+        u.set_path(&path);
+        u
+    });
+    let endpoint = collector_url(env, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")?.or(base);
+    let headers = otlp_headers(env)?;
+    let export_timeout = millis(env, "OTEL_EXPORTER_OTLP_TIMEOUT", 10_000)?;
+    let ca_file = get(env, "OTEL_EXPORTER_OTLP_CERTIFICATE").map(PathBuf::from);
+    if let Some(p) = &ca_file {
+        if !p.is_file() {
+            return Err(ConfigError {
+                var: "OTEL_EXPORTER_OTLP_CERTIFICATE",
+                message: format!("{} is not a readable file", p.display()),
+            });
+        }
+    }
+    let service_name = get(env, "OTEL_SERVICE_NAME").unwrap_or_else(|| "llmgw".into());
+    let sample_ratio: f64 = parse(env, "OTEL_TRACES_SAMPLER_ARG", 1.0, "a number from 0 to 1")?;
+    if !(0.0..=1.0).contains(&sample_ratio) {
+        return Err(ConfigError {
+            var: "OTEL_TRACES_SAMPLER_ARG",
+            message: format!("expected a number from 0 to 1, got {sample_ratio}"),
+        });
+    }
+    let queue_capacity = positive(env, "OTEL_BSP_MAX_QUEUE_SIZE", 2048)?;
+    let schedule_delay = millis(env, "OTEL_BSP_SCHEDULE_DELAY", 5_000)?;
+    Ok(endpoint.map(|endpoint| gateway::TraceConfig {
+        headers,
+        service_name,
+        sample_ratio,
+        queue_capacity,
+        schedule_delay,
+        export_timeout,
+        ca_file,
+        ..gateway::TraceConfig::new(endpoint)
+    }))
 }
 
 fn session_ttl(env: Env) -> Result<Duration, ConfigError> {
@@ -546,6 +656,7 @@ impl Config {
             limits_lease_ttl: millis(env, "LLMGW_LIMITS_LEASE_TTL_MS", 30_000)?,
             limits_hold: limits_hold(env)?,
             alert_webhook_url: webhook_url(env, "LLMGW_ALERT_WEBHOOK_URL")?,
+            traces: traces(env)?,
         })
     }
 }
@@ -678,7 +789,7 @@ mod tests {
     fn every_variable_read_here_is_in_the_table() {
         let src = include_str!("config.rs");
         let mut read = Vec::new();
-        for prefix in ["\"LLMGW_", "\"DATABASE_URL\""] {
+        for prefix in ["\"LLMGW_", "\"OTEL_", "\"DATABASE_URL\""] {
             for (i, _) in src.match_indices(prefix) {
                 let name: String = src[i + 1..]
                     .chars()
@@ -778,6 +889,76 @@ mod tests {
         assert_eq!(c.log_retention_days, 90);
         let c = cfg(&[("LLMGW_LOG_RETENTION_DAYS", "7")]).unwrap();
         assert_eq!(c.log_retention_days, 7);
+    }
+
+    #[test]
+    fn traces_are_off_without_an_endpoint_and_follow_the_otel_variables() {
+        assert!(cfg(&[]).unwrap().traces.is_none());
+        assert!(cfg(&[("OTEL_SERVICE_NAME", "x")]).unwrap().traces.is_none());
+        let t = cfg(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318")])
+            .unwrap()
+            .traces
+            .unwrap();
+        assert_eq!(t.endpoint.as_str(), "http://collector:4318/v1/traces");
+        assert_eq!(t.service_name, "llmgw");
+        assert_eq!(t.sample_ratio, 1.0);
+        let t = cfg(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "https://c.example.com/otlp/")])
+            .unwrap()
+            .traces
+            .unwrap();
+        assert_eq!(t.endpoint.as_str(), "https://c.example.com/otlp/v1/traces");
+        let t = cfg(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://ignored:4318"),
+            (
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                "http://collector:4318/custom",
+            ),
+            (
+                "OTEL_EXPORTER_OTLP_HEADERS",
+                "authorization=Bearer%20abc, x-tenant = t1",
+            ),
+            ("OTEL_SERVICE_NAME", "gw-eu"),
+            ("OTEL_TRACES_SAMPLER_ARG", "0.25"),
+            ("OTEL_BSP_MAX_QUEUE_SIZE", "100"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+        ])
+        .unwrap()
+        .traces
+        .unwrap();
+        assert_eq!(t.endpoint.as_str(), "http://collector:4318/custom");
+        assert_eq!(t.headers["authorization"], "Bearer abc");
+        assert_eq!(t.headers["x-tenant"], "t1");
+        assert_eq!(
+            (t.service_name.as_str(), t.sample_ratio, t.queue_capacity),
+            ("gw-eu", 0.25, 100)
+        );
+        assert!(!format!("{t:?}").contains("abc"), "{t:?}");
+    }
+
+    #[test]
+    fn bad_otel_values_name_their_variable_and_never_echo_a_header_value() {
+        for (var, val) in [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318"),
+            (
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                "grpc://collector:4317",
+            ),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "0"),
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", "/does/not/exist.pem"),
+            ("OTEL_TRACES_SAMPLER_ARG", "1.5"),
+            ("OTEL_TRACES_SAMPLER_ARG", "half"),
+            ("OTEL_BSP_MAX_QUEUE_SIZE", "0"),
+        ] {
+            let e = cfg(&[(var, val)]).unwrap_err();
+            assert_eq!(e.var, var, "{e}");
+        }
+        for bad in ["novalue-secret123", "bad name=secret123", "k=secret123%0A"] {
+            let e = cfg(&[("OTEL_EXPORTER_OTLP_HEADERS", bad)]).unwrap_err();
+            assert_eq!(e.var, "OTEL_EXPORTER_OTLP_HEADERS");
+            assert!(!e.to_string().contains("secret123"), "{e}");
+        }
     }
 
     #[test]

@@ -97,6 +97,10 @@ pub async fn serve(cfg: Config, only: Option<Listener>) -> Result<(), String> {
         timeout: cfg.upstream_timeout,
     })
     .map_err(|e| format!("LLMGW_UPSTREAM_CA_FILE: {}", error_chain(&e)))?;
+    if let Some(t) = &cfg.traces {
+        t.client()
+            .map_err(|e| format!("OTEL_EXPORTER_OTLP_CERTIFICATE: {e}"))?;
+    }
     let opened = database::open(&cfg).await?;
     // Whatever happens while serving, the embedded cluster is stopped.
     let result = run(&cfg, only, opened.db.clone(), upstream).await;
@@ -238,6 +242,7 @@ async fn listen(
                 metrics_on_gateway: cfg.metrics_addr.is_none(),
                 limiter,
                 health_views: health_views(cfg, GATEWAY_HEALTH_TIMEOUT)?,
+                traces: cfg.traces.clone(),
                 ..gateway::GatewayConfig::new(upstream.clone())
             },
         )

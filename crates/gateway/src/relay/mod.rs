@@ -130,6 +130,9 @@ impl Stream for Relay {
                     this.finish();
                 } else if this.first {
                     this.first = false;
+                    if let (Some(t), Ok(bytes)) = (&mut this.log.trace, &chunk) {
+                        t.answered_by(bytes);
+                    }
                     this.log.set_ttfb();
                     this.metrics.upstream_ttfb.observe(this.log.elapsed());
                 }
