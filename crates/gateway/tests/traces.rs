@@ -5,135 +5,13 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use actix_web::{web, HttpRequest, HttpResponse};
 use common::*;
 use gateway::TraceConfig;
-use serde_json::{json, Value};
+use serde_json::json;
+use testkit::otlp::{Collector, Span};
 use testkit::MockUpstream;
-
-/// One export received: its headers and its JSON body.
-type Post = (Vec<(String, String)>, Value);
-
-/// An OTLP/HTTP receiver: every `POST /v1/traces` body, with its headers.
-#[derive(Clone, Default)]
-struct Collector {
-    posts: Arc<Mutex<Vec<Post>>>,
-}
-
-async fn receive(req: HttpRequest, body: web::Bytes, c: web::Data<Collector>) -> HttpResponse {
-    let headers = req
-        .headers()
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_owned()))
-        .collect();
-    match serde_json::from_slice(&body) {
-        Ok(v) => {
-            c.posts.lock().unwrap().push((headers, v));
-            HttpResponse::Ok().json(json!({}))
-        }
-        Err(_) => HttpResponse::BadRequest().finish(),
-    }
-}
-
-/// One received span, its resource's `service.name` beside it.
-#[derive(Debug, Clone)]
-struct Span {
-    service: String,
-    v: Value,
-}
-
-impl Span {
-    fn str(&self, key: &str) -> &str {
-        self.v[key].as_str().unwrap_or_default()
-    }
-
-    fn attr(&self, key: &str) -> Option<&Value> {
-        self.v["attributes"]
-            .as_array()?
-            .iter()
-            .find(|a| a["key"] == key)
-            .map(|a| &a["value"])
-    }
-
-    fn text(&self, key: &str) -> Option<&str> {
-        self.attr(key)?["stringValue"].as_str()
-    }
-
-    /// OTLP JSON carries int64 as a string.
-    fn int(&self, key: &str) -> Option<i64> {
-        self.attr(key)?["intValue"].as_str()?.parse().ok()
-    }
-
-    fn kind(&self) -> u64 {
-        self.v["kind"].as_u64().unwrap_or_default()
-    }
-}
-
-impl Collector {
-    async fn start() -> (Self, String) {
-        let c = Self::default();
-        let data = web::Data::new(c.clone());
-        let (url, _handle) = testkit::spawn_http(move |cfg| {
-            cfg.app_data(data.clone())
-                .route("/v1/traces", web::post().to(receive));
-        });
-        (c, format!("{url}/v1/traces"))
-    }
-
-    fn spans(&self) -> Vec<Span> {
-        let mut out = Vec::new();
-        for (_, body) in self.posts.lock().unwrap().iter() {
-            for rs in body["resourceSpans"].as_array().into_iter().flatten() {
-                let service = rs["resource"]["attributes"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .find(|a| a["key"] == "service.name")
-                    .and_then(|a| a["value"]["stringValue"].as_str())
-                    .unwrap_or_default()
-                    .to_owned();
-                for ss in rs["scopeSpans"].as_array().into_iter().flatten() {
-                    for s in ss["spans"].as_array().into_iter().flatten() {
-                        out.push(Span {
-                            service: service.clone(),
-                            v: s.clone(),
-                        });
-                    }
-                }
-            }
-        }
-        out
-    }
-
-    /// Waits until the collector holds `servers` server spans and `clients` client spans.
-    async fn wait_for(&self, servers: usize, clients: usize) -> (Vec<Span>, Vec<Span>) {
-        eventually("the spans reach the collector", || {
-            let s = self.spans();
-            s.iter().filter(|s| s.kind() == 2).count() >= servers
-                && s.iter().filter(|s| s.kind() == 3).count() >= clients
-        })
-        .await;
-        // Nothing more than expected arrives.
-        tokio::time::sleep(Duration::from_millis(150)).await;
-        let s = self.spans();
-        let (server, client): (Vec<_>, Vec<_>) = s.into_iter().partition(|s| s.kind() == 2);
-        assert_eq!(server.len(), servers, "{server:#?}");
-        assert_eq!(client.len(), clients, "{client:#?}");
-        (server, client)
-    }
-
-    fn raw(&self) -> String {
-        self.posts
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(h, b)| format!("{h:?} {b}"))
-            .collect()
-    }
-}
 
 fn tracing_to(url: &str) -> impl FnOnce(&mut gateway::GatewayConfig) {
     let mut t = TraceConfig::new(url.parse().unwrap());
@@ -227,7 +105,7 @@ async fn a_request_is_one_server_span_continuing_the_clients_trace_and_a_client_
     assert_eq!(seen[0].header("tracestate"), Some("vendor=abc"));
 
     // The collector got the configured headers, and never a secret.
-    let posts = collector.posts.lock().unwrap().clone();
+    let posts = collector.posts();
     let (headers, _) = &posts[0];
     let header = |k: &str| {
         headers

@@ -4,6 +4,7 @@
 
 pub mod blackhole;
 pub mod db;
+pub mod otlp;
 pub mod raw;
 pub mod redis;
 pub mod tls;
