@@ -56,8 +56,9 @@ BEGIN
 END;
 $$;
 
--- Element-wise sum of two histograms (upserts of rollups, parallel aggregation).
-CREATE FUNCTION llmgw_histogram_add(a integer[], b integer[]) RETURNS integer[]
+-- Element-wise sum of two histograms, integer[] or bigint[] alike (upserts
+-- of rollups, sums of rollups, parallel aggregation).
+CREATE FUNCTION llmgw_histogram_add(a anyarray, b anyarray) RETURNS anyarray
     LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
 BEGIN
     IF a IS NULL THEN
@@ -82,34 +83,9 @@ CREATE AGGREGATE llmgw_histogram(integer) (
 );
 
 CREATE FUNCTION llmgw_histogram_sum_step(acc bigint[], h integer[]) RETURNS bigint[]
-    LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
-BEGIN
-    IF h IS NULL THEN
-        RETURN acc;
-    ELSIF acc IS NULL THEN
-        RETURN h::bigint[];
-    END IF;
-    FOR i IN 1..128 LOOP
-        acc[i] := acc[i] + h[i];
-    END LOOP;
-    RETURN acc;
-END;
-$$;
-
-CREATE FUNCTION llmgw_histogram_sum_combine(a bigint[], b bigint[]) RETURNS bigint[]
-    LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
-BEGIN
-    IF a IS NULL THEN
-        RETURN b;
-    ELSIF b IS NULL THEN
-        RETURN a;
-    END IF;
-    FOR i IN 1..128 LOOP
-        a[i] := a[i] + b[i];
-    END LOOP;
-    RETURN a;
-END;
-$$;
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $f$
+    SELECT llmgw_histogram_add(acc, h::bigint[])
+$f$;
 
 -- The histogram of (bucket, count) pairs: what the hot paths build, so
 -- that the rows are counted by native aggregation and only each bucket
@@ -127,7 +103,7 @@ CREATE AGGREGATE llmgw_histogram_of(integer, bigint) (
 CREATE AGGREGATE llmgw_histogram_sum(integer[]) (
     SFUNC = llmgw_histogram_sum_step,
     STYPE = bigint[],
-    COMBINEFUNC = llmgw_histogram_sum_combine,
+    COMBINEFUNC = llmgw_histogram_add,
     PARALLEL = SAFE
 );
 

@@ -449,10 +449,10 @@ impl Grants {
         limits: &[[i64; 6]; 2],
         need: (i64, i64),
     ) -> Option<Drawn> {
-        let (open, next) = {
+        let (open, has_next) = {
             let map = self.lock();
             let e = map.get(&pair)?;
-            (e.grant.clone(), e.next.clone())
+            (e.grant.clone(), e.next.is_some())
         };
         let usable = |g: &Arc<Grant>| g.serves(limits);
         if let Some(g) = open.as_ref().filter(|g| usable(g)) {
@@ -460,11 +460,12 @@ impl Grants {
                 return Some(Drawn {
                     held,
                     headers,
-                    ask_ahead: low && next.is_none(),
+                    ask_ahead: low && !has_next,
                 });
             }
         }
-        let g = next.filter(usable)?;
+        // The open grant has nothing left: the next one, if it was asked for.
+        let g = self.lock().get(&pair)?.next.clone().filter(usable)?;
         let (held, headers, _) = g.draw(need)?;
         let mut map = self.lock();
         if let Some(e) = map.get_mut(&pair) {

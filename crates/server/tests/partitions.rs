@@ -25,20 +25,11 @@ async fn partition(t: &TestDb, days: i32) -> bool {
 /// are gone with their partition, and a partition of 10 days ago is left.
 async fn months_later() -> TestDb {
     let t = TestDb::new().await;
-    let before: String = sqlx::query_scalar(
-        "SELECT inhrelid::regclass::text FROM pg_inherits
-         WHERE inhparent = 'request_logs'::regclass AND inhrelid::regclass::text LIKE 'request_logs_before_%'",
-    )
-    .fetch_one(t.db.pool())
-    .await
-    .unwrap();
-    sqlx::raw_sql(&format!(
-        "ALTER TABLE request_logs DETACH PARTITION {before}; DROP TABLE {before};
-         SELECT llmgw_create_log_partition((now() AT TIME ZONE 'UTC')::date - 10)"
-    ))
-    .execute(t.db.pool())
-    .await
-    .unwrap();
+    t.drop_first_log_partition().await;
+    sqlx::query("SELECT llmgw_create_log_partition((now() AT TIME ZONE 'UTC')::date - 10)")
+        .execute(t.db.pool())
+        .await
+        .unwrap();
     assert!(partition(&t, -10).await && !partition(&t, -2).await);
     t
 }

@@ -321,28 +321,10 @@ async fn concurrent_writers_on_the_same_keys_do_not_deadlock() {
     assert_eq!(rollup_mismatches(&t).await, 0);
 }
 
-/// Drops the partition of the time before partitioning, as retention does
-/// once it is old: what a database looks like months after the upgrade.
-async fn drop_the_first_partition(t: &TestDb) {
-    let before: String = sqlx::query_scalar(
-        "SELECT inhrelid::regclass::text FROM pg_inherits
-         WHERE inhparent = 'request_logs'::regclass AND inhrelid::regclass::text LIKE 'request_logs_before_%'",
-    )
-    .fetch_one(t.db.pool())
-    .await
-    .unwrap();
-    sqlx::raw_sql(&format!(
-        "ALTER TABLE request_logs DETACH PARTITION {before}; DROP TABLE {before}"
-    ))
-    .execute(t.db.pool())
-    .await
-    .unwrap();
-}
-
 #[tokio::test]
 async fn partitions_are_made_two_days_back_and_seven_ahead_and_late_rows_land() {
     let t = TestDb::new().await;
-    drop_the_first_partition(&t).await;
+    t.drop_first_log_partition().await;
     let done = t.db.maintain_log_partitions(None).await.unwrap();
     assert_eq!(done.created, 3, "today and the two days before");
     assert!(done.dropped.is_empty());
@@ -390,7 +372,7 @@ async fn partitions_are_made_two_days_back_and_seven_ahead_and_late_rows_land() 
 #[tokio::test]
 async fn retention_detaches_and_drops_old_partitions_and_their_rollups() {
     let t = TestDb::new().await;
-    drop_the_first_partition(&t).await;
+    t.drop_first_log_partition().await;
     let org = Uuid::new_v4();
     let day = |ago: i64| midnight(today() - Duration::days(ago)) + Duration::hours(12);
     let rows: Vec<RequestLog> = [20, 10, 8, 7, 3, 0]

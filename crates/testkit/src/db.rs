@@ -112,6 +112,26 @@ impl TestDb {
         }
     }
 
+    /// Detaches and drops the partition of `request_logs` holding the rows
+    /// from before partitioning, as retention does once it is old: what the
+    /// database looks like months after the upgrade.
+    pub async fn drop_first_log_partition(&self) {
+        let before: String = sqlx::query_scalar(
+            "SELECT inhrelid::regclass::text FROM pg_inherits
+             WHERE inhparent = 'request_logs'::regclass
+               AND inhrelid::regclass::text LIKE 'request_logs_before_%'",
+        )
+        .fetch_one(self.db.pool())
+        .await
+        .expect("the partition of the rows from before partitioning");
+        sqlx::raw_sql(&format!(
+            "ALTER TABLE request_logs DETACH PARTITION {before}; DROP TABLE {before}"
+        ))
+        .execute(self.db.pool())
+        .await
+        .expect("drop the first partition");
+    }
+
     /// Another handle on the same database with a different keyring.
     pub async fn reopen(&self, keys: &str) -> Db {
         Self::open(&self.options, keys).await
