@@ -494,10 +494,18 @@ async fn soak(g: &Gateway, key: &str, streams: usize, pid: u32) {
             })
         })
         .collect();
-    let mut peak = 0;
+    // Peak over the whole soak (the opening burst included), and the RSS
+    // once every stream is open and only chunks flow (the held state).
+    let (mut peak, mut held, mut all_open_at) = (0, 0, None);
     while tasks.iter().any(|t| !t.is_finished()) {
         let (_, rss, _) = proc_stats(pid);
         peak = peak.max(rss);
+        if opened.load(Ordering::Relaxed) == streams {
+            let since = *all_open_at.get_or_insert_with(Instant::now);
+            if since.elapsed() >= Duration::from_secs(2) && since.elapsed() < hold {
+                held = held.max(rss);
+            }
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let mut ok = 0;
@@ -507,10 +515,11 @@ async fn soak(g: &Gateway, key: &str, streams: usize, pid: u32) {
         }
     }
     println!(
-        "\nSoak: {streams} concurrent slow streams through llmgw (held {}s): {ok} held to the end, {} opened; llmgw RSS {:.1} MiB before, peak {:.1} MiB during ({:.1}s)",
+        "\nSoak: {streams} concurrent slow streams through llmgw (held {}s): {ok} held to the end, {} opened; llmgw RSS {:.1} MiB before, {:.1} MiB with all open, peak {:.1} MiB during ({:.1}s)",
         hold.as_secs(),
         opened.load(Ordering::Relaxed),
         rss_before as f64 / 1024.0,
+        held as f64 / 1024.0,
         peak as f64 / 1024.0,
         started.elapsed().as_secs_f64()
     );

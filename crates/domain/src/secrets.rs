@@ -213,13 +213,17 @@ fn argon2() -> Argon2<'static> {
     Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
 }
 
-/// The memory of one argon2id computation (19 MiB), allocated once and reused.
+/// The memory of one argon2id computation (19 MiB), mapped from the kernel
+/// and unmapped on drop.
 ///
-/// glibc keeps freed buffers of this size in its arenas, so allocating one per
-/// hash makes a burst of logins leave the process gigabytes larger; a fixed set
-/// of workspaces keeps resident memory flat.
+/// Not a `Vec`: glibc keeps freed buffers of this size in its arenas, so
+/// allocating one per hash makes a burst of logins leave the process
+/// gigabytes larger, and one kept per worker stays resident for good (two
+/// workers: 38 MiB of a gateway at rest). A mapping goes back to the kernel
+/// whole when dropped, whatever the allocator; the [`PasswordPool`] keeps one
+/// per worker while logins are queued and drops it when the queue drains.
 pub struct PasswordWorkspace {
-    blocks: Vec<Block>,
+    blocks: Blocks,
 }
 
 impl Default for PasswordWorkspace {
@@ -229,11 +233,12 @@ impl Default for PasswordWorkspace {
 }
 
 impl PasswordWorkspace {
+    /// Maps the workspace, its pages populated at once (one kernel call, not
+    /// a fault per page while hashing). Panics only when the kernel refuses
+    /// 19 MiB, as an allocation would abort.
     pub fn new() -> Self {
-        // `vec!` writes every block, so the pages are resident from here on
-        // and a burst does not grow the process.
         Self {
-            blocks: vec![Block::default(); argon2().params().block_count()],
+            blocks: Blocks::map(argon2().params().block_count()),
         }
     }
 
@@ -250,7 +255,7 @@ impl PasswordWorkspace {
                 password.expose_secret().as_bytes(),
                 salt_bytes,
                 out,
-                &mut self.blocks,
+                self.blocks.as_mut_slice(),
             )
             .map_err(Into::into)
         })
@@ -296,7 +301,7 @@ impl PasswordWorkspace {
                 password.expose_secret().as_bytes(),
                 salt,
                 out,
-                &mut self.blocks,
+                self.blocks.as_mut_slice(),
             )
             .map_err(Into::into)
         })
@@ -360,6 +365,60 @@ struct Job {
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
+/// `len` argon2 blocks in an anonymous private mapping.
+struct Blocks {
+    ptr: std::ptr::NonNull<Block>,
+    len: usize,
+}
+
+// SAFETY: the mapping is owned by this value alone, like a `Vec`'s buffer.
+unsafe impl Send for Blocks {}
+
+impl Blocks {
+    fn map(len: usize) -> Self {
+        let bytes = len * std::mem::size_of::<Block>();
+        // SAFETY: a fresh anonymous mapping; no existing memory is touched.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            std::alloc::handle_alloc_error(
+                std::alloc::Layout::array::<Block>(len).expect("the argon2 workspace size fits"),
+            );
+        }
+        Self {
+            ptr: std::ptr::NonNull::new(ptr.cast()).expect("mmap never maps address 0 here"),
+            len,
+        }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [Block] {
+        // SAFETY: the mapping is page-aligned (more than `Block`'s 64 bytes),
+        // `len` blocks long, zero-filled (an all-zero `Block` is valid), and
+        // borrowed mutably through `self` only.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for Blocks {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `map`, used no more.
+        unsafe {
+            libc::munmap(
+                self.ptr.as_ptr().cast(),
+                self.len * std::mem::size_of::<Block>(),
+            )
+        };
+    }
+}
+
 /// A few dedicated threads, each with its own [`PasswordWorkspace`], and a
 /// short wait queue: hashing work and its memory are bounded whatever the
 /// number of concurrent logins; past the queue callers get [`PasswordPoolError::Busy`].
@@ -369,7 +428,7 @@ pub struct PasswordPool {
 }
 
 impl PasswordPool {
-    /// Starts `workers` threads (each holding 19 MiB) and admits at most
+    /// Starts `workers` threads (each mapping 19 MiB while it has work) and admits at most
     /// `workers + queue` jobs at once.
     pub fn new(workers: usize, queue: usize) -> std::io::Result<Self> {
         let workers = workers.max(1);
@@ -444,25 +503,39 @@ impl PasswordSlot<'_> {
 }
 
 fn work(rx: &std::sync::Mutex<std::sync::mpsc::Receiver<Job>>) {
-    let mut workspace = PasswordWorkspace::new();
-    loop {
-        // The guard is dropped at the end of the statement: other workers
-        // take the next job while this one hashes.
-        let next = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
-        let Ok(job) = next else {
-            return; // the pool was dropped
-        };
-        if job.reply.is_closed() {
-            continue; // the client went away while queued
+    // An idle worker waits for the next job holding the lock; the guard is
+    // dropped once it has one, so other workers take jobs while it hashes.
+    let next = || rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+    // A job already queued, if any. The lock held means another worker is
+    // waiting in `next`, so the queue is empty: never wait for it here.
+    let queued = || match rx.try_lock() {
+        Ok(rx) => rx.try_recv().ok(),
+        Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner().try_recv().ok(),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    };
+    while let Ok(first) = next() {
+        // A workspace for this burst of jobs, unmapped once the queue is empty.
+        let mut workspace = PasswordWorkspace::new();
+        let mut job = Some(first);
+        while let Some(j) = job {
+            run(&mut workspace, j);
+            job = queued();
         }
-        // A panic must not cost the pool a worker; the caller sees `Stopped`.
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &job.task {
-            Task::Hash(pw) => Outcome::Hashed(workspace.hash(pw)),
-            Task::Verify(stored, pw) => Outcome::Verified(workspace.verify(stored.as_deref(), pw)),
-        }));
-        if let Ok(outcome) = outcome {
-            let _ = job.reply.send(outcome);
-        }
+    }
+    // The pool was dropped.
+}
+
+fn run(workspace: &mut PasswordWorkspace, job: Job) {
+    if job.reply.is_closed() {
+        return; // the client went away while queued
+    }
+    // A panic must not cost the pool a worker; the caller sees `Stopped`.
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &job.task {
+        Task::Hash(pw) => Outcome::Hashed(workspace.hash(pw)),
+        Task::Verify(stored, pw) => Outcome::Verified(workspace.verify(stored.as_deref(), pw)),
+    }));
+    if let Ok(outcome) = outcome {
+        let _ = job.reply.send(outcome);
     }
 }
 

@@ -210,6 +210,85 @@ async fn login_flood_keeps_memory_flat_and_lets_real_users_in() {
     assert!(status.success());
 }
 
+/// The password workspaces (19 MiB each) are resident only while logins are
+/// hashed: a process that served logins a moment ago is as small as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_memory_goes_back_to_the_kernel_after_logins() {
+    let db = TestDb::new().await;
+    let mut cmd = llmgw();
+    cmd.env("DATABASE_URL", db.url())
+        .env("LLMGW_ENCRYPTION_KEYS", &db.keys)
+        .env("LLMGW_TRUSTED_PROXIES", "127.0.0.1")
+        .env("RUST_LOG", "warn");
+    let running = start(cmd).await;
+    let pid = running.pid();
+    let api = running.api.clone();
+    let http = reqwest::Client::new();
+    // One request through the API first, so its connection and buffers are
+    // part of "before".
+    let r = http
+        .post(format!("{api}/api/v1/auth/login"))
+        .json(&json!({"email": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = rss_kib(pid);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let peak = Arc::new(AtomicU64::new(before));
+    let sampler = {
+        let (stop, peak) = (stop.clone(), peak.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                peak.fetch_max(rss_kib(pid), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    let email = "returns@example.com";
+    let r = http
+        .post(format!("{api}/api/v1/auth/signup"))
+        .json(&json!({"email": email, "password": LEGIT_PASSWORD}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    // Logins two at a time, so both workers hash.
+    for round in 0..3 {
+        let (from_a, from_b) = (
+            format!("192.0.2.{}", 30 + round),
+            format!("192.0.2.{}", 40 + round),
+        );
+        let (a, b) = tokio::join!(
+            login(&http, &api, &from_a, email, LEGIT_PASSWORD),
+            login(&http, &api, &from_b, email, "a wrong password")
+        );
+        assert_eq!((a.0, b.0), (200, 401));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    sampler.join().unwrap();
+    let (peak, after) = (peak.load(Ordering::Relaxed), rss_kib(pid));
+    eprintln!(
+        "RSS before {} MiB, peak while hashing {} MiB, after {} MiB",
+        before / MIB,
+        peak / MIB,
+        after / MIB
+    );
+    assert!(
+        peak >= before + 15 * MIB,
+        "hashing never showed its 19 MiB workspace (before {before} KiB, peak {peak} KiB)"
+    );
+    assert!(
+        after <= before + 6 * MIB,
+        "RSS {after} KiB after the logins, {before} KiB before: the workspaces stayed resident"
+    );
+    let (status, ..) = running.terminate();
+    assert!(status.success());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_port_does_not_speak_h2c_and_gateway_caps_streams_per_connection() {
     let db = TestDb::new().await;
