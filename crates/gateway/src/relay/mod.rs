@@ -1,11 +1,11 @@
 //! Stage 4: relaying an upstream event stream as it arrives, composed of
-//! small wrappers around the upstream body, innermost first:
-//! [`IdleTimeout`] (a silent upstream is cut), [`UsageTap`] (the `usage` is
+//! small wrappers around the upstream body, innermost first: [`Gather`]
+//! (what an HTTP/1.1 upstream already sent goes out as one write), [`IdleTimeout`] (a silent upstream is cut), [`UsageTap`] (the `usage` is
 //! read from the events, and withheld when the gateway asked for it on the
 //! client's behalf), [`ErrorEvent`] (a fault becomes a last
 //! OpenAI-shaped event). [`Relay`] on the outside finishes the usage row.
 //! Answers that are bytes, not events (speech audio), go through
-//! [`RawRelay`]: the idle timeout alone.
+//! [`RawRelay`]: gathered, with the idle timeout alone.
 //!
 //! Dropped early (the client went away), the relay drops the upstream
 //! response, which closes that request, and its row says canceled. A stream
@@ -13,6 +13,7 @@
 //! `error_class` `upstream_stream_error` or `upstream_timeout`.
 
 mod error_event;
+mod gather;
 mod idle;
 mod raw;
 mod usage_tap;
@@ -30,12 +31,24 @@ use crate::metrics::Metrics;
 use crate::usage::LogGuard;
 
 use error_event::ErrorEvent;
+use gather::Gather;
 use idle::IdleTimeout;
 use usage_tap::UsageTap;
 
 pub(crate) use raw::RawRelay;
 
 type UpstreamBody = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
+
+/// The upstream's body as both relays read it: gathered over HTTP/1.1. An
+/// HTTP/2 body already yields what was read without waiting, so there the
+/// extra pass would cost and save nothing.
+fn upstream_body(upstream: reqwest::Response) -> UpstreamBody {
+    if upstream.version() < reqwest::Version::HTTP_2 {
+        Box::pin(Gather::new(upstream.bytes_stream()))
+    } else {
+        Box::pin(upstream.bytes_stream())
+    }
+}
 
 /// The relayed body handed to actix.
 pub(crate) struct Relay {
@@ -60,7 +73,7 @@ impl Relay {
         status: u16,
         strip_usage: bool,
     ) -> Self {
-        let body: UpstreamBody = Box::pin(upstream.bytes_stream());
+        let body = upstream_body(upstream);
         let provider = log.row.provider_name.clone().unwrap_or_default();
         let request_id = log.row.request_id.clone();
         Self {

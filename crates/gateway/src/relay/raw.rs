@@ -14,7 +14,7 @@ use futures_util::Stream;
 
 use super::error_event::StreamFault;
 use super::idle::IdleTimeout;
-use super::UpstreamBody;
+use super::{upstream_body, UpstreamBody};
 use crate::metrics::Metrics;
 use crate::usage::LogGuard;
 
@@ -36,7 +36,7 @@ impl RawRelay {
         idle: Duration,
         status: u16,
     ) -> Self {
-        let body: UpstreamBody = Box::pin(upstream.bytes_stream());
+        let body = upstream_body(upstream);
         Self {
             inner: IdleTimeout::new(body, idle),
             log,
