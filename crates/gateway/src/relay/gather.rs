@@ -94,7 +94,7 @@ where
                     }
                 }
                 Poll::Ready(end) => {
-                    let end = end.map(|r| r.err().expect("Ok chunks are matched above"));
+                    let end = end.map(|r| r.expect_err("Ok chunks are matched above"));
                     return match this.take() {
                         Some(chunk) => {
                             this.end = Some(end);
