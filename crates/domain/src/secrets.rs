@@ -375,13 +375,16 @@ struct Blocks {
 unsafe impl Send for Blocks {}
 
 impl Blocks {
+    fn bytes(len: usize) -> usize {
+        len * std::mem::size_of::<Block>()
+    }
+
     fn map(len: usize) -> Self {
-        let bytes = len * std::mem::size_of::<Block>();
         // SAFETY: a fresh anonymous mapping; no existing memory is touched.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                bytes,
+                Self::bytes(len),
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
                 -1,
@@ -410,12 +413,7 @@ impl Blocks {
 impl Drop for Blocks {
     fn drop(&mut self) {
         // SAFETY: unmaps exactly the mapping made in `map`, used no more.
-        unsafe {
-            libc::munmap(
-                self.ptr.as_ptr().cast(),
-                self.len * std::mem::size_of::<Block>(),
-            )
-        };
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), Self::bytes(self.len)) };
     }
 }
 

@@ -4,15 +4,13 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use serde_json::Value;
 use testkit::{MockUpstream, TestDb};
 
-use common::{llmgw_against, provision, rss_kib, Running};
+use common::{llmgw_against, peak_during, provision, rss_kib, Running};
 
 const BOUNDARY: &str = "llmgw-rss-boundary-5f1c";
 const MIB: usize = 1024 * 1024;
@@ -47,25 +45,6 @@ fn slow_upload(size: usize, model_first: bool) -> (reqwest::Body, usize) {
         Ok::<_, std::io::Error>(p)
     });
     (reqwest::Body::wrap_stream(body), pieces * piece)
-}
-
-/// Peak RSS of `pid` (KiB) while `work` runs.
-async fn peak_during<T>(pid: u32, work: impl std::future::Future<Output = T>) -> (u64, T) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let peak = Arc::new(AtomicU64::new(rss_kib(pid)));
-    let sampler = {
-        let (stop, peak) = (stop.clone(), peak.clone());
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                peak.fetch_max(rss_kib(pid), Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        })
-    };
-    let out = work.await;
-    stop.store(true, Ordering::Relaxed);
-    sampler.join().unwrap();
-    (peak.load(Ordering::Relaxed), out)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

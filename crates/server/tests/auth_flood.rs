@@ -5,14 +5,12 @@
 mod common;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use testkit::{MockUpstream, TestDb};
 
-use common::{llmgw, llmgw_against, provision, rss_kib, Running};
+use common::{llmgw, llmgw_against, peak_during, provision, rss_kib, Running};
 
 const MIB: u64 = 1024;
 const LEGIT_PASSWORD: &str = "correct horse battery staple";
@@ -21,6 +19,17 @@ async fn start(cmd: std::process::Command) -> Running {
     tokio::task::spawn_blocking(move || Running::start(cmd))
         .await
         .unwrap()
+}
+
+/// `llmgw serve` on `db`, trusting loopback's `X-Forwarded-For` so each
+/// attempt can come from an address of its own.
+fn password_api(db: &TestDb) -> std::process::Command {
+    let mut cmd = llmgw();
+    cmd.env("DATABASE_URL", db.url())
+        .env("LLMGW_ENCRYPTION_KEYS", &db.keys)
+        .env("LLMGW_TRUSTED_PROXIES", "127.0.0.1")
+        .env("RUST_LOG", "warn");
+    cmd
 }
 
 /// One login attempt as the client at `from` (sent as `X-Forwarded-For`
@@ -67,12 +76,7 @@ async fn login_patiently(http: &reqwest::Client, api: &str, from: &str, email: &
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn login_flood_keeps_memory_flat_and_lets_real_users_in() {
     let db = TestDb::new().await;
-    let mut cmd = llmgw();
-    cmd.env("DATABASE_URL", db.url())
-        .env("LLMGW_ENCRYPTION_KEYS", &db.keys)
-        .env("LLMGW_TRUSTED_PROXIES", "127.0.0.1")
-        .env("RUST_LOG", "warn");
-    let running = start(cmd).await;
+    let running = start(password_api(&db)).await;
     let pid = running.pid();
     let api = running.api.clone();
     let http = reqwest::Client::new();
@@ -93,18 +97,6 @@ async fn login_flood_keeps_memory_flat_and_lets_real_users_in() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let idle = rss_kib(pid);
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let peak = Arc::new(AtomicU64::new(idle));
-    let sampler = {
-        let (stop, peak) = (stop.clone(), peak.clone());
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                peak.fetch_max(rss_kib(pid), Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        })
-    };
-
     // 300 attempts at once, each on its own connection and nearly all from
     // their own address: a third guess the victim's password, the rest try
     // unknown accounts.
@@ -112,47 +104,49 @@ async fn login_flood_keeps_memory_flat_and_lets_real_users_in() {
         .pool_max_idle_per_host(0)
         .build()
         .unwrap();
-    let attempts: Vec<_> = (0..300u32)
-        .map(|i| {
-            let (flood, api) = (flood.clone(), api.clone());
-            tokio::spawn(async move {
-                // The last 30 share one address: its burst is 20 (one more
-                // may trickle back in during a slow burst).
-                let from = if i >= 270 {
-                    "10.99.99.99".to_owned()
-                } else {
-                    format!("10.{}.{}.1", i / 200, i % 200)
-                };
-                let email = if i % 3 == 0 {
-                    victim.to_owned()
-                } else {
-                    format!("nobody-{i}@example.com")
-                };
-                login(&flood, &api, &from, &email, "wrong password 123").await
+    let flooded = async {
+        let attempts: Vec<_> = (0..300u32)
+            .map(|i| {
+                let (flood, api) = (flood.clone(), api.clone());
+                tokio::spawn(async move {
+                    // The last 30 share one address: its burst is 20 (one more
+                    // may trickle back in during a slow burst).
+                    let from = if i >= 270 {
+                        "10.99.99.99".to_owned()
+                    } else {
+                        format!("10.{}.{}.1", i / 200, i % 200)
+                    };
+                    let email = if i % 3 == 0 {
+                        victim.to_owned()
+                    } else {
+                        format!("nobody-{i}@example.com")
+                    };
+                    login(&flood, &api, &from, &email, "wrong password 123").await
+                })
             })
-        })
-        .collect();
-    // Meanwhile a real user, from an address of their own.
-    let during = {
-        let (http, api) = (http.clone(), api.clone());
-        tokio::spawn(async move { login_patiently(&http, &api, "198.51.100.7", legit).await })
-    };
+            .collect();
+        // Meanwhile a real user, from an address of their own.
+        let during = {
+            let (http, api) = (http.clone(), api.clone());
+            tokio::spawn(async move { login_patiently(&http, &api, "198.51.100.7", legit).await })
+        };
 
-    let mut by_status: HashMap<(u16, String), usize> = HashMap::new();
-    for a in attempts {
-        let (status, code, retry_after) = a.await.unwrap();
-        if status == 429 || status == 503 {
-            let secs: u64 = retry_after
-                .as_deref()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or_else(|| panic!("{status} {code} without a numeric Retry-After"));
-            assert!((1..=120).contains(&secs), "Retry-After {secs}");
+        let mut by_status: HashMap<(u16, String), usize> = HashMap::new();
+        for a in attempts {
+            let (status, code, retry_after) = a.await.unwrap();
+            if status == 429 || status == 503 {
+                let secs: u64 = retry_after
+                    .as_deref()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| panic!("{status} {code} without a numeric Retry-After"));
+                assert!((1..=120).contains(&secs), "Retry-After {secs}");
+            }
+            *by_status.entry((status, code)).or_default() += 1;
         }
-        *by_status.entry((status, code)).or_default() += 1;
-    }
-    let during = during.await.unwrap();
+        (by_status, during.await.unwrap())
+    };
+    let (peak_during, (by_status, during)) = peak_during(pid, flooded).await;
     let last_answer = Instant::now();
-    let peak_during = peak.load(Ordering::Relaxed);
 
     let allowed = [
         (401, "invalid_credentials"),
@@ -187,8 +181,6 @@ async fn login_flood_keeps_memory_flat_and_lets_real_users_in() {
     assert_eq!(during, 200, "the real user's login during the flood");
 
     tokio::time::sleep(Duration::from_secs(5).saturating_sub(last_answer.elapsed())).await;
-    stop.store(true, Ordering::Relaxed);
-    sampler.join().unwrap();
     let after = rss_kib(pid);
     eprintln!(
         "RSS idle {} MiB, peak {} MiB, 5 s after {} MiB; answers {by_status:?}",
@@ -215,12 +207,7 @@ async fn login_flood_keeps_memory_flat_and_lets_real_users_in() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn password_memory_goes_back_to_the_kernel_after_logins() {
     let db = TestDb::new().await;
-    let mut cmd = llmgw();
-    cmd.env("DATABASE_URL", db.url())
-        .env("LLMGW_ENCRYPTION_KEYS", &db.keys)
-        .env("LLMGW_TRUSTED_PROXIES", "127.0.0.1")
-        .env("RUST_LOG", "warn");
-    let running = start(cmd).await;
+    let running = start(password_api(&db)).await;
     let pid = running.pid();
     let api = running.api.clone();
     let http = reqwest::Client::new();
@@ -236,41 +223,31 @@ async fn password_memory_goes_back_to_the_kernel_after_logins() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = rss_kib(pid);
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let peak = Arc::new(AtomicU64::new(before));
-    let sampler = {
-        let (stop, peak) = (stop.clone(), peak.clone());
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                peak.fetch_max(rss_kib(pid), Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        })
-    };
     let email = "returns@example.com";
-    let r = http
-        .post(format!("{api}/api/v1/auth/signup"))
-        .json(&json!({"email": email, "password": LEGIT_PASSWORD}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    // Logins two at a time, so both workers hash.
-    for round in 0..3 {
-        let (from_a, from_b) = (
-            format!("192.0.2.{}", 30 + round),
-            format!("192.0.2.{}", 40 + round),
-        );
-        let (a, b) = tokio::join!(
-            login(&http, &api, &from_a, email, LEGIT_PASSWORD),
-            login(&http, &api, &from_b, email, "a wrong password")
-        );
-        assert_eq!((a.0, b.0), (200, 401));
-    }
+    let logins = async {
+        let r = http
+            .post(format!("{api}/api/v1/auth/signup"))
+            .json(&json!({"email": email, "password": LEGIT_PASSWORD}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        // Logins two at a time, so both workers hash.
+        for round in 0..3 {
+            let (from_a, from_b) = (
+                format!("192.0.2.{}", 30 + round),
+                format!("192.0.2.{}", 40 + round),
+            );
+            let (a, b) = tokio::join!(
+                login(&http, &api, &from_a, email, LEGIT_PASSWORD),
+                login(&http, &api, &from_b, email, "a wrong password")
+            );
+            assert_eq!((a.0, b.0), (200, 401));
+        }
+    };
+    let (peak, ()) = peak_during(pid, logins).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.store(true, Ordering::Relaxed);
-    sampler.join().unwrap();
-    let (peak, after) = (peak.load(Ordering::Relaxed), rss_kib(pid));
+    let after = rss_kib(pid);
     eprintln!(
         "RSS before {} MiB, peak while hashing {} MiB, after {} MiB",
         before / MIB,

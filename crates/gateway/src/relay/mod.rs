@@ -1,11 +1,12 @@
 //! Stage 4: relaying an upstream event stream as it arrives, composed of
 //! small wrappers around the upstream body, innermost first: [`Gather`]
-//! (what an HTTP/1.1 upstream already sent goes out as one write), [`IdleTimeout`] (a silent upstream is cut), [`UsageTap`] (the `usage` is
+//! (what an HTTP/1.1 upstream already sent goes out as one write),
+//! [`IdleTimeout`] (a silent upstream is cut), [`UsageTap`] (the `usage` is
 //! read from the events, and withheld when the gateway asked for it on the
 //! client's behalf), [`ErrorEvent`] (a fault becomes a last
 //! OpenAI-shaped event). [`Relay`] on the outside finishes the usage row.
 //! Answers that are bytes, not events (speech audio), go through
-//! [`RawRelay`]: gathered, with the idle timeout alone.
+//! [`RawRelay`]: gathered as above, with the idle timeout alone.
 //!
 //! Dropped early (the client went away), the relay drops the upstream
 //! response, which closes that request, and its row says canceled. A stream

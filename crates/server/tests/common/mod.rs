@@ -240,6 +240,26 @@ pub fn rss_kib(pid: u32) -> u64 {
         .expect("VmRSS in /proc/<pid>/status")
 }
 
+/// Peak RSS of `pid` (KiB), sampled every 5 ms while `work` runs.
+pub async fn peak_during<T>(pid: u32, work: impl std::future::Future<Output = T>) -> (u64, T) {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let stop = Arc::new(AtomicBool::new(false));
+    let peak = Arc::new(AtomicU64::new(rss_kib(pid)));
+    let sampler = {
+        let (stop, peak) = (stop.clone(), peak.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                peak.fetch_max(rss_kib(pid), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    let out = work.await;
+    stop.store(true, Ordering::Relaxed);
+    sampler.join().unwrap();
+    (peak.load(Ordering::Relaxed), out)
+}
+
 /// A tenant made through the settings API: an owner's session, an org, a
 /// provider named `mycompany` and one gateway API key.
 pub struct Tenant {
