@@ -1,5 +1,7 @@
 //! `llmgw`: the gateway and settings API in one binary.
 
+#[cfg(not(target_env = "msvc"))]
+mod allocator;
 mod config;
 mod conn_cap;
 mod database;
