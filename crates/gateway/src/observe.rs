@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use actix_web::body::{BodySize, MessageBody};
 use actix_web::dev::{Service, ServiceRequest, ServiceResponse};
 use actix_web::http::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
+use actix_web::http::Version;
 use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
 
 use crate::error::ErrorNote;
@@ -74,7 +75,10 @@ where
             res.headers_mut().insert(X_REQUEST_ID.clone(), h);
         }
         nosniff(res.headers_mut());
-        if matches!(res.response().body().size(), BodySize::Stream) {
+        // Only HTTP/2 keeps the head: HTTP/1.1 drops it once it is written.
+        if res.request().version() == Version::HTTP_2
+            && matches!(res.response().body().size(), BodySize::Stream)
+        {
             fit(res.headers_mut());
         }
         let latency = start.elapsed();
