@@ -199,6 +199,10 @@ async fn start_llmgw(
         .env("LLMGW_LOG_FORMAT", "json")
         .env("RUST_LOG", log_level)
         .env("LLMGW_UPSTREAM_HTTP2", if http2 { "true" } else { "false" })
+        // The mock upstream's one worker takes seconds to finish a soak's
+        // 10,000 TLS handshakes; with the default 5 s, a slow machine's soak
+        // opened fewer streams than it asked for.
+        .env("LLMGW_UPSTREAM_CONNECT_TIMEOUT_MS", "60000")
         .env("LLMGW_SHUTDOWN_GRACE_MS", "2000")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

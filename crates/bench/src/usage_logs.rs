@@ -37,7 +37,7 @@ pub(crate) struct UsageBench<'a> {
 impl UsageBench<'_> {
     /// Measures each `(label, binary)` in turn and prints one table.
     pub async fn run(&self, bins: &[(&str, &str)]) {
-        let rows = self.rows_that_fit(bins.len() as u64).await;
+        let rows = self.rows_that_fit().await;
         println!(
             "\nUsage API over a {WINDOW_DAYS}-day window of {rows} rows ({} queries per grouping); usage writer for {}s",
             self.queries,
@@ -53,15 +53,16 @@ impl UsageBench<'_> {
     }
 
     /// The rows to generate: as asked, unless the database's disk cannot
-    /// hold them for every binary measured.
-    async fn rows_that_fit(&self, runs: u64) -> u64 {
+    /// hold them. One binary's database at a time: each is dropped before
+    /// the next is made.
+    async fn rows_that_fit(&self) -> u64 {
         let t = TestDb::new().await;
         let dir: String = sqlx::query_scalar("SHOW data_directory")
             .fetch_one(t.db.pool())
             .await
             .unwrap_or_else(|_| "/".into());
         let free = free_bytes(&dir).unwrap_or(u64::MAX);
-        let fit = free / 2 / BYTES_PER_ROW / runs.max(1);
+        let fit = free / 2 / BYTES_PER_ROW;
         println!(
             "\nFree disk under {dir}: {:.1} GiB; {} rows asked, about {:.1} GiB per run",
             free as f64 / f64::from(1 << 30),

@@ -321,6 +321,11 @@ impl UpstreamClient {
             // One request per connection at a time: a misbehaving stream cannot
             // stall others, and self-hosted servers mostly speak HTTP/1.1 anyway.
             b = b.http1_only();
+            // reqwest's own retries are for HTTP/2 refusals (REFUSED_STREAM,
+            // a graceful GOAWAY), which HTTP/1.1 never sends; left on, they
+            // copy every request's headers in case. The gateway's own retries
+            // and fallbacks (README, "When llmgw retries") are unaffected.
+            b = b.retry(reqwest::retry::never().max_retries_per_request(0));
         }
         if !cfg.allow_private {
             b = b.dns_resolver(Arc::new(GuardedResolver));
